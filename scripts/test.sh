@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test suite (what CI runs). Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/bootstrap.sh dev
+export HF_HUB_OFFLINE=1
+.venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,238 @@
+"""`tandem` command line: generate an image through the split pipeline.
+
+    tandem generate "a red circle at the left on a blue background" --out x.png --user alice
+
+Without --large/--small it uses the demo pack shipped with Tandem; if that is not installed it
+falls back to tiny random packs and says so (their images are noise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from tandem.handoff import ENCODINGS, STRATEGIES, CodecSpec
+from tandem.request import GenerationRequest, RequestError
+from tandem.sampling.schedule import SAMPLERS
+
+DEMO_PACK = Path(__file__).parent / "demo_pack"
+TINY_PACK_CACHE = Path.home() / ".cache" / "tandem" / "tiny-random-v1"
+
+# Request/codec field → the flag that sets it, so errors name what the user typed.
+FLAGS = {
+    "prompt": "PROMPT",
+    "negative_prompt": "--negative-prompt",
+    "steps": "--steps",
+    "split": "--split",
+    "sampler": "--sampler",
+    "guidance_scale": "--guidance",
+    "seed": "--seed",
+    "height": "--size",
+    "width": "--size",
+    "user": "--user",
+    "codec": "--codec",
+    "merge_ratio": "--merge-ratio",
+    "merge_strategy": "--merge-strategy",
+}
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+@dataclass(frozen=True)
+class PackChoice:
+    large: Path
+    small: Path
+    random: bool
+
+
+def default_packs() -> PackChoice:
+    if (DEMO_PACK / "large").is_dir() and (DEMO_PACK / "small").is_dir():
+        return PackChoice(DEMO_PACK / "large", DEMO_PACK / "small", random=False)
+    from tandem.tiny_pack import build_tiny_pack
+
+    large, small = TINY_PACK_CACHE / "large", TINY_PACK_CACHE / "small"
+    if not (small / "tandem_pack.json").is_file():
+        build_tiny_pack(large, seed=1, unet_channels=(32, 64), role="large", name="tiny-random-large")
+        build_tiny_pack(small, seed=2, unet_channels=(16, 32), role="small", name="tiny-random-small", shared_from="../large")
+    return PackChoice(large, small, random=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tandem", description="Split text-to-image diffusion (edge + device).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate one image through the split pipeline")
+    gen.add_argument("prompt", metavar="PROMPT")
+    gen.add_argument("--out", type=Path, default=Path("tandem.png"), help="PNG to write (default tandem.png)")
+    gen.add_argument("--steps", type=int, help="total denoising steps T (default: the pack's)")
+    gen.add_argument("--split", type=int, help="steps run on the edge, k in 0..T (default T/2)")
+    gen.add_argument("--sampler", choices=SAMPLERS, help="sampler (default: the pack's)")
+    gen.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the pack's)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--negative-prompt", default="")
+    gen.add_argument("--size", type=int, help="image height and width in pixels (default: the pack's)")
+    gen.add_argument("--user", help="personalize the device steps with this user's LoRA")
+    gen.add_argument("--codec", choices=ENCODINGS, default="fp16", help="handoff precision (default fp16)")
+    gen.add_argument("--merge-ratio", type=float, default=0.0, help="token merge ratio r in [0, 0.75] (default 0)")
+    gen.add_argument("--merge-strategy", choices=STRATEGIES, default="denoised")
+    gen.add_argument("--large", type=Path, help="edge model pack directory or hub id (default: demo pack)")
+    gen.add_argument("--small", type=Path, help="device model pack directory or hub id (default: demo pack)")
+    gen.add_argument("--device", help="torch device for both packs (default: cuda if present, else cpu)")
+    gen.add_argument("--json", action="store_true", help="print the breakdown as JSON on stdout")
+    gen.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _generate(args)
+    except CliError as exc:
+        print(f"tandem: error: {exc}", file=sys.stderr)
+        return 2
+    except RequestError as exc:
+        print(f"tandem: error: {FLAGS.get(exc.field, exc.field)}: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tandem: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `tandem generate ... --json | head`
+        return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from tandem.packs import PackError, load_pack
+    from tandem.pipeline import HybridPipeline
+
+    codec = CodecSpec(encoding=args.codec, merge_ratio=args.merge_ratio, strategy=args.merge_strategy).validate()
+    if args.out.suffix.lower() != ".png":
+        raise CliError(f"--out: {str(args.out)!r} must end in .png")
+    if not args.out.parent.exists():
+        raise CliError(f"--out: directory {str(args.out.parent)!r} does not exist")
+    choice = default_packs() if args.large is None and args.small is None else None
+    large = args.large or (choice.large if choice else None)
+    small = args.small or (choice.small if choice else None)
+    if large is None or small is None:
+        raise CliError("--large and --small go together (or leave both out for the demo pack)")
+    if choice is not None and choice.random:
+        print(
+            "tandem: NOTE: the trained demo pack is not installed; using tiny RANDOM packs "
+            f"({TINY_PACK_CACHE}): the image will be noise",
+            file=sys.stderr,
+        )
+    try:
+        edge_pack = load_pack(large, device=args.device)
+        ue_pack = load_pack(small, device=args.device)
+        pipeline = HybridPipeline(edge_pack, ue_pack)
+    except PackError as exc:
+        raise CliError(str(exc)) from exc
+    manifest = edge_pack.manifest
+    steps = args.steps if args.steps is not None else manifest.default_steps
+    size = args.size if args.size is not None else edge_pack.default_image_size
+    request = GenerationRequest(
+        prompt=args.prompt,
+        steps=steps,
+        split=args.split if args.split is not None else steps // 2 if isinstance(steps, int) else 0,
+        sampler=args.sampler or manifest.default_sampler,
+        guidance_scale=args.guidance if args.guidance is not None else manifest.default_guidance,
+        seed=args.seed,
+        negative_prompt=args.negative_prompt,
+        height=size,
+        width=size,
+        user=args.user,
+    ).validate()
+    if request.user is not None and request.user not in ue_pack.users:
+        known = ", ".join(ue_pack.users) or "none"
+        raise RequestError("user", f"unknown user {request.user!r} for pack {ue_pack.name!r} (users: {known})")
+    progress = None if args.quiet else _ProgressBars(request)
+    try:
+        result = pipeline.generate(request, codec, on_step=progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    _save_png(result.image, args.out)
+    report = _report(request, codec, result, args.out, edge_pack.name, ue_pack.name, random=bool(choice and choice.random))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(_format(report))
+    return 0
+
+
+class _ProgressBars:
+    """One tqdm bar per phase on stderr, opened when the phase reports its first step."""
+
+    LABELS = {"edge": "edge steps", "device": "device steps"}
+
+    def __init__(self, request: GenerationRequest):
+        self.request = request
+        self.bars: dict = {}
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        bar = self.bars.get(phase)
+        if bar is None:
+            self.close()  # phases run one after the other: finish the previous bar first
+            bar = self.bars[phase] = tqdm(total=total, desc=self.LABELS.get(phase, phase), unit="step", leave=True)
+        bar.update(done - bar.n)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def _save_png(image, out: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(image).save(out)
+
+
+def _report(request, codec, result, out: Path, edge_name: str, ue_name: str, random: bool) -> dict:
+    return {
+        "out": str(out),
+        "width": int(result.image.shape[1]),
+        "height": int(result.image.shape[0]),
+        "prompt": request.prompt,
+        "seed": request.seed,
+        "user": request.user,
+        "sampler": request.sampler,
+        "total_steps": request.steps,
+        "split": request.split,
+        "edge_steps": result.edge_steps,
+        "ue_steps": result.ue_steps,
+        "codec": codec.to_dict(),
+        "handoff_bytes": result.handoff_bytes,
+        "seconds": {k: round(v, 4) for k, v in result.seconds.items()},
+        "edge_pack": edge_name,
+        "ue_pack": ue_name,
+        "random_pack": random,
+        "fallback": result.fallback,
+        "mode": "in-process",
+    }
+
+
+def _format(report: dict) -> str:
+    s = report["seconds"]
+    codec = report["codec"]
+    lines = [
+        f"wrote {report['out']} ({report['width']}x{report['height']}, seed {report['seed']})",
+        f"  edge   {report['edge_pack']}: {report['edge_steps']} steps   {s.get('edge_steps', 0.0):.3f} s",
+        f"  handoff {report['handoff_bytes']} bytes ({codec['encoding']}, merge ratio {codec['merge_ratio']:g})"
+        f"   {s.get('handoff', 0.0):.3f} s",
+        f"  device {report['ue_pack']}{' + ' + report['user'] if report['user'] else ''}: "
+        f"{report['ue_steps']} steps   {s.get('ue_steps', 0.0):.3f} s",
+        f"  decode {s.get('decode', 0.0):.3f} s   total {sum(s.values()):.3f} s",
+    ]
+    if report["random_pack"]:
+        lines.append("  (tiny RANDOM packs: the image is noise; install the demo pack for real images)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,265 @@
+"""Model packs: a diffusers-layout directory (unet/, vae/, text_encoder/, tokenizer/, scheduler/)
+plus an optional manifest, `tandem_pack.json`.
+
+The edge server loads a large pack, the device (UE) a small one plus a user's LoRA. The same code
+loads real Stable Diffusion layouts (SD 1.5, BK-SDM, small-sd) from a local directory or, when
+online, a hub id. Two packs can share a trajectory only when their latent space and noise process
+agree: `check_pair` refuses any other pair, naming the mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tandem.request import RequestError
+from tandem.sampling.schedule import SAMPLERS, noise_process
+
+MANIFEST_NAME = "tandem_pack.json"
+MANIFEST_VERSION = 1
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+class PackError(ValueError):
+    """A pack that cannot be loaded or used as asked; the message says what and where."""
+
+
+class PackMismatchError(PackError):
+    """Two packs that cannot continue each other's trajectories."""
+
+
+@dataclass(frozen=True)
+class PackManifest:
+    """Tandem's small manifest beside the diffusers layout (all fields optional on disk)."""
+
+    name: str
+    role: str = "any"  # "large" (edge), "small" (device) or "any"
+    default_sampler: str = "dpmpp_2m"
+    default_steps: int = 20
+    default_guidance: float = 7.5
+    image_size: int | None = None
+    # Component name → directory relative to the pack, for components shared with another pack.
+    components: dict[str, str] = field(default_factory=dict)
+    # User name → LoRA safetensors file relative to the pack.
+    users: dict[str, str] = field(default_factory=dict)
+    random: bool = False  # an untrained pack made for tests: its images are noise
+
+    @classmethod
+    def read(cls, root: Path) -> "PackManifest":
+        path = root / MANIFEST_NAME
+        if not path.is_file():
+            return cls(name=root.name)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise PackError(f"{path}: unreadable manifest ({exc})") from exc
+        version = data.get("format_version", MANIFEST_VERSION)
+        if version != MANIFEST_VERSION:
+            raise PackError(f"{path}: format_version {version} is not supported (expected {MANIFEST_VERSION})")
+        known = {f for f in cls.__dataclass_fields__}
+        fields = {k: v for k, v in data.items() if k in known}
+        fields.setdefault("name", root.name)
+        manifest = cls(**fields)
+        if manifest.default_sampler not in SAMPLERS:
+            raise PackError(f"{path}: default_sampler {manifest.default_sampler!r} is not one of {SAMPLERS}")
+        return manifest
+
+
+@dataclass
+class ModelPack:
+    """Loaded components of one pack, on one device."""
+
+    name: str
+    root: Path
+    manifest: PackManifest
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    sampler_config: dict[str, Any]
+    device: torch.device
+    dtype: torch.dtype
+    active_user: str | None = None
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        # Both VAE kinds halve the resolution at every encoder block but the last.
+        config = self.vae.config
+        blocks = getattr(config, "block_out_channels", None) or config.encoder_block_out_channels
+        return 2 ** (len(blocks) - 1)
+
+    @property
+    def latent_scaling(self) -> float:
+        return float(getattr(self.vae.config, "scaling_factor", 1.0) or 1.0)
+
+    @property
+    def default_image_size(self) -> int:
+        if self.manifest.image_size:
+            return int(self.manifest.image_size)
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        f = self.vae_scale_factor
+        if height % f or width % f:
+            field = "height" if height % f else "width"
+            raise RequestError(field, f"image size {height}x{width} must be a multiple of {f} for pack {self.name!r}")
+        return (self.latent_channels, height // f, width // f)
+
+    @property
+    def users(self) -> list[str]:
+        return sorted(self.manifest.users)
+
+    def use_user(self, user: str | None) -> None:
+        """Activates `user`'s LoRA on the UNet (None: the base model). Adapters load once."""
+        if user == self.active_user:
+            return
+        if user is None:
+            self.unet.disable_lora()
+            self.active_user = None
+            return
+        if user not in self.manifest.users:
+            known = ", ".join(self.users) or "none"
+            raise PackError(f"unknown user {user!r} for pack {self.name!r} (users: {known})")
+        loaded = getattr(self.unet, "peft_config", None) or {}
+        if user not in loaded:
+            lora = self.root / self.manifest.users[user]
+            if not lora.is_file():
+                raise PackError(f"LoRA for user {user!r} missing: {lora}")
+            self.unet.load_lora_adapter(str(lora.parent), weight_name=lora.name, prefix="unet", adapter_name=user)
+        self.unet.enable_lora()
+        self.unet.set_adapters([user])
+        self.active_user = user
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    # fp16 halves GPU memory and is what SD packs ship; CPUs run fp32 (fp16 is slow or unsupported).
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def resolve_source(source: str | os.PathLike) -> Path:
+    """A local pack directory for `source`: a path, or a hub id fetched (or found in the cache)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    text = str(source)
+    looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise PackError(f"model pack {text!r} not found: no such directory")
+    return _fetch_from_hub(text)
+
+
+def _fetch_from_hub(repo_id: str) -> Path:
+    # Short timeouts: an unreachable hub must fail fast with a clear error, never hang.
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["model_index.json", MANIFEST_NAME, "*/config.json", "*/*.safetensors", "*/*.json", "*/*.txt"]
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=offline))
+    except Exception as exc:  # noqa: BLE001 - every hub failure becomes one clear message
+        hint = "offline (HF_HUB_OFFLINE is set) and not in the local cache" if offline else "hub unreachable?"
+        raise PackError(f"could not fetch model pack {repo_id!r} from the hub: {hint} ({type(exc).__name__})") from exc
+
+
+def _component_dir(root: Path, manifest: PackManifest, component: str) -> Path:
+    directory = (root / manifest.components.get(component, component)).resolve()
+    if not directory.is_dir():
+        raise PackError(f"pack {root}: component {component!r} missing (looked in {directory})")
+    return directory
+
+
+def load_pack(
+    source: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    user: str | None = None,
+) -> ModelPack:
+    """Loads a pack for inference (eval mode, no grad), weights safetensors-only."""
+    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    quiet_loading()
+    root = resolve_source(source)
+    manifest = PackManifest.read(root)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    dirs = {c: _component_dir(root, manifest, c) for c in COMPONENTS}
+    sampler_config = _read_json(dirs["scheduler"] / "scheduler_config.json")
+    vae_config = _read_json(dirs["vae"] / "config.json")
+    vae_class = AutoencoderTiny if vae_config.get("_class_name") == "AutoencoderTiny" else AutoencoderKL
+    load = {"torch_dtype": dtype, "use_safetensors": True}
+    try:
+        unet = UNet2DConditionModel.from_pretrained(dirs["unet"], **load)
+        vae = vae_class.from_pretrained(dirs["vae"], **load)
+        text_encoder = CLIPTextModel.from_pretrained(dirs["text_encoder"], **load)
+        tokenizer = CLIPTokenizer.from_pretrained(dirs["tokenizer"])
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise PackError(f"pack {root}: {exc}") from exc
+    for module in (unet, vae, text_encoder):
+        module.to(device).eval().requires_grad_(False)
+    pack = ModelPack(
+        name=manifest.name,
+        root=root,
+        manifest=manifest,
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        sampler_config=sampler_config,
+        device=device,
+        dtype=dtype,
+    )
+    if user is not None:
+        pack.use_user(user)
+    return pack
+
+
+def quiet_loading() -> None:
+    """Loading bars from transformers/diffusers would drown Tandem's own progress output."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise PackError(f"missing {path}") from exc
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PackError(f"unreadable {path}: {exc}") from exc
+
+
+def check_pair(edge: ModelPack, ue: ModelPack) -> None:
+    """Raises PackMismatchError unless `ue` can continue trajectories that `edge` started."""
+    checks = [
+        ("latent channels", edge.latent_channels, ue.latent_channels),
+        ("VAE downsampling factor", edge.vae_scale_factor, ue.vae_scale_factor),
+        ("VAE latent scaling_factor", edge.latent_scaling, ue.latent_scaling),
+        ("UNet input channels", edge.unet.config.in_channels, ue.unet.config.in_channels),
+    ]
+    edge_process, ue_process = noise_process(edge.sampler_config), noise_process(ue.sampler_config)
+    checks += [(f"sampler config {key}", edge_process[key], ue_process[key]) for key in edge_process]
+    for what, a, b in checks:
+        if a != b:
+            raise PackMismatchError(
+                f"packs {edge.name!r} and {ue.name!r} are not a valid pair: {what} differs ({a!r} vs {b!r})"
+            )

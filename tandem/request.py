@@ -1,0 +1,83 @@
+"""A generation request and its validation: every bad value is named (CLI flag or gRPC field)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from tandem.sampling.schedule import SAMPLERS
+
+MAX_PROMPT_CHARS = 1000
+MAX_STEPS = 200
+MAX_IMAGE_SIDE = 2048
+MAX_GUIDANCE = 50.0
+MAX_SEED = 2**63 - 1
+
+
+class RequestError(ValueError):
+    """An invalid request field; `field` names it (as the wire and the CLI spell it)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One image: what to draw, how many steps in all (T) and how many run on the edge (k = split)."""
+
+    prompt: str
+    steps: int = 20
+    split: int = 10
+    sampler: str = "dpmpp_2m"
+    guidance_scale: float = 7.5
+    seed: int = 0
+    negative_prompt: str = ""
+    height: int = 64
+    width: int = 64
+    user: str | None = None
+
+    def validate(self) -> "GenerationRequest":
+        _require(isinstance(self.prompt, str) and self.prompt.strip() != "", "prompt", "must not be empty")
+        _require(len(self.prompt) <= MAX_PROMPT_CHARS, "prompt", f"longer than {MAX_PROMPT_CHARS} characters")
+        _require(len(self.negative_prompt) <= MAX_PROMPT_CHARS, "negative_prompt", f"longer than {MAX_PROMPT_CHARS} characters")
+        _require(_is_int(self.steps) and 1 <= self.steps <= MAX_STEPS, "steps", f"must be in 1..{MAX_STEPS}, got {self.steps!r}")
+        _require(
+            _is_int(self.split) and 0 <= self.split <= self.steps,
+            "split",
+            f"must be in 0..steps ({self.steps}), got {self.split!r}",
+        )
+        _require(self.sampler in SAMPLERS, "sampler", f"unknown {self.sampler!r}; expected one of {', '.join(SAMPLERS)}")
+        _require(
+            isinstance(self.guidance_scale, (int, float)) and 1.0 <= self.guidance_scale <= MAX_GUIDANCE,
+            "guidance_scale",
+            f"must be in 1..{MAX_GUIDANCE:g}, got {self.guidance_scale!r}",
+        )
+        _require(_is_int(self.seed) and 0 <= self.seed <= MAX_SEED, "seed", f"must be in 0..2^63-1, got {self.seed!r}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            _require(_is_int(value) and 8 <= value <= MAX_IMAGE_SIDE, name, f"must be in 8..{MAX_IMAGE_SIDE}, got {value!r}")
+        if self.user is not None:
+            _require(self.user.isidentifier() and len(self.user) <= 64, "user", f"invalid user name {self.user!r}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "GenerationRequest":
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise RequestError(sorted(unknown)[0], "unknown request field")
+        return cls(**data).validate()
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _require(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise RequestError(field, message)
