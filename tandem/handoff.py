@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from tandem.codec.container import CodecError, pack_container, unpack_container
@@ -108,13 +109,14 @@ def encode_handoff(handoff: Handoff, spec: CodecSpec = CodecSpec()) -> bytes:
         blobs["plan"] = pack_plan(plan)
         tensors["denoised"] = merge(prev, plan, "mean")
         tensors["noise"] = merge(noise, plan, "variance_preserving")
+    schedule_meta, blobs["schedule"] = _pack_schedule(handoff.schedule)
     shapes = {name: list(t.shape) for name, t in tensors.items()}
     blobs.update({name: encode_tensor(t, spec.encoding) for name, t in tensors.items()})
     meta = {
         "kind": "tandem.handoff",
         "handoff_version": HANDOFF_VERSION,
         "request": handoff.request.to_dict(),
-        "schedule": handoff.schedule.to_dict(),
+        "schedule": schedule_meta,
         "step": handoff.step,
         "latent_shape": list(latent.shape),
         "codec": spec.to_dict(),
@@ -122,6 +124,39 @@ def encode_handoff(handoff: Handoff, spec: CodecSpec = CodecSpec()) -> bytes:
         "shapes": shapes,
     }
     return pack_container(meta, blobs)
+
+
+def _pack_schedule(schedule: Schedule) -> tuple[dict[str, Any], bytes]:
+    """The schedule's per-step arrays as one float32 blob (JSON decimals would be ~4× larger than a
+    small latent); its values are float32 computations, so float32 carries them exactly."""
+    data = schedule.to_dict()
+    arrays = {"timesteps": data.pop("timesteps"), "input_divisor": data.pop("input_divisor"),
+              "signal": data.pop("signal"), "noise": data.pop("noise")}
+    arrays.update({f"coeffs.{name}": values for name, values in data.pop("coeffs").items()})
+    flat = np.concatenate([np.asarray(v, dtype=np.float64) for v in arrays.values()])
+    packed = flat.astype("<f4")
+    if not np.array_equal(packed.astype(np.float64), flat):
+        raise ValueError("schedule values are not float32-exact")  # a bug upstream, never user input
+    data["arrays"] = [[name, len(values)] for name, values in arrays.items()]
+    return data, packed.tobytes()
+
+
+def _unpack_schedule(meta: dict[str, Any], blob: bytes) -> Schedule:
+    names = meta["arrays"]
+    total = sum(int(n) for _, n in names)
+    if len(blob) != 4 * total:
+        raise CodecError(f"schedule blob has {len(blob)} bytes, expected {4 * total}")
+    flat = np.frombuffer(blob, dtype="<f4").astype(np.float64).tolist()
+    data = {k: v for k, v in meta.items() if k != "arrays"}
+    data["coeffs"] = {}
+    offset = 0
+    for name, count in names:
+        values, offset = flat[offset : offset + int(count)], offset + int(count)
+        if str(name).startswith("coeffs."):
+            data["coeffs"][str(name)[len("coeffs.") :]] = values
+        else:
+            data[str(name)] = values
+    return Schedule.from_dict(data)
 
 
 def decode_handoff(payload: bytes) -> Handoff:
@@ -144,7 +179,7 @@ def _decode(meta: dict[str, Any], blobs: dict[str, bytes]) -> Handoff:
     if version != HANDOFF_VERSION:
         raise CodecError(f"handoff version {version!r} is not supported (this build reads {HANDOFF_VERSION})")
     request = GenerationRequest.from_dict(meta["request"])
-    schedule = Schedule.from_dict(meta["schedule"])
+    schedule = _unpack_schedule(meta["schedule"], blobs.get("schedule", b""))
     step = meta["step"]
     if not (isinstance(step, int) and 0 <= step <= schedule.steps):
         raise CodecError(f"handoff step {step!r} outside 0..{schedule.steps}")
