@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--large", type=Path, help="edge model pack directory or hub id (default: demo pack)")
     gen.add_argument("--small", type=Path, help="device model pack directory or hub id (default: demo pack)")
     gen.add_argument("--device", help="torch device for both packs (default: cuda if present, else cpu)")
+    gen.add_argument("--edge", metavar="HOST:PORT", help="run the edge steps on this edge server (gRPC)")
+    gen.add_argument("--timeout", type=float, default=120.0, help="deadline for the edge call in seconds (120)")
     gen.add_argument("--json", action="store_true", help="print the breakdown as JSON on stdout")
     gen.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
@@ -117,23 +119,26 @@ def _generate(args: argparse.Namespace) -> int:
     choice = default_packs() if args.large is None and args.small is None else None
     large = args.large or (choice.large if choice else None)
     small = args.small or (choice.small if choice else None)
-    if large is None or small is None:
-        raise CliError("--large and --small go together (or leave both out for the demo pack)")
+    if small is None or (large is None and not args.edge):
+        raise CliError("--large and --small go together (or leave both out for the demo pack; with --edge, --small alone)")
     if choice is not None and choice.random:
         print(
             "tandem: NOTE: the trained demo pack is not installed; using tiny RANDOM packs "
             f"({TINY_PACK_CACHE}): the image will be noise",
             file=sys.stderr,
         )
+    if args.timeout <= 0:
+        raise CliError(f"--timeout: must be positive, got {args.timeout:g}")
     try:
-        edge_pack = load_pack(large, device=args.device)
         ue_pack = load_pack(small, device=args.device)
-        pipeline = HybridPipeline(edge_pack, ue_pack)
+        # With --edge the large pack lives on the edge server; in-process we load it here.
+        edge_pack = None if args.edge else load_pack(large, device=args.device)
+        pipeline = HybridPipeline(edge_pack, ue_pack) if edge_pack is not None else None
     except PackError as exc:
         raise CliError(str(exc)) from exc
-    manifest = edge_pack.manifest
+    manifest = (edge_pack or ue_pack).manifest
     steps = args.steps if args.steps is not None else manifest.default_steps
-    size = args.size if args.size is not None else edge_pack.default_image_size
+    size = args.size if args.size is not None else (edge_pack or ue_pack).default_image_size
     request = GenerationRequest(
         prompt=args.prompt,
         steps=steps,
@@ -151,12 +156,21 @@ def _generate(args: argparse.Namespace) -> int:
         raise RequestError("user", f"unknown user {request.user!r} for pack {ue_pack.name!r} (users: {known})")
     progress = None if args.quiet else _ProgressBars(request)
     try:
-        result = pipeline.generate(request, codec, on_step=progress)
+        if pipeline is not None:
+            result = pipeline.generate(request, codec, on_step=progress)
+        else:
+            from services.ue_client.device import generate_via_edge
+
+            result = generate_via_edge(ue_pack, request, codec, args.edge, args.timeout, on_step=progress)
     finally:
         if progress is not None:
             progress.close()
     _save_png(result.image, args.out)
-    report = _report(request, codec, result, args.out, edge_pack.name, ue_pack.name, random=bool(choice and choice.random))
+    edge_name = edge_pack.name if edge_pack is not None else f"edge {args.edge}"
+    report = _report(request, codec, result, args.out, edge_name, ue_pack.name, random=bool(choice and choice.random))
+    report["mode"] = "grpc" if args.edge else "in-process"
+    if result.fallback:
+        print(f"tandem: NOTE: {result.fallback}", file=sys.stderr)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -167,11 +181,12 @@ def _generate(args: argparse.Namespace) -> int:
 class _ProgressBars:
     """One tqdm bar per phase on stderr, opened when the phase reports its first step."""
 
-    LABELS = {"edge": "edge steps", "device": "device steps"}
+    LABELS = {"queue": "edge queue", "edge": "edge steps", "transfer": "handoff bytes", "device": "device steps"}
 
     def __init__(self, request: GenerationRequest):
         self.request = request
         self.bars: dict = {}
+        self.first_position = 0
 
     def __call__(self, phase: str, done: int, total: int) -> None:
         from tqdm import tqdm
@@ -179,12 +194,17 @@ class _ProgressBars:
         bar = self.bars.get(phase)
         if bar is None:
             self.close()  # phases run one after the other: finish the previous bar first
-            bar = self.bars[phase] = tqdm(total=total, desc=self.LABELS.get(phase, phase), unit="step", leave=True)
-        bar.update(done - bar.n)
+            if phase == "queue":  # `done` is the queue position; count down to 0
+                total, self.first_position = done + 1, done
+            unit = "B" if phase == "transfer" else "slot" if phase == "queue" else "step"
+            bar = self.bars[phase] = tqdm(total=total, desc=self.LABELS.get(phase, phase), unit=unit, leave=True)
+        value = self.first_position - done + 1 if phase == "queue" else done
+        bar.update(value - bar.n)
 
     def close(self) -> None:
         for bar in self.bars.values():
             bar.close()
+        self.bars.clear()
 
 
 def _save_png(image, out: Path) -> None:
@@ -220,15 +240,19 @@ def _report(request, codec, result, out: Path, edge_name: str, ue_name: str, ran
 def _format(report: dict) -> str:
     s = report["seconds"]
     codec = report["codec"]
-    lines = [
-        f"wrote {report['out']} ({report['width']}x{report['height']}, seed {report['seed']})",
+    lines = [f"wrote {report['out']} ({report['width']}x{report['height']}, seed {report['seed']}, {report['mode']})"]
+    if "queue" in s:
+        lines.append(f"  queue  {s['queue']:.3f} s")
+    lines += [
         f"  edge   {report['edge_pack']}: {report['edge_steps']} steps   {s.get('edge_steps', 0.0):.3f} s",
         f"  handoff {report['handoff_bytes']} bytes ({codec['encoding']}, merge ratio {codec['merge_ratio']:g})"
-        f"   {s.get('handoff', 0.0):.3f} s",
+        f"   {s.get('transfer', 0.0) + s.get('handoff', 0.0):.3f} s",
         f"  device {report['ue_pack']}{' + ' + report['user'] if report['user'] else ''}: "
         f"{report['ue_steps']} steps   {s.get('ue_steps', 0.0):.3f} s",
         f"  decode {s.get('decode', 0.0):.3f} s   total {sum(s.values()):.3f} s",
     ]
+    if report["fallback"]:
+        lines.append(f"  FALLBACK: {report['fallback']}")
     if report["random_pack"]:
         lines.append("  (tiny RANDOM packs: the image is noise; install the demo pack for real images)")
     return "\n".join(lines)

@@ -1,0 +1,97 @@
+"""Continuous (iteration-level) batching policy, free of models and gRPC so it tests alone.
+
+Requests wait in a bounded FIFO queue; at every engine iteration finished, cancelled and expired
+requests leave the running set, and free slots (up to max_batch_size) go to the oldest waiting
+requests. A request therefore joins a batch at any step and leaves it as soon as it is done.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+
+class Schedulable(Protocol):
+    cancelled: bool
+    deadline: float | None  # monotonic seconds; None = no deadline
+
+    @property
+    def finished(self) -> bool: ...
+
+
+T = TypeVar("T", bound=Schedulable)
+
+
+class QueueFull(Exception):
+    """The wait queue is at capacity (maps to RESOURCE_EXHAUSTED)."""
+
+
+class Closed(Exception):
+    """The engine is draining or stopped and takes no new requests (maps to UNAVAILABLE)."""
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    max_batch_size: int = 16
+    max_queue: int = 64
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.max_queue < 0:
+            raise ValueError(f"invalid batch config {self}")
+
+
+@dataclass
+class Iteration(Generic[T]):
+    """What one engine iteration does: run `batch` (of which `admitted` are new); drop the rest."""
+
+    batch: list[T] = field(default_factory=list)
+    admitted: list[T] = field(default_factory=list)
+    cancelled: list[T] = field(default_factory=list)
+    expired: list[T] = field(default_factory=list)
+    queue_changed: bool = False
+
+
+class BatchScheduler(Generic[T]):
+    def __init__(self, config: BatchConfig = BatchConfig()):
+        self.config = config
+        self.waiting: deque[T] = deque()
+        self.running: list[T] = []
+        self.closed = False
+
+    def submit(self, item: T) -> int:
+        """Queues `item`; returns its position (0 = next). Raises QueueFull or Closed."""
+        if self.closed:
+            raise Closed("server is shutting down")
+        if len(self.waiting) >= self.config.max_queue:
+            raise QueueFull(f"queue full ({self.config.max_queue} waiting); retry later")
+        self.waiting.append(item)
+        return len(self.waiting) - 1
+
+    def schedule(self, now: float) -> Iteration[T]:
+        step: Iteration[T] = Iteration()
+        before = len(self.waiting)
+        self.running = [r for r in self.running if not r.finished]
+        for pool in (self.running, self.waiting):
+            for item in list(pool):
+                if item.cancelled:
+                    step.cancelled.append(item)
+                elif item.deadline is not None and now >= item.deadline:
+                    step.expired.append(item)
+                else:
+                    continue
+                pool.remove(item)
+        while self.waiting and len(self.running) < self.config.max_batch_size:
+            item = self.waiting.popleft()
+            self.running.append(item)
+            step.admitted.append(item)
+        step.batch = list(self.running)
+        step.queue_changed = len(self.waiting) != before
+        return step
+
+    def positions(self) -> list[tuple[T, int]]:
+        return [(item, i) for i, item in enumerate(self.waiting)]
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.running

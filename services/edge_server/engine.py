@@ -1,0 +1,235 @@
+"""The edge engine: one loop that serves many requests with one UNet call per iteration.
+
+`EdgeEngine.step()` is schedule → execute → update (as vLLM's EngineCore.step): the batching
+policy picks the batch, one `advance` call moves every request in it one step (each at its own
+step, CFG included), and requests that reached their split point are handed off. The loop runs in
+its own thread; results go to each request's `sink` (a thread-safe callback) as events.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from services.edge_server.batching import BatchConfig, BatchScheduler, Closed, QueueFull
+from services.edge_server.metrics import EdgeMetrics
+from tandem.handoff import CodecSpec, encode_handoff
+from tandem.packs import ModelPack
+from tandem.pipeline import make_handoff, start
+from tandem.request import GenerationRequest
+from tandem.sampling.denoise import DenoiseState, advance
+
+log = logging.getLogger("tandem.edge")
+
+__all__ = ["EdgeEngine", "QueueFull", "Closed", "Queued", "Progress", "Finished", "Failed"]
+
+
+@dataclass(frozen=True)
+class Queued:
+    position: int
+
+
+@dataclass(frozen=True)
+class Progress:
+    step: int
+    total: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Failed:
+    code: str  # "DEADLINE_EXCEEDED", "CANCELLED", "INTERNAL", "UNAVAILABLE"
+    message: str
+
+
+Event = Queued | Progress | Finished | Failed
+Sink = Callable[[Event], None]
+
+
+@dataclass(eq=False)
+class EngineRequest:
+    id: int
+    request: GenerationRequest
+    codec: CodecSpec
+    sink: Sink
+    deadline: float | None
+    submitted_at: float
+    started_at: float | None = None
+    state: DenoiseState | None = None
+    cancelled: bool = False
+    done: bool = False
+    position: int = -1
+
+    @property
+    def finished(self) -> bool:
+        return self.done
+
+
+@dataclass
+class EngineStats:
+    iterations: int = 0
+    unet_calls: int = 0
+    max_batch: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+class EdgeEngine:
+    def __init__(self, pack: ModelPack, config: BatchConfig = BatchConfig(), metrics: EdgeMetrics | None = None):
+        self.pack = pack
+        self.scheduler: BatchScheduler[EngineRequest] = BatchScheduler(config)
+        self.metrics = metrics or EdgeMetrics()
+        self.stats = EngineStats()
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # --- client side (any thread) ---------------------------------------------------------
+
+    def submit(self, request: GenerationRequest, codec: CodecSpec, sink: Sink, timeout: float | None = None) -> EngineRequest:
+        """Queues a validated request. Raises QueueFull or Closed; never blocks on the model."""
+        now = time.monotonic()
+        entry = EngineRequest(
+            id=next(self._ids),
+            request=request,
+            codec=codec,
+            sink=sink,
+            deadline=None if timeout is None else now + timeout,
+            submitted_at=now,
+        )
+        with self._wake:
+            entry.position = self.scheduler.submit(entry)
+            self.metrics.queue_depth.set(len(self.scheduler.waiting))
+            self._wake.notify()
+        sink(Queued(entry.position))
+        return entry
+
+    def cancel(self, entry: EngineRequest) -> None:
+        """Frees the request's slot at the next iteration (the client went away)."""
+        with self._wake:
+            entry.cancelled = True
+            self._wake.notify()
+
+    def close(self) -> None:
+        """Stops taking new requests; queued and running ones still finish (drain)."""
+        with self._wake:
+            self.scheduler.closed = True
+            self._wake.notify()
+
+    @property
+    def busy(self) -> bool:
+        with self._lock:
+            return not self.scheduler.idle
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="edge-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._wake:
+            self._stopping = True
+            self.scheduler.closed = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with self._lock:
+            leftovers = list(self.scheduler.waiting) + self.scheduler.running
+            self.scheduler.waiting.clear()
+            self.scheduler.running.clear()
+        for entry in leftovers:
+            self._fail(entry, "UNAVAILABLE", "edge server stopped")
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while self.scheduler.idle and not self._stopping:
+                    self._wake.wait(timeout=0.5)
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception:  # noqa: BLE001 - the loop must outlive any one bad iteration
+                log.exception("engine iteration failed")
+
+    def step(self) -> int:
+        """One iteration: schedule → execute → update. Returns the batch size (0 = idle)."""
+        with self._lock:
+            plan = self.scheduler.schedule(time.monotonic())
+            positions = self.scheduler.positions() if plan.queue_changed else []
+            self.metrics.queue_depth.set(len(self.scheduler.waiting))
+        for entry in plan.cancelled:
+            self._fail(entry, "CANCELLED", "cancelled by the client")
+        for entry in plan.expired:
+            self._fail(entry, "DEADLINE_EXCEEDED", "deadline passed on the edge")
+        for entry, position in positions:
+            if position != entry.position:
+                entry.position = position
+                entry.sink(Queued(position))
+        for entry in plan.admitted:
+            self._admit(entry)
+        batch = [e for e in plan.batch if not e.done]
+        stepping = [e for e in batch if e.state.step < e.request.split]
+        if stepping:
+            self._execute(stepping)
+        for entry in batch:
+            if not entry.done and entry.state.step >= entry.request.split:
+                self._finish(entry)
+        self.metrics.running.set(len(self.scheduler.running))
+        return len(stepping)
+
+    def _admit(self, entry: EngineRequest) -> None:
+        entry.started_at = time.monotonic()
+        self.metrics.queue_seconds.observe(entry.started_at - entry.submitted_at)
+        try:
+            entry.state = start(self.pack, entry.request)
+        except Exception as exc:  # noqa: BLE001 - one bad request must not stop the others
+            log.exception("could not start request %s", entry.id)
+            self._fail(entry, "INTERNAL", f"could not start: {exc}")
+
+    def _execute(self, batch: list[EngineRequest]) -> None:
+        began = time.perf_counter()
+        try:
+            advance(self.pack.unet, [e.state for e in batch])
+        except Exception as exc:  # noqa: BLE001
+            log.exception("UNet call failed for a batch of %d", len(batch))
+            for entry in batch:
+                self._fail(entry, "INTERNAL", f"denoising failed: {exc}")
+            return
+        self.stats.iterations += 1
+        self.stats.unet_calls += 1
+        self.stats.max_batch = max(self.stats.max_batch, len(batch))
+        self.metrics.observe_batch(len(batch), time.perf_counter() - began)
+        for entry in batch:
+            entry.sink(Progress(entry.state.step, entry.request.split))
+
+    def _finish(self, entry: EngineRequest) -> None:
+        try:
+            payload = encode_handoff(make_handoff(entry.state, entry.request), entry.codec)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("handoff encoding failed for request %s", entry.id)
+            self._fail(entry, "INTERNAL", f"handoff encoding failed: {exc}")
+            return
+        entry.done = True
+        entry.state = None  # free the latents now; the payload is all the client needs
+        now = time.monotonic()
+        self.metrics.edge_seconds.observe(now - (entry.started_at or now))
+        self.metrics.handoff_bytes.observe(len(payload))
+        entry.sink(Finished(payload))
+
+    def _fail(self, entry: EngineRequest, code: str, message: str) -> None:
+        if entry.done:
+            return
+        entry.done = True
+        entry.state = None
+        entry.sink(Failed(code, message))

@@ -1,0 +1,39 @@
+"""Prometheus metrics of the edge server (own registry; served on their own port)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Diffusion latencies run from milliseconds (one step of a tiny model) to minutes (a queue).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+BYTES_BUCKETS = (256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
+
+
+class EdgeMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("tandem_edge_requests_total", "Generate calls by final gRPC status", ["code"], registry=r)
+        self.request_seconds = Histogram("tandem_edge_request_seconds", "Generate call latency", buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_seconds = Histogram("tandem_edge_queue_seconds", "Time from arrival to a batch slot", buckets=LATENCY_BUCKETS, registry=r)
+        self.edge_seconds = Histogram("tandem_edge_phase_seconds", "Edge phase (steps [0, k) and handoff encoding)", buckets=LATENCY_BUCKETS, registry=r)
+        self.step_seconds = Histogram("tandem_edge_iteration_seconds", "One batched UNet iteration", buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("tandem_edge_batch_size", "Requests per UNet call", buckets=BATCH_BUCKETS, registry=r)
+        self.steps = Counter("tandem_edge_steps_total", "Denoising steps run (per request; rate = steps/s)", registry=r)
+        self.handoff_bytes = Histogram("tandem_edge_handoff_bytes", "Handoff payload size", buckets=BYTES_BUCKETS, registry=r)
+        self.queue_depth = Gauge("tandem_edge_queue_depth", "Requests waiting for a batch slot", registry=r)
+        self.running = Gauge("tandem_edge_running_requests", "Requests in the running batch", registry=r)
+        self.gpu_memory = Gauge("tandem_edge_gpu_memory_bytes", "CUDA memory allocated by the model server", registry=r)
+
+    def observe_batch(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.step_seconds.observe(seconds)
+        self.steps.inc(size)
+        self._sample_gpu_memory()
+
+    def _sample_gpu_memory(self) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            self.gpu_memory.set(torch.cuda.memory_allocated())

@@ -1,0 +1,108 @@
+"""Edge server process: loads the large pack, serves EdgeService + health + reflection over
+grpc.aio, metrics on their own port, drains gracefully on SIGTERM/SIGINT.
+
+    python -m services.edge_server --pack tandem/demo_pack/large --port 50051 --metrics-port 9101
+
+Every flag also reads an environment variable (TANDEM_EDGE_<FLAG>), for containers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from services.edge_server.batching import BatchConfig
+from services.edge_server.engine import EdgeEngine
+from services.edge_server.metrics import EdgeMetrics
+from services.edge_server.servicer import EdgeServicer
+from tandem.packs import PackError, load_pack
+from tandem.v1 import edge_pb2, edge_pb2_grpc
+
+log = logging.getLogger("tandem.edge")
+SERVICE_NAME = edge_pb2.DESCRIPTOR.services_by_name["EdgeService"].full_name
+# Requests are small; a handoff travels server → client in chunks. Bound both on purpose.
+MAX_RECEIVE_BYTES = 64 * 1024
+MAX_SEND_BYTES = 4 * 1024 * 1024
+
+
+def _env(name: str, default):
+    return os.environ.get(f"TANDEM_EDGE_{name.upper()}", default)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from tandem.cli import DEMO_PACK
+
+    parser = argparse.ArgumentParser(prog="tandem-edge", description=__doc__.splitlines()[0])
+    parser.add_argument("--pack", default=_env("pack", str(DEMO_PACK / "large")), help="large model pack")
+    parser.add_argument("--host", default=_env("host", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(_env("port", 50051)))
+    parser.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", 9101)), help="0 = no metrics endpoint")
+    parser.add_argument("--max-batch", type=int, default=int(_env("max_batch", 16)))
+    parser.add_argument("--max-queue", type=int, default=int(_env("max_queue", 64)))
+    parser.add_argument("--drain-seconds", type=float, default=float(_env("drain_seconds", 30)))
+    parser.add_argument("--device", default=_env("device", None))
+    return parser.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    health = HealthServicer()
+    servicer = EdgeServicer()
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+            ("grpc.max_send_message_length", MAX_SEND_BYTES),
+        ]
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    edge_pb2_grpc.add_EdgeServiceServicer_to_server(servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
+    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    await health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.start()  # health answers NOT_SERVING while the model loads
+    log.info("loading pack %s", args.pack)
+    pack = await asyncio.to_thread(load_pack, args.pack, args.device)
+    metrics = EdgeMetrics()
+    engine = EdgeEngine(pack, BatchConfig(args.max_batch, args.max_queue), metrics)
+    servicer.attach(engine)
+    engine.start()
+    if args.metrics_port:
+        start_http_server(args.metrics_port, addr=args.host, registry=metrics.registry)
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    print(f"edge server ready on {args.host}:{port} (pack {pack.name}, {pack.device}); metrics :{args.metrics_port}", flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("edge server draining: new requests get UNAVAILABLE", flush=True)
+    await health.enter_graceful_shutdown()
+    engine.close()
+    deadline = loop.time() + args.drain_seconds
+    while engine.busy and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    await server.stop(grace=min(5.0, max(0.0, deadline - loop.time())) + 1.0)
+    engine.stop()
+    print("edge server stopped", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    try:
+        asyncio.run(serve(args))
+    except PackError as exc:
+        print(f"tandem-edge: error: {exc}", flush=True)
+        return 2
+    return 0

@@ -1,0 +1,115 @@
+"""The EdgeService gRPC servicer: validation, engine submission, event streaming. No denoising
+or scheduling logic lives here."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import grpc
+
+from services.edge_server.batching import Closed, QueueFull
+from services.edge_server.convert import request_from_proto
+from services.edge_server.engine import EdgeEngine, Failed, Finished, Progress, Queued
+from tandem.handoff import ENCODINGS, MAX_MERGE_RATIO
+from tandem.request import MAX_IMAGE_SIDE, MAX_PROMPT_CHARS, MAX_STEPS, RequestError
+from tandem.sampling.schedule import SAMPLERS, noise_process
+from tandem.v1 import edge_pb2, edge_pb2_grpc
+
+CHUNK_BYTES = 256 * 1024
+
+
+class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
+    """Registered before the model loads (so health answers NOT_SERVING meanwhile); calls get
+    UNAVAILABLE until `attach` hands it the engine."""
+
+    def __init__(self, engine: EdgeEngine | None = None, chunk_bytes: int = CHUNK_BYTES):
+        self.engine: EdgeEngine | None = None
+        self.chunk_bytes = chunk_bytes
+        if engine is not None:
+            self.attach(engine)
+
+    def attach(self, engine: EdgeEngine) -> None:
+        self.pack = engine.pack
+        self.metrics = engine.metrics
+        self.engine = engine
+
+    async def _require_engine(self, context) -> None:
+        if self.engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "model still loading; retry shortly")
+
+    async def GetCapabilities(self, request, context):
+        await self._require_engine(context)
+        config = self.engine.scheduler.config
+        return edge_pb2.GetCapabilitiesResponse(
+            pack_name=self.pack.name,
+            latent_channels=self.pack.latent_channels,
+            vae_scale_factor=self.pack.vae_scale_factor,
+            default_image_size=self.pack.default_image_size,
+            samplers=list(SAMPLERS),
+            encodings=list(ENCODINGS),
+            max_merge_ratio=MAX_MERGE_RATIO,
+            max_steps=MAX_STEPS,
+            max_image_side=MAX_IMAGE_SIDE,
+            max_prompt_chars=MAX_PROMPT_CHARS,
+            max_batch_size=config.max_batch_size,
+            max_queue=config.max_queue,
+            noise_process_json=json.dumps(noise_process(self.pack.sampler_config), sort_keys=True),
+            device=str(self.pack.device),
+        )
+
+    async def Generate(self, request, context):
+        await self._require_engine(context)
+        began = time.perf_counter()
+        code = grpc.StatusCode.OK
+        entry = None
+        try:
+            try:
+                domain_request, codec = request_from_proto(request, self.pack)
+            except RequestError as exc:
+                code = grpc.StatusCode.INVALID_ARGUMENT
+                await context.abort(code, str(exc))
+            loop = asyncio.get_running_loop()
+            events: asyncio.Queue = asyncio.Queue()
+
+            def sink(event) -> None:  # called on the engine thread
+                loop.call_soon_threadsafe(events.put_nowait, event)
+
+            try:
+                entry = self.engine.submit(domain_request, codec, sink, timeout=context.time_remaining())
+            except QueueFull as exc:
+                code = grpc.StatusCode.RESOURCE_EXHAUSTED
+                await context.abort(code, str(exc))
+            except Closed as exc:
+                code = grpc.StatusCode.UNAVAILABLE
+                await context.abort(code, str(exc))
+            while True:
+                event = await events.get()
+                if isinstance(event, Queued):
+                    yield edge_pb2.GenerateResponse(queued=edge_pb2.Queued(position=event.position))
+                elif isinstance(event, Progress):
+                    yield edge_pb2.GenerateResponse(progress=edge_pb2.Progress(step=event.step, total=event.total))
+                elif isinstance(event, Finished):
+                    for chunk in self._chunks(event.payload):
+                        yield chunk
+                    return
+                elif isinstance(event, Failed):
+                    code = grpc.StatusCode[event.code]
+                    await context.abort(code, event.message)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            if entry is not None:
+                self.engine.cancel(entry)
+            raise
+        finally:
+            self.metrics.requests.labels(code=code.name).inc()
+            self.metrics.request_seconds.observe(time.perf_counter() - began)
+
+    def _chunks(self, payload: bytes):
+        count = max(1, -(-len(payload) // self.chunk_bytes))
+        for index in range(count):
+            data = payload[index * self.chunk_bytes : (index + 1) * self.chunk_bytes]
+            yield edge_pb2.GenerateResponse(
+                handoff=edge_pb2.HandoffChunk(data=data, index=index, count=count, total_bytes=len(payload))
+            )

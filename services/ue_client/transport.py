@@ -1,0 +1,96 @@
+"""Talking to the edge server: stream a request's handoff, with a deadline on every call."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+from services.edge_server.convert import request_to_proto
+from tandem.handoff import CodecSpec
+from tandem.request import GenerationRequest
+from tandem.v1 import edge_pb2, edge_pb2_grpc
+
+# on_event(phase, done, total): "queue" (position), "edge" (step of k), "transfer" (bytes).
+EventCallback = Callable[[str, int, int], None]
+MAX_HANDOFF_BYTES = 64 * 1024 * 1024
+
+
+class EdgeError(Exception):
+    """The edge could not deliver the handoff; `code` is the gRPC status name."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class EdgeHandoff:
+    payload: bytes
+    seconds: dict[str, float] = field(default_factory=dict)  # queue, edge_steps, transfer
+
+
+def channel_options() -> list[tuple[str, int]]:
+    return [("grpc.max_receive_message_length", 8 * 1024 * 1024)]
+
+
+async def fetch_handoff(
+    address: str,
+    request: GenerationRequest,
+    codec: CodecSpec,
+    timeout: float,
+    on_event: EventCallback | None = None,
+) -> EdgeHandoff:
+    """Runs steps [0, k) on the edge and returns the handoff payload; raises EdgeError."""
+    began = time.perf_counter()
+    marks: dict[str, float] = {}
+    chunks: list[bytes] = []
+    expected_count = expected_total = None
+    async with grpc.aio.insecure_channel(address, options=channel_options()) as channel:
+        stub = edge_pb2_grpc.EdgeServiceStub(channel)
+        try:
+            async for response in stub.Generate(request_to_proto(request, codec), timeout=timeout):
+                kind = response.WhichOneof("event")
+                if kind == "queued":
+                    _notify(on_event, "queue", response.queued.position, 0)
+                elif kind == "progress":
+                    marks.setdefault("edge_start", time.perf_counter())
+                    _notify(on_event, "edge", response.progress.step, response.progress.total)
+                elif kind == "handoff":
+                    chunk = response.handoff
+                    marks.setdefault("transfer_start", time.perf_counter())
+                    if chunk.index != len(chunks) or (expected_count not in (None, chunk.count)):
+                        raise EdgeError("DATA_LOSS", f"handoff chunk {chunk.index} out of order")
+                    if chunk.total_bytes > MAX_HANDOFF_BYTES:
+                        raise EdgeError("RESOURCE_EXHAUSTED", f"handoff of {chunk.total_bytes} bytes is too large")
+                    expected_count, expected_total = chunk.count, chunk.total_bytes
+                    chunks.append(chunk.data)
+                    _notify(on_event, "transfer", sum(map(len, chunks)), chunk.total_bytes)
+        except grpc.aio.AioRpcError as exc:
+            raise EdgeError(exc.code().name, exc.details() or "") from exc
+    payload = b"".join(chunks)
+    if expected_count is None or len(chunks) != expected_count or len(payload) != expected_total:
+        raise EdgeError("DATA_LOSS", f"stream ended after {len(chunks)} of {expected_count or '?'} handoff chunks")
+    end = time.perf_counter()
+    edge_start = marks.get("edge_start", marks.get("transfer_start", end))
+    transfer_start = marks.get("transfer_start", end)
+    return EdgeHandoff(
+        payload,
+        {"queue": edge_start - began, "edge_steps": transfer_start - edge_start, "transfer": end - transfer_start},
+    )
+
+
+async def get_capabilities(address: str, timeout: float) -> edge_pb2.GetCapabilitiesResponse:
+    async with grpc.aio.insecure_channel(address, options=channel_options()) as channel:
+        try:
+            return await edge_pb2_grpc.EdgeServiceStub(channel).GetCapabilities(edge_pb2.GetCapabilitiesRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise EdgeError(exc.code().name, exc.details() or "") from exc
+
+
+def _notify(callback: EventCallback | None, phase: str, done: int, total: int) -> None:
+    if callback is not None:
+        callback(phase, done, total)

@@ -1,0 +1,1 @@
+"""Generated wire code (scripts/gen_proto.py); do not edit."""
