@@ -1,0 +1,213 @@
+"""Edge server + UE client as real processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from service_procs import edge_server, metric_value
+from services.edge_server.convert import request_to_proto
+from services.ue_client.device import generate_via_edge
+from services.ue_client.transport import EdgeError, fetch_handoff, get_capabilities
+from tandem.handoff import CodecSpec
+from tandem.pipeline import HybridPipeline
+from tandem.request import GenerationRequest
+from tandem.v1 import edge_pb2, edge_pb2_grpc
+
+PROMPT = "a red circle at the left on a blue background"
+
+
+def req(**kw) -> GenerationRequest:
+    base = dict(prompt=PROMPT, steps=6, split=3, sampler="dpmpp_2m", guidance_scale=3.0, seed=5, height=32, width=32)
+    return GenerationRequest(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def edge(tiny_packs, tmp_path_factory):
+    with edge_server(tiny_packs["large"], tmp_path_factory.mktemp("edge"), "--max-batch", "16") as service:
+        yield service
+
+
+def test_grpc_image_equals_in_process_hybrid_image(edge, large_pack, small_pack):
+    for sampler in ("ddim", "euler", "dpmpp_2m"):
+        request = req(sampler=sampler)
+        local = HybridPipeline(large_pack, small_pack).generate(request, CodecSpec("fp32"))
+        remote = generate_via_edge(small_pack, request, CodecSpec("fp32"), edge.address, timeout=60)
+        assert remote.fallback is None
+        assert remote.edge_steps == 3 and remote.handoff_bytes == local.handoff_bytes
+        assert np.array_equal(remote.image, local.image)
+        assert (remote.latent - local.latent).abs().max().item() <= 1e-5
+
+
+def test_sixteen_concurrent_clients_complete_in_shared_batches(edge):
+    before = edge.metrics()
+
+    async def run_all():
+        requests = [req(seed=i, steps=12, split=10) for i in range(16)]
+        return await asyncio.gather(*(fetch_handoff(edge.address, r, CodecSpec(), timeout=120) for r in requests))
+
+    results = asyncio.run(run_all())
+    assert len(results) == 16 and all(len(r.payload) > 0 for r in results)
+    after = edge.metrics()
+    calls = metric_value(after, "tandem_edge_batch_size_count") - metric_value(before, "tandem_edge_batch_size_count")
+    singles = metric_value(after, "tandem_edge_batch_size_bucket", 'le="1.0"') - metric_value(before, "tandem_edge_batch_size_bucket", 'le="1.0"')
+    steps = metric_value(after, "tandem_edge_steps_total") - metric_value(before, "tandem_edge_steps_total")
+    assert steps == 16 * 10
+    assert calls < steps and singles < calls  # batch sizes > 1 observed
+    assert metric_value(after, "tandem_edge_requests_total", 'code="OK"') >= 16
+
+
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        (dict(prompt=""), "prompt"),
+        (dict(steps=0), "steps"),
+        (dict(steps=500), "steps"),
+        (dict(split=9), "split"),
+        (dict(sampler="heun"), "sampler"),
+        (dict(guidance_scale=0.5), "guidance_scale"),
+        (dict(height=30), "height"),
+        (dict(width=4096), "width"),
+        (dict(user="not a name"), "user"),
+        (dict(codec=edge_pb2.Codec(encoding="bf8")), "codec"),
+        (dict(codec=edge_pb2.Codec(merge_ratio=0.9)), "merge_ratio"),
+        (dict(codec=edge_pb2.Codec(merge_strategy="zip")), "merge_strategy"),
+    ],
+)
+def test_malformed_requests_get_invalid_argument_naming_the_field(edge, change, field):
+    message = request_to_proto(req(), CodecSpec())
+    for key, value in change.items():
+        if key == "codec":
+            message.codec.CopyFrom(value)
+        else:
+            setattr(message, key, value)
+    with grpc.insecure_channel(edge.address) as channel:
+        stub = edge_pb2_grpc.EdgeServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as exc:
+            list(stub.Generate(message, timeout=30))
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert exc.value.details().startswith(f"{field}:")
+        # ...and the server keeps serving.
+        good = list(stub.Generate(request_to_proto(req(steps=2, split=1), CodecSpec()), timeout=30))
+        assert good[-1].WhichOneof("event") == "handoff"
+
+
+def test_oversized_request_is_refused_and_server_survives(edge):
+    message = request_to_proto(req(), CodecSpec())
+    message.negative_prompt = "x" * 100_000  # above the server's deliberate 64 KiB receive limit
+    with grpc.insecure_channel(edge.address) as channel:
+        stub = edge_pb2_grpc.EdgeServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as exc:
+            list(stub.Generate(message, timeout=30))
+        assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert list(stub.Generate(request_to_proto(req(steps=2, split=1), CodecSpec()), timeout=30))
+
+
+def test_capabilities_health_and_reflection(edge):
+    caps = asyncio.run(get_capabilities(edge.address, timeout=10))
+    assert caps.latent_channels == 4 and caps.default_image_size == 32 and caps.max_batch_size == 16
+    assert set(caps.samplers) == {"ddim", "euler", "dpmpp_2m"} and "int8" in caps.encodings
+    with grpc.insecure_channel(edge.address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+        names = {s.name for r in responses for s in r.list_services_response.service}
+    assert {"tandem.v1.EdgeService", "grpc.health.v1.Health"} <= names
+
+
+def test_cancellation_frees_the_slot(tiny_packs, tmp_path):
+    with edge_server(tiny_packs["large"], tmp_path, "--max-batch", "1", "--max-queue", "4") as server:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = edge_pb2_grpc.EdgeServiceStub(channel)
+            long_call = stub.Generate(request_to_proto(req(steps=200, split=200), CodecSpec()), timeout=120)
+            for event in long_call:  # wait until it holds the only slot and is stepping
+                if event.WhichOneof("event") == "progress":
+                    break
+            long_call.cancel()
+            began = time.monotonic()
+            short = list(stub.Generate(request_to_proto(req(steps=2, split=2), CodecSpec()), timeout=60))
+            waited = time.monotonic() - began
+        assert short[-1].WhichOneof("event") == "handoff"
+        time.sleep(0.3)
+        text = server.metrics()
+        assert metric_value(text, "tandem_edge_requests_total", 'code="CANCELLED"') == 1
+        # The cancelled request stopped stepping: far fewer than its 200 steps ran.
+        assert metric_value(text, "tandem_edge_steps_total") < 100, waited
+
+
+def test_full_queue_answers_resource_exhausted(tiny_packs, tmp_path):
+    with edge_server(tiny_packs["large"], tmp_path, "--max-batch", "1", "--max-queue", "1") as server:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = edge_pb2_grpc.EdgeServiceStub(channel)
+            long = request_to_proto(req(steps=100, split=100), CodecSpec())
+            running = stub.Generate(long, timeout=120)
+            next(iter(running))  # admitted or queued
+            queued = stub.Generate(long, timeout=120)
+            next(iter(queued))
+            with pytest.raises(grpc.RpcError) as exc:
+                list(stub.Generate(long, timeout=60))
+            assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "queue full" in exc.value.details()
+            running.cancel()
+            queued.cancel()
+
+
+def test_sigterm_drains_in_flight_and_refuses_new(tiny_packs, tmp_path):
+    with edge_server(tiny_packs["large"], tmp_path) as server:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = edge_pb2_grpc.EdgeServiceStub(channel)
+            in_flight = stub.Generate(request_to_proto(req(steps=120, split=120), CodecSpec()), timeout=120)
+            events = iter(in_flight)
+            while next(events).WhichOneof("event") != "progress":
+                pass
+            server.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            with pytest.raises(grpc.RpcError) as exc:
+                list(stub.Generate(request_to_proto(req(), CodecSpec()), timeout=30))
+            assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
+            rest = list(events)
+            assert rest[-1].WhichOneof("event") == "handoff"  # the in-flight request finished
+        assert server.proc.wait(timeout=30) == 0
+        assert "edge server stopped" in server.log()
+
+
+def test_kill_9_mid_stream_every_client_finishes_locally(tiny_packs, tmp_path, small_pack):
+    with edge_server(tiny_packs["large"], tmp_path) as server:
+        results, errors = [None] * 4, []
+        progressed = threading.Event()
+
+        def on_step(phase, done, total):
+            if phase == "edge":
+                progressed.set()
+
+        def client(i: int) -> None:
+            try:
+                request = req(seed=i, steps=150, split=140)
+                results[i] = generate_via_edge(small_pack, request, CodecSpec(), server.address, timeout=60, on_step=on_step)
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        assert progressed.wait(60)
+        server.proc.kill()
+        for t in threads:
+            t.join(120)
+    assert not errors
+    for result in results:
+        assert result is not None and result.image.shape == (32, 32, 3)
+        assert result.fallback and "edge failed" in result.fallback
+        assert result.edge_steps == 0 and result.ue_steps == 150
+
+
+def test_unreachable_edge_is_an_edge_error():
+    with pytest.raises(EdgeError) as exc:
+        asyncio.run(fetch_handoff("127.0.0.1:1", req(), CodecSpec(), timeout=5))
+    assert exc.value.code == "UNAVAILABLE"
