@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--small", type=Path, help="device model pack directory or hub id (default: demo pack)")
     gen.add_argument("--device", help="torch device for both packs (default: cuda if present, else cpu)")
     gen.add_argument("--edge", metavar="HOST:PORT", help="run the edge steps on this edge server (gRPC)")
+    gen.add_argument("--ue", metavar="HOST:PORT", help="send the request to a running device service instead")
     gen.add_argument("--timeout", type=float, default=120.0, help="deadline for the edge call in seconds (120)")
     gen.add_argument("--json", action="store_true", help="print the breakdown as JSON on stdout")
     gen.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -116,6 +117,10 @@ def _generate(args: argparse.Namespace) -> int:
         raise CliError(f"--out: {str(args.out)!r} must end in .png")
     if not args.out.parent.exists():
         raise CliError(f"--out: directory {str(args.out.parent)!r} does not exist")
+    if args.timeout <= 0:
+        raise CliError(f"--timeout: must be positive, got {args.timeout:g}")
+    if args.ue:
+        return _generate_on_device_service(args, codec)
     choice = default_packs() if args.large is None and args.small is None else None
     large = args.large or (choice.large if choice else None)
     small = args.small or (choice.small if choice else None)
@@ -127,8 +132,6 @@ def _generate(args: argparse.Namespace) -> int:
             f"({TINY_PACK_CACHE}): the image will be noise",
             file=sys.stderr,
         )
-    if args.timeout <= 0:
-        raise CliError(f"--timeout: must be positive, got {args.timeout:g}")
     try:
         ue_pack = load_pack(small, device=args.device)
         # With --edge the large pack lives on the edge server; in-process we load it here.
@@ -178,12 +181,68 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate_on_device_service(args: argparse.Namespace, codec: CodecSpec) -> int:
+    """--ue: the device service holds the packs; unset options take its pack's defaults."""
+    from services.ue_client.client import generate_on_device_service
+    from services.ue_client.transport import EdgeError
+    from tandem.v1 import edge_pb2
+    from tandem.wire import codec_to_proto
+
+    message = edge_pb2.GenerateRequest(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        steps=args.steps or 0,
+        sampler=args.sampler or "",
+        guidance_scale=args.guidance or 0.0,
+        seed=args.seed,
+        height=args.size or 0,
+        width=args.size or 0,
+        user=args.user or "",
+        codec=codec_to_proto(codec),
+    )
+    if args.split is not None:
+        message.split = args.split
+    progress = None if args.quiet else _ProgressBars(None)
+    try:
+        result = generate_on_device_service(args.ue, message, args.edge, args.timeout, progress)
+    except EdgeError as exc:
+        if exc.code == "INVALID_ARGUMENT":
+            field, _, message_text = exc.message.partition(": ")
+            raise RequestError(field, message_text) from exc
+        raise CliError(f"device service {args.ue}: {exc}") from exc
+    finally:
+        if progress is not None:
+            progress.close()
+    args.out.write_bytes(result.png)
+    report = {
+        "out": str(args.out),
+        "mode": "device-service",
+        "device_service": args.ue,
+        "edge": args.edge,
+        "ue_pack": result.device_pack,
+        "edge_steps": result.edge_steps,
+        "ue_steps": result.device_steps,
+        "handoff_bytes": result.handoff_bytes,
+        "seconds": {k: round(v, 4) for k, v in result.seconds.items()},
+        "fallback": result.fallback or None,
+    }
+    if result.fallback:
+        print(f"tandem: NOTE: {result.fallback}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"wrote {args.out} via device service {args.ue}: {result.edge_steps} edge + {result.device_steps} device steps, "
+              f"handoff {result.handoff_bytes} bytes, {sum(result.seconds.values()):.3f} s"
+              + (f"\n  FALLBACK: {result.fallback}" if result.fallback else ""))
+    return 0
+
+
 class _ProgressBars:
     """One tqdm bar per phase on stderr, opened when the phase reports its first step."""
 
     LABELS = {"queue": "edge queue", "edge": "edge steps", "transfer": "handoff bytes", "device": "device steps"}
 
-    def __init__(self, request: GenerationRequest):
+    def __init__(self, request: GenerationRequest | None):
         self.request = request
         self.bars: dict = {}
         self.first_position = 0

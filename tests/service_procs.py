@@ -58,10 +58,10 @@ def wait_healthy(address: str, proc: subprocess.Popen, timeout: float = 90.0, se
 
 
 @contextmanager
-def edge_server(pack: Path, tmp_path: Path, *args: str):
+def _service(module: str, pack: Path, tmp_path: Path, *args: str):
     port, metrics_port = free_port(), free_port()
-    log_path = tmp_path / f"edge-{port}.log"
-    command = [sys.executable, "-m", "services.edge_server", "--pack", str(pack), "--port", str(port),
+    log_path = tmp_path / f"{module.rsplit('.', 1)[-1]}-{port}.log"
+    command = [sys.executable, "-m", module, "--pack", str(pack), "--port", str(port),
                "--metrics-port", str(metrics_port), "--device", "cpu", *args]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     with open(log_path, "w") as log:
@@ -78,6 +78,14 @@ def edge_server(pack: Path, tmp_path: Path, *args: str):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def edge_server(pack: Path, tmp_path: Path, *args: str):
+    return _service("services.edge_server", pack, tmp_path, *args)
+
+
+def device_service(pack: Path, tmp_path: Path, *args: str):
+    return _service("services.ue_client", pack, tmp_path, *args)
 
 
 def metric_value(text: str, name: str, labels: str = "") -> float:

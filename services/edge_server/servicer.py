@@ -10,7 +10,7 @@ import time
 import grpc
 
 from services.edge_server.batching import Closed, QueueFull
-from services.edge_server.convert import request_from_proto
+from tandem.wire import request_from_proto
 from services.edge_server.engine import EdgeEngine, Failed, Finished, Progress, Queued
 from tandem.handoff import ENCODINGS, MAX_MERGE_RATIO
 from tandem.request import MAX_IMAGE_SIDE, MAX_PROMPT_CHARS, MAX_STEPS, RequestError

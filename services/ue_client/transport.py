@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from services.edge_server.convert import request_to_proto
+from tandem.wire import request_to_proto
 from tandem.handoff import CodecSpec
 from tandem.request import GenerationRequest
 from tandem.v1 import edge_pb2, edge_pb2_grpc

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14tandem/v1/edge.proto\x12\ttandem.v1\"\\\n\x05\x43odec\x12\x10\n\x08\x65ncoding\x18\x01 \x01(\t\x12\x13\n\x0bmerge_ratio\x18\x02 \x01(\x02\x12\x16\n\x0emerge_strategy\x18\x03 \x01(\t\x12\x14\n\x0cmerge_window\x18\x04 \x01(\t\"\xdd\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\r\n\x05steps\x18\x03 \x01(\r\x12\r\n\x05split\x18\x04 \x01(\r\x12\x0f\n\x07sampler\x18\x05 \x01(\t\x12\x16\n\x0eguidance_scale\x18\x06 \x01(\x02\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x0e\n\x06height\x18\x08 \x01(\r\x12\r\n\x05width\x18\t \x01(\r\x12\x0c\n\x04user\x18\n \x01(\t\x12\x1f\n\x05\x63odec\x18\x0b \x01(\x0b\x32\x10.tandem.v1.Codec\"\x95\x01\n\x10GenerateResponse\x12#\n\x06queued\x18\x01 \x01(\x0b\x32\x11.tandem.v1.QueuedH\x00\x12\'\n\x08progress\x18\x02 \x01(\x0b\x32\x13.tandem.v1.ProgressH\x00\x12*\n\x07handoff\x18\x03 \x01(\x0b\x32\x17.tandem.v1.HandoffChunkH\x00\x42\x07\n\x05\x65vent\"\x1a\n\x06Queued\x12\x10\n\x08position\x18\x01 \x01(\r\"\'\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\r\n\x05total\x18\x02 \x01(\r\"O\n\x0cHandoffChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05index\x18\x02 \x01(\r\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\"\x18\n\x16GetCapabilitiesRequest\"\xd5\x02\n\x17GetCapabilitiesResponse\x12\x11\n\tpack_name\x18\x01 \x01(\t\x12\x17\n\x0flatent_channels\x18\x02 \x01(\r\x12\x18\n\x10vae_scale_factor\x18\x03 \x01(\r\x12\x1a\n\x12\x64\x65\x66\x61ult_image_size\x18\x04 \x01(\r\x12\x10\n\x08samplers\x18\x05 \x03(\t\x12\x11\n\tencodings\x18\x06 \x03(\t\x12\x17\n\x0fmax_merge_ratio\x18\x07 \x01(\x02\x12\x11\n\tmax_steps\x18\x08 \x01(\r\x12\x16\n\x0emax_image_side\x18\t \x01(\r\x12\x18\n\x10max_prompt_chars\x18\n \x01(\r\x12\x16\n\x0emax_batch_size\x18\x0b \x01(\r\x12\x11\n\tmax_queue\x18\x0c \x01(\r\x12\x1a\n\x12noise_process_json\x18\r \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0e \x01(\t2\xae\x01\n\x0b\x45\x64geService\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12X\n\x0fGetCapabilities\x12!.tandem.v1.GetCapabilitiesRequest\x1a\".tandem.v1.GetCapabilitiesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14tandem/v1/edge.proto\x12\ttandem.v1\"\\\n\x05\x43odec\x12\x10\n\x08\x65ncoding\x18\x01 \x01(\t\x12\x13\n\x0bmerge_ratio\x18\x02 \x01(\x02\x12\x16\n\x0emerge_strategy\x18\x03 \x01(\t\x12\x14\n\x0cmerge_window\x18\x04 \x01(\t\"\xec\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\r\n\x05steps\x18\x03 \x01(\r\x12\x12\n\x05split\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x0f\n\x07sampler\x18\x05 \x01(\t\x12\x16\n\x0eguidance_scale\x18\x06 \x01(\x02\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x0e\n\x06height\x18\x08 \x01(\r\x12\r\n\x05width\x18\t \x01(\r\x12\x0c\n\x04user\x18\n \x01(\t\x12\x1f\n\x05\x63odec\x18\x0b \x01(\x0b\x32\x10.tandem.v1.CodecB\x08\n\x06_split\"\x95\x01\n\x10GenerateResponse\x12#\n\x06queued\x18\x01 \x01(\x0b\x32\x11.tandem.v1.QueuedH\x00\x12\'\n\x08progress\x18\x02 \x01(\x0b\x32\x13.tandem.v1.ProgressH\x00\x12*\n\x07handoff\x18\x03 \x01(\x0b\x32\x17.tandem.v1.HandoffChunkH\x00\x42\x07\n\x05\x65vent\"\x1a\n\x06Queued\x12\x10\n\x08position\x18\x01 \x01(\r\"\'\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\r\n\x05total\x18\x02 \x01(\r\"O\n\x0cHandoffChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05index\x18\x02 \x01(\r\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\"\x18\n\x16GetCapabilitiesRequest\"\xd5\x02\n\x17GetCapabilitiesResponse\x12\x11\n\tpack_name\x18\x01 \x01(\t\x12\x17\n\x0flatent_channels\x18\x02 \x01(\r\x12\x18\n\x10vae_scale_factor\x18\x03 \x01(\r\x12\x1a\n\x12\x64\x65\x66\x61ult_image_size\x18\x04 \x01(\r\x12\x10\n\x08samplers\x18\x05 \x03(\t\x12\x11\n\tencodings\x18\x06 \x03(\t\x12\x17\n\x0fmax_merge_ratio\x18\x07 \x01(\x02\x12\x11\n\tmax_steps\x18\x08 \x01(\r\x12\x16\n\x0emax_image_side\x18\t \x01(\r\x12\x18\n\x10max_prompt_chars\x18\n \x01(\r\x12\x16\n\x0emax_batch_size\x18\x0b \x01(\r\x12\x11\n\tmax_queue\x18\x0c \x01(\r\x12\x1a\n\x12noise_process_json\x18\r \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0e \x01(\t2\xae\x01\n\x0b\x45\x64geService\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12X\n\x0fGetCapabilities\x12!.tandem.v1.GetCapabilitiesRequest\x1a\".tandem.v1.GetCapabilitiesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,19 +34,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CODEC']._serialized_start=35
   _globals['_CODEC']._serialized_end=127
   _globals['_GENERATEREQUEST']._serialized_start=130
-  _globals['_GENERATEREQUEST']._serialized_end=351
-  _globals['_GENERATERESPONSE']._serialized_start=354
-  _globals['_GENERATERESPONSE']._serialized_end=503
-  _globals['_QUEUED']._serialized_start=505
-  _globals['_QUEUED']._serialized_end=531
-  _globals['_PROGRESS']._serialized_start=533
-  _globals['_PROGRESS']._serialized_end=572
-  _globals['_HANDOFFCHUNK']._serialized_start=574
-  _globals['_HANDOFFCHUNK']._serialized_end=653
-  _globals['_GETCAPABILITIESREQUEST']._serialized_start=655
-  _globals['_GETCAPABILITIESREQUEST']._serialized_end=679
-  _globals['_GETCAPABILITIESRESPONSE']._serialized_start=682
-  _globals['_GETCAPABILITIESRESPONSE']._serialized_end=1023
-  _globals['_EDGESERVICE']._serialized_start=1026
-  _globals['_EDGESERVICE']._serialized_end=1200
+  _globals['_GENERATEREQUEST']._serialized_end=366
+  _globals['_GENERATERESPONSE']._serialized_start=369
+  _globals['_GENERATERESPONSE']._serialized_end=518
+  _globals['_QUEUED']._serialized_start=520
+  _globals['_QUEUED']._serialized_end=546
+  _globals['_PROGRESS']._serialized_start=548
+  _globals['_PROGRESS']._serialized_end=587
+  _globals['_HANDOFFCHUNK']._serialized_start=589
+  _globals['_HANDOFFCHUNK']._serialized_end=668
+  _globals['_GETCAPABILITIESREQUEST']._serialized_start=670
+  _globals['_GETCAPABILITIESREQUEST']._serialized_end=694
+  _globals['_GETCAPABILITIESRESPONSE']._serialized_start=697
+  _globals['_GETCAPABILITIESRESPONSE']._serialized_end=1038
+  _globals['_EDGESERVICE']._serialized_start=1041
+  _globals['_EDGESERVICE']._serialized_end=1215
 # @@protoc_insertion_point(module_scope)

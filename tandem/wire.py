@@ -1,4 +1,4 @@
-"""Wire messages ↔ domain dataclasses for the edge service (no logic beyond defaults)."""
+"""Wire messages ↔ domain dataclasses, shared by the services (no logic beyond defaults)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ def request_from_proto(message: edge_pb2.GenerateRequest, pack: ModelPack) -> tu
     raises RequestError naming the bad field."""
     manifest = pack.manifest
     size = pack.default_image_size
+    steps = message.steps or manifest.default_steps
     request = GenerationRequest(
         prompt=message.prompt,
         negative_prompt=message.negative_prompt,
-        steps=message.steps,
-        split=message.split,
+        steps=steps,
+        split=message.split if message.HasField("split") else steps // 2,
         sampler=message.sampler or manifest.default_sampler,
         guidance_scale=message.guidance_scale or manifest.default_guidance,
         seed=message.seed,
@@ -48,10 +49,11 @@ def request_to_proto(request: GenerationRequest, codec: CodecSpec) -> edge_pb2.G
         height=request.height,
         width=request.width,
         user=request.user or "",
-        codec=edge_pb2.Codec(
-            encoding=codec.encoding,
-            merge_ratio=codec.merge_ratio,
-            merge_strategy=codec.strategy,
-            merge_window=codec.window,
-        ),
+        codec=codec_to_proto(codec),
+    )
+
+
+def codec_to_proto(codec: CodecSpec) -> edge_pb2.Codec:
+    return edge_pb2.Codec(
+        encoding=codec.encoding, merge_ratio=codec.merge_ratio, merge_strategy=codec.strategy, merge_window=codec.window
     )

@@ -1,0 +1,5 @@
+import sys
+
+from services.ue_client.service import main
+
+sys.exit(main())

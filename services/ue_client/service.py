@@ -1,0 +1,157 @@
+"""The device (UE) service: a long-running process that keeps the small pack and LoRAs warm.
+
+    python -m services.ue_client --pack tandem/demo_pack/small --port 50061 --metrics-port 9102
+
+One generation at a time (one device accelerator); others wait their turn. Every flag also reads
+TANDEM_UE_<FLAG> from the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import logging
+import os
+import signal
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from PIL import Image
+from prometheus_client import start_http_server
+
+from services.ue_client.device import DEFAULT_TIMEOUT, generate_via_edge
+from services.ue_client.metrics import DeviceMetrics
+from tandem.packs import ModelPack, PackError, load_pack
+from tandem.request import RequestError
+from tandem.v1 import device_pb2, device_pb2_grpc
+from tandem.wire import request_from_proto
+
+log = logging.getLogger("tandem.ue")
+SERVICE_NAME = device_pb2.DESCRIPTOR.services_by_name["DeviceService"].full_name
+
+
+class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
+    def __init__(self, pack: ModelPack, metrics: DeviceMetrics, default_edge: str | None):
+        self.pack = pack
+        self.metrics = metrics
+        self.default_edge = default_edge
+        self._turn = asyncio.Lock()
+
+    async def Generate(self, request, context):
+        began = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            try:
+                domain_request, codec = request_from_proto(request.request, self.pack)
+                if domain_request.user is not None and domain_request.user not in self.pack.users:
+                    known = ", ".join(self.pack.users) or "none"
+                    raise RequestError("user", f"unknown user {domain_request.user!r} (users: {known})")
+            except RequestError as exc:
+                code = grpc.StatusCode.INVALID_ARGUMENT
+                await context.abort(code, str(exc))
+            timeout = request.edge_timeout_seconds or DEFAULT_TIMEOUT
+            edge = request.edge_address or self.default_edge
+            loop = asyncio.get_running_loop()
+            events: asyncio.Queue = asyncio.Queue()
+
+            def on_step(phase: str, done: int, total: int) -> None:  # called on the worker thread
+                loop.call_soon_threadsafe(events.put_nowait, device_pb2.PhaseProgress(phase=phase, done=done, total=total))
+
+            async with self._turn:
+                job = asyncio.ensure_future(
+                    asyncio.to_thread(generate_via_edge, self.pack, domain_request, codec, edge, timeout, on_step)
+                )
+                while not job.done() or not events.empty():
+                    getter = asyncio.ensure_future(events.get())
+                    await asyncio.wait({job, getter}, return_when=asyncio.FIRST_COMPLETED)
+                    if getter.done():
+                        yield device_pb2.DeviceServiceGenerateResponse(progress=getter.result())
+                    else:
+                        getter.cancel()
+                result = job.result()
+            yield device_pb2.DeviceServiceGenerateResponse(result=self._result(result))
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            self.metrics.requests.labels(code=code.name).inc()
+            self.metrics.request_seconds.observe(time.perf_counter() - began)
+
+    def _result(self, result) -> device_pb2.DeviceResult:
+        for phase, seconds in result.seconds.items():
+            self.metrics.phase_seconds.labels(phase=phase).observe(seconds)
+        self.metrics.steps.inc(result.ue_steps)
+        if result.fallback:
+            self.metrics.fallbacks.inc()
+        if result.handoff_bytes:
+            self.metrics.handoff_bytes.observe(result.handoff_bytes)
+        png = io.BytesIO()
+        Image.fromarray(result.image).save(png, format="PNG")
+        return device_pb2.DeviceResult(
+            png=png.getvalue(),
+            edge_steps=result.edge_steps,
+            device_steps=result.ue_steps,
+            handoff_bytes=result.handoff_bytes,
+            seconds=result.seconds,
+            fallback=result.fallback or "",
+            device_pack=self.pack.name,
+        )
+
+
+def _env(name: str, default):
+    return os.environ.get(f"TANDEM_UE_{name.upper()}", default)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from tandem.cli import DEMO_PACK
+
+    parser = argparse.ArgumentParser(prog="tandem-ue", description=__doc__.splitlines()[0])
+    parser.add_argument("--pack", default=_env("pack", str(DEMO_PACK / "small")), help="small model pack")
+    parser.add_argument("--edge", default=_env("edge", None), help="default edge server HOST:PORT")
+    parser.add_argument("--host", default=_env("host", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(_env("port", 50061)))
+    parser.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", 9102)), help="0 = none")
+    parser.add_argument("--device", default=_env("device", None))
+    return parser.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    health = HealthServicer()
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024)])
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)
+    pack = await asyncio.to_thread(load_pack, args.pack, args.device)
+    for user in pack.users:  # warm every user's LoRA now, not on their first request
+        pack.use_user(user)
+    pack.use_user(None)
+    metrics = DeviceMetrics()
+    device_pb2_grpc.add_DeviceServiceServicer_to_server(DeviceServicer(pack, metrics, args.edge), server)
+    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    await server.start()
+    if args.metrics_port:
+        start_http_server(args.metrics_port, addr=args.host, registry=metrics.registry)
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    print(f"device service ready on {args.host}:{port} (pack {pack.name}, {pack.device}); metrics :{args.metrics_port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await health.enter_graceful_shutdown()
+    await server.stop(grace=30)
+    print("device service stopped", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        asyncio.run(serve(parse_args(argv)))
+    except PackError as exc:
+        print(f"tandem-ue: error: {exc}", flush=True)
+        return 2
+    return 0

@@ -1,0 +1,49 @@
+"""The long-running device service, driven by the CLI, with and without an edge server."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from service_procs import device_service, edge_server, metric_value
+from tandem import cli
+from tandem.handoff import CodecSpec
+from tandem.pipeline import HybridPipeline
+from tandem.request import GenerationRequest
+
+
+def test_cli_through_device_service_and_edge(tiny_packs, tmp_path, capsys, large_pack, small_pack):
+    with edge_server(tiny_packs["large"], tmp_path) as edge, device_service(tiny_packs["small"], tmp_path) as ue:
+        out = tmp_path / "x.png"
+        argv = ["generate", "a red circle at the left on a blue background", "--out", str(out), "--ue", ue.address,
+                "--edge", edge.address, "--steps", "6", "--split", "4", "--codec", "fp32", "--seed", "9",
+                "--guidance", "3", "--json", "--quiet"]
+        assert cli.main(argv) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["mode"] == "device-service" and report["fallback"] is None
+        assert report["edge_steps"] == 4 and report["ue_steps"] == 2 and report["handoff_bytes"] > 0
+        request = GenerationRequest("a red circle at the left on a blue background", steps=6, split=4, seed=9,
+                                    guidance_scale=3.0, height=32, width=32)
+        expected = HybridPipeline(large_pack, small_pack).generate(request, CodecSpec("fp32")).image
+        assert np.array_equal(np.asarray(Image.open(out)), expected)
+
+        # Edge gone: the device service finishes alone and says so.
+        edge.proc.kill()
+        edge.proc.wait()
+        assert cli.main(argv) == 0
+        captured = capsys.readouterr()
+        report = json.loads(captured.out)
+        assert report["fallback"] and report["edge_steps"] == 0 and report["ue_steps"] == 6
+        assert "NOTE: edge failed" in captured.err
+
+        # Bad values come back as one line naming the field.
+        assert cli.main(argv[:-2] + ["--split", "9", "--quiet"]) == 2
+        assert "tandem: error: --split: must be in 0..steps (6)" in capsys.readouterr().err
+
+        text = ue.metrics()
+        assert metric_value(text, "tandem_ue_requests_total", 'code="OK"') == 2
+        assert metric_value(text, "tandem_ue_requests_total", 'code="INVALID_ARGUMENT"') == 1
+        assert metric_value(text, "tandem_ue_fallbacks_total") == 1
+        assert metric_value(text, "tandem_ue_steps_total") == 2 + 6
