@@ -43,7 +43,9 @@ def test_grpc_image_equals_in_process_hybrid_image(edge, large_pack, small_pack)
         assert remote.fallback is None
         assert remote.edge_steps == 3 and remote.handoff_bytes == local.handoff_bytes
         assert np.array_equal(remote.image, local.image)
-        assert (remote.latent - local.latent).abs().max().item() <= 1e-5
+        # Another process may split CPU kernels differently (thread count): float rounding only.
+        scale = max(1.0, local.latent.abs().max().item())
+        assert (remote.latent - local.latent).abs().max().item() <= 1e-5 * scale
 
 
 def test_sixteen_concurrent_clients_complete_in_shared_batches(edge):

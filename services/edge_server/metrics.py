@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Diffusion latencies run from milliseconds (one step of a tiny model) to minutes (a queue).
@@ -37,3 +39,12 @@ class EdgeMetrics:
 
         if torch.cuda.is_available():
             self.gpu_memory.set(torch.cuda.memory_allocated())
+
+
+def record_call(metrics, code_name: str, began: float) -> bool:
+    """Counts one finished call by status and observes its latency. Servicers call it *before*
+    `context.abort`, because grpc.aio sends an abort's status before the handler's `finally` runs
+    (a client could otherwise read metrics that miss its own call). Returns True: "recorded"."""
+    metrics.requests.labels(code=code_name).inc()
+    metrics.request_seconds.observe(time.perf_counter() - began)
+    return True

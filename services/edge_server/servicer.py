@@ -12,6 +12,7 @@ import grpc
 from services.edge_server.batching import Closed, QueueFull
 from tandem.wire import request_from_proto
 from services.edge_server.engine import EdgeEngine, Failed, Finished, Progress, Queued
+from services.edge_server.metrics import record_call
 from tandem.handoff import ENCODINGS, MAX_MERGE_RATIO
 from tandem.request import MAX_IMAGE_SIDE, MAX_PROMPT_CHARS, MAX_STEPS, RequestError
 from tandem.sampling.schedule import SAMPLERS, noise_process
@@ -63,12 +64,14 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         await self._require_engine(context)
         began = time.perf_counter()
         code = grpc.StatusCode.OK
+        recorded = False  # see record_call
         entry = None
         try:
             try:
                 domain_request, codec = request_from_proto(request, self.pack)
             except RequestError as exc:
                 code = grpc.StatusCode.INVALID_ARGUMENT
+                recorded = record_call(self.metrics, code.name, began)
                 await context.abort(code, str(exc))
             loop = asyncio.get_running_loop()
             events: asyncio.Queue = asyncio.Queue()
@@ -80,9 +83,11 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
                 entry = self.engine.submit(domain_request, codec, sink, timeout=context.time_remaining())
             except QueueFull as exc:
                 code = grpc.StatusCode.RESOURCE_EXHAUSTED
+                recorded = record_call(self.metrics, code.name, began)
                 await context.abort(code, str(exc))
             except Closed as exc:
                 code = grpc.StatusCode.UNAVAILABLE
+                recorded = record_call(self.metrics, code.name, began)
                 await context.abort(code, str(exc))
             while True:
                 event = await events.get()
@@ -96,6 +101,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
                     return
                 elif isinstance(event, Failed):
                     code = grpc.StatusCode[event.code]
+                    recorded = record_call(self.metrics, code.name, began)
                     await context.abort(code, event.message)
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
@@ -103,8 +109,8 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
                 self.engine.cancel(entry)
             raise
         finally:
-            self.metrics.requests.labels(code=code.name).inc()
-            self.metrics.request_seconds.observe(time.perf_counter() - began)
+            if not recorded:
+                record_call(self.metrics, code.name, began)
 
     def _chunks(self, payload: bytes):
         count = max(1, -(-len(payload) // self.chunk_bytes))

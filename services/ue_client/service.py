@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from PIL import Image
 from prometheus_client import start_http_server
 
+from services.edge_server.metrics import record_call
 from services.ue_client.device import DEFAULT_TIMEOUT, generate_via_edge
 from services.ue_client.metrics import DeviceMetrics
 from tandem.packs import ModelPack, PackError, load_pack
@@ -44,6 +45,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
     async def Generate(self, request, context):
         began = time.perf_counter()
         code = grpc.StatusCode.OK
+        recorded = False  # see record_call
         try:
             try:
                 domain_request, codec = request_from_proto(request.request, self.pack)
@@ -52,6 +54,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                     raise RequestError("user", f"unknown user {domain_request.user!r} (users: {known})")
             except RequestError as exc:
                 code = grpc.StatusCode.INVALID_ARGUMENT
+                recorded = record_call(self.metrics, code.name, began)
                 await context.abort(code, str(exc))
             timeout = request.edge_timeout_seconds or DEFAULT_TIMEOUT
             edge = request.edge_address or self.default_edge
@@ -78,8 +81,8 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             code = grpc.StatusCode.CANCELLED
             raise
         finally:
-            self.metrics.requests.labels(code=code.name).inc()
-            self.metrics.request_seconds.observe(time.perf_counter() - began)
+            if not recorded:
+                record_call(self.metrics, code.name, began)
 
     def _result(self, result) -> device_pb2.DeviceResult:
         for phase, seconds in result.seconds.items():
