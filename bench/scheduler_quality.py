@@ -1,0 +1,197 @@
+"""Scheduler quality and speed: trained policy vs greedy+LS vs baselines vs the exact optimum.
+
+    .venv/bin/python bench/scheduler_quality.py [--instances 500] [--frames 200] [--policy DIR]
+
+1. Small frames (N = 2..5, random scenario): objective J of each decider relative to the exact
+   optimum (branch and bound + vectorized enumeration).
+2. Default scenario at N = 20: J per user, ratio to the best fixed split, violations, how much of
+   the denoising the edge does and its mean batch.
+3. Budget violations on the training distribution (N = 1..100): the PID-Lagrangian policy vs the
+   unconstrained PPO policy (same steps budget, λ = 0).
+4. Decision latency at N = 100: decider + allocator (closed form, convex re-solve when a budget
+   binds), p50 / p99; and plan_frame end to end (incl. building the frame's arrays).
+Prints markdown tables. Quality and cost profiles are the synthetic defaults unless given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from services.scheduler.baselines import BASELINES  # noqa: E402
+from services.scheduler.costs import CostProfile  # noqa: E402
+from services.scheduler.exact import exact_optimum  # noqa: E402
+from services.scheduler.options import DEFAULT_OPTIONS  # noqa: E402
+from services.scheduler import planner  # noqa: E402
+from services.scheduler.planner import schedule_frame  # noqa: E402
+from services.scheduler.policy import SchedulerPolicy  # noqa: E402
+from services.scheduler.problem import FrameProblem  # noqa: E402
+from services.scheduler.quality import QualityProfile, synthetic_profile  # noqa: E402
+from services.scheduler.scenario import sample_frame  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ORDER = ["policy", "policy (unconstrained)", "greedy_ls", "best_fixed_split", "all_edge", "all_device", "greedy",
+         "random"]
+
+
+def deciders(policy_dir: Path) -> dict:
+    out = {}
+    for name, path in (("policy", policy_dir), ("policy (unconstrained)", policy_dir.parent / "unconstrained")):
+        if (path / "config.json").exists():
+            out[name] = SchedulerPolicy.load(path, DEFAULT_OPTIONS)
+    out.update({k: BASELINES[k] for k in ORDER if k in BASELINES})
+    return out
+
+
+def small_frames(ds: dict, quality, costs, instances: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    ratios = {k: [] for k in ds}
+    regret = {k: [] for k in ds}
+    optimal = {k: 0 for k in ds}
+    t_exact = []
+    skipped = 0
+    for _ in range(instances):
+        n = int(rng.integers(2, 6))
+        users, ctx = sample_frame(rng, n_users=n, costs=costs)
+        p = FrameProblem.build(users, quality, costs, DEFAULT_OPTIONS, ctx)
+        t0 = time.perf_counter()
+        _, best = exact_optimum(p)
+        t_exact.append(time.perf_counter() - t0)
+        for name, decide in ds.items():
+            value = float(p.evaluate_batch(np.asarray(decide(p))[None])[0])
+            regret[name].append((best - value) / n)
+            optimal[name] += value >= best - 1e-9 * max(1, abs(best))
+            if best > 0:
+                ratios[name].append(value / best)
+        skipped += best <= 0
+    print(f"\n### Small frames: J / exact optimum ({instances} frames, N = 2..5, K = {len(DEFAULT_OPTIONS)} options; "
+          f"{skipped} frames with J* <= 0 left out of the ratios)\n")
+    print("| decider | mean J/J* | p5 J/J* | min J/J* | at optimum | mean regret per user |")
+    print("|---|---|---|---|---|---|")
+    for name in ds:
+        r = np.array(ratios[name])
+        print(f"| {name} | {r.mean():.4f} | {np.percentile(r, 5):.4f} | {r.min():.4f} | "
+              f"{optimal[name] / instances:.1%} | {np.mean(regret[name]):.4f} |")
+    t = np.array(t_exact)
+    print(f"\nexact search: mean {t.mean() * 1e3:.0f} ms, max {t.max() * 1e3:.0f} ms per frame")
+
+
+def default_scenario(ds: dict, quality, costs, frames: int, n: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    acc = {k: {"J": 0.0, "U": 0.0, "viol": 0, "users": 0, "k": 0, "T": 0, "batch": 0.0, "q": 0.0, "lat": 0.0}
+           for k in ds}
+    per_frame = {k: [] for k in ds}
+    for _ in range(frames):
+        users, ctx = sample_frame(rng, n_users=n, costs=costs)
+        p = FrameProblem.build(users, quality, costs, DEFAULT_OPTIONS, ctx)
+        for name, decide in ds.items():
+            sel = np.asarray(decide(p))
+            ev = p.evaluate(sel)
+            a = acc[name]
+            a["J"] += ev.objective
+            a["U"] += ev.utility
+            a["viol"] += ev.n_violations
+            a["users"] += n
+            a["k"] += p.edge_steps[sel].sum()
+            a["T"] += sum(DEFAULT_OPTIONS[i].steps for i in sel)
+            a["batch"] += p.uses_edge[sel].sum()
+            a["q"] += ev.quality.sum()
+            a["lat"] += ev.latency.sum()
+            per_frame[name].append(ev.objective)
+    base = acc["best_fixed_split"]["J"]
+    wins = {k: np.mean(np.array(per_frame[k]) >= np.array(per_frame["best_fixed_split"]) - 1e-9) for k in ds}
+    print(f"\n### Default scenario, N = {n} ({frames} frames)\n")
+    print("| decider | J per user | ΣJ / ΣJ(best fixed split) | frames ≥ best fixed | utility per user | "
+          "quality | latency s | violations | edge share of steps | edge batch |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name in ds:
+        a = acc[name]
+        print(f"| {name} | {a['J'] / a['users']:.4f} | {a['J'] / base:.3f} | {wins[name]:.0%} | "
+              f"{a['U'] / a['users']:.4f} | {a['q'] / a['users']:.3f} | {a['lat'] / a['users']:.2f} | "
+              f"{a['viol'] / a['users']:.2%} | {a['k'] / a['T']:.1%} | {a['batch'] / frames:.1f} |")
+
+
+def violations(ds: dict, quality, costs, frames: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    names = [k for k in ("policy", "policy (unconstrained)", "greedy_ls", "best_fixed_split") if k in ds]
+    acc = {k: [0, 0, 0.0, 0.0] for k in names}
+    frames_with = {k: 0 for k in names}
+    for _ in range(frames):
+        users, ctx = sample_frame(rng, costs=costs)
+        p = FrameProblem.build(users, quality, costs, DEFAULT_OPTIONS, ctx)
+        for name in names:
+            ev = p.evaluate(np.asarray(ds[name](p)))
+            a = acc[name]
+            a[0] += ev.n_violations
+            a[1] += p.n_users
+            a[2] += ev.utility
+            a[3] += ev.objective
+            frames_with[name] += ev.n_violations > 0
+    print(f"\n### Latency-budget violations, training distribution (N = 1..100, {frames} frames)\n")
+    print("| decider | users over budget | frames with a violation | utility per user | J per user |")
+    print("|---|---|---|---|---|")
+    for name in names:
+        a = acc[name]
+        print(f"| {name} | {a[0] / a[1]:.2%} | {frames_with[name] / frames:.0%} | {a[2] / a[1]:.4f} | {a[3] / a[1]:.4f} |")
+
+
+def latency(ds: dict, quality, costs, frames: int, n: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    names = [k for k in ("policy", "greedy_ls", "best_fixed_split") if k in ds]
+    times = {k: [] for k in names}
+    total = {k: [] for k in names}
+    repairs = {k: 0 for k in names}
+    scenes = [sample_frame(rng, n_users=n, costs=costs) for _ in range(frames)]
+    planner.warmup(n)  # compile the deadline-aware allocator, as the service does at start
+    for name in names:  # warm-up (caches)
+        schedule_frame(*scenes[0][:1], quality, costs, ds[name], ctx=scenes[0][1])
+    for users, ctx in scenes:
+        for name in names:
+            t0 = time.perf_counter()
+            d = schedule_frame(users, quality, costs, ds[name], ctx=ctx)
+            total[name].append(time.perf_counter() - t0)
+            times[name].append(d.decide_seconds + d.allocate_seconds)
+            repairs[name] += d.allocation is not None
+    print(f"\n### Decision latency, N = {n} ({frames} frames, this machine, shared cores)\n")
+    print("| decider | decide + allocate p50 | p99 | plan_frame end to end p50 | p99 | frames needing the convex re-solve |")
+    print("|---|---|---|---|---|---|")
+    for name in names:
+        t, e = np.array(times[name]) * 1e3, np.array(total[name]) * 1e3
+        print(f"| {name} | {np.percentile(t, 50):.2f} ms | {np.percentile(t, 99):.2f} ms | "
+              f"{np.percentile(e, 50):.2f} ms | {np.percentile(e, 99):.2f} ms | {repairs[name]}/{frames} |")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--instances", type=int, default=500)
+    ap.add_argument("--frames", type=int, default=200)
+    ap.add_argument("--n", type=int, default=20)
+    ap.add_argument("--policy", type=Path, default=ROOT / "services" / "scheduler" / "policies" / "default")
+    ap.add_argument("--quality", type=Path, help="quality profile JSON (default: synthetic)")
+    ap.add_argument("--costs", type=Path, help="cost profile JSON (default: synthetic)")
+    ap.add_argument("--seed", type=int, default=2024)
+    args = ap.parse_args()
+    quality = QualityProfile.load(args.quality) if args.quality else synthetic_profile()
+    costs = CostProfile.load(args.costs) if args.costs else CostProfile()
+    ds = deciders(args.policy)
+    print("```\n" + " ".join([".venv/bin/python", "bench/scheduler_quality.py", *sys.argv[1:]]) + "\n```")
+    print(f"quality profile: {'synthetic' if quality.synthetic else args.quality}; "
+          f"cost profile: {'synthetic' if costs.synthetic else args.costs}")
+    if "policy" in ds:
+        meta = ds["policy"].config.meta
+        print(f"policy: {meta.get('algorithm')}, {meta.get('steps')} steps, seed {meta.get('seed')}")
+    small_frames(ds, quality, costs, args.instances, args.seed)
+    default_scenario(ds, quality, costs, args.frames, args.n, args.seed + 1)
+    violations(ds, quality, costs, args.frames, args.seed + 2)
+    latency(ds, quality, costs, min(args.frames, 200), 100, args.seed + 3)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,282 @@
+"""Cost models: edge step time vs batch size, device step/decode time per device class, handoff
+bytes (exactly what ``tandem.handoff.encode_handoff`` writes), transfer time and device energy.
+
+A :class:`CostProfile` is plain data, saved as JSON (a profiling command writes one from real
+measurements) and recalibrated online from measured phase latencies by :func:`calibrate`.
+The defaults are synthetic, Stable-Diffusion-scale planning figures (marked ``synthetic``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping
+
+import numpy as np
+
+from services.scheduler.channel import (  # noqa: F401  (re-exported: the channel is a cost model too)
+    ChannelConfig,
+    path_loss_db,
+    sample_spectral_efficiency,
+    shannon_rate_bps,
+    snr_linear,
+    spectral_efficiency,
+)
+
+BYTES_PER_ELEMENT = {"fp32": 4, "fp16": 2, "int8": 1}
+INT8_SCALE_BYTES = 4  # one fp32 scale per channel per tensor
+COST_FORMAT = "tandem.scheduler.costs"
+COST_VERSION = 1
+
+
+class CostProfileError(ValueError):
+    """A cost profile file that does not follow the format."""
+
+
+@dataclass(frozen=True)
+class EdgeCoefficients:
+    """Seconds for one denoising step of a batch of ``n`` requests: ``a_s + b_s * n``."""
+
+    a_s: float
+    b_s: float
+
+    def step_seconds(self, batch: int | np.ndarray):
+        return self.a_s + self.b_s * np.asarray(batch)
+
+    def per_request_step_seconds(self, batch: int | np.ndarray):
+        """GPU seconds one request costs per step when ``batch`` requests share each step."""
+        return self.a_s / np.maximum(np.asarray(batch), 1) + self.b_s
+
+
+@dataclass(frozen=True)
+class DeviceClass:
+    """A kind of UE: small-model step time, VAE decode time, power while computing."""
+
+    step_s: float
+    decode_s: float
+    power_w: float
+
+    def compute_seconds(self, device_steps: int | np.ndarray):
+        return np.asarray(device_steps) * self.step_s + self.decode_s
+
+    def energy_j(self, device_steps: int | np.ndarray):
+        return self.power_w * self.compute_seconds(device_steps)
+
+
+@dataclass(frozen=True)
+class LatentShape:
+    channels: int = 4
+    height: int = 64
+    width: int = 64
+
+
+@dataclass(frozen=True)
+class CostProfile:
+    edge: Mapping[str, EdgeCoefficients] = field(
+        default_factory=lambda: {"large": EdgeCoefficients(a_s=0.025, b_s=0.0075)}
+    )
+    devices: Mapping[str, DeviceClass] = field(
+        default_factory=lambda: {
+            "laptop-gpu": DeviceClass(step_s=0.12, decode_s=0.25, power_w=45.0),
+            "phone": DeviceClass(step_s=0.45, decode_s=0.8, power_w=5.0),
+            "cpu": DeviceClass(step_s=1.5, decode_s=2.0, power_w=30.0),
+        }
+    )
+    latent: LatentShape = LatentShape()
+    rtt_s: float = 0.02
+    meta_base_bytes: int = 880  # container header, request, codec, shapes
+    meta_bytes_per_step: int = 40  # the schedule's per-step float32 arrays
+    merge_meta_bytes: int = 30  # extra header when merging
+    max_batch: int = 32
+    synthetic: bool = True
+
+    def edge_coefficients(self, pack: str | None = None) -> EdgeCoefficients:
+        if pack is None:
+            return next(iter(self.edge.values()))
+        try:
+            return self.edge[pack]
+        except KeyError:
+            raise CostProfileError(f"cost profile has no edge pack {pack!r}; it has {', '.join(self.edge)}") from None
+
+    def device(self, device_class: str) -> DeviceClass:
+        try:
+            return self.devices[device_class]
+        except KeyError:
+            raise CostProfileError(
+                f"cost profile has no device class {device_class!r}; it has {', '.join(self.devices)}"
+            ) from None
+
+    def handoff_bytes(self, steps: int, split: int, codec: str, merge_ratio: float) -> int:
+        return handoff_bytes(self.latent, codec, merge_ratio, steps, split, self.meta_base_bytes,
+                             self.meta_bytes_per_step, self.merge_meta_bytes)
+
+    # --- JSON ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": COST_FORMAT,
+            "version": COST_VERSION,
+            "synthetic": self.synthetic,
+            "edge": {k: {"a_s": v.a_s, "b_s": v.b_s} for k, v in self.edge.items()},
+            "devices": {k: {"step_s": v.step_s, "decode_s": v.decode_s, "power_w": v.power_w}
+                        for k, v in self.devices.items()},
+            "latent": {"channels": self.latent.channels, "height": self.latent.height, "width": self.latent.width},
+            "rtt_s": self.rtt_s,
+            "meta_base_bytes": self.meta_base_bytes,
+            "meta_bytes_per_step": self.meta_bytes_per_step,
+            "merge_meta_bytes": self.merge_meta_bytes,
+            "max_batch": self.max_batch,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "CostProfile":
+        if d.get("format") != COST_FORMAT or d.get("version") != COST_VERSION:
+            raise CostProfileError(
+                f"not a cost profile of format {COST_FORMAT!r} version {COST_VERSION}: "
+                f"format={d.get('format')!r} version={d.get('version')!r}"
+            )
+        try:
+            profile = cls(
+                edge={k: EdgeCoefficients(float(v["a_s"]), float(v["b_s"])) for k, v in d["edge"].items()},
+                devices={k: DeviceClass(float(v["step_s"]), float(v["decode_s"]), float(v["power_w"]))
+                         for k, v in d["devices"].items()},
+                latent=LatentShape(int(d["latent"]["channels"]), int(d["latent"]["height"]), int(d["latent"]["width"])),
+                rtt_s=float(d["rtt_s"]),
+                meta_base_bytes=int(d["meta_base_bytes"]),
+                meta_bytes_per_step=int(d["meta_bytes_per_step"]),
+                merge_meta_bytes=int(d.get("merge_meta_bytes", 0)),
+                max_batch=int(d["max_batch"]),
+                synthetic=bool(d.get("synthetic", False)),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CostProfileError(f"malformed cost profile: {type(exc).__name__}: {exc}") from exc
+        if not profile.edge or not profile.devices:
+            raise CostProfileError("cost profile needs at least one edge pack and one device class")
+        return profile
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CostProfile":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+# --- handoff bytes and transfer -----------------------------------------------------------------
+def merged_tokens(height: int, width: int, merge_ratio: float) -> int:
+    """Tokens token merging removes: floor(r·H·W), at most the n_src non-anchor tokens."""
+    n_src = height * width - math.ceil(height / 2) * math.ceil(width / 2)
+    return min(math.floor(merge_ratio * height * width + 1e-9), n_src)
+
+
+def handoff_bytes(
+    latent: LatentShape,
+    codec: str,
+    merge_ratio: float,
+    steps: int,
+    split: int,
+    meta_base_bytes: int = 880,
+    meta_bytes_per_step: int = 40,
+    merge_meta_bytes: int = 30,
+) -> int:
+    """Payload bytes of the handoff at split ``split`` (0 when nothing is sent, k = 0).
+
+    Two tensors (the latent and the multistep history x̂0), each ``C × kept`` elements of the codec
+    (+ one fp32 scale per channel for int8), kept = H·W − merged; with r > 0 the merge plan
+    (4-bit code per non-anchor token: ceil(n_src / 2) bytes); plus metadata growing with T.
+    """
+    if split <= 0:
+        return 0
+    if codec not in BYTES_PER_ELEMENT:
+        raise ValueError(f"unknown codec {codec!r}; expected one of {', '.join(BYTES_PER_ELEMENT)}")
+    c, h, w = latent.channels, latent.height, latent.width
+    kept = h * w - merged_tokens(h, w, merge_ratio)
+    per_tensor = c * kept * BYTES_PER_ELEMENT[codec] + (INT8_SCALE_BYTES * c if codec == "int8" else 0)
+    n_src = h * w - math.ceil(h / 2) * math.ceil(w / 2)
+    plan = math.ceil(n_src / 2) + merge_meta_bytes if merge_ratio > 0 else 0
+    return 2 * per_tensor + plan + meta_base_bytes + meta_bytes_per_step * steps
+
+
+def transfer_seconds(nbytes: float | np.ndarray, rate_bps: float | np.ndarray, rtt_s: float = 0.0):
+    """bytes / rate + RTT (0 when nothing is sent)."""
+    nbytes = np.asarray(nbytes, dtype=float)
+    return np.where(nbytes > 0, nbytes * 8.0 / np.asarray(rate_bps, dtype=float) + rtt_s, 0.0)
+
+
+def device_energy_j(power_w: float, seconds: float | np.ndarray):
+    """GPU-style energy: P·t."""
+    return power_w * np.asarray(seconds)
+
+
+def cpu_energy_j(cycles: float, freq_hz: float, kappa: float = 1e-28):
+    """CMOS dynamic energy κ·C·f² for C cycles at frequency f."""
+    return kappa * cycles * freq_hz**2
+
+
+# --- online calibration ---------------------------------------------------------------------------
+Phase = Literal["edge", "device", "decode", "transfer"]
+
+
+@dataclass(frozen=True)
+class PhaseObservation:
+    """A measured phase latency, as a UE reports it.
+
+    edge: ``seconds`` for ``steps`` steps at batch size ``batch`` on pack ``pack``;
+    device: ``seconds`` for ``steps`` small-model steps on ``device_class``;
+    decode: VAE decode ``seconds`` on ``device_class``;
+    transfer: ``seconds`` for ``nbytes`` at ``rate_bps`` (updates the RTT).
+    """
+
+    phase: Phase
+    seconds: float
+    steps: int = 0
+    batch: int = 1
+    pack: str | None = None
+    device_class: str | None = None
+    nbytes: int = 0
+    rate_bps: float = 0.0
+
+
+def calibrate(profile: CostProfile, observations: Iterable[PhaseObservation], alpha: float = 0.3) -> CostProfile:
+    """A new profile moved toward ``observations`` (exponential moving average, weight ``alpha``).
+
+    Edge: with two or more distinct batch sizes per pack the coefficients (a, b) are refitted by
+    least squares on per-step times and blended in; with one batch size both are scaled by the
+    observed/predicted ratio. Device step, decode time and RTT are EMAs of the observed values.
+    """
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+    obs = [o for o in observations if o.seconds > 0 and math.isfinite(o.seconds)]
+    edge = dict(profile.edge)
+    for pack in {o.pack or next(iter(profile.edge)) for o in obs if o.phase == "edge" and o.steps > 0}:
+        rows = [o for o in obs if o.phase == "edge" and o.steps > 0 and (o.pack or next(iter(profile.edge))) == pack]
+        old = profile.edge_coefficients(pack)
+        batch = np.array([o.batch for o in rows], float)
+        per_step = np.array([o.seconds / o.steps for o in rows])
+        if len(set(batch.tolist())) >= 2:
+            design = np.stack([np.ones_like(batch), batch], 1)
+            (a_fit, b_fit), *_ = np.linalg.lstsq(design, per_step, rcond=None)
+            a_fit, b_fit = max(a_fit, 0.0), max(b_fit, 1e-6)
+            new = EdgeCoefficients((1 - alpha) * old.a_s + alpha * a_fit, (1 - alpha) * old.b_s + alpha * b_fit)
+        else:
+            ratio = float(np.mean(per_step / old.step_seconds(batch)))
+            scale = (1 - alpha) + alpha * ratio
+            new = EdgeCoefficients(old.a_s * scale, old.b_s * scale)
+        edge[pack] = new
+    devices = dict(profile.devices)
+    for name in {o.device_class for o in obs if o.phase in ("device", "decode") and o.device_class}:
+        dev = profile.device(name)
+        steps = [o.seconds / o.steps for o in obs if o.phase == "device" and o.device_class == name and o.steps > 0]
+        decodes = [o.seconds for o in obs if o.phase == "decode" and o.device_class == name]
+        step_s = _ema(dev.step_s, steps, alpha)
+        decode_s = _ema(dev.decode_s, decodes, alpha)
+        devices[name] = replace(dev, step_s=step_s, decode_s=decode_s)
+    rtts = [max(0.0, o.seconds - o.nbytes * 8.0 / o.rate_bps) for o in obs if o.phase == "transfer" and o.rate_bps > 0]
+    return replace(profile, edge=edge, devices=devices, rtt_s=_ema(profile.rtt_s, rtts, alpha))
+
+
+def _ema(value: float, samples: list[float], alpha: float) -> float:
+    for s in samples:
+        value = (1 - alpha) * value + alpha * s
+    return value

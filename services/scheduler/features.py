@@ -1,0 +1,117 @@
+"""Deciding a frame one user at a time: the running state, the observation of the user to decide,
+and the objective of the users decided so far. Shared by the RL environment and the trained
+policy at inference, so both see exactly the same features.
+
+Observation (FEATURES, all O(1)): this user (device speed and power, channel, personalization,
+budgets, transfer cost, how many options fit its budgets), the frame (size, edge capacity, band,
+means of the user features), the load committed so far (edge users, Σ√k, Σ√c, the marginal edge
+and transfer latency this user would see now) and what is still to come (users remaining and the
+load they would bring at their best option alone).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from services.scheduler.baselines import best_alone
+from services.scheduler.problem import FrameProblem
+
+FEATURE_VERSION = 1
+USER_FEATURES = ("log_step", "log_power", "log_se", "personalized", "log_deadline", "has_deadline",
+                 "log_energy_budget", "has_energy_budget", "log_comm", "allowed_fraction")
+FRAME_FEATURES = ("log_n", "edge_capacity", "log_bandwidth", "mean_log_step", "mean_personalized",
+                  "mean_log_se", "mean_log_deadline")
+DYNAMIC_FEATURES = ("decided", "edge_users", "sum_sqrt_k", "sum_sqrt_c", "marginal_edge", "marginal_tx",
+                    "rest_log_step", "rest_personalized", "rest_sqrt_k", "rest_sqrt_c")
+FEATURES = USER_FEATURES + FRAME_FEATURES + DYNAMIC_FEATURES
+OBS_DIM = len(FEATURES)
+OBS_CLIP = 10.0
+_SQRT_K_SCALE = 5.0  # √25
+
+
+class SequentialState:
+    """Running state while a frame's users are decided in order 0..N-1."""
+
+    def __init__(self, problem: FrameProblem) -> None:
+        p = self.problem = problem
+        n = p.n_users
+        self.sel = np.full(n, -1, dtype=int)
+        self.t = 0
+        edge_opts = p.uses_edge
+        comm_ref = p.comm[:, edge_opts].mean(1) if edge_opts.any() and n else np.full(n, 1e-3)
+        self.comm_ref = np.maximum(comm_ref, 1e-6)
+        deadline = np.where(np.isfinite(p.deadline), np.minimum(p.deadline, 120.0), 120.0)
+        ebudget = np.where(np.isfinite(p.energy_budget), np.minimum(p.energy_budget, 2000.0), 2000.0)
+        user = np.stack([
+            np.log(p.device_step_s / 0.3), np.log(p.device_power_w / 10.0), np.log(p.spectral_efficiency / 1.5),
+            p.personalized.astype(float), np.log(deadline / 10.0), np.isfinite(p.deadline).astype(float),
+            np.log(ebudget / 100.0), np.isfinite(p.energy_budget).astype(float),
+            np.log(self.comm_ref / 0.05), p.mask.mean(1),
+        ], 1) if n else np.zeros((0, len(USER_FEATURES)))
+        self.user_feats = user
+        frame = np.array([
+            np.log(max(n, 1) / 20.0), p.ctx.edge_capacity, np.log(p.ctx.bandwidth_hz / 10e6),
+            user[:, 0].mean() if n else 0.0, user[:, 3].mean() if n else 0.0,
+            user[:, 2].mean() if n else 0.0, user[:, 4].mean() if n else 0.0,
+        ])
+        self.frame_feats = frame
+        alone = best_alone(p)
+        rows = np.arange(n)
+        self._alone_sqrt_k = p.sqrt_k[alone]
+        self._alone_sqrt_c = p.sqrt_c[rows, alone]
+        self._c_norm = float(np.sqrt(self.comm_ref.mean())) if n else 1.0
+        # Suffix sums (what is still to come after user t).
+        self._rest_step = np.concatenate([np.cumsum(user[::-1, 0])[::-1], [0.0]]) if n else np.zeros(1)
+        self._rest_pers = np.concatenate([np.cumsum(user[::-1, 3])[::-1], [0.0]]) if n else np.zeros(1)
+        self._rest_sk = np.concatenate([np.cumsum(self._alone_sqrt_k[::-1])[::-1], [0.0]]) if n else np.zeros(1)
+        self._rest_sc = np.concatenate([np.cumsum(self._alone_sqrt_c[::-1])[::-1], [0.0]]) if n else np.zeros(1)
+        self.n_edge = 0
+        self.s_k = 0.0
+        self.s_c = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.t >= self.problem.n_users
+
+    def action_mask(self) -> np.ndarray:
+        return self.problem.mask[self.t]
+
+    def observation(self) -> np.ndarray:
+        p, t, n = self.problem, self.t, self.problem.n_users
+        if t >= n:  # terminal observation: nothing left to decide
+            return np.zeros(OBS_DIM, dtype=np.float32)
+        g_next = float(p.edge_step_seconds(self.n_edge + 1))
+        rest = n - t - 1
+        dyn = np.array([
+            t / n, self.n_edge / n, self.s_k / (_SQRT_K_SCALE * n), self.s_c / (self._c_norm * n),
+            np.log1p(g_next * self.s_k * _SQRT_K_SCALE), np.log1p(self.s_c * np.sqrt(self.comm_ref[t])),
+            self._rest_step[t + 1] / rest if rest else 0.0, self._rest_pers[t + 1] / rest if rest else 0.0,
+            self._rest_sk[t + 1] / (_SQRT_K_SCALE * n), self._rest_sc[t + 1] / (self._c_norm * n),
+        ])
+        obs = np.concatenate([self.user_feats[t], self.frame_feats, dyn])
+        return np.clip(obs, -OBS_CLIP, OBS_CLIP).astype(np.float32)
+
+    def commit(self, option: int) -> None:
+        p, t = self.problem, self.t
+        self.sel[t] = option
+        self.n_edge += int(p.uses_edge[option])
+        self.s_k += float(p.sqrt_k[option])
+        self.s_c += float(p.sqrt_c[t, option])
+        self.t += 1
+
+    def decided_objective(self) -> tuple[float, int, float]:
+        """(utility, violations, penalized objective) of the users decided so far, as if alone."""
+        p, m = self.problem, self.t
+        if m == 0:
+            return 0.0, 0, 0.0
+        rows = np.arange(m)
+        sel = self.sel[:m]
+        sk, sc = p.sqrt_k[sel], p.sqrt_c[rows, sel]
+        g = float(p.edge_step_seconds(self.n_edge))
+        lat = g * sk * self.s_k + sc * self.s_c + p.local[rows, sel]
+        cfg = p.objective_cfg
+        utility = float(p.base_value[rows, sel].sum() - cfg.latency_weight * (g * self.s_k**2 + self.s_c**2))
+        d = p.deadline[:m]
+        over = lat > d * (1 + 1e-9)
+        pen = np.where(over, cfg.violation_penalty + np.where(np.isfinite(d), lat / d, 0.0) - 1.0, 0.0).sum()
+        return utility, int(over.sum()), utility - float(pen)

@@ -1,0 +1,200 @@
+"""The trained scheduling policy as plain data: an MLP actor (safetensors weights, no pickle) and
+a JSON config (observation features, action count, option table). Inference is a few small matrix
+products per user (numpy; :meth:`SchedulerPolicy.to_torch` gives the same MLP as a torch module).
+
+    policy = SchedulerPolicy.load("services/scheduler/policy")
+    selection = policy(problem)          # one option index per user, masked, greedy
+
+Loading a file whose config does not match this code (features, option table, shapes) raises
+:class:`PolicyFormatError` saying what differs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.scheduler.features import FEATURE_VERSION, FEATURES, OBS_DIM, SequentialState
+from services.scheduler.options import OptionTable
+from services.scheduler.problem import FrameProblem
+
+POLICY_FORMAT = "tandem.scheduler.policy"
+POLICY_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "actor.safetensors"
+ACTIVATIONS = ("tanh", "relu")
+
+
+class PolicyFormatError(ValueError):
+    """A saved policy that this code cannot use (wrong format, features, options or shapes)."""
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    obs_dim: int
+    n_actions: int
+    hidden: tuple[int, ...]
+    activation: str
+    features: tuple[str, ...]
+    feature_version: int
+    options: OptionTable
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": POLICY_FORMAT, "version": POLICY_VERSION, "obs_dim": self.obs_dim,
+                "n_actions": self.n_actions, "hidden": list(self.hidden), "activation": self.activation,
+                "features": list(self.features), "feature_version": self.feature_version,
+                "options": self.options.to_list(), "meta": self.meta}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "PolicyConfig":
+        if not isinstance(d, dict) or d.get("format") != POLICY_FORMAT:
+            raise PolicyFormatError(f"not a scheduler policy config (format {POLICY_FORMAT!r} expected)")
+        if d.get("version") != POLICY_VERSION:
+            raise PolicyFormatError(f"policy config version {d.get('version')!r}, this code reads {POLICY_VERSION}")
+        try:
+            return cls(int(d["obs_dim"]), int(d["n_actions"]), tuple(int(h) for h in d["hidden"]),
+                       str(d["activation"]), tuple(str(f) for f in d["features"]), int(d["feature_version"]),
+                       OptionTable.from_list(d["options"]), dict(d.get("meta", {})))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PolicyFormatError(f"malformed policy config: {type(exc).__name__}: {exc}") from exc
+
+    def check(self, options: OptionTable | None = None) -> None:
+        """Raise PolicyFormatError unless this config fits the current code (and ``options``)."""
+        problems = []
+        if self.features != FEATURES or self.feature_version != FEATURE_VERSION:
+            problems.append(f"features (v{self.feature_version}, {len(self.features)}) differ from this code's "
+                            f"(v{FEATURE_VERSION}, {len(FEATURES)})")
+        if self.obs_dim != OBS_DIM:
+            problems.append(f"obs_dim {self.obs_dim} != {OBS_DIM}")
+        if self.n_actions != len(self.options):
+            problems.append(f"n_actions {self.n_actions} != {len(self.options)} options in its table")
+        if options is not None and options != self.options:
+            problems.append(f"option table ({len(self.options)} options) differs from the one given ({len(options)})")
+        if self.activation not in ACTIVATIONS:
+            problems.append(f"unknown activation {self.activation!r}")
+        if problems:
+            raise PolicyFormatError("policy does not match: " + "; ".join(problems))
+
+
+class SchedulerPolicy:
+    def __init__(self, config: PolicyConfig, weights: dict[str, np.ndarray]) -> None:
+        self.config = config
+        sizes = (config.obs_dim, *config.hidden, config.n_actions)
+        self.layers: list[tuple[np.ndarray, np.ndarray]] = []
+        for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            w, b = weights.get(f"layers.{i}.weight"), weights.get(f"layers.{i}.bias")
+            if w is None or b is None:
+                raise PolicyFormatError(f"policy weights lack layers.{i}")
+            if w.shape != (fan_out, fan_in) or b.shape != (fan_out,):
+                raise PolicyFormatError(f"layers.{i} has shape {w.shape}/{b.shape}, config says "
+                                        f"({fan_out}, {fan_in})/({fan_out},)")
+            self.layers.append((np.ascontiguousarray(w, np.float32), np.ascontiguousarray(b, np.float32)))
+        extra = set(weights) - {f"layers.{i}.{p}" for i in range(len(self.layers)) for p in ("weight", "bias")}
+        if extra:
+            raise PolicyFormatError(f"policy weights have unexpected tensors: {sorted(extra)}")
+        self._act = np.tanh if config.activation == "tanh" else (lambda h: np.maximum(h, 0.0))
+
+    # --- inference --------------------------------------------------------------------------
+    def logits(self, obs: np.ndarray) -> np.ndarray:
+        h = np.asarray(obs, np.float32)
+        for w, b in self.layers[:-1]:
+            h = self._act(w @ h + b) if h.ndim == 1 else self._act(h @ w.T + b)
+        w, b = self.layers[-1]
+        return w @ h + b if h.ndim == 1 else h @ w.T + b
+
+    def act(self, obs: np.ndarray, mask: np.ndarray | None = None) -> int:
+        logits = self.logits(obs)
+        if mask is not None:
+            logits = np.where(mask, logits, -np.inf)
+        return int(np.argmax(logits))
+
+    def __call__(self, problem: FrameProblem) -> np.ndarray:
+        """Decide every user of ``problem`` in order (the Decider interface)."""
+        if problem.options != self.config.options:
+            raise PolicyFormatError("the frame's option table differs from the policy's")
+        state = SequentialState(problem)
+        while not state.done:
+            state.commit(self.act(state.observation(), state.action_mask()))
+        return state.sel
+
+    def to_torch(self):
+        """The same MLP as a plain ``torch.nn.Sequential`` (for export or batched scoring)."""
+        import torch
+
+        mods: list = []
+        for i, (w, b) in enumerate(self.layers):
+            lin = torch.nn.Linear(w.shape[1], w.shape[0])
+            with torch.no_grad():
+                lin.weight.copy_(torch.from_numpy(w))
+                lin.bias.copy_(torch.from_numpy(b))
+            mods.append(lin)
+            if i < len(self.layers) - 1:
+                mods.append(torch.nn.Tanh() if self.config.activation == "tanh" else torch.nn.ReLU())
+        return torch.nn.Sequential(*mods)
+
+    # --- files --------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        from safetensors.numpy import save_file
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for i, (w, b) in enumerate(self.layers):
+            tensors[f"layers.{i}.weight"], tensors[f"layers.{i}.bias"] = w, b
+        save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": POLICY_FORMAT})
+        (out / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=1))
+        return out
+
+    @classmethod
+    def load(cls, directory: str | Path, options: OptionTable | None = None) -> "SchedulerPolicy":
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        directory = Path(directory)
+        try:
+            config = PolicyConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
+        except FileNotFoundError:
+            raise PolicyFormatError(f"{directory}: no {CONFIG_FILE}") from None
+        except json.JSONDecodeError as exc:
+            raise PolicyFormatError(f"{directory / CONFIG_FILE}: not JSON: {exc}") from exc
+        config.check(options)
+        try:
+            weights = load_file(str(directory / WEIGHTS_FILE))
+        except FileNotFoundError:
+            raise PolicyFormatError(f"{directory}: no {WEIGHTS_FILE}") from None
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise PolicyFormatError(f"{directory / WEIGHTS_FILE}: unreadable: {exc}") from exc
+        return cls(config, weights)
+
+    @classmethod
+    def from_sb3(cls, model, options: OptionTable, meta: dict[str, Any] | None = None) -> "SchedulerPolicy":
+        """Extract the actor of an SB3 (Maskable)PPO MlpPolicy: policy_net layers + action_net."""
+        import torch
+
+        linears = [m for m in model.policy.mlp_extractor.policy_net if isinstance(m, torch.nn.Linear)]
+        acts = [m for m in model.policy.mlp_extractor.policy_net if not isinstance(m, torch.nn.Linear)]
+        activation = "relu" if acts and isinstance(acts[0], torch.nn.ReLU) else "tanh"
+        linears.append(model.policy.action_net)
+        weights = {}
+        for i, lin in enumerate(linears):
+            weights[f"layers.{i}.weight"] = lin.weight.detach().cpu().numpy().astype(np.float32)
+            weights[f"layers.{i}.bias"] = lin.bias.detach().cpu().numpy().astype(np.float32)
+        config = PolicyConfig(OBS_DIM, len(options), tuple(lin.out_features for lin in linears[:-1]), activation,
+                              FEATURES, FEATURE_VERSION, options, dict(meta or {}))
+        return cls(config, weights)
+
+    @classmethod
+    def random_init(cls, options: OptionTable, hidden=(64, 64), seed: int = 0) -> "SchedulerPolicy":
+        """An untrained policy (tests, benchmarks of the inference path)."""
+        rng = np.random.default_rng(seed)
+        sizes = (OBS_DIM, *hidden, len(options))
+        weights = {}
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            weights[f"layers.{i}.weight"] = (rng.standard_normal((b, a)) / np.sqrt(a)).astype(np.float32)
+            weights[f"layers.{i}.bias"] = np.zeros(b, np.float32)
+        return cls(PolicyConfig(OBS_DIM, len(options), tuple(hidden), "tanh", FEATURES, FEATURE_VERSION, options), weights)

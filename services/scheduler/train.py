@@ -1,0 +1,146 @@
+"""Train the scheduling policy: MaskablePPO (sb3-contrib) on :class:`SchedulerEnv` with a PID
+Lagrangian on the latency-budget violations, then save the actor without pickle.
+
+    python -m services.scheduler.train --steps 300000 --seed 0 --out services/scheduler/policies/default/
+    python -m services.scheduler.train --mode unconstrained ...   # plain PPO reward (λ = 0)
+
+Rewards are (r − λ·c) / (1 + λ) with r the change in utility and c the change in violations per
+step; λ is updated once per rollout from the rollout's violations per user (cost limit, default
+0.02 = 2% of users over budget). Prints one progress line per rollout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from services.scheduler.env import SchedulerEnv
+from services.scheduler.lagrangian import PIDLagrangian
+from services.scheduler.options import DEFAULT_OPTIONS
+from services.scheduler.policy import SchedulerPolicy
+
+MODES = ("lagrangian", "unconstrained", "penalized")
+
+
+class _LambdaHolder:
+    def __init__(self, lam: float) -> None:
+        self.lam = lam
+
+
+def _make_env(seed: int, mode: str, holder: _LambdaHolder):
+    import gymnasium as gym
+
+    class LagrangianReward(gym.Wrapper):
+        def step(self, action):
+            obs, reward, term, trunc, info = self.env.step(action)
+            info["raw_reward"] = reward
+            if mode == "lagrangian":
+                reward = (reward - holder.lam * info["cost"]) / (1.0 + holder.lam)
+            return obs, reward, term, trunc, info
+
+        def action_masks(self):
+            return self.env.action_masks()
+
+    def thunk():
+        env = LagrangianReward(SchedulerEnv(reward_mode="penalized" if mode == "penalized" else "utility"))
+        env.reset(seed=seed)
+        return env
+
+    return thunk
+
+
+def train(steps: int, seed: int, out: Path, mode: str = "lagrangian", cost_limit: float = 0.02,
+          n_envs: int = 8, n_steps: int = 256, lr: float = 3e-4, hidden: int = 128, quiet: bool = False) -> dict:
+    import torch
+    from sb3_contrib import MaskablePPO
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    torch.set_num_threads(1)
+    pid = PIDLagrangian(cost_limit) if mode == "lagrangian" else None
+    holder = _LambdaHolder(pid.lam if pid else 0.0)
+    venv = DummyVecEnv([_make_env(seed * 1000 + i, mode, holder) for i in range(n_envs)])
+    model = MaskablePPO(
+        "MlpPolicy", venv, n_steps=n_steps, batch_size=256, n_epochs=10, learning_rate=lr, gamma=1.0,
+        gae_lambda=0.95, ent_coef=0.01, seed=seed, device="cpu", verbose=0,
+        policy_kwargs={"net_arch": {"pi": [hidden, hidden], "vf": [hidden, hidden]}, "activation_fn": torch.nn.Tanh},
+    )
+    history: list[dict] = []
+
+    class Progress(BaseCallback):
+        def _on_training_start(self) -> None:
+            self.t0 = time.time()
+            self._reset()
+
+        def _reset(self) -> None:
+            self.costs = 0.0
+            self.decisions = 0
+            self.frames: list[tuple[float, int, int, float]] = []
+
+        def _on_step(self) -> bool:
+            for info in self.locals["infos"]:
+                self.costs += info["cost"]
+                self.decisions += 1
+                if "frame_utility" in info:
+                    self.frames.append((info["frame_utility"], info["violations"], info["n_users"],
+                                        info["frame_objective"]))
+            return True
+
+        def _on_rollout_end(self) -> None:
+            rate = self.costs / max(self.decisions, 1)  # violations per user decided
+            if pid is not None:
+                holder.lam = pid.update(rate)
+            f = np.array(self.frames) if self.frames else np.zeros((1, 4))
+            row = {"steps": int(self.num_timesteps), "seconds": round(time.time() - self.t0, 1),
+                   "utility_per_user": float(f[:, 0].sum() / max(f[:, 2].sum(), 1)),
+                   "objective_per_user": float(f[:, 3].sum() / max(f[:, 2].sum(), 1)),
+                   "violation_rate": float(f[:, 1].sum() / max(f[:, 2].sum(), 1)), "lambda": holder.lam}
+            history.append(row)
+            if not quiet:
+                fps = row["steps"] / max(row["seconds"], 1e-9)
+                print(f"[{mode}] steps {row['steps']:>8} ({fps:,.0f}/s)  utility/user {row['utility_per_user']:.3f}  "
+                      f"J/user {row['objective_per_user']:.3f}  violations {row['violation_rate']:.3%}  "
+                      f"λ {holder.lam:.3f}", flush=True)
+            self._reset()
+
+    model.learn(total_timesteps=steps, callback=Progress())
+    last = history[-10:]
+    meta = {"algorithm": "MaskablePPO" + (" + PID-Lagrangian" if pid else ""), "mode": mode, "steps": steps,
+            "seed": seed, "cost_limit": cost_limit if pid else None, "lambda": holder.lam,
+            "final_violation_rate": float(np.mean([r["violation_rate"] for r in last])) if last else None,
+            "final_utility_per_user": float(np.mean([r["utility_per_user"] for r in last])) if last else None,
+            "scenario": "services.scheduler.scenario.DEFAULT_SCENARIO, synthetic quality and cost profiles"}
+    policy = SchedulerPolicy.from_sb3(model, DEFAULT_OPTIONS, meta)
+    policy.save(out)
+    (Path(out) / "train_log.json").write_text(json.dumps({"meta": meta, "history": history}, indent=0))
+    if not quiet:
+        print(f"saved {out}/config.json and {out}/actor.safetensors", flush=True)
+    return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.scheduler.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=300_000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("services/scheduler/policy"))
+    parser.add_argument("--mode", choices=MODES, default="lagrangian")
+    parser.add_argument("--cost-limit", type=float, default=0.02, help="violations per user (lagrangian)")
+    parser.add_argument("--n-envs", type=int, default=8)
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        import sb3_contrib  # noqa: F401
+    except ImportError:
+        print("training needs sb3-contrib: pip install sb3-contrib", file=sys.stderr)
+        return 2
+    train(args.steps, args.seed, args.out, args.mode, args.cost_limit, args.n_envs, quiet=args.quiet)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,66 @@
+"""Exact search vs baselines on small frames."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from services.scheduler.baselines import BASELINES, greedy_ls
+from services.scheduler.costs import CostProfile
+from services.scheduler.exact import brute_force, exact_optimum, undominated
+from services.scheduler.options import DEFAULT_OPTIONS, build_option_table
+from services.scheduler.problem import FrameProblem
+from services.scheduler.quality import synthetic_profile
+from services.scheduler.scenario import sample_frame
+
+QUALITY = synthetic_profile()
+COSTS = CostProfile()
+
+
+def _problem(seed: int, n: int, options=DEFAULT_OPTIONS) -> FrameProblem:
+    users, ctx = sample_frame(np.random.default_rng(seed), n_users=n)
+    return FrameProblem.build(users, QUALITY, COSTS, options, ctx)
+
+
+def test_option_table():
+    assert len(DEFAULT_OPTIONS) == 68  # k = 0 sends nothing, so its merge ratios collapse
+    small = build_option_table(steps=(10,), split_fractions=(0.0, 1.0), merge_ratios=(0.0, 0.5))
+    assert [(o.split, o.merge_ratio) for o in small] == [(0, 0.0), (10, 0.0), (10, 0.5)]
+
+
+@pytest.mark.parametrize("seed,n", [(0, 1), (1, 2), (2, 2), (3, 3)])
+def test_exact_search_equals_brute_force(seed, n):
+    options = build_option_table(steps=(10, 20), split_fractions=(0.0, 0.5, 1.0), merge_ratios=(0.0, 0.5))
+    p = _problem(seed, n, options)
+    _, best = brute_force(p)
+    sel, value = exact_optimum(p)
+    assert value == pytest.approx(best, rel=1e-12, abs=1e-12)
+    assert p.evaluate_batch(sel[None])[0] == pytest.approx(value)
+
+
+def test_dominance_pruning_keeps_an_optimum():
+    p = _problem(9, 2)
+    pruned = [undominated(p, i) for i in range(2)]
+    grid = np.array(np.meshgrid(*pruned, indexing="ij")).reshape(2, -1).T
+    assert p.evaluate_batch(grid).max() == pytest.approx(brute_force(p)[1])
+
+
+@pytest.mark.parametrize("seed,n", [(10, 2), (11, 3), (12, 4), (13, 4)])
+def test_exact_optimum_beats_every_baseline(seed, n):
+    p = _problem(seed, n)
+    _, best = exact_optimum(p)
+    for name, decide in BASELINES.items():
+        sel = decide(p)
+        assert p.mask[np.arange(n), sel].all(), name  # baselines only pick allowed options
+        assert p.evaluate_batch(sel[None])[0] <= best + 1e-9, name
+
+
+def test_greedy_ls_is_close_to_the_optimum_on_small_frames():
+    ratios = []
+    for seed in range(12):
+        p = _problem(100 + seed, 2 + seed % 3)
+        _, best = exact_optimum(p)
+        value = p.evaluate_batch(greedy_ls(p)[None])[0]
+        ratios.append(value / best if best > 0 else (1.0 if value >= best - 1e-9 else 0.0))
+    assert np.mean(ratios) >= 0.97, ratios
+    assert min(ratios) >= 0.9, ratios

@@ -1,0 +1,149 @@
+"""Cost models: handoff bytes (formula and the real encoder), channel, energy, JSON, calibration."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from services.scheduler.costs import (
+    ChannelConfig,
+    CostProfile,
+    CostProfileError,
+    DeviceClass,
+    EdgeCoefficients,
+    LatentShape,
+    PhaseObservation,
+    calibrate,
+    cpu_energy_j,
+    device_energy_j,
+    handoff_bytes,
+    path_loss_db,
+    sample_spectral_efficiency,
+    shannon_rate_bps,
+    snr_linear,
+    transfer_seconds,
+)
+
+
+def test_handoff_bytes_formula():
+    shape = LatentShape(4, 64, 64)
+    meta = 880 + 40 * 20
+    assert handoff_bytes(shape, "fp16", 0.0, 20, 0) == 0  # all on the device: nothing sent
+    assert handoff_bytes(shape, "fp32", 0.0, 20, 10) == 2 * 4 * 4096 * 4 + meta
+    assert handoff_bytes(shape, "fp16", 0.0, 20, 10) == 2 * 4 * 4096 * 2 + meta
+    assert handoff_bytes(shape, "int8", 0.0, 20, 10) == 2 * (4 * 4096 + 4 * 4) + meta
+    n_src = 4096 - 32 * 32
+    kept = 4096 - 2048
+    assert handoff_bytes(shape, "fp16", 0.5, 20, 10) == 2 * 4 * kept * 2 + math.ceil(n_src / 2) + 30 + meta
+    # r = 0.75 merges at most the n_src non-anchor tokens
+    assert handoff_bytes(shape, "fp16", 0.75, 20, 10) == 2 * 4 * 1024 * 2 + math.ceil(n_src / 2) + 30 + meta
+    odd = LatentShape(4, 5, 7)
+    n_src_odd = 35 - 3 * 4
+    assert handoff_bytes(odd, "int8", 0.25, 10, 5) == 2 * (4 * (35 - 8) + 16) + math.ceil(n_src_odd / 2) + 30 + 880 + 400
+
+
+@pytest.mark.parametrize("codec", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize("ratio", [0.0, 0.25, 0.75])
+@pytest.mark.parametrize("hw", [8, 16])
+def test_handoff_bytes_match_the_real_encoder(codec, ratio, hw):
+    torch = pytest.importorskip("torch")
+    from tandem.handoff import CodecSpec, Handoff, encode_handoff
+    from tandem.request import GenerationRequest
+    from tandem.sampling.schedule import make_schedule
+    from tandem.tiny_pack import SD_SAMPLER_CONFIG
+
+    steps, k = 20, 10
+    g = torch.Generator().manual_seed(0)
+    schedule = make_schedule("dpmpp_2m", steps, SD_SAMPLER_CONFIG)
+    clean = torch.randn(4, hw, hw, generator=g)
+    latent = schedule.signal[k] * clean + schedule.noise[k] * torch.randn(4, hw, hw, generator=g)
+    request = GenerationRequest("bench", steps=steps, split=k, sampler="dpmpp_2m", height=hw * 8, width=hw * 8)
+    real = len(encode_handoff(Handoff(request, schedule, k, latent, clean), CodecSpec(codec, ratio)))
+    predicted = handoff_bytes(LatentShape(4, hw, hw), codec, ratio, steps, k)
+    assert abs(predicted - real) <= max(0.01 * real, 40), (predicted, real)
+
+
+def test_shannon_channel_is_sane():
+    cfg = ChannelConfig()
+    assert path_loss_db(1.0) == pytest.approx(128.1)
+    assert path_loss_db(0.1) == pytest.approx(128.1 - 37.6)
+    near, far = snr_linear(0.05, cfg), snr_linear(1.5, cfg)
+    assert near > far > 0
+    # capped at 5.5 b/s/Hz close to the base station, positive far away
+    assert shannon_rate_bps(20e6, near, cfg) == pytest.approx(5.5 * 20e6)
+    assert 0 < shannon_rate_bps(10e6, far, cfg) < 5.5 * 10e6
+    # 20 MHz at 200 m: tens to a hundred Mb/s
+    assert 50e6 < shannon_rate_bps(20e6, snr_linear(0.2, cfg), cfg) <= 110e6 + 1
+    se = sample_spectral_efficiency(np.random.default_rng(0), np.full(2000, 0.5), cfg)
+    assert cfg.min_spectral_efficiency <= se.min() and se.max() <= cfg.max_spectral_efficiency
+    assert 0.5 < np.median(se) <= 5.5 and se.min() < 2.0  # fading reaches deep fades
+
+
+def test_transfer_and_energy_arithmetic():
+    assert transfer_seconds(125_000, 1e6, 0.02) == pytest.approx(1.0 + 0.02)
+    assert transfer_seconds(0, 1e6, 0.02) == 0.0
+    assert device_energy_j(5.0, 2.0) == pytest.approx(10.0)
+    assert cpu_energy_j(1e9, 2e9, 1e-28) == pytest.approx(1e-28 * 1e9 * 4e18)
+    dev = DeviceClass(step_s=0.5, decode_s=1.0, power_w=4.0)
+    assert dev.compute_seconds(10) == pytest.approx(6.0)
+    assert dev.energy_j(10) == pytest.approx(24.0)
+    edge = EdgeCoefficients(0.02, 0.01)
+    assert edge.step_seconds(8) == pytest.approx(0.1)
+    assert edge.per_request_step_seconds(8) == pytest.approx(0.0125)
+
+
+def test_cost_profile_json_round_trip(tmp_path):
+    profile = CostProfile()
+    path = tmp_path / "costs.json"
+    profile.save(path)
+    back = CostProfile.load(path)
+    assert back == profile
+    assert back.synthetic
+    with pytest.raises(CostProfileError, match="format"):
+        CostProfile.from_dict({"format": "something else", "version": 1})
+    bad = profile.to_dict()
+    del bad["devices"]
+    with pytest.raises(CostProfileError, match="malformed"):
+        CostProfile.from_dict(bad)
+    with pytest.raises(CostProfileError, match="no device class"):
+        profile.device("toaster")
+
+
+def test_calibration_moves_edge_coefficients_toward_observations():
+    profile = CostProfile(edge={"large": EdgeCoefficients(0.05, 0.02)})
+    truth = EdgeCoefficients(0.02, 0.005)
+    obs = [PhaseObservation("edge", seconds=float(truth.step_seconds(b)) * 10, steps=10, batch=b, pack="large")
+           for b in (1, 4, 16)]
+    one = calibrate(profile, obs, alpha=0.3).edge["large"]
+    assert abs(one.a_s - truth.a_s) < abs(0.05 - truth.a_s)
+    assert abs(one.b_s - truth.b_s) < abs(0.02 - truth.b_s)
+    current = profile
+    for _ in range(30):
+        current = calibrate(current, obs, alpha=0.3)
+    assert current.edge["large"].a_s == pytest.approx(truth.a_s, rel=1e-3)
+    assert current.edge["large"].b_s == pytest.approx(truth.b_s, rel=1e-3)
+
+
+def test_calibration_with_one_batch_size_scales_the_prediction():
+    profile = CostProfile(edge={"large": EdgeCoefficients(0.02, 0.01)})
+    obs = [PhaseObservation("edge", seconds=0.06 * 5, steps=5, batch=2)]  # predicted 0.04 per step
+    new = calibrate(profile, obs, alpha=0.5).edge["large"]
+    assert float(new.step_seconds(2)) == pytest.approx(0.05)  # halfway from 0.04 to 0.06
+
+
+def test_calibration_of_devices_and_rtt():
+    profile = CostProfile()
+    phone = profile.device("phone")
+    obs = [PhaseObservation("device", seconds=10 * 0.25, steps=10, device_class="phone"),
+           PhaseObservation("decode", seconds=0.4, device_class="phone"),
+           PhaseObservation("transfer", seconds=0.1 + 125_000 * 8 / 1e7, nbytes=125_000, rate_bps=1e7)]
+    new = calibrate(profile, obs, alpha=0.5)
+    assert new.device("phone").step_s == pytest.approx((phone.step_s + 0.25) / 2)
+    assert new.device("phone").decode_s == pytest.approx((phone.decode_s + 0.4) / 2)
+    assert new.device("cpu") == profile.device("cpu")
+    assert new.rtt_s == pytest.approx((profile.rtt_s + 0.1) / 2)
+    assert profile.device("phone") == phone  # profiles are immutable
+    with pytest.raises(ValueError):
+        calibrate(profile, obs, alpha=0.0)

@@ -1,0 +1,144 @@
+"""Saved policy: round trip, mismatched files, inference; the PID Lagrangian; the planner."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from services.scheduler.costs import CostProfile
+from services.scheduler.features import OBS_DIM
+from services.scheduler.lagrangian import PIDLagrangian
+from services.scheduler.options import DEFAULT_OPTIONS, build_option_table
+from services.scheduler.planner import Plan, plan_frame, schedule_frame
+from services.scheduler.policy import PolicyFormatError, SchedulerPolicy
+from services.scheduler.problem import FrameProblem
+from services.scheduler.quality import synthetic_profile
+from services.scheduler.scenario import UserSpec, sample_frame
+
+SHIPPED = Path(__file__).resolve().parents[1] / "services" / "scheduler" / "policies" / "default"
+QUALITY = synthetic_profile()
+COSTS = CostProfile()
+
+
+def test_policy_round_trip(tmp_path):
+    policy = SchedulerPolicy.random_init(DEFAULT_OPTIONS, hidden=(32, 16), seed=1)
+    policy.save(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"config.json", "actor.safetensors"}
+    back = SchedulerPolicy.load(tmp_path, DEFAULT_OPTIONS)
+    obs = np.random.default_rng(0).standard_normal((5, OBS_DIM)).astype(np.float32)
+    np.testing.assert_array_equal(back.logits(obs), policy.logits(obs))
+    torch = pytest.importorskip("torch")
+    with torch.no_grad():
+        np.testing.assert_allclose(back.to_torch()(torch.from_numpy(obs)).numpy(), policy.logits(obs), atol=1e-5)
+    mask = np.zeros(len(DEFAULT_OPTIONS), bool)
+    mask[[3, 7]] = True
+    assert back.act(obs[0], mask) in (3, 7)
+
+
+def test_mismatched_policy_files_raise_clear_errors(tmp_path):
+    policy = SchedulerPolicy.random_init(DEFAULT_OPTIONS, hidden=(8,))
+    policy.save(tmp_path)
+    other = build_option_table(steps=(10, 20))
+    with pytest.raises(PolicyFormatError, match="option table"):
+        SchedulerPolicy.load(tmp_path, other)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key, value, message in [("features", ["x"] * OBS_DIM, "features"), ("obs_dim", OBS_DIM + 1, "obs_dim"),
+                                ("version", 99, "version"), ("format", "pickle", "not a scheduler policy")]:
+        broken = dict(config, **{key: value})
+        (tmp_path / "config.json").write_text(json.dumps(broken))
+        with pytest.raises(PolicyFormatError, match=message):
+            SchedulerPolicy.load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, hidden=[9])))  # weights are 8 wide
+    with pytest.raises(PolicyFormatError, match="shape"):
+        SchedulerPolicy.load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "actor.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(PolicyFormatError, match="unreadable"):
+        SchedulerPolicy.load(tmp_path)
+    with pytest.raises(PolicyFormatError, match="no config.json"):
+        SchedulerPolicy.load(tmp_path / "missing")
+
+
+@pytest.mark.skipif(not (SHIPPED / "config.json").exists(), reason="no trained policy shipped")
+def test_shipped_policy_decides_100_users_fast():
+    policy = SchedulerPolicy.load(SHIPPED, DEFAULT_OPTIONS)
+    users, ctx = sample_frame(np.random.default_rng(0), n_users=100)
+    problem = FrameProblem.build(users, QUALITY, COSTS, DEFAULT_OPTIONS, ctx)
+    policy(problem)
+    t0 = time.perf_counter()
+    sel = policy(problem)
+    elapsed = time.perf_counter() - t0
+    assert problem.mask[np.arange(100), sel].all()
+    assert elapsed < 0.1  # ~3 ms on a quiet core; generous for a loaded CI machine
+
+
+def test_pid_lagrangian_follows_the_constraint():
+    pid = PIDLagrangian(cost_limit=0.02, lambda_init=0.0)
+    for _ in range(5):
+        pid.update(0.2)
+    high = pid.lam
+    assert high > 0
+    for _ in range(50):
+        pid.update(0.0)
+    assert pid.lam < high
+    assert pid.shape(1.0, 1.0) == pytest.approx((1.0 - pid.lam) / (1.0 + pid.lam))
+
+
+@pytest.mark.parametrize("decider", ["greedy_ls", "best_fixed_split", "all_device", "random"])
+def test_plan_frame_returns_consistent_plans(decider):
+    users, ctx = sample_frame(np.random.default_rng(2), n_users=15)
+    plans = plan_frame(users, QUALITY, COSTS, decider, ctx=ctx)
+    assert [p.user_id for p in plans] == [u.user_id for u in users]
+    assert all(isinstance(p, Plan) for p in plans)
+    assert sum(p.gpu_share for p in plans) <= 1 + 1e-6 and sum(p.band_share for p in plans) <= 1 + 1e-6
+    for p in plans:
+        assert type(p.meets_budget) is bool
+        assert 0 <= p.split <= p.steps
+        assert p.latency_seconds == pytest.approx(p.edge_seconds + p.transfer_seconds + p.device_seconds)
+        if p.split == 0:
+            assert p.edge_seconds == p.transfer_seconds == p.gpu_share == 0 and p.handoff_bytes == 0
+        else:
+            assert p.gpu_share > 0 and p.handoff_bytes > 0
+
+
+def test_plan_frame_repairs_shares_with_the_deadline_solver():
+    # Two identical edge-only users; closed-form shares give both 2× the single-user time; user 0's
+    # budget only fits if it gets more of the GPU, which user 1 (no budget) can give.
+    costs = CostProfile(devices={"phone": COSTS.device("phone")})
+    edge_only = build_option_table(steps=(20,), split_fractions=(1.0,), merge_ratios=(0.0,))
+    mk = lambda i, d: UserSpec(f"u{i}", "phone", 5.0, latency_budget_s=d)  # noqa: E731
+    probe = schedule_frame([mk(0, math.inf), mk(1, math.inf)], QUALITY, costs, "greedy_ls", options=edge_only)
+    shared = probe.plans[0].latency_seconds
+    decision = schedule_frame([mk(0, 0.8 * shared), mk(1, math.inf)], QUALITY, costs, "greedy_ls", options=edge_only)
+    assert decision.evaluation.violations[0]  # the closed form misses it...
+    assert decision.allocation is not None and decision.allocation.feasible  # ...the solver fixes it
+    assert decision.plans[0].meets_budget and decision.plans[0].latency_seconds <= 0.8 * shared * (1 + 1e-3)
+    assert decision.plans[0].gpu_share > decision.plans[1].gpu_share
+    impossible = schedule_frame([mk(0, 0.3 * shared), mk(1, 0.3 * shared)], QUALITY, costs, "greedy_ls",
+                                options=edge_only)
+    assert impossible.allocation is not None and not impossible.allocation.feasible
+    assert not any(p.meets_budget for p in impossible.plans)
+
+
+def test_plan_frame_rejects_unknown_deciders():
+    users, _ = sample_frame(np.random.default_rng(0), n_users=2)
+    with pytest.raises(ValueError, match="unknown decider"):
+        plan_frame(users, QUALITY, COSTS, "oracle")
+
+
+def test_training_smoke_saves_a_loadable_policy(tmp_path):
+    pytest.importorskip("sb3_contrib")
+    from services.scheduler.train import train
+
+    meta = train(steps=256, seed=0, out=tmp_path, n_envs=2, n_steps=128, hidden=16, quiet=True)
+    assert meta["mode"] == "lagrangian" and meta["cost_limit"] == 0.02
+    policy = SchedulerPolicy.load(tmp_path, DEFAULT_OPTIONS)
+    assert policy.config.hidden == (16, 16) and policy.config.meta["steps"] == 256
+    users, ctx = sample_frame(np.random.default_rng(1), n_users=7)
+    problem = FrameProblem.build(users, QUALITY, COSTS, DEFAULT_OPTIONS, ctx)
+    assert problem.mask[np.arange(7), policy(problem)].all()
