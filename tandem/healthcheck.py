@@ -1,0 +1,52 @@
+"""A tiny gRPC health probe (grpc.health.v1) for container HEALTHCHECKs and scripts.
+
+    python -m tandem.healthcheck HOST:PORT [SERVICE] [--timeout SECONDS]
+
+Exits 0 only when the server answers SERVING for SERVICE ("" = the server as a whole), 1 when it
+answers anything else or cannot be reached within the timeout, 2 on bad usage. Prints one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+DEFAULT_TIMEOUT = 3.0
+
+
+def check(address: str, service: str = "", timeout: float = DEFAULT_TIMEOUT) -> tuple[bool, str]:
+    """Asks `address` once for the health of `service`; returns (serving, one-line message)."""
+    what = f"{address} ({service})" if service else address
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout, wait_for_ready=False)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.NOT_FOUND:
+                return False, f"UNKNOWN_SERVICE: {what} does not know service {service!r}"
+            reason = code.name if code is not None else "ERROR"
+            detail = (exc.details() or "").splitlines()[0] if exc.details() else ""
+            return False, f"{reason}: {what} did not answer ({detail or 'no detail'})"
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    return reply.status == health_pb2.HealthCheckResponse.SERVING, f"{status}: {what}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tandem.healthcheck", description=__doc__.splitlines()[0])
+    parser.add_argument("address", metavar="HOST:PORT")
+    parser.add_argument("service", nargs="?", default="", help='service name (default "": the whole server)')
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help=f"seconds ({DEFAULT_TIMEOUT:g})")
+    args = parser.parse_args(argv)
+    if args.timeout <= 0:
+        parser.error("--timeout: must be > 0")
+    serving, message = check(args.address, args.service, args.timeout)
+    print(message, flush=True)
+    return 0 if serving else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
