@@ -1,0 +1,231 @@
+"""The docker-compose topology without Docker: edge server, device (UE) service and, when present,
+the scheduler, as child processes on one host (loopback by default) with the demo pack.
+
+    python -m tandem.topology [--free-ports] [--no-scheduler] [--log-dir out/logs]   (scripts/up.sh)
+
+Waits until every service's grpc.health.v1 says SERVING, prints the addresses and metrics URLs,
+writes each service's output to LOG_DIR/NAME.log and LOG_DIR/topology.json (addresses, pids),
+and on Ctrl-C/SIGTERM stops the children gracefully (SIGTERM, then SIGKILL after --grace
+seconds). Children also get SIGTERM if this process dies without cleaning up (PR_SET_PDEATHSIG),
+so none is left behind. If a service exits on its own, the rest are stopped and the exit status
+is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tandem.healthcheck import check
+
+DEMO_PACK = Path(__file__).parent / "demo_pack"
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class Service:
+    name: str
+    module: str
+    host: str
+    port: int
+    metrics_port: int
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    health_service: str = ""
+    proc: subprocess.Popen | None = None
+    log_path: Path | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+
+class ServiceFailed(RuntimeError):
+    pass
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def scheduler_available() -> bool:
+    """True when services/scheduler is a runnable module (python -m services.scheduler)."""
+    spec = importlib.util.find_spec("services.scheduler")
+    return bool(spec and spec.submodule_search_locations
+                and any((Path(p) / "__main__.py").exists() for p in spec.submodule_search_locations))
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: graceful stop still applies
+        pass
+
+
+def terminate(procs: list[subprocess.Popen], grace: float) -> None:
+    """SIGTERM to every process still running, SIGKILL to those not gone after `grace` seconds."""
+    running = [proc for proc in procs if proc.poll() is None]
+    for proc in running:
+        proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in running:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class Topology:
+    def __init__(self, services: list[Service], log_dir: Path):
+        self.services = services
+        self.log_dir = log_dir
+
+    def start(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for service in self.services:
+            service.log_path = self.log_dir / f"{service.name}.log"
+            command = [sys.executable, "-m", service.module, *service.args]
+            env = dict(os.environ, PYTHONUNBUFFERED="1", **service.env)
+            with open(service.log_path, "w") as log:
+                log.write(f"$ {' '.join(command)}\n")
+                log.flush()
+                service.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                env=env, preexec_fn=_die_with_parent)
+
+    def check_alive(self) -> None:
+        for service in self.services:
+            if service.proc is not None and service.proc.poll() is not None:
+                raise ServiceFailed(f"{service.name} exited with status {service.proc.returncode}; "
+                                    f"last lines of {service.log_path}:\n{self.tail(service)}")
+
+    def wait_healthy(self, timeout: float, stop: threading.Event) -> None:
+        deadline = time.monotonic() + timeout
+        waiting = list(self.services)
+        while waiting:
+            self.check_alive()
+            if stop.is_set():
+                raise KeyboardInterrupt
+            if time.monotonic() > deadline:
+                raise ServiceFailed(f"not SERVING after {timeout:g} s: {', '.join(s.name for s in waiting)}")
+            waiting = [s for s in waiting if not check(s.address, s.health_service, timeout=1.0)[0]]
+            if waiting:
+                stop.wait(0.3)
+
+    def stop(self, grace: float) -> None:
+        terminate([s.proc for s in self.services if s.proc is not None], grace)
+
+    @staticmethod
+    def tail(service: Service, lines: int = 15) -> str:
+        if service.log_path is None or not service.log_path.exists():
+            return ""
+        return "\n".join(service.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def describe(self) -> dict:
+        return {"pid": os.getpid(), "log_dir": str(self.log_dir), "services": {
+            s.name: {"address": s.address, "metrics_url": s.metrics_url, "pid": s.proc.pid if s.proc else None,
+                     "log": str(s.log_path)} for s in self.services}}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tandem.topology", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1", help="address every service binds (127.0.0.1)")
+    parser.add_argument("--edge-port", type=int, default=50051)
+    parser.add_argument("--edge-metrics-port", type=int, default=9101)
+    parser.add_argument("--ue-port", type=int, default=50061)
+    parser.add_argument("--ue-metrics-port", type=int, default=9102)
+    parser.add_argument("--scheduler-port", type=int, default=50071)
+    parser.add_argument("--scheduler-metrics-port", type=int, default=9103)
+    parser.add_argument("--free-ports", action="store_true", help="pick free ports instead of the ones above")
+    parser.add_argument("--edge-pack", default=str(DEMO_PACK / "large"), help="edge model pack (the demo pack)")
+    parser.add_argument("--ue-pack", default=str(DEMO_PACK / "small"), help="device model pack (the demo pack)")
+    parser.add_argument("--device", default=None, help="torch device of edge and UE (default: cuda if present)")
+    parser.add_argument("--no-scheduler", action="store_true", help="do not start the scheduler")
+    parser.add_argument("--log-dir", type=Path, default=Path("out/logs"), help="one log per service (out/logs)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for SERVING (600)")
+    parser.add_argument("--grace", type=float, default=40.0, help="seconds a service gets to drain (40)")
+    return parser.parse_args(argv)
+
+
+def build_services(args: argparse.Namespace) -> list[Service]:
+    def port(value: int) -> int:
+        return free_port(args.host) if args.free_ports else value
+
+    device = ["--device", args.device] if args.device else []
+    edge = Service("edge", "services.edge_server", args.host, port(args.edge_port), port(args.edge_metrics_port),
+                   health_service="tandem.v1.EdgeService")
+    ue = Service("ue", "services.ue_client", args.host, port(args.ue_port), port(args.ue_metrics_port),
+                 health_service="tandem.v1.DeviceService")
+    services = [edge, ue]
+    if not args.no_scheduler:
+        if scheduler_available():
+            scheduler = Service("scheduler", "services.scheduler", args.host, port(args.scheduler_port),
+                                port(args.scheduler_metrics_port), env={"TANDEM_SCHEDULER_HOST": args.host})
+            scheduler.args = ["--port", str(scheduler.port), "--metrics-port", str(scheduler.metrics_port)]
+            edge.env["TANDEM_EDGE_SCHEDULER"] = scheduler.address  # load heartbeats, where the edge sends them
+            services.insert(0, scheduler)
+        else:
+            print("note: services/scheduler has no __main__.py yet: starting without the scheduler", flush=True)
+    edge.args = ["--pack", args.edge_pack, "--host", args.host, "--port", str(edge.port),
+                 "--metrics-port", str(edge.metrics_port), *device]
+    ue.args = ["--pack", args.ue_pack, "--host", args.host, "--port", str(ue.port),
+               "--metrics-port", str(ue.metrics_port), "--edge", edge.address, *device]
+    return services
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    topology = Topology(build_services(args), args.log_dir)
+    state_file = args.log_dir / "topology.json"
+    state_file.unlink(missing_ok=True)
+    status = 0
+    try:
+        topology.start()
+        print(f"starting {', '.join(s.name for s in topology.services)} (logs in {args.log_dir}/)", flush=True)
+        topology.wait_healthy(args.timeout, stop)
+        partial = state_file.with_suffix(".tmp")  # readers never see half a file
+        partial.write_text(json.dumps(topology.describe(), indent=2) + "\n")
+        partial.replace(state_file)
+        print("tandem topology is up:", flush=True)
+        for s in topology.services:
+            print(f"  {s.name:<10} {s.address:<22} metrics {s.metrics_url:<36} log {s.log_path}", flush=True)
+        ue = next(s for s in topology.services if s.name == "ue")
+        print(f'try: tandem generate "a red circle at the left on a blue background" --ue {ue.address}', flush=True)
+        print("Ctrl-C (or SIGTERM) stops everything.", flush=True)
+        while not stop.wait(0.5):
+            topology.check_alive()
+    except KeyboardInterrupt:
+        pass
+    except ServiceFailed as exc:
+        print(f"tandem topology: error: {exc}", file=sys.stderr, flush=True)
+        status = 1
+    finally:
+        print("stopping...", flush=True)
+        topology.stop(args.grace)
+        state_file.unlink(missing_ok=True)
+        print("all services stopped", flush=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
