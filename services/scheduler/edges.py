@@ -1,0 +1,87 @@
+"""The edge servers the scheduler routes to: heartbeats in, least-loaded live edge out.
+
+An edge is live while its last heartbeat is younger than ``ttl_s``. Its load is the requests it
+reported (queued + running) plus the plans routed to it since that heartbeat, so a burst of
+frames between two heartbeats still spreads out. Configured (static) edges that never heartbeat
+are used only when no edge is live. No gRPC here; the clock is injectable for tests.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+
+@dataclass(frozen=True)
+class EdgeLoad:
+    """One heartbeat."""
+
+    address: str
+    queue_depth: int = 0
+    running_requests: int = 0
+    steps_per_second: float = 0.0
+
+
+@dataclass
+class _Entry:
+    load: EdgeLoad
+    seen_at: float
+    routed_since: int = 0  # plans routed here since the last heartbeat
+
+    @property
+    def score(self) -> int:
+        return self.load.queue_depth + self.load.running_requests + self.routed_since
+
+
+class EdgeRegistry:
+    def __init__(self, ttl_s: float = 5.0, static: Iterable[str] = (), clock: Callable[[], float] = time.monotonic):
+        if not ttl_s > 0:
+            raise ValueError(f"edge ttl must be > 0 s, got {ttl_s}")
+        self.ttl_s = ttl_s
+        self.static = tuple(static)
+        self._clock = clock
+        self._edges: dict[str, _Entry] = {}
+        self._static_turn = 0
+        self._lock = threading.Lock()  # heartbeats on the event loop, routing on the frame thread
+
+    def heartbeat(self, load: EdgeLoad) -> None:
+        with self._lock:
+            self._edges[load.address] = _Entry(load, self._clock())
+
+    def _prune(self) -> None:
+        now = self._clock()
+        for address in [a for a, e in self._edges.items() if now - e.seen_at > self.ttl_s]:
+            del self._edges[address]
+
+    def live(self) -> list[EdgeLoad]:
+        with self._lock:
+            self._prune()
+            return [e.load for e in self._edges.values()]
+
+    def route(self, n: int) -> list[str]:
+        """Addresses for ``n`` plans that use an edge, each to the least-loaded live edge at that
+        moment (ties: faster edge, then address); "" for each when no edge is known."""
+        with self._lock:
+            self._prune()
+            if not self._edges:
+                return [self._next_static() for _ in range(n)]
+            out = []
+            for _ in range(n):
+                address, entry = min(self._edges.items(),
+                                     key=lambda kv: (kv[1].score, -_finite(kv[1].load.steps_per_second), kv[0]))
+                entry.routed_since += 1
+                out.append(address)
+            return out
+
+    def _next_static(self) -> str:
+        if not self.static:
+            return ""
+        self._static_turn = (self._static_turn + 1) % len(self.static)
+        return self.static[self._static_turn - 1]
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else 0.0
