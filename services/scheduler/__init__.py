@@ -1,4 +1,4 @@
-"""Tandem's scheduler: pure decision logic (no gRPC, no models).
+"""Tandem's scheduler: pure decision logic (no gRPC, no models) and the service around it.
 
 Per time frame, choose for each user an option (total steps T, split k, merge ratio r, codec) and
 share the edge GPU and the downlink band, maximizing Σ quality − λ_lat·latency − λ_en·energy under
@@ -20,4 +20,13 @@ Modules, one job each:
   policy      the trained actor: safetensors + JSON, numpy inference
   train       `python -m services.scheduler.train` (MaskablePPO + PID-Lagrangian)
   planner     plan_frame(users, quality, costs, decider) -> list[Plan]
+
+The service (only servicer, server and client import grpc):
+  frames      frame collector (requests within a window decided together)
+  edges       edge registry: heartbeats, expiry, least-loaded routing
+  core        plan requests → frames → plans; reports → calibration
+  metrics     Prometheus metrics
+  servicer    the SchedulerService gRPC servicer
+  server      `python -m services.scheduler`
+  client      request_plan / report for devices and the CLI
 """

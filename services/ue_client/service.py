@@ -13,17 +13,17 @@ import asyncio
 import io
 import logging
 import os
-import signal
 import time
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from PIL import Image
 from prometheus_client import start_http_server
 
 from services.edge_server.metrics import record_call
+from services.lifecycle import run_server, set_health, until_signalled
 from services.ue_client.device import DEFAULT_TIMEOUT, generate_via_edge
 from services.ue_client.metrics import DeviceMetrics
 from tandem.packs import ModelPack, PackError, load_pack
@@ -137,24 +137,13 @@ async def serve(args: argparse.Namespace) -> None:
     await server.start()
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.host, registry=metrics.registry)
-    await health.set("", health_pb2.HealthCheckResponse.SERVING)
-    await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    await set_health(health, SERVICE_NAME, serving=True)
     print(f"device service ready on {args.host}:{port} (pack {pack.name}, {pack.device}); metrics :{args.metrics_port}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await until_signalled()
     await health.enter_graceful_shutdown()
     await server.stop(grace=30)
     print("device service stopped", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        asyncio.run(serve(parse_args(argv)))
-    except PackError as exc:
-        print(f"tandem-ue: error: {exc}", flush=True)
-        return 2
-    return 0
+    return run_server(serve, parse_args(argv), "tandem-ue", (PackError,))

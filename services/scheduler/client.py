@@ -1,0 +1,119 @@
+"""Asking the scheduler for a plan and reporting what was measured (the device side).
+
+Both calls are best effort: a scheduler that is down, slow or refuses must never stop an image,
+so they return None / False (and tell ``on_error`` why) and the caller keeps its defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import grpc
+
+from tandem.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+DEFAULT_TIMEOUT = 2.0
+ErrorCallback = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ReceivedPlan:
+    plan_id: str
+    steps: int
+    split: int
+    encoding: str
+    merge_ratio: float
+    merge_strategy: str
+    edge_address: str  # "" when k = 0 or the scheduler knows no edge
+    predicted_seconds: Mapping[str, float]  # edge, transfer, device, total
+    predicted_quality: float
+    meets_budget: bool
+    frame_size: int
+
+
+def request_plan(
+    address: str,
+    device_class: str,
+    *,
+    bandwidth_bps: float = 0.0,
+    rtt_s: float = 0.0,
+    spectral_efficiency: float = 0.0,
+    personalized_user: str | None = None,
+    latency_budget_s: float = 0.0,
+    energy_budget_j: float = 0.0,
+    prompt_chars: int | None = None,
+    user_id: str = "",
+    timeout: float = DEFAULT_TIMEOUT,
+    on_error: ErrorCallback | None = None,
+) -> ReceivedPlan | None:
+    """A plan from the scheduler at ``address``, or None when it can't give one."""
+    message = scheduler_pb2.PlanRequest(
+        user_id=user_id,
+        device_class=device_class,
+        link=scheduler_pb2.LinkEstimate(bandwidth_bps=bandwidth_bps, rtt_seconds=rtt_s,
+                                        spectral_efficiency=spectral_efficiency),
+        personalized_user=personalized_user or "",
+        latency_budget_seconds=latency_budget_s,
+        energy_budget_joules=energy_budget_j,
+        prompt_chars=prompt_chars,
+    )
+    response = _call(address, "Plan", message, timeout, on_error)  # not retried: each call issues a plan
+    if response is None:
+        return None
+    p = response.predicted
+    return ReceivedPlan(
+        plan_id=response.plan_id,
+        steps=response.steps,
+        split=response.split,
+        encoding=response.codec.encoding or "fp16",
+        merge_ratio=round(response.codec.merge_ratio, 6),  # float32 on the wire: 0.25 stays 0.25
+        merge_strategy=response.codec.merge_strategy or "denoised",
+        edge_address=response.edge_address,
+        predicted_seconds={"edge": p.edge, "transfer": p.transfer, "device": p.device, "total": p.total},
+        predicted_quality=response.predicted_quality,
+        meets_budget=response.meets_budget,
+        frame_size=response.frame_size,
+    )
+
+
+def measured_phases(seconds: Mapping[str, float]) -> scheduler_pb2.MeasuredPhases:
+    """The pipeline's phase timers (queue, edge_steps, transfer, handoff, ue_steps, decode) as the
+    scheduler's phases; decoding the handoff counts as transfer."""
+    return scheduler_pb2.MeasuredPhases(
+        queue=seconds.get("queue", 0.0),
+        edge_steps=seconds.get("edge_steps", 0.0),
+        transfer=seconds.get("transfer", 0.0) + seconds.get("handoff", 0.0),
+        device_steps=seconds.get("ue_steps", 0.0),
+        decode=seconds.get("decode", 0.0),
+    )
+
+
+def report(
+    address: str,
+    plan_id: str,
+    seconds: Mapping[str, float],
+    edge_steps: int,
+    device_steps: int,
+    handoff_bytes: int,
+    fallback: bool = False,
+    timeout: float = DEFAULT_TIMEOUT,
+    on_error: ErrorCallback | None = None,
+) -> bool:
+    """Sends what a plan measured; True when the scheduler took it."""
+    message = scheduler_pb2.ReportRequest(plan_id=plan_id, measured=measured_phases(seconds), edge_steps=edge_steps,
+                                          device_steps=device_steps, handoff_bytes=handoff_bytes, fallback=fallback)
+    return _call(address, "Report", message, timeout, on_error) is not None
+
+
+def _call(address: str, method: str, message, timeout: float, on_error: ErrorCallback | None):
+    try:
+        with grpc.insecure_channel(address) as channel:
+            return getattr(scheduler_pb2_grpc.SchedulerServiceStub(channel), method)(message, timeout=timeout)
+    except grpc.RpcError as exc:
+        if on_error is not None:
+            on_error(f"{exc.code().name}: {exc.details() or ''}".rstrip(": "))
+    except ValueError as exc:  # e.g. an address grpc can't parse
+        if on_error is not None:
+            on_error(str(exc))
+    return None

@@ -1,0 +1,123 @@
+"""Scheduler server process: loads the policy and the quality/cost profiles, serves
+SchedulerService + health + reflection over grpc.aio, metrics on their own port, stops
+gracefully on SIGTERM/SIGINT.
+
+    python -m services.scheduler --port 50071 --metrics-port 9103 [--policy DIR] [--edge ADDR ...]
+
+Every flag also reads an environment variable (TANDEM_SCHEDULER_<FLAG>; lists comma-separated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+import tandem
+from services.scheduler.core import SchedulerCore
+from services.scheduler.costs import CostProfile, CostProfileError
+from services.scheduler.edges import EdgeRegistry
+from services.scheduler.frames import FrameConfig
+from services.scheduler.metrics import SchedulerMetrics
+from services.lifecycle import run_server, set_health, until_signalled
+from services.scheduler.baselines import BASELINES
+from services.scheduler.planner import DeciderLike, warmup
+from services.scheduler.policy import PolicyFormatError, SchedulerPolicy
+from services.scheduler.quality import QualityProfileError, load_or_synthetic
+from services.scheduler.scenario import FrameContext
+from services.scheduler.servicer import SchedulerServicer
+from tandem.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+log = logging.getLogger("tandem.scheduler")
+SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name
+DEFAULT_POLICY = Path(__file__).parent / "policies" / "default"
+DEFAULT_QUALITY = Path(tandem.__file__).parent / "demo_pack" / "quality_profile.json"
+MAX_RECEIVE_BYTES = 16 * 1024  # every message is a handful of numbers
+STARTUP_ERRORS = (OSError, ValueError, json.JSONDecodeError, CostProfileError, QualityProfileError, PolicyFormatError)
+
+
+def _env(name: str, default):
+    return os.environ.get(f"TANDEM_SCHEDULER_{name.upper()}", default)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="tandem-scheduler", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default=_env("host", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(_env("port", 50071)))
+    parser.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", 9103)), help="0 = none")
+    parser.add_argument("--policy", default=_env("policy", str(DEFAULT_POLICY)),
+                        help=f"trained policy directory, or a baseline: {', '.join(BASELINES)}, exact")
+    parser.add_argument("--quality-profile", default=_env("quality_profile", str(DEFAULT_QUALITY)),
+                        help="quality profile JSON (synthetic when the file does not exist)")
+    parser.add_argument("--cost-profile", default=_env("cost_profile", None), help="cost profile JSON (default: built in)")
+    env_edges = [e for e in _env("edge", "").split(",") if e]
+    parser.add_argument("--edge", action="append", default=None, metavar="HOST:PORT",
+                        help="edge server used when no edge heartbeats (repeatable)")
+    parser.add_argument("--edge-ttl", type=float, default=float(_env("edge_ttl", 5.0)),
+                        help="drop an edge not heard from for this many seconds (5)")
+    parser.add_argument("--frame-ms", type=float, default=float(_env("frame_ms", 20.0)),
+                        help="plan requests arriving within this window are decided together (20)")
+    parser.add_argument("--max-frame", type=int, default=int(_env("max_frame", 64)), help="largest frame (64)")
+    parser.add_argument("--bandwidth-hz", type=float, default=float(_env("bandwidth_hz", 10e6)),
+                        help="downlink band the frame's users share (10e6)")
+    args = parser.parse_args(argv)
+    args.edge = args.edge if args.edge is not None else env_edges
+    return args
+
+
+def load_decider(policy: str) -> DeciderLike:
+    if policy in BASELINES or policy == "exact":
+        return policy
+    return SchedulerPolicy.load(policy)
+
+
+def build_core(args: argparse.Namespace) -> SchedulerCore:
+    """Everything the service decides with; raises one of STARTUP_ERRORS on a bad file or flag."""
+    quality = load_or_synthetic(args.quality_profile)
+    costs = CostProfile.load(args.cost_profile) if args.cost_profile else CostProfile()
+    frames = FrameConfig(args.frame_ms / 1000.0, args.max_frame)  # validates both
+    log.info("quality profile: %s; cost profile: %s; frames %s",
+             "SYNTHETIC" if quality.synthetic else args.quality_profile,
+             args.cost_profile or "built-in (synthetic)", frames)
+    return SchedulerCore(quality, costs, load_decider(args.policy), EdgeRegistry(args.edge_ttl, args.edge),
+                         FrameContext(bandwidth_hz=args.bandwidth_hz))
+
+
+async def serve(args: argparse.Namespace) -> None:
+    health = HealthServicer()
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)])
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, reflection.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
+    core = build_core(args)
+    metrics = SchedulerMetrics()
+    metrics.watch_edges(lambda: len(core.edges.live()))
+    servicer = SchedulerServicer(core, metrics, FrameConfig(args.frame_ms / 1000.0, args.max_frame))
+    scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    await set_health(health, SERVICE_NAME, serving=False)
+    await server.start()
+    await asyncio.to_thread(warmup, args.max_frame)  # so no frame pays the solver's compile
+    if args.metrics_port:
+        start_http_server(args.metrics_port, addr=args.host, registry=metrics.registry)
+    await set_health(health, SERVICE_NAME, serving=True)
+    print(f"scheduler ready on {args.host}:{port} (policy {args.policy}); metrics :{args.metrics_port}", flush=True)
+
+    await until_signalled()
+    await health.enter_graceful_shutdown()
+    await server.stop(grace=5.0)  # open frames are decided and answered within the grace
+    await servicer.collector.drain()
+    print("scheduler stopped", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_server(serve, parse_args(argv), "tandem-scheduler", STARTUP_ERRORS)
