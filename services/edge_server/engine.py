@@ -79,6 +79,14 @@ class EngineStats:
     unet_calls: int = 0
     max_batch: int = 0
     batch_sizes: list[int] = field(default_factory=list)
+    steps: int = 0  # request-steps run (a batch of n is n steps)
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    queue_depth: int
+    running_requests: int
+    steps: int
 
 
 class EdgeEngine:
@@ -124,6 +132,11 @@ class EdgeEngine:
         with self._wake:
             self.scheduler.closed = True
             self._wake.notify()
+
+    def load(self) -> EngineLoad:
+        """What the scheduler's heartbeat reports."""
+        with self._lock:
+            return EngineLoad(len(self.scheduler.waiting), len(self.scheduler.running), self.stats.steps)
 
     @property
     def busy(self) -> bool:
@@ -209,6 +222,7 @@ class EdgeEngine:
         self.stats.iterations += 1
         self.stats.unet_calls += 1
         self.stats.max_batch = max(self.stats.max_batch, len(batch))
+        self.stats.steps += len(batch)
         self.metrics.observe_batch(len(batch), time.perf_counter() - began)
         for entry in batch:
             entry.sink(Progress(entry.state.step, entry.request.split))

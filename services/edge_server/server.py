@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -22,8 +21,10 @@ from prometheus_client import start_http_server
 
 from services.edge_server.batching import BatchConfig
 from services.edge_server.engine import EdgeEngine
+from services.edge_server.heartbeat import send_heartbeats
 from services.edge_server.metrics import EdgeMetrics
 from services.edge_server.servicer import EdgeServicer
+from services.lifecycle import run_server, set_health, until_signalled
 from tandem.packs import PackError, load_pack
 from tandem.v1 import edge_pb2, edge_pb2_grpc
 
@@ -50,6 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-queue", type=int, default=int(_env("max_queue", 64)))
     parser.add_argument("--drain-seconds", type=float, default=float(_env("drain_seconds", 30)))
     parser.add_argument("--device", default=_env("device", None))
+    parser.add_argument("--scheduler", default=_env("scheduler", None), metavar="HOST:PORT",
+                        help="send load heartbeats to this scheduler")
+    parser.add_argument("--advertise", default=_env("advertise", None), metavar="HOST:PORT",
+                        help="the address devices reach this server at (default: --host:--port)")
     return parser.parse_args(argv)
 
 
@@ -66,8 +71,7 @@ async def serve(args: argparse.Namespace) -> None:
     edge_pb2_grpc.add_EdgeServiceServicer_to_server(servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
     port = server.add_insecure_port(f"{args.host}:{args.port}")
-    await health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-    await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await set_health(health, SERVICE_NAME, serving=False)
     await server.start()  # health answers NOT_SERVING while the model loads
     log.info("loading pack %s", args.pack)
     pack = await asyncio.to_thread(load_pack, args.pack, args.device)
@@ -77,18 +81,20 @@ async def serve(args: argparse.Namespace) -> None:
     engine.start()
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.host, registry=metrics.registry)
-    await health.set("", health_pb2.HealthCheckResponse.SERVING)
-    await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    await set_health(health, SERVICE_NAME, serving=True)
     print(f"edge server ready on {args.host}:{port} (pack {pack.name}, {pack.device}); metrics :{args.metrics_port}", flush=True)
+    heartbeats = None
+    if args.scheduler:
+        advertise = args.advertise or f"{args.host}:{port}"
+        heartbeats = asyncio.ensure_future(send_heartbeats(args.scheduler, advertise, engine.load))
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await until_signalled()
     print("edge server draining: new requests get UNAVAILABLE", flush=True)
+    if heartbeats is not None:  # silent from now on: the scheduler stops routing here after its TTL
+        heartbeats.cancel()
     await health.enter_graceful_shutdown()
     engine.close()
+    loop = asyncio.get_running_loop()
     deadline = loop.time() + args.drain_seconds
     while engine.busy and loop.time() < deadline:
         await asyncio.sleep(0.05)
@@ -98,11 +104,4 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    args = parse_args(argv)
-    try:
-        asyncio.run(serve(args))
-    except PackError as exc:
-        print(f"tandem-edge: error: {exc}", flush=True)
-        return 2
-    return 0
+    return run_server(serve, parse_args(argv), "tandem-edge", (PackError,))
