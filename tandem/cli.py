@@ -76,15 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt", default="")
     gen.add_argument("--size", type=int, help="image height and width in pixels (default: the pack's)")
     gen.add_argument("--user", help="personalize the device steps with this user's LoRA")
-    gen.add_argument("--codec", choices=ENCODINGS, default="fp16", help="handoff precision (default fp16)")
-    gen.add_argument("--merge-ratio", type=float, default=0.0, help="token merge ratio r in [0, 0.75] (default 0)")
-    gen.add_argument("--merge-strategy", choices=STRATEGIES, default="denoised")
+    # Default None: with --scheduler, options left unset come from the plan.
+    gen.add_argument("--codec", choices=ENCODINGS, help="handoff precision (default fp16)")
+    gen.add_argument("--merge-ratio", type=float, help="token merge ratio r in [0, 0.75] (default 0)")
+    gen.add_argument("--merge-strategy", choices=STRATEGIES, help="what token merging merges (default denoised)")
     gen.add_argument("--large", type=Path, help="edge model pack directory or hub id (default: demo pack)")
     gen.add_argument("--small", type=Path, help="device model pack directory or hub id (default: demo pack)")
     gen.add_argument("--device", help="torch device for both packs (default: cuda if present, else cpu)")
     gen.add_argument("--edge", metavar="HOST:PORT", help="run the edge steps on this edge server (gRPC)")
     gen.add_argument("--ue", metavar="HOST:PORT", help="send the request to a running device service instead")
     gen.add_argument("--timeout", type=float, default=120.0, help="deadline for the edge call in seconds (120)")
+    gen.add_argument("--scheduler", metavar="HOST:PORT", help="ask this scheduler for T, k, r, codec and the edge")
+    gen.add_argument("--device-class", default="laptop-gpu", help="this device's class, for the scheduler (laptop-gpu)")
+    gen.add_argument("--link-mbps", type=float, default=100.0, help="this device's downlink estimate, for the scheduler (100)")
+    gen.add_argument("--latency-budget", type=float, default=0.0, help="seconds the image may take, for the scheduler (0: none)")
     gen.add_argument("--json", action="store_true", help="print the breakdown as JSON on stdout")
     gen.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
@@ -112,15 +117,17 @@ def _generate(args: argparse.Namespace) -> int:
     from tandem.packs import PackError, load_pack
     from tandem.pipeline import HybridPipeline
 
-    codec = CodecSpec(encoding=args.codec, merge_ratio=args.merge_ratio, strategy=args.merge_strategy).validate()
     if args.out.suffix.lower() != ".png":
         raise CliError(f"--out: {str(args.out)!r} must end in .png")
     if not args.out.parent.exists():
         raise CliError(f"--out: directory {str(args.out.parent)!r} does not exist")
     if args.timeout <= 0:
         raise CliError(f"--timeout: must be positive, got {args.timeout:g}")
+    plan = _apply_plan(args) if args.scheduler else None
+    codec = CodecSpec(encoding=args.codec or "fp16", merge_ratio=args.merge_ratio or 0.0,
+                      strategy=args.merge_strategy or "denoised").validate()
     if args.ue:
-        return _generate_on_device_service(args, codec)
+        return _generate_on_device_service(args, codec, plan)
     choice = default_packs() if args.large is None and args.small is None else None
     large = args.large or (choice.large if choice else None)
     small = args.small or (choice.small if choice else None)
@@ -172,6 +179,8 @@ def _generate(args: argparse.Namespace) -> int:
     edge_name = edge_pack.name if edge_pack is not None else f"edge {args.edge}"
     report = _report(request, codec, result, args.out, edge_name, ue_pack.name, random=bool(choice and choice.random))
     report["mode"] = "grpc" if args.edge else "in-process"
+    report["plan"] = _report_plan(args, plan, result.seconds, result.edge_steps, result.ue_steps,
+                                  result.handoff_bytes, result.fallback)
     if result.fallback:
         print(f"tandem: NOTE: {result.fallback}", file=sys.stderr)
     if args.json:
@@ -181,7 +190,7 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate_on_device_service(args: argparse.Namespace, codec: CodecSpec) -> int:
+def _generate_on_device_service(args: argparse.Namespace, codec: CodecSpec, plan) -> int:
     """--ue: the device service holds the packs; unset options take its pack's defaults."""
     from services.ue_client.client import generate_on_device_service
     from services.ue_client.transport import EdgeError
@@ -225,6 +234,8 @@ def _generate_on_device_service(args: argparse.Namespace, codec: CodecSpec) -> i
         "handoff_bytes": result.handoff_bytes,
         "seconds": {k: round(v, 4) for k, v in result.seconds.items()},
         "fallback": result.fallback or None,
+        "plan": _report_plan(args, plan, dict(result.seconds), result.edge_steps, result.device_steps,
+                             result.handoff_bytes, result.fallback),
     }
     if result.fallback:
         print(f"tandem: NOTE: {result.fallback}", file=sys.stderr)
@@ -235,6 +246,41 @@ def _generate_on_device_service(args: argparse.Namespace, codec: CodecSpec) -> i
               f"handoff {result.handoff_bytes} bytes, {sum(result.seconds.values()):.3f} s"
               + (f"\n  FALLBACK: {result.fallback}" if result.fallback else ""))
     return 0
+
+
+def _apply_plan(args: argparse.Namespace):
+    """--scheduler: options the user did not set come from the plan; without one, the defaults."""
+    from services.scheduler.client import request_plan
+    from services.scheduler.options import split_for
+
+    errors: list[str] = []
+    plan = request_plan(args.scheduler, args.device_class, bandwidth_bps=args.link_mbps * 1e6, personalized_user=args.user,
+                        latency_budget_s=args.latency_budget, prompt_chars=len(args.prompt),
+                        timeout=min(args.timeout, 5.0), on_error=errors.append)
+    if plan is None:
+        reason = errors[0] if errors else "no answer"
+        print(f"tandem: NOTE: scheduler {args.scheduler} gave no plan ({reason}); using the default options", file=sys.stderr)
+        return None
+    if args.split is None:  # the plan's split fraction, also when --steps overrides its T
+        args.split = plan.split if args.steps in (None, plan.steps) else split_for(args.steps, plan.split / plan.steps)
+    args.steps = plan.steps if args.steps is None else args.steps
+    args.codec = args.codec or plan.encoding
+    args.merge_ratio = plan.merge_ratio if args.merge_ratio is None else args.merge_ratio
+    args.merge_strategy = args.merge_strategy or plan.merge_strategy
+    args.edge = args.edge or plan.edge_address or None
+    return plan
+
+
+def _report_plan(args, plan, seconds: dict, edge_steps: int, ue_steps: int, handoff_bytes: int, fallback) -> dict | None:
+    """Sends the measured phases for the plan (best effort); the plan as the breakdown shows it."""
+    if plan is None:
+        return None
+    from services.scheduler.client import report
+
+    reported = report(args.scheduler, plan.plan_id, seconds, edge_steps, ue_steps, handoff_bytes, bool(fallback),
+                      timeout=min(args.timeout, 5.0))
+    return {"id": plan.plan_id, "scheduler": args.scheduler, "predicted_seconds": dict(plan.predicted_seconds),
+            "frame_size": plan.frame_size, "reported": reported}
 
 
 class _ProgressBars:
@@ -310,6 +356,10 @@ def _format(report: dict) -> str:
         f"{report['ue_steps']} steps   {s.get('ue_steps', 0.0):.3f} s",
         f"  decode {s.get('decode', 0.0):.3f} s   total {sum(s.values()):.3f} s",
     ]
+    if report["plan"]:
+        plan = report["plan"]
+        lines.append(f"  plan   {plan['id'][:8]} from {plan['scheduler']} (frame of {plan['frame_size']}): "
+                     f"predicted {plan['predicted_seconds']['total']:.3f} s")
     if report["fallback"]:
         lines.append(f"  FALLBACK: {report['fallback']}")
     if report["random_pack"]:

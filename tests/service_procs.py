@@ -57,12 +57,15 @@ def wait_healthy(address: str, proc: subprocess.Popen, timeout: float = 90.0, se
     raise TimeoutError(f"{address} not SERVING after {timeout} s")
 
 
-@contextmanager
 def _service(module: str, pack: Path, tmp_path: Path, *args: str):
+    return _process(module, tmp_path, "--pack", str(pack), "--device", "cpu", *args)
+
+
+@contextmanager
+def _process(module: str, tmp_path: Path, *args: str):
     port, metrics_port = free_port(), free_port()
     log_path = tmp_path / f"{module.rsplit('.', 1)[-1]}-{port}.log"
-    command = [sys.executable, "-m", module, "--pack", str(pack), "--port", str(port),
-               "--metrics-port", str(metrics_port), "--device", "cpu", *args]
+    command = [sys.executable, "-m", module, "--port", str(port), "--metrics-port", str(metrics_port), *args]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     with open(log_path, "w") as log:
         proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -86,6 +89,10 @@ def edge_server(pack: Path, tmp_path: Path, *args: str):
 
 def device_service(pack: Path, tmp_path: Path, *args: str):
     return _service("services.ue_client", pack, tmp_path, *args)
+
+
+def scheduler_service(tmp_path: Path, *args: str):
+    return _process("services.scheduler", tmp_path, *args)
 
 
 def metric_value(text: str, name: str, labels: str = "") -> float:
