@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,7 +135,9 @@ class ModelPack:
             lora = self.root / self.manifest.users[user]
             if not lora.is_file():
                 raise PackError(f"LoRA for user {user!r} missing: {lora}")
-            self.unet.load_lora_adapter(str(lora.parent), weight_name=lora.name, prefix="unet", adapter_name=user)
+            with warnings.catch_warnings():  # several adapters on one UNet is the design, not a mistake
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                self.unet.load_lora_adapter(str(lora.parent), weight_name=lora.name, prefix="unet", adapter_name=user)
         self.unet.enable_lora()
         self.unet.set_adapters([user])
         self.active_user = user

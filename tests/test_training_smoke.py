@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from tandem.training import (
-    assemble_pack, pack_quality, train_evaluator, train_lora, train_small, train_text_unet,
+    assemble_pack, pack_quality, quality_profile, train_evaluator, train_lora, train_small, train_text_unet,
     train_vae,
 )
 
@@ -150,6 +150,25 @@ def test_pack_quality_runs_and_tunes_guidance(pack: Path, tmp_path: Path) -> Non
     manifest = json.loads((pack / "small" / "tandem_pack.json").read_text())
     assert manifest["default_guidance"] == report["best_guidance"]
     assert (tmp_path / "samples" / "large_only.png").is_file()
+
+
+def test_quality_profile_feeds_the_scheduler(pack: Path, tmp_path: Path) -> None:
+    from services.scheduler.quality import QualityProfile
+
+    profile_path, table_path = tmp_path / "profile.json", tmp_path / "table.md"
+    assert quality_profile.main([str(pack), "--n", "2", "--steps", "2,4", "--fractions", "0,0.5,1",
+                                 "--ratios", "0,0.5", "--strategies", "denoised,latent", "--table-steps", "4",
+                                 "--device", "cpu", "--profile", str(profile_path),
+                                 "--table", str(table_path)]) == 0
+    profile = QualityProfile.load(profile_path)
+    (pair,) = profile.pairs
+    assert set(profile.users(pair)) == {"base", "alice", "bob"}
+    for user in ("base", "alice", "bob"):  # every grid node measured: T x k/T x r
+        assert 0.0 <= profile.accuracy(4, 0.5, 0.5, user) <= 1.0
+    points = json.loads(profile_path.read_text())["pairs"][pair]["users"]["base"]["points"]
+    assert len(points) == 2 * 3 * 2  # k = 0 stands for every merge ratio
+    table = table_path.read_text()
+    assert "| alice | 2 | 2 |" in table and "| latent | 0.5 |" in table
 
 
 def test_pick_guidance_prefers_the_middle_of_the_plateau() -> None:
