@@ -330,3 +330,31 @@ def test_compose_smoke_edge_and_ue_become_healthy(tmp_path):
             assert code == 0 and output.decode().startswith("SERVING"), output
     finally:
         run_compose("-p", project, "--profile", "ue", "down", "-v", "--timeout", "60", files=files, timeout=600)
+
+
+# --- Kubernetes -------------------------------------------------------------------------------
+
+def test_kubernetes_manifests_validate_against_the_schemas():
+    validator = _tool("kubernetes-validate")
+    if validator is None:
+        pytest.skip(f"kubernetes-validate is not installed ({INSTALL_DEV})")
+    manifests = sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))
+    assert {m.stem for m in manifests} == {"namespace", "edge", "ue", "scheduler"}
+    done = subprocess.run([validator, "--strict", "--quiet", *map(str, manifests)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_kubernetes_deployments_probe_grpc_health_and_reserve_the_gpu():
+    import yaml
+
+    for name, prefix in TANDEM_SERVICES.items():
+        docs = list(yaml.safe_load_all((ROOT / "deploy" / "k8s" / f"{name}.yaml").read_text()))
+        deployment = next(d for d in docs if d["kind"] == "Deployment")
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e["value"] for e in container["env"]}
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"]["port"] == int(env[prefix + "_PORT"]), (name, probe)
+        assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+        gpu = container["resources"]["limits"].get("nvidia.com/gpu")
+        assert (gpu == 1) == (name == "edge"), name
