@@ -71,6 +71,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="downlink band the frame's users share (10e6)")
     args = parser.parse_args(argv)
     args.edge = args.edge if args.edge is not None else env_edges
+    for flag, ok in (("--frame-ms", args.frame_ms >= 0), ("--max-frame", args.max_frame >= 1),
+                     ("--edge-ttl", args.edge_ttl > 0), ("--bandwidth-hz", args.bandwidth_hz > 0)):
+        if not ok:
+            parser.error(f"{flag}: out of range, got {getattr(args, flag[2:].replace('-', '_'))}")
     return args
 
 
