@@ -18,6 +18,7 @@ import ctypes
 import importlib.util
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -161,6 +162,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-dir", type=Path, default=Path("out/logs"), help="one log per service (out/logs)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for SERVING (600)")
     parser.add_argument("--grace", type=float, default=40.0, help="seconds a service gets to drain (40)")
+    parser.add_argument("--then", nargs=argparse.REMAINDER, metavar="TANDEM_ARGS",
+                        help="once all are up, run `tandem TANDEM_ARGS` against them (--ue, and --scheduler "
+                             "when it runs, are added), then stop everything and exit with its status")
     return parser.parse_args(argv)
 
 
@@ -190,6 +194,19 @@ def build_services(args: argparse.Namespace) -> list[Service]:
     return services
 
 
+def run_against(topology: Topology, tandem_args: list[str]) -> int:
+    """Runs one `tandem` command through the running services: the device service does the
+    work, the scheduler (when up) plans it."""
+    from tandem import cli
+
+    by_name = {s.name: s for s in topology.services}
+    argv = [*tandem_args, "--ue", by_name["ue"].address]
+    if "scheduler" in by_name:
+        argv += ["--scheduler", by_name["scheduler"].address]
+    print("$ tandem " + " ".join(shlex.quote(a) for a in argv), flush=True)
+    return cli.main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     stop = threading.Event()
@@ -210,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         for s in topology.services:
             print(f"  {s.name:<10} {s.address:<22} metrics {s.metrics_url:<36} log {s.log_path}", flush=True)
         ue = next(s for s in topology.services if s.name == "ue")
+        if args.then:
+            status = run_against(topology, args.then)
+            return status
         print(f'try: tandem generate "a red circle at the left on a blue background" --ue {ue.address}', flush=True)
         print("Ctrl-C (or SIGTERM) stops everything.", flush=True)
         while not stop.wait(0.5):

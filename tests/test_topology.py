@@ -128,3 +128,21 @@ def test_killed_topology_leaves_no_children(tmp_path):
         proc.kill()  # no chance to clean up: the children's parent-death signal stops them
         proc.wait()
         assert wait_gone(pids) == [], "a service outlived a killed topology"
+
+
+def test_then_runs_one_generation_through_the_services_and_stops(tmp_path):
+    """`--then` (the README's main job): up, one image via device service + scheduler, all down."""
+    log_dir, out = tmp_path / "logs", tmp_path / "then.png"
+    command = [sys.executable, "-m", "tandem.topology", "--free-ports", "--device", "cpu", "--log-dir", str(log_dir),
+               "--grace", "20", "--then", "generate", PROMPT, "--out", str(out), "--steps", "4", "--json", "--quiet"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert out.is_file()
+    report = json.loads(done.stdout[done.stdout.index("{"): done.stdout.rindex("}") + 1])
+    assert report["mode"] == "device-service" and report["fallback"] is None
+    assert report["edge_steps"] + report["ue_steps"] == 4
+    if scheduler_available():
+        assert report["plan"]["scheduler"] in done.stdout
+    assert "all services stopped" in done.stdout
+    assert not (log_dir / "topology.json").exists()
