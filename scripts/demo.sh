@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The main job: one image through the split pipeline on the embedded demo pack, offline.
-# Extra arguments go to `tandem generate` (e.g. --user bob --split 5).
+# The main job, offline on the embedded demo pack: scheduler, edge server and device service come
+# up on loopback (python -m tandem.topology), one image goes through the split pipeline (the
+# scheduler plans T, k and the codec; the edge runs the first k steps, the device the rest), then
+# everything stops. Logs in out/logs/. Extra arguments go to `tandem generate` (e.g. --user bob).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh all
 mkdir -p out
 export HF_HUB_OFFLINE=1
-.venv/bin/tandem generate "a red circle at the left on a blue background" --out out/demo.png "$@"
+exec .venv/bin/python -m tandem.topology --free-ports --log-dir out/logs \
+    --then generate "a red circle at the left on a blue background" --out out/demo.png "$@"
