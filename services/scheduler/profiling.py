@@ -1,0 +1,341 @@
+"""Measure the cost models on this machine and write a CostProfile JSON (needs torch; the pure
+cost logic in ``costs.py`` stays torch-free).
+
+    python -m services.scheduler.profiling --large tandem/demo_pack/large --small tandem/demo_pack/small \
+        --device-class cpu-demo --out services/scheduler/profiles/demo_cpu.json [--device cpu] [--repeats 7]
+
+* edge: seconds of one ``advance`` (one batched UNet call, CFG) of the large pack for batch sizes
+  1, 2, 4, 8, 16, fitted to a_s + b_s·n by least squares (R² reported);
+* device class: the small pack's step (batch 1, CFG) and VAE decode seconds;
+* latent shape, and the handoff metadata bytes fitted to real ``encode_handoff`` payloads;
+* RTT (``--rtt``): one unary gRPC call on a fresh loopback channel, as the device pays per handoff.
+
+Each figure is the median of ``--repeats`` runs after warm-up. The profile starts from ``--base``
+(default: the built-in one) so other device classes and edge packs survive; measured entries are
+put first because the scheduler uses the first edge pack when none is named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable, Mapping, Sequence, TypeVar
+
+import numpy as np
+
+from services.scheduler.costs import CostProfile, CostProfileError, DeviceClass, EdgeCoefficients, LatentShape
+
+PROMPT = "a red circle at the left on a blue background"
+DEFAULT_BATCHES = (1, 2, 4, 8, 16)
+HANDOFF_STEPS = (10, 15, 20, 25, 30, 40)  # T values the metadata fit sees
+DEFAULT_POWER_W = 30.0  # a laptop CPU package under load; power is not measured here
+K = TypeVar("K")
+
+
+class ProfilingError(Exception):
+    """A bad flag or pack: printed as one line."""
+
+
+@dataclass(frozen=True)
+class EdgeFit:
+    pack: str
+    a_s: float
+    b_s: float
+    r2: float
+    step_seconds: dict[int, float]  # batch size -> median seconds of one step
+
+
+@dataclass(frozen=True)
+class DeviceFit:
+    pack: str
+    step_s: float
+    decode_s: float
+
+
+@dataclass(frozen=True)
+class HandoffFit:
+    meta_base_bytes: int
+    meta_bytes_per_step: int
+    merge_meta_bytes: int
+    max_relative_error: float  # of CostProfile.handoff_bytes against real payloads, over a grid
+
+
+@dataclass(frozen=True)
+class Measurement:
+    device: str
+    repeats: int
+    torch_threads: int
+    edge: EdgeFit
+    small: DeviceFit
+    handoff: HandoffFit
+    rtt_s: float | None
+
+
+def interleaved_medians(calls: Mapping[K, Callable[[], object]], repeats: int, warmup: int,
+                       sync: Callable[[], None] = lambda: None) -> dict[K, float]:
+    """Median seconds of each call. The calls take turns within every round, so a burst of load
+    from other processes (this is a shared machine) hits all of them alike, not one batch size."""
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    sync()
+    times: dict[K, list[float]] = {key: [] for key in calls}
+    for _ in range(repeats):
+        for key, fn in calls.items():
+            began = time.perf_counter()
+            fn()
+            sync()
+            times[key].append(time.perf_counter() - began)
+    return {key: statistics.median(values) for key, values in times.items()}
+
+
+def fit_linear(x: Sequence[float], y: Sequence[float]) -> tuple[float, float, float]:
+    """Least-squares y = a + b·x and its R²."""
+    xs, ys = np.asarray(x, float), np.asarray(y, float)
+    (a, b), *_ = np.linalg.lstsq(np.stack([np.ones_like(xs), xs], 1), ys, rcond=None)
+    residual = float(((ys - a - b * xs) ** 2).sum())
+    total = float(((ys - ys.mean()) ** 2).sum())
+    return float(a), float(b), 1.0 - residual / total if total > 0 else 1.0
+
+
+def _request(pack, steps: int, split: int, seed: int = 0):
+    from tandem.request import GenerationRequest
+
+    size = pack.default_image_size
+    return GenerationRequest(PROMPT, steps=steps, split=split, sampler=pack.manifest.default_sampler,
+                             guidance_scale=pack.manifest.default_guidance, seed=seed, height=size, width=size)
+
+
+def _states(pack, n: int, steps: int):
+    """``n`` real, guided requests at step 0 with room for ``steps`` more steps."""
+    from tandem.pipeline import start
+
+    return [start(pack, _request(pack, steps, steps, seed)) for seed in range(n)]
+
+
+def _sync(pack) -> Callable[[], None]:
+    import torch
+
+    return torch.cuda.synchronize if pack.device.type == "cuda" else (lambda: None)
+
+
+def _stepper(pack, batch: int, calls: int) -> Callable[[], None]:
+    """One batched denoising step of ``batch`` requests (CFG rows included) per call."""
+    from tandem.sampling.denoise import advance
+
+    states = _states(pack, batch, calls)
+    return lambda: advance(pack.unet, states)
+
+
+def measure_edge(pack, batches: Sequence[int], repeats: int, warmup: int, log: Callable[[str], None]) -> EdgeFit:
+    calls = {n: _stepper(pack, n, warmup + repeats) for n in batches}
+    seconds = interleaved_medians(calls, repeats, warmup, _sync(pack))
+    for n, s in seconds.items():
+        log(f"edge {pack.name}: batch {n:>2}  {s * 1000:8.2f} ms/step")
+    if len(seconds) < 2:  # one batch size: all of it per request
+        a, b, r2 = 0.0, seconds[batches[0]], 1.0
+    else:
+        a, b, r2 = fit_linear(list(seconds), list(seconds.values()))
+    a, b = max(a, 0.0), max(b, 1e-6)  # a negative intercept is noise: the overhead is not negative
+    log(f"edge fit: a_s = {a * 1000:.2f} ms + b_s = {b * 1000:.2f} ms × batch (R² = {r2:.4f})")
+    return EdgeFit(pack.name, a, b, r2, seconds)
+
+
+def measure_device(pack, repeats: int, warmup: int, log: Callable[[str], None]) -> DeviceFit:
+    from tandem.pipeline import decode
+
+    latent = _states(pack, 1, 1)[0].latent
+    calls = {"step": _stepper(pack, 1, warmup + repeats), "decode": lambda: decode(pack, latent)}
+    seconds = interleaved_medians(calls, repeats, warmup, _sync(pack))
+    log(f"device {pack.name}: {seconds['step'] * 1000:.2f} ms/step, decode {seconds['decode'] * 1000:.2f} ms")
+    return DeviceFit(pack.name, seconds["step"], seconds["decode"])
+
+
+def _real_handoff_bytes(pack, steps: int, split: int, codec: str, ratio: float, cache: dict) -> int:
+    """Bytes of a real handoff of ``pack`` after ``split`` real steps (run once per (T, k) and ``cache``)."""
+    from tandem.handoff import CodecSpec, encode_handoff
+    from tandem.pipeline import make_handoff, run_steps, start
+
+    key = (steps, split)
+    if key not in cache:
+        request = _request(pack, steps, split)
+        state = start(pack, request)
+        run_steps(pack, state, split)
+        cache[key] = make_handoff(state, request)
+    return len(encode_handoff(cache[key], CodecSpec(codec, ratio)))
+
+
+def fit_handoff(pack, latent: LatentShape, log: Callable[[str], None]) -> HandoffFit:
+    """Metadata bytes such that CostProfile.handoff_bytes matches real payloads: base + per-step
+    by least squares over T (r = 0), then the merge header as the median extra at r > 0."""
+    bare = CostProfile(latent=latent, meta_base_bytes=0, meta_bytes_per_step=0, merge_meta_bytes=0)
+    cache: dict = {}
+    splits = {t: t // 2 for t in HANDOFF_STEPS}
+    meta = [_real_handoff_bytes(pack, t, k, "fp16", 0.0, cache) - bare.handoff_bytes(t, k, "fp16", 0.0)
+            for t, k in splits.items()]
+    base, per_step, _ = fit_linear(list(splits), meta)
+    merged = [_real_handoff_bytes(pack, t, k, "fp16", r, cache) - bare.handoff_bytes(t, k, "fp16", r)
+              - round(base) - round(per_step) * t for t, k in list(splits.items())[:3] for r in (0.25, 0.5)]
+    fitted = replace(bare, meta_base_bytes=round(base), meta_bytes_per_step=round(per_step),
+                     merge_meta_bytes=max(0, round(statistics.median(merged))))
+    worst = 0.0
+    for codec in ("fp32", "fp16", "int8"):
+        for ratio in (0.0, 0.25, 0.75):
+            for t in (10, 20, 25):
+                real = _real_handoff_bytes(pack, t, t // 2, codec, ratio, cache)
+                worst = max(worst, abs(fitted.handoff_bytes(t, t // 2, codec, ratio) - real) / real)
+    log(f"handoff meta: {fitted.meta_base_bytes} B + {fitted.meta_bytes_per_step} B × T, merge header "
+        f"{fitted.merge_meta_bytes} B; worst error vs real payloads {worst:.2%}")
+    return HandoffFit(fitted.meta_base_bytes, fitted.meta_bytes_per_step, fitted.merge_meta_bytes, worst)
+
+
+def measure_rtt(repeats: int, warmup: int, log: Callable[[str], None]) -> float:
+    """One unary call (health Check) on a fresh loopback channel: connect + request + reply,
+    what the device pays once per handoff on top of the bytes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    server = grpc.server(ThreadPoolExecutor(2))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+
+    def call() -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+
+    try:
+        rtt = interleaved_medians({"rtt": call}, repeats, warmup)["rtt"]
+    finally:
+        server.stop(0)
+    log(f"loopback RTT (fresh gRPC channel + one call): {rtt * 1000:.2f} ms")
+    return rtt
+
+
+@dataclass(frozen=True)
+class ProfilingConfig:
+    large: Path
+    small: Path
+    device_class: str
+    device: str | None = None
+    repeats: int = 7
+    warmup: int = 2
+    batches: tuple[int, ...] = DEFAULT_BATCHES
+    power_w: float | None = None  # None: the base profile's value for the class, else DEFAULT_POWER_W
+    rtt: bool = False
+    threads: int | None = None  # torch CPU threads (None: torch's default); match the services'
+    base: CostProfile = CostProfile()
+
+
+def profile(cfg: ProfilingConfig, log: Callable[[str], None] = lambda _: None) -> tuple[CostProfile, Measurement]:
+    """Measures the packs and returns ``cfg.base`` with the measured entries replaced or added."""
+    import torch
+
+    from tandem.packs import load_pack
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    large = load_pack(cfg.large, device=cfg.device)
+    small = load_pack(cfg.small, device=cfg.device)
+    log(f"packs {large.name} / {small.name} on {large.device} ({torch.get_num_threads()} threads), "
+        f"{cfg.repeats} repeats after {cfg.warmup} warm-up")
+    channels, height, width = large.latent_shape(large.default_image_size, large.default_image_size)
+    latent = LatentShape(channels, height, width)
+    edge = measure_edge(large, cfg.batches, cfg.repeats, cfg.warmup, log)
+    dev = measure_device(small, cfg.repeats, cfg.warmup, log)
+    handoff = fit_handoff(large, latent, log)
+    rtt = measure_rtt(cfg.repeats, cfg.warmup, log) if cfg.rtt else None
+    base = cfg.base
+    power = cfg.power_w or (base.devices[cfg.device_class].power_w if cfg.device_class in base.devices else DEFAULT_POWER_W)
+    measured = replace(
+        base,
+        edge={large.name: EdgeCoefficients(edge.a_s, edge.b_s), **{k: v for k, v in base.edge.items() if k != large.name}},
+        devices={cfg.device_class: DeviceClass(dev.step_s, dev.decode_s, power),
+                 **{k: v for k, v in base.devices.items() if k != cfg.device_class}},
+        latent=latent,
+        rtt_s=base.rtt_s if rtt is None else rtt,
+        meta_base_bytes=handoff.meta_base_bytes,
+        meta_bytes_per_step=handoff.meta_bytes_per_step,
+        merge_meta_bytes=handoff.merge_meta_bytes,
+        max_batch=max(base.max_batch, max(cfg.batches)),
+        synthetic=False,
+    )
+    return measured, Measurement(str(large.device), cfg.repeats, torch.get_num_threads(), edge, dev, handoff, rtt)
+
+
+def write(profile_: CostProfile, measurement: Measurement, out: Path) -> None:
+    """The profile JSON plus a ``measured`` record (ignored by CostProfile.load) of how it was made."""
+    data = profile_.to_dict()
+    data["measured"] = asdict(measurement)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def _batches(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(sorted({int(v) for v in text.split(",") if v.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated batch sizes, got {text!r}") from None
+    if not values or values[0] < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {text!r}")
+    return values
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m services.scheduler.profiling", description=__doc__.splitlines()[0])
+    parser.add_argument("--large", type=Path, required=True, help="edge (large) pack directory")
+    parser.add_argument("--small", type=Path, required=True, help="device (small) pack directory")
+    parser.add_argument("--device-class", required=True, help="name of the device class the small pack's figures go to")
+    parser.add_argument("--out", type=Path, required=True, help="cost profile JSON to write")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="torch device (default: cuda if present)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed runs per figure; the median is kept (7)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs first (2)")
+    parser.add_argument("--batches", type=_batches, default=DEFAULT_BATCHES, help="edge batch sizes (1,2,4,8,16)")
+    parser.add_argument("--power-w", type=float, help="device power while computing (default: the base profile's, else 30)")
+    parser.add_argument("--rtt", action="store_true", help="also measure the loopback gRPC round trip")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; use what the services get)")
+    parser.add_argument("--base", type=Path, help="profile to start from (default: the built-in one)")
+    args = parser.parse_args(argv)
+    for flag, ok in (("--repeats", args.repeats >= 1), ("--warmup", args.warmup >= 0),
+                     ("--power-w", args.power_w is None or args.power_w > 0),
+                     ("--threads", args.threads is None or args.threads >= 1)):
+        if not ok:
+            parser.error(f"{flag}: out of range, got {getattr(args, flag[2:].replace('-', '_'))}")
+    if not args.device_class.strip():
+        parser.error("--device-class: must not be empty")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def log(line: str) -> None:
+        print(f"profiling: {line}", file=sys.stderr, flush=True)
+
+    try:
+        base = CostProfile.load(args.base) if args.base else CostProfile()
+        if args.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ProfilingError("--device cuda: no CUDA device here")
+        cfg = ProfilingConfig(args.large, args.small, args.device_class, args.device, args.repeats, args.warmup,
+                              args.batches, args.power_w, args.rtt, args.threads, base)
+        measured, measurement = profile(cfg, log)
+        write(measured, measurement, args.out)
+    except (ProfilingError, CostProfileError, OSError, ValueError, json.JSONDecodeError) as exc:
+        print(f"profiling: error: {exc}", file=sys.stderr)
+        return 2
+    log(f"wrote {args.out} (device class {args.device_class!r}, edge pack {measurement.edge.pack!r})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
