@@ -40,7 +40,12 @@ from tandem.v1 import scheduler_pb2, scheduler_pb2_grpc
 log = logging.getLogger("tandem.scheduler")
 SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name
 DEFAULT_POLICY = Path(__file__).parent / "policies" / "default"
-DEFAULT_QUALITY = Path(tandem.__file__).parent / "demo_pack" / "quality_profile.json"
+DEMO_PACK = Path(tandem.__file__).parent / "demo_pack"
+DEFAULT_QUALITY = DEMO_PACK / "quality_profile.json"
+# Measured by `python -m services.scheduler.profiling` on the demo pack (CPU, one thread). It is the
+# default only while the demo pack is the default pack (installed); otherwise the built-in one.
+DEMO_COSTS = Path(__file__).parent / "profiles" / "demo_cpu.json"
+BUILTIN = "builtin"
 MAX_RECEIVE_BYTES = 16 * 1024  # every message is a handful of numbers
 STARTUP_ERRORS = (OSError, ValueError, json.JSONDecodeError, CostProfileError, QualityProfileError, PolicyFormatError)
 
@@ -58,7 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"trained policy directory, or a baseline: {', '.join(BASELINES)}, exact")
     parser.add_argument("--quality-profile", default=_env("quality_profile", str(DEFAULT_QUALITY)),
                         help="quality profile JSON (synthetic when the file does not exist)")
-    parser.add_argument("--cost-profile", default=_env("cost_profile", None), help="cost profile JSON (default: built in)")
+    parser.add_argument("--cost-profile", default=_env("cost_profile", default_cost_profile()),
+                        help=f"cost profile JSON, or {BUILTIN!r} for the synthetic built-in one (default: "
+                             f"{DEMO_COSTS.relative_to(Path(tandem.__file__).parent.parent)} when the demo pack is installed)")
     env_edges = [e for e in _env("edge", "").split(",") if e]
     parser.add_argument("--edge", action="append", default=None, metavar="HOST:PORT",
                         help="edge server used when no edge heartbeats (repeatable)")
@@ -78,6 +85,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def default_cost_profile() -> str:
+    """The demo pack's measured profile when the demo pack is installed, else the built-in one."""
+    return str(DEMO_COSTS) if (DEMO_PACK / "large").is_dir() and DEMO_COSTS.is_file() else BUILTIN
+
+
 def load_decider(policy: str) -> DeciderLike:
     if policy in BASELINES or policy == "exact":
         return policy
@@ -87,11 +99,12 @@ def load_decider(policy: str) -> DeciderLike:
 def build_core(args: argparse.Namespace) -> SchedulerCore:
     """Everything the service decides with; raises one of STARTUP_ERRORS on a bad file or flag."""
     quality = load_or_synthetic(args.quality_profile)
-    costs = CostProfile.load(args.cost_profile) if args.cost_profile else CostProfile()
+    builtin = args.cost_profile in ("", BUILTIN)
+    costs = CostProfile() if builtin else CostProfile.load(args.cost_profile)
     frames = FrameConfig(args.frame_ms / 1000.0, args.max_frame)  # validates both
     log.info("quality profile: %s; cost profile: %s; frames %s",
              "SYNTHETIC" if quality.synthetic else args.quality_profile,
-             args.cost_profile or "built-in (synthetic)", frames)
+             "built-in (synthetic)" if builtin else args.cost_profile, frames)
     return SchedulerCore(quality, costs, load_decider(args.policy), EdgeRegistry(args.edge_ttl, args.edge),
                          FrameContext(bandwidth_hz=args.bandwidth_hz))
 
