@@ -213,24 +213,26 @@ class SchedulerCore:
         if edge_steps == 0 and device_steps == 0:
             edge_steps, device_steps = plan.split, plan.steps - plan.split
         as_planned = not report.fallback and (edge_steps, device_steps) == (plan.split, plan.steps - plan.split)
+        measured = measured_phases(m, edge_steps, plan.edge_seconds / plan.split if plan.split else 0.0)
+        edge_compute, round_overhead = measured["edge"], measured["transfer"] - m.transfer
         errors = {}
         if as_planned:
-            measured = {"edge": m.queue + m.edge_steps, "transfer": m.transfer,
-                        "device": m.device_steps + m.decode, "total": m.total}
             predicted = {"edge": plan.edge_seconds, "transfer": plan.transfer_seconds,
                          "device": plan.device_seconds, "total": plan.latency_seconds}
             errors = {p: abs(measured[p] - predicted[p]) / predicted[p] for p in PHASES if predicted[p] > 0}
-        self._calibrate(self._observations(record, report, edge_steps, device_steps))
+        self._calibrate(self._observations(record, report, edge_steps, device_steps, edge_compute, round_overhead))
         return ReportOutcome(errors, m.total > record.user.latency_budget_s, m.total)
 
-    def _observations(self, record: _Record, report: PlanReport, edge_steps: int, device_steps: int) -> list[PhaseObservation]:
+    def _observations(self, record: _Record, report: PlanReport, edge_steps: int, device_steps: int,
+                      edge_compute: float, round_overhead: float) -> list[PhaseObservation]:
         m, device = report.measured, record.user.device_class
         obs = []
         if edge_steps > 0 and not report.fallback and m.edge_steps > 0:
-            obs.append(PhaseObservation("edge", m.edge_steps, steps=edge_steps, batch=max(1, record.edge_batch),
+            obs.append(PhaseObservation("edge", edge_compute, steps=edge_steps, batch=max(1, record.edge_batch),
                                         pack=self.ctx.edge_pack))
         if report.handoff_bytes > 0 and not report.fallback and m.transfer > 0:
-            obs.append(PhaseObservation("transfer", m.transfer, nbytes=report.handoff_bytes, rate_bps=record.rate_bps))
+            obs.append(PhaseObservation("transfer", m.transfer + round_overhead, nbytes=report.handoff_bytes,
+                                        rate_bps=record.rate_bps))
         if device_steps > 0 and m.device_steps > 0:
             obs.append(PhaseObservation("device", m.device_steps, steps=device_steps, device_class=device))
         if m.decode > 0:
@@ -244,6 +246,25 @@ class SchedulerCore:
     @property
     def pending_reports(self) -> int:
         return len(self._records)
+
+
+def measured_phases(m: Measured, edge_steps: int, planned_step_s: float = 0.0) -> dict[str, float]:
+    """The device's timers as the planner's phases: edge (the k steps), transfer (+ the round's
+    fixed cost), device (late steps + decode), total.
+
+    The device's edge timer starts at the first progress event, after step 1: ``queue`` holds the
+    connection, the edge's admission (text encoding, noise), step 1 and any wait; ``edge_steps``
+    holds steps 2..k. The k steps run at the rate of steps 2..k (``planned_step_s`` when k = 1);
+    the rest of ``queue`` is a fixed cost of every edge round, which the cost model carries in
+    the RTT (its only per-round term), so it counts as transfer.
+    """
+    if edge_steps <= 0:
+        edge, overhead = m.queue + m.edge_steps, 0.0
+    else:
+        step = m.edge_steps / (edge_steps - 1) if edge_steps >= 2 and m.edge_steps > 0 else planned_step_s
+        first = min(step, m.queue)
+        edge, overhead = m.edge_steps + first, m.queue - first
+    return {"edge": edge, "transfer": m.transfer + overhead, "device": m.device_steps + m.decode, "total": m.total}
 
 
 def _require(ok: bool, field: str, message: str) -> None:
