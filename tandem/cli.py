@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tandem.handoff import ENCODINGS, STRATEGIES, CodecSpec
+from tandem.handoff import DEFAULT_STRATEGY, ENCODINGS, STRATEGIES, CodecSpec
 from tandem.request import GenerationRequest, RequestError
 from tandem.sampling.schedule import SAMPLERS
 
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Default None: with --scheduler, options left unset come from the plan.
     gen.add_argument("--codec", choices=ENCODINGS, help="handoff precision (default fp16)")
     gen.add_argument("--merge-ratio", type=float, help="token merge ratio r in [0, 0.75] (default 0)")
-    gen.add_argument("--merge-strategy", choices=STRATEGIES, help="what token merging merges (default denoised)")
+    gen.add_argument("--merge-strategy", choices=STRATEGIES, help=f"what token merging merges (default {DEFAULT_STRATEGY})")
     gen.add_argument("--large", type=Path, help="edge model pack directory or hub id (default: demo pack)")
     gen.add_argument("--small", type=Path, help="device model pack directory or hub id (default: demo pack)")
     gen.add_argument("--device", help="torch device for both packs (default: cuda if present, else cpu)")
@@ -125,7 +125,7 @@ def _generate(args: argparse.Namespace) -> int:
         raise CliError(f"--timeout: must be positive, got {args.timeout:g}")
     plan = _apply_plan(args) if args.scheduler else None
     codec = CodecSpec(encoding=args.codec or "fp16", merge_ratio=args.merge_ratio or 0.0,
-                      strategy=args.merge_strategy or "denoised").validate()
+                      strategy=args.merge_strategy or DEFAULT_STRATEGY).validate()
     if args.ue:
         return _generate_on_device_service(args, codec, plan)
     choice = default_packs() if args.large is None and args.small is None else None

@@ -11,7 +11,7 @@ Merging a noisy latent. Averaging k noisy tokens shrinks their noise by √k, wh
 not expect. Strategy "denoised" therefore splits the latent x_k = s·x̂0 + n·ε̂ (x̂0 = the previous
 prediction, which DPM-Solver++ needs anyway), merges x̂0 by averaging and ε̂ variance-preservingly
 (sum/√k), and rebuilds x_k on the device; strategy "latent" merges x_k itself.
-See BENCHMARKS.md for the comparison behind the default.
+Measured on the demo pack, "latent" keeps accuracy better (BENCHMARKS.md): it is the default.
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ import torch
 
 from tandem.codec.container import CodecError, pack_container, unpack_container
 from tandem.codec.quantize import decode_tensor, encode_tensor
+from tandem.codec.strategy import DEFAULT_STRATEGY, STRATEGIES  # noqa: F401  (re-exported)
 from tandem.codec.token_merge import merge, pack_plan, plan_merge, unmerge, unpack_plan
 from tandem.request import GenerationRequest, RequestError
 from tandem.sampling.schedule import Schedule, ScheduleError
 
 HANDOFF_VERSION = 1
 ENCODINGS: tuple[str, ...] = ("fp32", "fp16", "int8")
-STRATEGIES: tuple[str, ...] = ("denoised", "latent")
 WINDOWS: tuple[str, ...] = ("local", "global")
 MAX_MERGE_RATIO = 0.75
 
@@ -41,7 +41,7 @@ class CodecSpec:
 
     encoding: str = "fp16"
     merge_ratio: float = 0.0
-    strategy: str = "denoised"
+    strategy: str = DEFAULT_STRATEGY
     window: str = "local"
 
     @property

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tandem.handoff import CodecSpec
+from tandem.handoff import DEFAULT_STRATEGY, CodecSpec
 from tandem.packs import ModelPack
 from tandem.request import GenerationRequest
 from tandem.v1 import edge_pb2
@@ -31,7 +31,7 @@ def request_from_proto(message: edge_pb2.GenerateRequest, pack: ModelPack) -> tu
     codec = CodecSpec(
         encoding=codec_message.encoding or "fp16",
         merge_ratio=float(codec_message.merge_ratio),
-        strategy=codec_message.merge_strategy or "denoised",
+        strategy=codec_message.merge_strategy or DEFAULT_STRATEGY,
         window=codec_message.merge_window or "local",
     ).validate()
     return request, codec

@@ -21,6 +21,7 @@ from services.scheduler.costs import CostProfile
 from services.scheduler.edges import EdgeLoad, EdgeRegistry
 from services.scheduler.frames import FrameCollector, FrameConfig
 from services.scheduler.quality import synthetic_profile
+from tandem.codec.strategy import DEFAULT_STRATEGY
 
 
 # --- frame collector ---------------------------------------------------------------------------
@@ -161,7 +162,7 @@ def test_a_frame_gets_one_plan_each_with_an_edge_when_it_splits(core):
     assert len({a.plan_id for a in plans}) == 3 and all(a.frame_size == 3 for a in plans)
     for a in plans:
         p = a.plan
-        assert 0 <= p.split <= p.steps and a.merge_strategy == "denoised"
+        assert 0 <= p.split <= p.steps and a.merge_strategy == DEFAULT_STRATEGY
         assert a.edge_address == ("edge:1" if p.split > 0 else "")
         assert math.isclose(p.latency_seconds, p.edge_seconds + p.transfer_seconds + p.device_seconds)
     assert core.pending_reports == 3

@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from service_procs import edge_server, free_port, metric_value, scheduler_service
 from tandem import cli
+from tandem.codec.strategy import DEFAULT_STRATEGY
 from tandem.v1 import scheduler_pb2 as pb
 from tandem.v1 import scheduler_pb2_grpc
 
@@ -39,7 +40,7 @@ def test_plan_returns_a_valid_plan(scheduler):
                                                       prompt_chars=40), timeout=10)
     assert reply.plan_id and reply.steps in OPTION_STEPS and 0 <= reply.split <= reply.steps
     assert reply.codec.encoding in ("fp32", "fp16", "int8") and 0 <= reply.codec.merge_ratio <= 0.75
-    assert reply.codec.merge_strategy == "denoised" and reply.frame_size >= 1
+    assert reply.codec.merge_strategy == DEFAULT_STRATEGY and reply.frame_size >= 1
     p = reply.predicted
     assert p.total == pytest.approx(p.edge + p.transfer + p.device) and p.total > 0
     assert 0 < reply.predicted_quality <= 1 and reply.predicted_handoff_bytes >= 0

@@ -11,6 +11,7 @@ from typing import Callable, Mapping
 
 import grpc
 
+from tandem.codec.strategy import DEFAULT_STRATEGY
 from tandem.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 DEFAULT_TIMEOUT = 2.0
@@ -68,7 +69,7 @@ def request_plan(
         split=response.split,
         encoding=response.codec.encoding or "fp16",
         merge_ratio=round(response.codec.merge_ratio, 6),  # float32 on the wire: 0.25 stays 0.25
-        merge_strategy=response.codec.merge_strategy or "denoised",
+        merge_strategy=response.codec.merge_strategy or DEFAULT_STRATEGY,
         edge_address=response.edge_address,
         predicted_seconds={"edge": p.edge, "transfer": p.transfer, "device": p.device, "total": p.total},
         predicted_quality=response.predicted_quality,

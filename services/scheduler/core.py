@@ -17,6 +17,7 @@ from services.scheduler.edges import EdgeLoad, EdgeRegistry
 from services.scheduler.planner import DeciderLike, Plan, plan_frame
 from services.scheduler.quality import BASE_USER, PERSONALIZED_USER, QualityProfile
 from services.scheduler.scenario import FrameContext, UserSpec
+from tandem.codec.strategy import DEFAULT_STRATEGY
 
 MAX_PROMPT_CHARS = 1000
 MAX_RECORDS = 10_000  # plans awaiting a report; the oldest are forgotten first
@@ -113,7 +114,7 @@ class SchedulerCore:
     decider: DeciderLike
     edges: EdgeRegistry = field(default_factory=EdgeRegistry)
     ctx: FrameContext = FrameContext()
-    merge_strategy: str = "denoised"  # the planner does not choose it; this one keeps detail best
+    merge_strategy: str = DEFAULT_STRATEGY  # the planner does not choose it: the measured best
     calibration_alpha: float = 0.3
     max_records: int = MAX_RECORDS
 

@@ -32,7 +32,7 @@ import torch
 from tandem.demo.evaluator import Evaluator
 from tandem.demo.grammar import USER_STYLES, Scene
 from tandem.demo.world import sample_scenes
-from tandem.handoff import CodecSpec, decode_handoff, encode_handoff
+from tandem.handoff import DEFAULT_STRATEGY, CodecSpec, decode_handoff, encode_handoff
 from tandem.packs import ModelPack, check_pair, load_pack
 from tandem.pipeline import make_handoff, resume, start
 from tandem.request import GenerationRequest
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fractions", default="0,0.25,0.5,0.75,1", help="split fractions k/T")
     parser.add_argument("--ratios", default="0,0.25,0.5,0.75", help="merge ratios")
     parser.add_argument("--users", default=None, help="default: base and every user of the small pack")
-    parser.add_argument("--strategies", default="denoised",
+    parser.add_argument("--strategies", default=DEFAULT_STRATEGY,
                         help="merge strategies; the first one feeds the profile")
     parser.add_argument("--encoding", default="fp16", choices=["fp32", "fp16", "int8"])
     parser.add_argument("--seed", type=int, default=20261123)
