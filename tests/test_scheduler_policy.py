@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -65,16 +64,14 @@ def test_mismatched_policy_files_raise_clear_errors(tmp_path):
 
 
 @pytest.mark.skipif(not (SHIPPED / "config.json").exists(), reason="no trained policy shipped")
-def test_shipped_policy_decides_100_users_fast():
+def test_shipped_policy_decides_100_users_within_their_masks():
+    """Its speed is measured in bench/scheduler_quality.py, not here."""
     policy = SchedulerPolicy.load(SHIPPED, DEFAULT_OPTIONS)
     users, ctx = sample_frame(np.random.default_rng(0), n_users=100)
     problem = FrameProblem.build(users, QUALITY, COSTS, DEFAULT_OPTIONS, ctx)
-    policy(problem)
-    t0 = time.perf_counter()
     sel = policy(problem)
-    elapsed = time.perf_counter() - t0
+    assert sel.shape == (100,)
     assert problem.mask[np.arange(100), sel].all()
-    assert elapsed < 0.1  # ~3 ms on a quiet core; generous for a loaded CI machine
 
 
 def test_pid_lagrangian_follows_the_constraint():

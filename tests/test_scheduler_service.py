@@ -185,3 +185,35 @@ def test_cli_without_a_scheduler_keeps_its_defaults_and_says_so(tiny_packs, tmp_
     assert "Traceback" not in captured.err
     assert report["plan"] is None and report["codec"]["encoding"] == "fp16" and report["codec"]["merge_ratio"] == 0
     assert report["split"] == report["total_steps"] // 2
+
+
+def test_two_real_edges_share_the_load_and_a_killed_one_is_routed_around(tiny_packs, tmp_path, capsys):
+    """Scale-out on loopback: two edge servers heartbeat; plans spread over both; after one is
+    killed (-9) new requests go to the other, and an image still comes from an edge."""
+    with scheduler_service(tmp_path, "--edge-ttl", "1") as sched, \
+            edge_server(tiny_packs["large"], tmp_path, "--scheduler", sched.address) as edge_a, \
+            edge_server(tiny_packs["large"], tmp_path, "--scheduler", sched.address) as edge_b:
+        s = stub(sched.address)
+        deadline = time.monotonic() + 60
+        while metric_value(sched.metrics(), "tandem_scheduler_edges_live") < 2:
+            assert time.monotonic() < deadline, "the edge servers never both heartbeated"
+            time.sleep(0.2)
+        chosen = [s.Plan(plan_request(device_class="phone"), timeout=10).edge_address for _ in range(8)]
+        assert set(chosen) == {edge_a.address, edge_b.address}, chosen
+
+        edge_a.proc.kill()
+        edge_a.proc.wait()
+        deadline = time.monotonic() + 30
+        while metric_value(sched.metrics(), "tandem_scheduler_edges_live") != 1:
+            assert time.monotonic() < deadline, "the killed edge was never dropped"
+            time.sleep(0.2)
+        chosen = {s.Plan(plan_request(device_class="phone"), timeout=10).edge_address for _ in range(4)}
+        assert chosen == {edge_b.address}
+
+        out = tmp_path / "after.png"
+        argv = ["generate", "a red circle at the left on a blue background", "--small", str(tiny_packs["small"]),
+                "--device", "cpu", "--scheduler", sched.address, "--device-class", "phone", "--out", str(out),
+                "--json", "--quiet"]
+        assert cli.main(argv) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["fallback"] is None and report["edge_steps"] > 0 and out.stat().st_size > 0
