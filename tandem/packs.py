@@ -135,9 +135,12 @@ class ModelPack:
             lora = self.root / self.manifest.users[user]
             if not lora.is_file():
                 raise PackError(f"LoRA for user {user!r} missing: {lora}")
+            if lora.suffix != ".safetensors":  # anything else may be a pickle: code, not weights
+                raise PackError(f"LoRA for user {user!r} must be a .safetensors file, got {lora.name}")
             with warnings.catch_warnings():  # several adapters on one UNet is the design, not a mistake
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                self.unet.load_lora_adapter(str(lora.parent), weight_name=lora.name, prefix="unet", adapter_name=user)
+                self.unet.load_lora_adapter(str(lora.parent), weight_name=lora.name, prefix="unet", adapter_name=user,
+                                            use_safetensors=True)
         self.unet.enable_lora()
         self.unet.set_adapters([user])
         self.active_user = user
