@@ -1,0 +1,125 @@
+"""Per-user bearer tokens (``--tokens FILE``: JSON {"token": "user-name", ...}).
+
+Every RPC except health and reflection needs ``authorization: Bearer TOKEN``: a missing or
+unknown token is UNAUTHENTICATED; a request naming another user (its ``user``,
+``personalized_user`` or ``user_id`` field: whose LoRA / identity it uses) is PERMISSION_DENIED.
+`check_access` is the whole decision, pure; `TokenInterceptor` only applies it to each call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import grpc
+
+from services.security import EnvLookup, SecurityError
+
+EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+USER_FIELDS = ("user", "personalized_user", "user_id")
+
+
+@dataclass(frozen=True)
+class Denial:
+    code: grpc.StatusCode
+    message: str
+
+
+def load_tokens(path: str | Path, flag: str = "--tokens") -> dict[str, str]:
+    try:
+        table = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise SecurityError(f"{flag}: cannot read {str(path)!r}: {exc.strerror or exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise SecurityError(f"{flag}: {str(path)!r} is not JSON: {exc}") from exc
+    if not isinstance(table, dict) or not table or not all(
+            isinstance(k, str) and k and isinstance(v, str) and v for k, v in table.items()):
+        raise SecurityError(f'{flag}: {str(path)!r} must be a non-empty JSON object {{"token": "user-name", ...}}')
+    return table
+
+
+def add_tokens_arg(parser: argparse.ArgumentParser, env: EnvLookup) -> None:
+    parser.add_argument("--tokens", default=env("tokens", None), metavar="FILE",
+                        help='require per-user bearer tokens: JSON {"token": "user-name", ...}')
+
+
+def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+    for key, value in metadata or ():
+        if key.lower() == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+            return value[len("Bearer "):].strip() or None
+    return None
+
+
+def token_user(tokens: Mapping[str, str], token: str | None) -> str | None:
+    """The token's user; compared in constant time so response timing does not leak tokens."""
+    found = None
+    for known, user in tokens.items():
+        if token is not None and hmac.compare_digest(known.encode(), token.encode()):
+            found = user
+    return found
+
+
+def claimed_users(request) -> list[str]:
+    """The identities a request acts as (non-empty user fields it has)."""
+    fields = getattr(getattr(request, "DESCRIPTOR", None), "fields_by_name", {})
+    return [getattr(request, name) for name in USER_FIELDS if name in fields and getattr(request, name)]
+
+
+def check_access(tokens: Mapping[str, str], token: str | None, claimed: Iterable[str]) -> Denial | None:
+    """None when the call may go on."""
+    if token is None:
+        return Denial(grpc.StatusCode.UNAUTHENTICATED, "missing 'authorization: Bearer TOKEN' metadata")
+    user = token_user(tokens, token)
+    if user is None:
+        return Denial(grpc.StatusCode.UNAUTHENTICATED, "unknown token")
+    for other in claimed:
+        if other != user:
+            return Denial(grpc.StatusCode.PERMISSION_DENIED, f"user: the token is {user!r}'s, not {other!r}'s")
+    return None
+
+
+class TokenInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps each non-exempt unary-request handler with `check_access` on its request."""
+
+    def __init__(self, tokens: Mapping[str, str]):
+        self.tokens = dict(tokens)
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler_call_details.method.startswith(EXEMPT_PREFIXES):
+            return handler  # no Tandem RPC streams requests
+        token = bearer_token(handler_call_details.invocation_metadata)
+        tokens = self.tokens
+
+        async def enforce(request, context) -> None:
+            denial = check_access(tokens, token, claimed_users(request))
+            if denial is not None:
+                await context.abort(denial.code, denial.message)
+
+        if handler.response_streaming:
+            inner = handler.unary_stream
+
+            async def checked_stream(request, context):
+                await enforce(request, context)
+                async for response in inner(request, context):
+                    yield response
+
+            return grpc.unary_stream_rpc_method_handler(
+                checked_stream, handler.request_deserializer, handler.response_serializer)
+        inner_unary = handler.unary_unary
+
+        async def checked_unary(request, context):
+            await enforce(request, context)
+            return await inner_unary(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            checked_unary, handler.request_deserializer, handler.response_serializer)
+
+
+def interceptors(args: argparse.Namespace) -> list[grpc.aio.ServerInterceptor]:
+    """[] unless --tokens is given."""
+    return [TokenInterceptor(load_tokens(args.tokens))] if args.tokens else []
