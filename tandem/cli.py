@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device-class", default="laptop-gpu", help="this device's class, for the scheduler (laptop-gpu)")
     gen.add_argument("--link-mbps", type=float, default=100.0, help="this device's downlink estimate, for the scheduler (100)")
     gen.add_argument("--latency-budget", type=float, default=0.0, help="seconds the image may take, for the scheduler (0: none)")
+    from services.security import add_client_args
+
+    add_client_args(gen, lambda name, default: os.environ.get(f"TANDEM_{name.upper()}", default),
+                    what="the edge, device service and scheduler")
     gen.add_argument("--json", action="store_true", help="print the breakdown as JSON on stdout")
     gen.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
@@ -123,6 +128,7 @@ def _generate(args: argparse.Namespace) -> int:
         raise CliError(f"--out: directory {str(args.out.parent)!r} does not exist")
     if args.timeout <= 0:
         raise CliError(f"--timeout: must be positive, got {args.timeout:g}")
+    args.security = _client_security(args)
     plan = _apply_plan(args) if args.scheduler else None
     codec = CodecSpec(encoding=args.codec or "fp16", merge_ratio=args.merge_ratio or 0.0,
                       strategy=args.merge_strategy or DEFAULT_STRATEGY).validate()
@@ -171,7 +177,8 @@ def _generate(args: argparse.Namespace) -> int:
         else:
             from services.ue_client.device import generate_via_edge
 
-            result = generate_via_edge(ue_pack, request, codec, args.edge, args.timeout, on_step=progress)
+            result = generate_via_edge(ue_pack, request, codec, args.edge, args.timeout, on_step=progress,
+                                       security=args.security)
     finally:
         if progress is not None:
             progress.close()
@@ -213,7 +220,7 @@ def _generate_on_device_service(args: argparse.Namespace, codec: CodecSpec, plan
         message.split = args.split
     progress = None if args.quiet else _ProgressBars(None)
     try:
-        result = generate_on_device_service(args.ue, message, args.edge, args.timeout, progress)
+        result = generate_on_device_service(args.ue, message, args.edge, args.timeout, progress, args.security)
     except EdgeError as exc:
         if exc.code == "INVALID_ARGUMENT":
             field, _, message_text = exc.message.partition(": ")
@@ -248,6 +255,16 @@ def _generate_on_device_service(args: argparse.Namespace, codec: CodecSpec, plan
     return 0
 
 
+def _client_security(args: argparse.Namespace):
+    """--tls-ca/--tls-cert/--tls-key/--token for every connection this command makes."""
+    from services.security import SecurityError, client_security
+
+    try:
+        return client_security(args)
+    except SecurityError as exc:
+        raise CliError(str(exc)) from exc
+
+
 def _apply_plan(args: argparse.Namespace):
     """--scheduler: options the user did not set come from the plan; without one, the defaults."""
     from services.scheduler.client import request_plan
@@ -256,7 +273,7 @@ def _apply_plan(args: argparse.Namespace):
     errors: list[str] = []
     plan = request_plan(args.scheduler, args.device_class, bandwidth_bps=args.link_mbps * 1e6, personalized_user=args.user,
                         latency_budget_s=args.latency_budget, prompt_chars=len(args.prompt),
-                        timeout=min(args.timeout, 5.0), on_error=errors.append)
+                        timeout=min(args.timeout, 5.0), on_error=errors.append, security=args.security)
     if plan is None:
         reason = errors[0] if errors else "no answer"
         print(f"tandem: NOTE: scheduler {args.scheduler} gave no plan ({reason}); using the default options", file=sys.stderr)
@@ -278,7 +295,7 @@ def _report_plan(args, plan, seconds: dict, edge_steps: int, ue_steps: int, hand
     from services.scheduler.client import report
 
     reported = report(args.scheduler, plan.plan_id, seconds, edge_steps, ue_steps, handoff_bytes, bool(fallback),
-                      timeout=min(args.timeout, 5.0))
+                      timeout=min(args.timeout, 5.0), security=args.security)
     return {"id": plan.plan_id, "scheduler": args.scheduler, "predicted_seconds": dict(plan.predicted_seconds),
             "frame_size": plan.frame_size, "reported": reported}
 

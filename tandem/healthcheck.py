@@ -1,6 +1,6 @@
 """A tiny gRPC health probe (grpc.health.v1) for container HEALTHCHECKs and scripts.
 
-    python -m tandem.healthcheck HOST:PORT [SERVICE] [--timeout SECONDS]
+    python -m tandem.healthcheck HOST:PORT [SERVICE] [--timeout SECONDS] [--tls-ca PEM [--tls-cert PEM --tls-key PEM]]
 
 Exits 0 only when the server answers SERVING for SERVICE ("" = the server as a whole), 1 when it
 answers anything else or cannot be reached within the timeout, 2 on bad usage. Prints one line.
@@ -9,18 +9,22 @@ answers anything else or cannot be reached within the timeout, 2 on bad usage. P
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.security import ClientSecurity, SecurityError, add_client_args, client_security, sync_channel
+
 DEFAULT_TIMEOUT = 3.0
 
 
-def check(address: str, service: str = "", timeout: float = DEFAULT_TIMEOUT) -> tuple[bool, str]:
+def check(address: str, service: str = "", timeout: float = DEFAULT_TIMEOUT,
+          security: ClientSecurity | None = None) -> tuple[bool, str]:
     """Asks `address` once for the health of `service`; returns (serving, one-line message)."""
     what = f"{address} ({service})" if service else address
-    with grpc.insecure_channel(address) as channel:
+    with sync_channel(address, security) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout, wait_for_ready=False)
@@ -40,10 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("address", metavar="HOST:PORT")
     parser.add_argument("service", nargs="?", default="", help='service name (default "": the whole server)')
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help=f"seconds ({DEFAULT_TIMEOUT:g})")
+    add_client_args(parser, lambda name, default: os.environ.get(f"TANDEM_{name.upper()}", default), what="the server")
     args = parser.parse_args(argv)
     if args.timeout <= 0:
         parser.error("--timeout: must be > 0")
-    serving, message = check(args.address, args.service, args.timeout)
+    try:
+        security = client_security(args)
+    except SecurityError as exc:
+        print(f"error: {exc}", flush=True)
+        return 2
+    serving, message = check(args.address, args.service, args.timeout, security)
     print(message, flush=True)
     return 0 if serving else 1
 

@@ -11,18 +11,19 @@ from typing import Callable
 import grpc
 
 from services.edge_server.engine import EngineLoad
+from services.security import ClientSecurity, aio_channel, call_metadata
 from tandem.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger("tandem.edge")
 
 
 async def send_heartbeats(scheduler: str, advertise: str, load: Callable[[], EngineLoad],
-                          interval_s: float = 1.0) -> None:
+                          interval_s: float = 1.0, security: ClientSecurity | None = None) -> None:
     """Runs until cancelled."""
     loop = asyncio.get_running_loop()
     last, last_at = load(), loop.time()
     failing = False
-    async with grpc.aio.insecure_channel(scheduler) as channel:
+    async with aio_channel(scheduler, security) as channel:
         stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
         while True:
             now_load, now = load(), loop.time()
@@ -32,7 +33,7 @@ async def send_heartbeats(scheduler: str, advertise: str, load: Callable[[], Eng
                 address=advertise, queue_depth=now_load.queue_depth,
                 running_requests=now_load.running_requests, steps_per_second=rate)
             try:
-                await stub.ReportEdgeLoad(message, timeout=max(0.5, interval_s))
+                await stub.ReportEdgeLoad(message, timeout=max(0.5, interval_s), metadata=call_metadata(security))
                 if failing:
                     log.info("scheduler %s reachable again", scheduler)
                 failing = False

@@ -25,6 +25,8 @@ from services.edge_server.heartbeat import send_heartbeats
 from services.edge_server.metrics import EdgeMetrics
 from services.edge_server.servicer import EdgeServicer
 from services.lifecycle import run_server, set_health, until_signalled
+from services.security import SecurityError, add_client_args, add_port, add_server_tls_args, client_security, server_tls
+from services.tokens import add_tokens_arg, interceptors
 from tandem.packs import PackError, load_pack
 from tandem.v1 import edge_pb2, edge_pb2_grpc
 
@@ -55,13 +57,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="send load heartbeats to this scheduler")
     parser.add_argument("--advertise", default=_env("advertise", None), metavar="HOST:PORT",
                         help="the address devices reach this server at (default: --host:--port)")
+    add_server_tls_args(parser, _env)
+    add_tokens_arg(parser, _env)
+    add_client_args(parser, _env, prefix="scheduler-", what="the --scheduler")
     return parser.parse_args(argv)
 
 
 async def serve(args: argparse.Namespace) -> None:
+    tls, scheduler_security = server_tls(args), client_security(args, "scheduler-")  # bad files fail before anything
     health = HealthServicer()
     servicer = EdgeServicer()
     server = grpc.aio.server(
+        interceptors=interceptors(args),
         options=[
             ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
             ("grpc.max_send_message_length", MAX_SEND_BYTES),
@@ -70,7 +77,7 @@ async def serve(args: argparse.Namespace) -> None:
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     edge_pb2_grpc.add_EdgeServiceServicer_to_server(servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
-    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    port = add_port(server, f"{args.host}:{args.port}", tls)
     await set_health(health, SERVICE_NAME, serving=False)
     await server.start()  # health answers NOT_SERVING while the model loads
     log.info("loading pack %s", args.pack)
@@ -86,7 +93,8 @@ async def serve(args: argparse.Namespace) -> None:
     heartbeats = None
     if args.scheduler:
         advertise = args.advertise or f"{args.host}:{port}"
-        heartbeats = asyncio.ensure_future(send_heartbeats(args.scheduler, advertise, engine.load))
+        heartbeats = asyncio.ensure_future(send_heartbeats(args.scheduler, advertise, engine.load,
+                                                                security=scheduler_security))
 
     await until_signalled()
     print("edge server draining: new requests get UNAVAILABLE", flush=True)
@@ -104,4 +112,4 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_server(serve, parse_args(argv), "tandem-edge", (PackError,))
+    return run_server(serve, parse_args(argv), "tandem-edge", (PackError, SecurityError))

@@ -11,6 +11,7 @@ from typing import Callable, Mapping
 
 import grpc
 
+from services.security import ClientSecurity, call_metadata, sync_channel
 from tandem.codec.strategy import DEFAULT_STRATEGY
 from tandem.v1 import scheduler_pb2, scheduler_pb2_grpc
 
@@ -47,6 +48,7 @@ def request_plan(
     user_id: str = "",
     timeout: float = DEFAULT_TIMEOUT,
     on_error: ErrorCallback | None = None,
+    security: ClientSecurity | None = None,
 ) -> ReceivedPlan | None:
     """A plan from the scheduler at ``address``, or None when it can't give one."""
     message = scheduler_pb2.PlanRequest(
@@ -59,7 +61,7 @@ def request_plan(
         energy_budget_joules=energy_budget_j,
         prompt_chars=prompt_chars,
     )
-    response = _call(address, "Plan", message, timeout, on_error)  # not retried: each call issues a plan
+    response = _call(address, "Plan", message, timeout, on_error, security)  # not retried: each call issues a plan
     if response is None:
         return None
     p = response.predicted
@@ -100,17 +102,20 @@ def report(
     fallback: bool = False,
     timeout: float = DEFAULT_TIMEOUT,
     on_error: ErrorCallback | None = None,
+    security: ClientSecurity | None = None,
 ) -> bool:
     """Sends what a plan measured; True when the scheduler took it."""
     message = scheduler_pb2.ReportRequest(plan_id=plan_id, measured=measured_phases(seconds), edge_steps=edge_steps,
                                           device_steps=device_steps, handoff_bytes=handoff_bytes, fallback=fallback)
-    return _call(address, "Report", message, timeout, on_error) is not None
+    return _call(address, "Report", message, timeout, on_error, security) is not None
 
 
-def _call(address: str, method: str, message, timeout: float, on_error: ErrorCallback | None):
+def _call(address: str, method: str, message, timeout: float, on_error: ErrorCallback | None,
+          security: ClientSecurity | None = None):
     try:
-        with grpc.insecure_channel(address) as channel:
-            return getattr(scheduler_pb2_grpc.SchedulerServiceStub(channel), method)(message, timeout=timeout)
+        with sync_channel(address, security) as channel:
+            return getattr(scheduler_pb2_grpc.SchedulerServiceStub(channel), method)(
+                message, timeout=timeout, metadata=call_metadata(security))
     except grpc.RpcError as exc:
         if on_error is not None:
             on_error(f"{exc.code().name}: {exc.details() or ''}".rstrip(": "))

@@ -29,6 +29,8 @@ from services.scheduler.edges import EdgeRegistry
 from services.scheduler.frames import FrameConfig
 from services.scheduler.metrics import SchedulerMetrics
 from services.lifecycle import run_server, set_health, until_signalled
+from services.security import add_port, add_server_tls_args, server_tls
+from services.tokens import add_tokens_arg, interceptors
 from services.scheduler.baselines import BASELINES
 from services.scheduler.planner import DeciderLike, warmup
 from services.scheduler.policy import PolicyFormatError, SchedulerPolicy
@@ -76,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-frame", type=int, default=int(_env("max_frame", 64)), help="largest frame (64)")
     parser.add_argument("--bandwidth-hz", type=float, default=float(_env("bandwidth_hz", 10e6)),
                         help="downlink band the frame's users share (10e6)")
+    add_server_tls_args(parser, _env)
+    add_tokens_arg(parser, _env)
     args = parser.parse_args(argv)
     args.edge = args.edge if args.edge is not None else env_edges
     for flag, ok in (("--frame-ms", args.frame_ms >= 0), ("--max-frame", args.max_frame >= 1),
@@ -110,8 +114,10 @@ def build_core(args: argparse.Namespace) -> SchedulerCore:
 
 
 async def serve(args: argparse.Namespace) -> None:
+    tls = server_tls(args)  # bad files fail before anything
     health = HealthServicer()
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)])
+    server = grpc.aio.server(interceptors=interceptors(args),
+                             options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)])
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, reflection.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
@@ -120,7 +126,7 @@ async def serve(args: argparse.Namespace) -> None:
     metrics.watch_edges(lambda: len(core.edges.live()))
     servicer = SchedulerServicer(core, metrics, FrameConfig(args.frame_ms / 1000.0, args.max_frame))
     scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    port = add_port(server, f"{args.host}:{args.port}", tls)
     await set_health(health, SERVICE_NAME, serving=False)
     await server.start()
     await asyncio.to_thread(warmup, args.max_frame)  # so no frame pays the solver's compile

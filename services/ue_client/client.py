@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 
+from services.security import ClientSecurity, call_metadata, sync_channel
 from services.ue_client.transport import EdgeError, EventCallback
 from tandem.v1 import device_pb2, device_pb2_grpc, edge_pb2
 
@@ -14,16 +15,17 @@ def generate_on_device_service(
     edge_address: str | None,
     timeout: float,
     on_event: EventCallback | None = None,
+    security: ClientSecurity | None = None,
 ) -> device_pb2.DeviceResult:
     """Runs a generation on the device service at `address`; raises EdgeError (named status)."""
     message = device_pb2.DeviceServiceGenerateRequest(
         request=request, edge_address=edge_address or "", edge_timeout_seconds=timeout
     )
-    with grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 32 * 1024 * 1024)]) as channel:
+    with sync_channel(address, security, options=[("grpc.max_receive_message_length", 32 * 1024 * 1024)]) as channel:
         stub = device_pb2_grpc.DeviceServiceStub(channel)
         try:
             # The device's own deadline: the edge's plus time for the late steps and decode.
-            for response in stub.Generate(message, timeout=2 * timeout + 60):
+            for response in stub.Generate(message, timeout=2 * timeout + 60, metadata=call_metadata(security)):
                 if response.WhichOneof("event") == "progress" and on_event is not None:
                     on_event(response.progress.phase, response.progress.done, response.progress.total)
                 elif response.WhichOneof("event") == "result":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from services.security import ClientSecurity
 from services.ue_client.transport import EdgeError, fetch_handoff
 from tandem.codec.container import CodecError
 from tandem.handoff import CodecSpec, decode_handoff
@@ -25,6 +26,7 @@ def generate_via_edge(
     edge_address: str | None,
     timeout: float = DEFAULT_TIMEOUT,
     on_step: StepCallback | None = None,
+    security: ClientSecurity | None = None,
 ) -> GenerationResult:
     """Steps [0, k) on the edge at `edge_address`, [k, T) here; all here when k = 0 or no edge."""
     request.validate()
@@ -34,7 +36,7 @@ def generate_via_edge(
     payload, fallback, state = b"", None, None
     if request.split > 0 and edge_address:
         try:
-            edge = asyncio.run(fetch_handoff(edge_address, request, codec, timeout, on_step))
+            edge = asyncio.run(fetch_handoff(edge_address, request, codec, timeout, on_step, security))
             payload = edge.payload
             timer.seconds.update(edge.seconds)
             with timer.phase("handoff"):

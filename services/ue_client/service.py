@@ -24,6 +24,7 @@ from prometheus_client import start_http_server
 
 from services.edge_server.metrics import record_call
 from services.lifecycle import run_server, set_health, until_signalled
+from services.security import ClientSecurity, SecurityError, add_client_args, add_port, add_server_tls_args, client_security, server_tls
 from services.ue_client.device import DEFAULT_TIMEOUT, generate_via_edge
 from services.ue_client.metrics import DeviceMetrics
 from tandem.packs import ModelPack, PackError, load_pack
@@ -36,8 +37,10 @@ SERVICE_NAME = device_pb2.DESCRIPTOR.services_by_name["DeviceService"].full_name
 
 
 class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
-    def __init__(self, pack: ModelPack, metrics: DeviceMetrics, default_edge: str | None):
+    def __init__(self, pack: ModelPack, metrics: DeviceMetrics, default_edge: str | None,
+                 edge_security: ClientSecurity | None = None):
         self.pack = pack
+        self.edge_security = edge_security
         self.metrics = metrics
         self.default_edge = default_edge
         self._turn = asyncio.Lock()
@@ -66,7 +69,8 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
 
             async with self._turn:
                 job = asyncio.ensure_future(
-                    asyncio.to_thread(generate_via_edge, self.pack, domain_request, codec, edge, timeout, on_step)
+                    asyncio.to_thread(generate_via_edge, self.pack, domain_request, codec, edge, timeout, on_step,
+                                      self.edge_security)
                 )
                 while not job.done() or not events.empty():
                     getter = asyncio.ensure_future(events.get())
@@ -119,10 +123,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=int(_env("port", 50061)))
     parser.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", 9102)), help="0 = none")
     parser.add_argument("--device", default=_env("device", None))
+    add_server_tls_args(parser, _env)
+    add_client_args(parser, _env, prefix="edge-", what="edge servers")
     return parser.parse_args(argv)
 
 
 async def serve(args: argparse.Namespace) -> None:
+    tls, edge_security = server_tls(args), client_security(args, "edge-")  # bad files fail before anything
     health = HealthServicer()
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024)])
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -132,8 +139,8 @@ async def serve(args: argparse.Namespace) -> None:
         pack.use_user(user)
     pack.use_user(None)
     metrics = DeviceMetrics()
-    device_pb2_grpc.add_DeviceServiceServicer_to_server(DeviceServicer(pack, metrics, args.edge), server)
-    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    device_pb2_grpc.add_DeviceServiceServicer_to_server(DeviceServicer(pack, metrics, args.edge, edge_security), server)
+    port = add_port(server, f"{args.host}:{args.port}", tls)
     await server.start()
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.host, registry=metrics.registry)
@@ -146,4 +153,4 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_server(serve, parse_args(argv), "tandem-ue", (PackError,))
+    return run_server(serve, parse_args(argv), "tandem-ue", (PackError, SecurityError))

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from services.security import ClientSecurity, aio_channel, call_metadata
 from tandem.wire import request_to_proto
 from tandem.handoff import CodecSpec
 from tandem.request import GenerationRequest
@@ -43,16 +44,18 @@ async def fetch_handoff(
     codec: CodecSpec,
     timeout: float,
     on_event: EventCallback | None = None,
+    security: ClientSecurity | None = None,
 ) -> EdgeHandoff:
     """Runs steps [0, k) on the edge and returns the handoff payload; raises EdgeError."""
     began = time.perf_counter()
     marks: dict[str, float] = {}
     chunks: list[bytes] = []
     expected_count = expected_total = None
-    async with grpc.aio.insecure_channel(address, options=channel_options()) as channel:
+    async with aio_channel(address, security, channel_options()) as channel:
         stub = edge_pb2_grpc.EdgeServiceStub(channel)
         try:
-            async for response in stub.Generate(request_to_proto(request, codec), timeout=timeout):
+            async for response in stub.Generate(request_to_proto(request, codec), timeout=timeout,
+                                                metadata=call_metadata(security)):
                 kind = response.WhichOneof("event")
                 if kind == "queued":
                     _notify(on_event, "queue", response.queued.position, 0)
@@ -83,10 +86,12 @@ async def fetch_handoff(
     )
 
 
-async def get_capabilities(address: str, timeout: float) -> edge_pb2.GetCapabilitiesResponse:
-    async with grpc.aio.insecure_channel(address, options=channel_options()) as channel:
+async def get_capabilities(address: str, timeout: float,
+                           security: ClientSecurity | None = None) -> edge_pb2.GetCapabilitiesResponse:
+    async with aio_channel(address, security, channel_options()) as channel:
         try:
-            return await edge_pb2_grpc.EdgeServiceStub(channel).GetCapabilities(edge_pb2.GetCapabilitiesRequest(), timeout=timeout)
+            return await edge_pb2_grpc.EdgeServiceStub(channel).GetCapabilities(
+                edge_pb2.GetCapabilitiesRequest(), timeout=timeout, metadata=call_metadata(security))
         except grpc.aio.AioRpcError as exc:
             raise EdgeError(exc.code().name, exc.details() or "") from exc
 
