@@ -40,9 +40,12 @@ class ServiceProcess:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
 
-def wait_healthy(address: str, proc: subprocess.Popen, timeout: float = 90.0, service: str = "") -> None:
+def wait_healthy(address: str, proc: subprocess.Popen, timeout: float = 90.0, service: str = "",
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
+    """`credentials`: for a TLS server (an mTLS one needs them with a client certificate)."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -57,12 +60,12 @@ def wait_healthy(address: str, proc: subprocess.Popen, timeout: float = 90.0, se
     raise TimeoutError(f"{address} not SERVING after {timeout} s")
 
 
-def _service(module: str, pack: Path, tmp_path: Path, *args: str):
-    return _process(module, tmp_path, "--pack", str(pack), "--device", "cpu", *args)
+def _service(module: str, pack: Path, tmp_path: Path, *args: str, credentials=None):
+    return _process(module, tmp_path, "--pack", str(pack), "--device", "cpu", *args, credentials=credentials)
 
 
 @contextmanager
-def _process(module: str, tmp_path: Path, *args: str):
+def _process(module: str, tmp_path: Path, *args: str, credentials: grpc.ChannelCredentials | None = None):
     port, metrics_port = free_port(), free_port()
     log_path = tmp_path / f"{module.rsplit('.', 1)[-1]}-{port}.log"
     command = [sys.executable, "-m", module, "--port", str(port), "--metrics-port", str(metrics_port), *args]
@@ -71,7 +74,7 @@ def _process(module: str, tmp_path: Path, *args: str):
         proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     service = ServiceProcess(proc, f"127.0.0.1:{port}", metrics_port, log_path)
     try:
-        wait_healthy(service.address, proc)
+        wait_healthy(service.address, proc, credentials=credentials)
         yield service
     finally:
         if proc.poll() is None:
@@ -83,8 +86,8 @@ def _process(module: str, tmp_path: Path, *args: str):
                 proc.wait()
 
 
-def edge_server(pack: Path, tmp_path: Path, *args: str):
-    return _service("services.edge_server", pack, tmp_path, *args)
+def edge_server(pack: Path, tmp_path: Path, *args: str, credentials: grpc.ChannelCredentials | None = None):
+    return _service("services.edge_server", pack, tmp_path, *args, credentials=credentials)
 
 
 def device_service(pack: Path, tmp_path: Path, *args: str):
