@@ -27,7 +27,8 @@ def test_cli_through_device_service_and_edge(tiny_packs, tmp_path, capsys, large
         request = GenerationRequest("a red circle at the left on a blue background", steps=6, split=4, seed=9,
                                     guidance_scale=3.0, height=32, width=32)
         expected = HybridPipeline(large_pack, small_pack).generate(request, CodecSpec("fp32")).image
-        assert np.array_equal(np.asarray(Image.open(out)), expected)
+        # The service is another process with other CPU thread counts: equal up to float rounding.
+        assert np.abs(np.asarray(Image.open(out)).astype(int) - expected.astype(int)).max() <= 1
 
         # Edge gone: the device service finishes alone and says so.
         edge.proc.kill()

@@ -42,10 +42,11 @@ def test_grpc_image_equals_in_process_hybrid_image(edge, large_pack, small_pack)
         remote = generate_via_edge(small_pack, request, CodecSpec("fp32"), edge.address, timeout=60)
         assert remote.fallback is None
         assert remote.edge_steps == 3 and remote.handoff_bytes == local.handoff_bytes
-        assert np.array_equal(remote.image, local.image)
-        # Another process may split CPU kernels differently (thread count): float rounding only.
+        # Another process may split CPU kernels differently (thread count): float rounding only,
+        # which can move a pixel across a rounding boundary, never further.
         scale = max(1.0, local.latent.abs().max().item())
         assert (remote.latent - local.latent).abs().max().item() <= 1e-5 * scale
+        assert np.abs(remote.image.astype(int) - local.image.astype(int)).max() <= 1
 
 
 def test_sixteen_concurrent_clients_complete_in_shared_batches(edge):
