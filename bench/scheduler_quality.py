@@ -171,6 +171,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--instances", type=int, default=500)
     ap.add_argument("--frames", type=int, default=200)
+    ap.add_argument("--only", choices=["small", "default", "violations", "latency"],
+                    help="one section (e.g. the latency one again on a quieter machine)")
     ap.add_argument("--n", type=int, default=20)
     ap.add_argument("--policy", type=Path, default=ROOT / "services" / "scheduler" / "policies" / "default")
     ap.add_argument("--quality", type=Path, help="quality profile JSON (default: synthetic)")
@@ -186,10 +188,15 @@ def main() -> int:
     if "policy" in ds:
         meta = ds["policy"].config.meta
         print(f"policy: {meta.get('algorithm')}, {meta.get('steps')} steps, seed {meta.get('seed')}")
-    small_frames(ds, quality, costs, args.instances, args.seed)
-    default_scenario(ds, quality, costs, args.frames, args.n, args.seed + 1)
-    violations(ds, quality, costs, args.frames, args.seed + 2)
-    latency(ds, quality, costs, min(args.frames, 200), 100, args.seed + 3)
+    run = lambda name: args.only in (None, name)  # noqa: E731
+    if run("small"):
+        small_frames(ds, quality, costs, args.instances, args.seed)
+    if run("default"):
+        default_scenario(ds, quality, costs, args.frames, args.n, args.seed + 1)
+    if run("violations"):
+        violations(ds, quality, costs, args.frames, args.seed + 2)
+    if run("latency"):
+        latency(ds, quality, costs, min(args.frames, 200), 100, args.seed + 3)
     return 0
 
 

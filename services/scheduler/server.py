@@ -31,7 +31,7 @@ from services.scheduler.metrics import SchedulerMetrics
 from services.lifecycle import run_server, set_health, until_signalled
 from services.security import add_port, add_server_tls_args, server_tls
 from services.tokens import add_tokens_arg, interceptors
-from services.scheduler.baselines import BASELINES
+from services.scheduler.baselines import BASELINES, polished
 from services.scheduler.planner import DeciderLike, warmup
 from services.scheduler.policy import PolicyFormatError, SchedulerPolicy
 from services.scheduler.quality import QualityProfileError, load_or_synthetic
@@ -73,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="edge server used when no edge heartbeats (repeatable)")
     parser.add_argument("--edge-ttl", type=float, default=float(_env("edge_ttl", 5.0)),
                         help="drop an edge not heard from for this many seconds (5)")
+    parser.add_argument("--polish-sweeps", type=int, default=int(_env("polish_sweeps", 1)),
+                        help="1-opt sweeps after the policy's decision (1; 0 = the policy alone)")
     parser.add_argument("--frame-ms", type=float, default=float(_env("frame_ms", 20.0)),
                         help="plan requests arriving within this window are decided together (20)")
     parser.add_argument("--max-frame", type=int, default=int(_env("max_frame", 64)), help="largest frame (64)")
@@ -83,7 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.edge = args.edge if args.edge is not None else env_edges
     for flag, ok in (("--frame-ms", args.frame_ms >= 0), ("--max-frame", args.max_frame >= 1),
-                     ("--edge-ttl", args.edge_ttl > 0), ("--bandwidth-hz", args.bandwidth_hz > 0)):
+                     ("--edge-ttl", args.edge_ttl > 0), ("--bandwidth-hz", args.bandwidth_hz > 0),
+                     ("--polish-sweeps", args.polish_sweeps >= 0)):
         if not ok:
             parser.error(f"{flag}: out of range, got {getattr(args, flag[2:].replace('-', '_'))}")
     return args
@@ -94,10 +97,11 @@ def default_cost_profile() -> str:
     return str(DEMO_COSTS) if (DEMO_PACK / "large").is_dir() and DEMO_COSTS.is_file() else BUILTIN
 
 
-def load_decider(policy: str) -> DeciderLike:
+def load_decider(policy: str, polish_sweeps: int = 1) -> DeciderLike:
     if policy in BASELINES or policy == "exact":
         return policy
-    return SchedulerPolicy.load(policy)
+    loaded = SchedulerPolicy.load(policy)
+    return polished(loaded, polish_sweeps) if polish_sweeps > 0 else loaded
 
 
 def build_core(args: argparse.Namespace) -> SchedulerCore:
@@ -109,7 +113,7 @@ def build_core(args: argparse.Namespace) -> SchedulerCore:
     log.info("quality profile: %s; cost profile: %s; frames %s",
              "SYNTHETIC" if quality.synthetic else args.quality_profile,
              "built-in (synthetic)" if builtin else args.cost_profile, frames)
-    return SchedulerCore(quality, costs, load_decider(args.policy), EdgeRegistry(args.edge_ttl, args.edge),
+    return SchedulerCore(quality, costs, load_decider(args.policy, args.polish_sweeps), EdgeRegistry(args.edge_ttl, args.edge),
                          FrameContext(bandwidth_hz=args.bandwidth_hz))
 
 
