@@ -120,7 +120,7 @@ class FrameProblem:
     # --- objective --------------------------------------------------------------------------
     def edge_step_seconds(self, n_edge):
         """g(n): GPU seconds per request-step at the whole available GPU with n edge users."""
-        return self.edge_a / np.clip(n_edge, 1, self.max_batch) + self.edge_b
+        return self.edge_a / np.minimum(np.maximum(n_edge, 1), self.max_batch) + self.edge_b
 
     def evaluate_batch(self, sel: np.ndarray) -> np.ndarray:
         """J for each row of ``sel`` ([M, N] option indices)."""
