@@ -1,6 +1,6 @@
 """Handoff bytes and fidelity per codec, merge ratio and merge strategy.
 
-    .venv/bin/python bench/handoff_codec.py [--large DIR --small DIR] [--prompts 16] [--steps 20]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/handoff_codec.py [--large DIR --small DIR] [--prompts 16] [--steps 20]
 
 1. Bytes of a real handoff payload (DPM-Solver++ at k = T/2, so the multistep history travels)
    for the demo latent and Stable-Diffusion-shaped latents (4×64×64, 4×128×128).
@@ -114,7 +114,6 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
-    torch.set_num_threads(2)
     shapes = [(4, 8, 8), (4, 64, 64), (4, 128, 128)]
     bytes_table(shapes, args.steps)
     latent_fidelity_table(shapes, args.steps)
