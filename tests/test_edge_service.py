@@ -160,6 +160,50 @@ def test_full_queue_answers_resource_exhausted(tiny_packs, tmp_path):
             queued.cancel()
 
 
+def test_one_user_cannot_take_more_than_its_streams(tiny_packs, tmp_path):
+    """--max-streams-per-user 1: alice's second concurrent stream is refused at once, bob's runs,
+    and alice's slot is hers again once her first stream ends."""
+    with edge_server(tiny_packs["large"], tmp_path, "--max-streams-per-user", "1") as server:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = edge_pb2_grpc.EdgeServiceStub(channel)
+            alice_long = request_to_proto(req(steps=200, split=200, user="alice"), CodecSpec())
+            running = stub.Generate(alice_long, timeout=120)
+            next(iter(running))  # admitted: holds alice's only slot
+            with pytest.raises(grpc.RpcError) as exc:
+                list(stub.Generate(request_to_proto(req(user="alice"), CodecSpec()), timeout=60))
+            assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "user alice already has 1 streams in flight" in exc.value.details()
+            bob = list(stub.Generate(request_to_proto(req(user="bob"), CodecSpec()), timeout=60))
+            assert bob[-1].WhichOneof("event") == "handoff"
+            running.cancel()
+            deadline = time.monotonic() + 30
+            while True:  # the cancelled stream's slot is released when its handler ends
+                try:
+                    again = list(stub.Generate(request_to_proto(req(user="alice"), CodecSpec()), timeout=60))
+                    break
+                except grpc.RpcError as err:
+                    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
+                    time.sleep(0.2)
+            assert again[-1].WhichOneof("event") == "handoff"
+
+
+def test_stream_limiter_bookkeeping():
+    from services.edge_server.limits import StreamLimiter, user_key
+
+    limiter = StreamLimiter(2)
+    assert limiter.try_acquire("a") and limiter.try_acquire("a") and not limiter.try_acquire("a")
+    assert limiter.try_acquire("b")
+    limiter.release("a")
+    assert limiter.try_acquire("a") and limiter.active == {"a": 2, "b": 1}
+    for _ in range(3):
+        limiter.release("a")  # an extra release never goes negative
+    assert "a" not in limiter.active
+    assert StreamLimiter(0).try_acquire("x") and all(StreamLimiter(0).try_acquire("x") for _ in range(100))
+    assert user_key("alice", "ipv4:10.0.0.7:5123") == "user alice"
+    assert user_key("", "ipv4:10.0.0.7:5123") == "host 10.0.0.7"
+    assert user_key("", "ipv6:[::1]:5123") == "host [::1]"
+
+
 def test_sigterm_drains_in_flight_and_refuses_new(tiny_packs, tmp_path):
     with edge_server(tiny_packs["large"], tmp_path) as server:
         with grpc.insecure_channel(server.address) as channel:

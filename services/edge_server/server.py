@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", 9101)), help="0 = no metrics endpoint")
     parser.add_argument("--max-batch", type=int, default=int(_env("max_batch", 16)))
     parser.add_argument("--max-queue", type=int, default=int(_env("max_queue", 64)))
+    parser.add_argument("--max-streams-per-user", type=int, default=int(_env("max_streams_per_user", 0)),
+                        help="concurrent Generate streams per user (the request's user, else the caller's host); 0 = no cap")
     parser.add_argument("--drain-seconds", type=float, default=float(_env("drain_seconds", 30)))
     parser.add_argument("--device", default=_env("device", None))
     parser.add_argument("--scheduler", default=_env("scheduler", None), metavar="HOST:PORT",
@@ -60,13 +62,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_server_tls_args(parser, _env)
     add_tokens_arg(parser, _env)
     add_client_args(parser, _env, prefix="scheduler-", what="the --scheduler")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.max_streams_per_user < 0:
+        parser.error(f"--max-streams-per-user: must be >= 0, got {args.max_streams_per_user}")
+    return args
 
 
 async def serve(args: argparse.Namespace) -> None:
     tls, scheduler_security = server_tls(args), client_security(args, "scheduler-")  # bad files fail before anything
     health = HealthServicer()
-    servicer = EdgeServicer()
+    servicer = EdgeServicer(max_streams_per_user=args.max_streams_per_user)
     server = grpc.aio.server(
         interceptors=interceptors(args),
         options=[

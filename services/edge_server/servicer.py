@@ -12,6 +12,7 @@ import grpc
 from services.edge_server.batching import Closed, QueueFull
 from tandem.wire import request_from_proto
 from services.edge_server.engine import EdgeEngine, Failed, Finished, Progress, Queued
+from services.edge_server.limits import StreamLimiter, user_key
 from services.edge_server.metrics import record_call
 from tandem.handoff import ENCODINGS, MAX_MERGE_RATIO
 from tandem.request import MAX_IMAGE_SIDE, MAX_PROMPT_CHARS, MAX_STEPS, RequestError
@@ -25,9 +26,11 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
     """Registered before the model loads (so health answers NOT_SERVING meanwhile); calls get
     UNAVAILABLE until `attach` hands it the engine."""
 
-    def __init__(self, engine: EdgeEngine | None = None, chunk_bytes: int = CHUNK_BYTES):
+    def __init__(self, engine: EdgeEngine | None = None, chunk_bytes: int = CHUNK_BYTES,
+                 max_streams_per_user: int = 0):
         self.engine: EdgeEngine | None = None
         self.chunk_bytes = chunk_bytes
+        self.limiter = StreamLimiter(max_streams_per_user)
         if engine is not None:
             self.attach(engine)
 
@@ -66,6 +69,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         code = grpc.StatusCode.OK
         recorded = False  # see record_call
         entry = None
+        holder = None  # whose stream slot this call holds
         try:
             try:
                 domain_request, codec = request_from_proto(request, self.pack)
@@ -73,6 +77,13 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
                 code = grpc.StatusCode.INVALID_ARGUMENT
                 recorded = record_call(self.metrics, code.name, began)
                 await context.abort(code, str(exc))
+            key = user_key(request.user, context.peer())
+            if not self.limiter.try_acquire(key):
+                code = grpc.StatusCode.RESOURCE_EXHAUSTED
+                recorded = record_call(self.metrics, code.name, began)
+                await context.abort(code, f"{key} already has {self.limiter.max_per_user} streams in flight "
+                                          f"(the per-user limit); retry when one finishes")
+            holder = key
             loop = asyncio.get_running_loop()
             events: asyncio.Queue = asyncio.Queue()
 
@@ -109,6 +120,8 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
                 self.engine.cancel(entry)
             raise
         finally:
+            if holder is not None:
+                self.limiter.release(holder)
             if not recorded:
                 record_call(self.metrics, code.name, began)
 
