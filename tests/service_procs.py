@@ -60,13 +60,16 @@ def wait_healthy(address: str, proc: subprocess.Popen, timeout: float = 90.0, se
     raise TimeoutError(f"{address} not SERVING after {timeout} s")
 
 
-def _service(module: str, pack: Path, tmp_path: Path, *args: str, credentials=None):
-    return _process(module, tmp_path, "--pack", str(pack), "--device", "cpu", *args, credentials=credentials)
+def _service(module: str, pack: Path, tmp_path: Path, *args: str, credentials=None, port: int | None = None):
+    return _process(module, tmp_path, "--pack", str(pack), "--device", "cpu", *args, credentials=credentials,
+                    port=port)
 
 
 @contextmanager
-def _process(module: str, tmp_path: Path, *args: str, credentials: grpc.ChannelCredentials | None = None):
-    port, metrics_port = free_port(), free_port()
+def _process(module: str, tmp_path: Path, *args: str, credentials: grpc.ChannelCredentials | None = None,
+             port: int | None = None):
+    """`port`: a fixed one (to restart a server where its clients expect it), else a free one."""
+    port, metrics_port = port or free_port(), free_port()
     log_path = tmp_path / f"{module.rsplit('.', 1)[-1]}-{port}.log"
     command = [sys.executable, "-m", module, "--port", str(port), "--metrics-port", str(metrics_port), *args]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
@@ -86,8 +89,9 @@ def _process(module: str, tmp_path: Path, *args: str, credentials: grpc.ChannelC
                 proc.wait()
 
 
-def edge_server(pack: Path, tmp_path: Path, *args: str, credentials: grpc.ChannelCredentials | None = None):
-    return _service("services.edge_server", pack, tmp_path, *args, credentials=credentials)
+def edge_server(pack: Path, tmp_path: Path, *args: str, credentials: grpc.ChannelCredentials | None = None,
+                port: int | None = None):
+    return _service("services.edge_server", pack, tmp_path, *args, credentials=credentials, port=port)
 
 
 def device_service(pack: Path, tmp_path: Path, *args: str):

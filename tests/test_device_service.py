@@ -7,7 +7,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from service_procs import device_service, edge_server, metric_value
+from service_procs import device_service, edge_server, free_port, metric_value
 from tandem import cli
 from tandem.handoff import CodecSpec
 from tandem.pipeline import HybridPipeline
@@ -48,3 +48,24 @@ def test_cli_through_device_service_and_edge(tiny_packs, tmp_path, capsys, large
         assert metric_value(text, "tandem_ue_requests_total", 'code="INVALID_ARGUMENT"') == 1
         assert metric_value(text, "tandem_ue_fallbacks_total") == 1
         assert metric_value(text, "tandem_ue_steps_total") == 2 + 6
+
+
+def test_device_service_reconnects_to_a_restarted_edge(tiny_packs, tmp_path, capsys):
+    """The edge goes down and comes back on the same address: while it is down the device finishes
+    alone (and says so); once it is back the next request uses it again, no restart of the device."""
+    port = free_port()
+    argv = ["generate", "a red circle at the left on a blue background", "--steps", "4", "--split", "2",
+            "--json", "--quiet"]
+
+    def generate(ue, name):
+        assert cli.main(argv + ["--ue", ue.address, "--out", str(tmp_path / name)]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    with device_service(tiny_packs["small"], tmp_path, "--edge", f"127.0.0.1:{port}") as ue:
+        with edge_server(tiny_packs["large"], tmp_path, port=port):
+            assert generate(ue, "before.png")["fallback"] is None
+        down = generate(ue, "down.png")  # edge stopped (SIGTERM, drained)
+        assert down["fallback"] and down["edge_steps"] == 0
+        with edge_server(tiny_packs["large"], tmp_path, port=port):
+            again = generate(ue, "after.png")
+        assert again["fallback"] is None and again["edge_steps"] == 2
