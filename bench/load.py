@@ -58,13 +58,13 @@ class Tally:
             self.rejected[code] = self.rejected.get(code, 0) + 1
 
 
-async def one_request(sched: str, i: int, tally: Tally) -> None:
+async def one_request(sched: str, i: int, tally: Tally, size: int = 64) -> None:
     plan = await asyncio.to_thread(request_plan, sched, "cpu-demo", bandwidth_bps=100e6, timeout=30)
     if plan is None or not plan.edge_address or plan.split == 0:
         tally.reject("no edge in plan")
         return
     request = GenerationRequest(PROMPTS[i % len(PROMPTS)], steps=plan.steps, split=plan.split, seed=i,
-                                guidance_scale=4.0, height=64, width=64).validate()
+                                guidance_scale=4.0, height=size, width=size).validate()
     codec = CodecSpec(plan.encoding, plan.merge_ratio, plan.merge_strategy)
     began = time.perf_counter()
     try:
@@ -85,16 +85,17 @@ async def one_request(sched: str, i: int, tally: Tally) -> None:
     await asyncio.to_thread(report, sched, plan.plan_id, edge.seconds, plan.split, 0, len(edge.payload), timeout=30)
 
 
-async def client(sched: str, index: int, clients: int, until: float, tally: Tally) -> None:
+async def client(sched: str, index: int, clients: int, until: float, tally: Tally, size: int) -> None:
     i = index
     while time.monotonic() < until:
-        await one_request(sched, i, tally)
+        await one_request(sched, i, tally, size)
         i += clients
 
 
-async def run(sched: str, clients: int, seconds: float, tally: Tally) -> None:
+async def run(sched: str, clients: int, seconds: float, tally: Tally, size: int = 64) -> None:
+    """`clients` loops until `seconds` have passed; `size`: image side (the pack's, 64 for the demo)."""
     until = time.monotonic() + seconds
-    await asyncio.gather(*(client(sched, c, clients, until, tally) for c in range(clients)))
+    await asyncio.gather(*(client(sched, c, clients, until, tally, size) for c in range(clients)))
 
 
 def main() -> None:
