@@ -303,7 +303,8 @@ def _report_plan(args, plan, seconds: dict, edge_steps: int, ue_steps: int, hand
 class _ProgressBars:
     """One tqdm bar per phase on stderr, opened when the phase reports its first step."""
 
-    LABELS = {"queue": "edge queue", "edge": "edge steps", "transfer": "handoff bytes", "device": "device steps"}
+    LABELS = {"queue": "edge queue", "edge": "edge steps", "transfer": "handoff bytes", "device": "device steps",
+              "decode": "decode"}
 
     def __init__(self, request: GenerationRequest | None):
         self.request = request
@@ -318,7 +319,7 @@ class _ProgressBars:
             self.close()  # phases run one after the other: finish the previous bar first
             if phase == "queue":  # `done` is the queue position; count down to 0
                 total, self.first_position = done + 1, done
-            unit = "B" if phase == "transfer" else "slot" if phase == "queue" else "step"
+            unit = {"transfer": "B", "queue": "slot", "decode": "image"}.get(phase, "step")
             bar = self.bars[phase] = tqdm(total=total, desc=self.LABELS.get(phase, phase), unit=unit, leave=True)
         value = self.first_position - done + 1 if phase == "queue" else done
         bar.update(value - bar.n)

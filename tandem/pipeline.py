@@ -166,6 +166,8 @@ class HybridPipeline:
             run_steps(self.ue, state, request.steps, "device", on_step)
         with timer.phase("decode"):
             image = decode(self.ue, state.latent)
+        if on_step is not None:  # one "step": the bar shows the image is decoded
+            on_step("decode", 1, 1)
         return GenerationResult(
             image=image,
             latent=state.latent.cpu(),

@@ -54,6 +54,8 @@ def generate_via_edge(
         run_steps(pack, state, request.steps, "device", on_step)
     with timer.phase("decode"):
         image = decode(pack, state.latent)
+    if on_step is not None:  # one "step": the bar shows the image is decoded
+        on_step("decode", 1, 1)
     return GenerationResult(
         image=image,
         latent=state.latent.cpu(),
