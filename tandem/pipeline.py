@@ -94,17 +94,21 @@ def resume(pack: ModelPack, handoff: Handoff) -> DenoiseState:
     )
 
 
-@torch.no_grad()
 def decode(pack: ModelPack, latent: torch.Tensor) -> np.ndarray:
     """6. The final latent as an RGB image, uint8 [H, W, 3]."""
-    config = pack.vae.config
-    scaled = latent[None].to(pack.device, pack.dtype) / pack.latent_scaling
-    shift = getattr(config, "shift_factor", None)
+    return decode_batch(pack, latent[None])[0]
+
+
+@torch.no_grad()
+def decode_batch(pack: ModelPack, latents: torch.Tensor) -> np.ndarray:
+    """Final latents [N, C, h, w] as RGB images, uint8 [N, H, W, 3], in one VAE call."""
+    scaled = latents.to(pack.device, pack.dtype) / pack.latent_scaling
+    shift = getattr(pack.vae.config, "shift_factor", None)
     if shift:
         scaled = scaled + shift
-    image = pack.vae.decode(scaled).sample[0].float()
-    image = ((image / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-    return image.permute(1, 2, 0).cpu().numpy()
+    images = pack.vae.decode(scaled).sample.float()
+    images = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    return images.permute(0, 2, 3, 1).cpu().numpy()
 
 
 @dataclass

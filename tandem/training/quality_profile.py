@@ -34,7 +34,7 @@ from tandem.demo.grammar import USER_STYLES, Scene
 from tandem.demo.world import sample_scenes
 from tandem.handoff import DEFAULT_STRATEGY, CodecSpec, decode_handoff, encode_handoff
 from tandem.packs import ModelPack, check_pair, load_pack
-from tandem.pipeline import make_handoff, resume, start
+from tandem.pipeline import decode_batch, make_handoff, resume, start
 from tandem.request import GenerationRequest
 from tandem.sampling.denoise import DenoiseState, advance
 
@@ -67,14 +67,9 @@ def _advance_all(pack: ModelPack, states: list[DenoiseState], until: int, batch:
             advance(pack.unet, chunk)
 
 
-@torch.no_grad()
 def _decode_all(pack: ModelPack, states: list[DenoiseState], batch: int) -> np.ndarray:
-    images = []
-    for lo in range(0, len(states), batch):
-        latents = torch.stack([s.latent for s in states[lo : lo + batch]]).to(pack.device, pack.dtype)
-        out = pack.vae.decode(latents / pack.latent_scaling).sample.float()
-        images.append(((out / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
-    return torch.cat(images).numpy()
+    return np.concatenate([decode_batch(pack, torch.stack([s.latent for s in states[lo : lo + batch]]))
+                           for lo in range(0, len(states), batch)])
 
 
 def _score(evaluator: Evaluator, images: np.ndarray, scenes: list[Scene], user: str) -> dict[str, float]:
