@@ -9,4 +9,5 @@ scripts/bootstrap.sh all
 mkdir -p out
 export HF_HUB_OFFLINE=1
 exec .venv/bin/python -m tandem.topology --free-ports --log-dir out/logs \
-    --then generate "a red circle at the left on a blue background" --out out/demo.png "$@"
+    --then generate "a red circle at the left on a blue background" --out out/demo.png \
+    --device-class cpu-demo "$@"  # the device class profiled on a CPU (services/scheduler/profiles)
