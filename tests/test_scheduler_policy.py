@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from services.scheduler.costs import CostProfile
+from services.scheduler.defaults import DEFAULT_QUALITY, DEMO_COSTS, load_profiles
 from services.scheduler.features import OBS_DIM
 from services.scheduler.lagrangian import PIDLagrangian
 from services.scheduler.options import DEFAULT_OPTIONS, build_option_table
@@ -17,7 +18,7 @@ from services.scheduler.planner import Plan, plan_frame, schedule_frame
 from services.scheduler.policy import PolicyFormatError, SchedulerPolicy
 from services.scheduler.problem import FrameProblem
 from services.scheduler.quality import synthetic_profile
-from services.scheduler.scenario import UserSpec, sample_frame
+from services.scheduler.scenario import UserSpec, sample_frame, scenario_for
 
 SHIPPED = Path(__file__).resolve().parents[1] / "services" / "scheduler" / "policies" / "default"
 QUALITY = synthetic_profile()
@@ -72,6 +73,18 @@ def test_shipped_policy_decides_100_users_within_their_masks():
     sel = policy(problem)
     assert sel.shape == (100,)
     assert problem.mask[np.arange(100), sel].all()
+
+
+@pytest.mark.parametrize("hidden", [(64, 64), (32, 16, 8)])
+def test_fast_inference_decides_like_the_reference_loop(hidden):
+    """__call__ folds the static features into one product up front; the decisions must not change."""
+    policy = SchedulerPolicy.random_init(DEFAULT_OPTIONS, hidden=hidden, seed=len(hidden))
+    quality, costs = load_profiles(DEFAULT_QUALITY, DEMO_COSTS)
+    rng = np.random.default_rng(5)
+    for n, (q, c) in zip([1, 3, 40, 100, 64], [(QUALITY, COSTS), (quality, costs)] * 3):
+        users, ctx = sample_frame(rng, scenario_for(q, c), n_users=n, costs=c)
+        problem = FrameProblem.build(users, q, c, DEFAULT_OPTIONS, ctx)
+        np.testing.assert_array_equal(policy(problem), policy.decide_reference(problem))
 
 
 def test_pid_lagrangian_follows_the_constraint():
@@ -136,6 +149,20 @@ def test_training_smoke_saves_a_loadable_policy(tmp_path):
     assert meta["mode"] == "lagrangian" and meta["cost_limit"] == 0.02
     policy = SchedulerPolicy.load(tmp_path, DEFAULT_OPTIONS)
     assert policy.config.hidden == (16, 16) and policy.config.meta["steps"] == 256
+    assert meta["quality_profile"] == meta["cost_profile"] == "synthetic"
     users, ctx = sample_frame(np.random.default_rng(1), n_users=7)
     problem = FrameProblem.build(users, QUALITY, COSTS, DEFAULT_OPTIONS, ctx)
     assert problem.mask[np.arange(7), policy(problem)].all()
+
+
+def test_training_scenario_follows_the_measured_profiles():
+    quality, costs = load_profiles(DEFAULT_QUALITY, DEMO_COSTS)
+    scenario = scenario_for(quality, costs)
+    assert dict(scenario.device_mix).keys() == costs.devices.keys()  # incl. the measured cpu-demo
+    assert set(scenario.personalized_profiles) == set(quality.users()) - {"base"} == {"alice", "bob"}
+    users, _ = sample_frame(np.random.default_rng(0), scenario, n_users=200, costs=costs)
+    assert {u.profile_user for u in users if u.personalized} == {"alice", "bob"}
+    assert {u.profile_user for u in users if not u.personalized} == {"base"}
+    assert "cpu-demo" in {u.device_class for u in users}
+    # the synthetic profiles keep the default scenario (and its random stream)
+    assert scenario_for(QUALITY, COSTS).personalized_profiles == ("personalized",)

@@ -11,6 +11,8 @@ load they would bring at their best option alone).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from services.scheduler.baselines import best_alone
@@ -25,6 +27,7 @@ DYNAMIC_FEATURES = ("decided", "edge_users", "sum_sqrt_k", "sum_sqrt_c", "margin
                     "rest_log_step", "rest_personalized", "rest_sqrt_k", "rest_sqrt_c")
 FEATURES = USER_FEATURES + FRAME_FEATURES + DYNAMIC_FEATURES
 OBS_DIM = len(FEATURES)
+_STATIC_DIM = len(USER_FEATURES) + len(FRAME_FEATURES)  # observation = static part + dynamic part
 OBS_CLIP = 10.0
 _SQRT_K_SCALE = 5.0  # √25
 
@@ -55,16 +58,23 @@ class SequentialState:
             user[:, 2].mean() if n else 0.0, user[:, 4].mean() if n else 0.0,
         ])
         self.frame_feats = frame
+        # The user and frame parts of every user's observation, clipped (they never change).
+        static = np.concatenate([user, np.broadcast_to(frame, (n, len(frame)))], 1) if n else np.zeros((0, _STATIC_DIM))
+        self.static_obs = np.minimum(np.maximum(static, -OBS_CLIP), OBS_CLIP)
         alone = best_alone(p)
         rows = np.arange(n)
         self._alone_sqrt_k = p.sqrt_k[alone]
         self._alone_sqrt_c = p.sqrt_c[rows, alone]
         self._c_norm = float(np.sqrt(self.comm_ref.mean())) if n else 1.0
+        self._sqrt_comm_ref = np.sqrt(self.comm_ref).tolist()
         # Suffix sums (what is still to come after user t).
         self._rest_step = np.concatenate([np.cumsum(user[::-1, 0])[::-1], [0.0]]) if n else np.zeros(1)
         self._rest_pers = np.concatenate([np.cumsum(user[::-1, 3])[::-1], [0.0]]) if n else np.zeros(1)
         self._rest_sk = np.concatenate([np.cumsum(self._alone_sqrt_k[::-1])[::-1], [0.0]]) if n else np.zeros(1)
         self._rest_sc = np.concatenate([np.cumsum(self._alone_sqrt_c[::-1])[::-1], [0.0]]) if n else np.zeros(1)
+        # as Python floats: dynamic_features reads one element of each per decision
+        self._rest_step, self._rest_pers = self._rest_step.tolist(), self._rest_pers.tolist()
+        self._rest_sk, self._rest_sc = self._rest_sk.tolist(), self._rest_sc.tolist()
         self.n_edge = 0
         self.s_k = 0.0
         self.s_c = 0.0
@@ -77,20 +87,23 @@ class SequentialState:
         return self.problem.mask[self.t]
 
     def observation(self) -> np.ndarray:
-        p, t, n = self.problem, self.t, self.problem.n_users
-        if t >= n:  # terminal observation: nothing left to decide
+        if self.t >= self.problem.n_users:  # terminal observation: nothing left to decide
             return np.zeros(OBS_DIM, dtype=np.float32)
-        g_next = float(p.edge_step_seconds(self.n_edge + 1))
+        return np.concatenate([self.static_obs[self.t], self.dynamic_features()]).astype(np.float32)
+
+    def dynamic_features(self) -> np.ndarray:
+        """The DYNAMIC_FEATURES of user t (clipped, float64): scalar arithmetic, as this runs once
+        per user and decision (numpy's per-call overhead would dominate)."""
+        p, t, n = self.problem, self.t, self.problem.n_users
+        g_next = p.edge_a / min(max(self.n_edge + 1, 1), p.max_batch) + p.edge_b  # = p.edge_step_seconds
         rest = n - t - 1
-        dyn = np.array([
+        dyn = (
             t / n, self.n_edge / n, self.s_k / (_SQRT_K_SCALE * n), self.s_c / (self._c_norm * n),
-            np.log1p(g_next * self.s_k * _SQRT_K_SCALE), np.log1p(self.s_c * np.sqrt(self.comm_ref[t])),
+            math.log1p(g_next * self.s_k * _SQRT_K_SCALE), math.log1p(self.s_c * self._sqrt_comm_ref[t]),
             self._rest_step[t + 1] / rest if rest else 0.0, self._rest_pers[t + 1] / rest if rest else 0.0,
             self._rest_sk[t + 1] / (_SQRT_K_SCALE * n), self._rest_sc[t + 1] / (self._c_norm * n),
-        ])
-        obs = np.concatenate([self.user_feats[t], self.frame_feats, dyn])
-        # minimum/maximum, not np.clip: same values, without clip's per-call dispatch cost
-        return np.minimum(np.maximum(obs, -OBS_CLIP), OBS_CLIP).astype(np.float32)
+        )
+        return np.array([min(max(x, -OBS_CLIP), OBS_CLIP) for x in dyn])
 
     def commit(self, option: int) -> None:
         p, t = self.problem, self.t

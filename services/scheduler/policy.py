@@ -114,9 +114,35 @@ class SchedulerPolicy:
         return int(np.argmax(logits))
 
     def __call__(self, problem: FrameProblem) -> np.ndarray:
-        """Decide every user of ``problem`` in order (the Decider interface)."""
+        """Decide every user of ``problem`` in order (the Decider interface).
+
+        Same decisions as ``act(state.observation(), mask)`` per user (tested), computed faster:
+        the first layer's product with the static part of every user's observation (user and
+        frame features) is one matrix product up front, leaving only the dynamic features and the
+        small layers per user.
+        """
         if problem.options != self.config.options:
             raise PolicyFormatError("the frame's option table differs from the policy's")
+        state = SequentialState(problem)
+        if state.done:
+            return state.sel
+        (w1, b1), rest = self.layers[0], self.layers[1:]
+        n_static = state.static_obs.shape[1]
+        first = state.static_obs.astype(np.float32) @ w1[:, :n_static].T + b1  # [N, hidden]
+        w1_dynamic = np.ascontiguousarray(w1[:, n_static:])
+        masked_out = np.where(problem.mask, np.float32(0), np.float32(-np.inf))  # added to the logits
+        act = self._act
+        (w_out, b_out), hidden = rest[-1], rest[:-1]
+        while not state.done:
+            t = state.t
+            h = act(first[t] + w1_dynamic @ state.dynamic_features().astype(np.float32))
+            for w, b in hidden:
+                h = act(w @ h + b)
+            state.commit(int(np.argmax(w_out @ h + b_out + masked_out[t])))
+        return state.sel
+
+    def decide_reference(self, problem: FrameProblem) -> np.ndarray:
+        """The plain loop (full observation, :meth:`act`) that ``__call__`` must agree with."""
         state = SequentialState(problem)
         while not state.done:
             state.commit(self.act(state.observation(), state.action_mask()))
