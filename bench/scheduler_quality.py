@@ -10,7 +10,9 @@
    unconstrained PPO policy (same steps budget, λ = 0).
 4. Decision latency at N = 100: decider + allocator (closed form, convex re-solve when a budget
    binds), p50 / p99; and plan_frame end to end (incl. building the frame's arrays).
-Prints markdown tables. Quality and cost profiles are the synthetic defaults unless given.
+Prints markdown tables. Profiles: the service's defaults (the demo pack's measured quality and cost
+profiles) unless given (``--quality synthetic --costs builtin`` for the synthetic ones); frames come
+from the default scenario adapted to them (their device classes and personalized users).
 """
 
 from __future__ import annotations
@@ -25,17 +27,17 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from services.scheduler.baselines import BASELINES  # noqa: E402
-from services.scheduler.costs import CostProfile  # noqa: E402
 from services.scheduler.exact import exact_optimum  # noqa: E402
 from services.scheduler.options import DEFAULT_OPTIONS  # noqa: E402
 from services.scheduler import planner  # noqa: E402
 from services.scheduler.planner import schedule_frame  # noqa: E402
 from services.scheduler.policy import SchedulerPolicy  # noqa: E402
 from services.scheduler.problem import FrameProblem  # noqa: E402
-from services.scheduler.quality import QualityProfile, synthetic_profile  # noqa: E402
-from services.scheduler.scenario import sample_frame  # noqa: E402
+from services.scheduler.defaults import BUILTIN, DEFAULT_QUALITY, default_cost_profile, load_profiles  # noqa: E402
+from services.scheduler.scenario import DEFAULT_SCENARIO, sample_frame, scenario_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+SCENARIO = DEFAULT_SCENARIO  # set in main() from the profiles
 ORDER = ["policy", "policy (unconstrained)", "greedy_ls", "best_fixed_split", "all_edge", "all_device", "greedy",
          "random"]
 
@@ -58,7 +60,7 @@ def small_frames(ds: dict, quality, costs, instances: int, seed: int) -> None:
     skipped = 0
     for _ in range(instances):
         n = int(rng.integers(2, 6))
-        users, ctx = sample_frame(rng, n_users=n, costs=costs)
+        users, ctx = sample_frame(rng, SCENARIO, n_users=n, costs=costs)
         p = FrameProblem.build(users, quality, costs, DEFAULT_OPTIONS, ctx)
         t0 = time.perf_counter()
         _, best = exact_optimum(p)
@@ -88,7 +90,7 @@ def default_scenario(ds: dict, quality, costs, frames: int, n: int, seed: int) -
            for k in ds}
     per_frame = {k: [] for k in ds}
     for _ in range(frames):
-        users, ctx = sample_frame(rng, n_users=n, costs=costs)
+        users, ctx = sample_frame(rng, SCENARIO, n_users=n, costs=costs)
         p = FrameProblem.build(users, quality, costs, DEFAULT_OPTIONS, ctx)
         for name, decide in ds.items():
             sel = np.asarray(decide(p))
@@ -123,7 +125,7 @@ def violations(ds: dict, quality, costs, frames: int, seed: int) -> None:
     acc = {k: [0, 0, 0.0, 0.0] for k in names}
     frames_with = {k: 0 for k in names}
     for _ in range(frames):
-        users, ctx = sample_frame(rng, costs=costs)
+        users, ctx = sample_frame(rng, SCENARIO, costs=costs)
         p = FrameProblem.build(users, quality, costs, DEFAULT_OPTIONS, ctx)
         for name in names:
             ev = p.evaluate(np.asarray(ds[name](p)))
@@ -147,7 +149,7 @@ def latency(ds: dict, quality, costs, frames: int, n: int, seed: int) -> None:
     times = {k: [] for k in names}
     total = {k: [] for k in names}
     repairs = {k: 0 for k in names}
-    scenes = [sample_frame(rng, n_users=n, costs=costs) for _ in range(frames)]
+    scenes = [sample_frame(rng, SCENARIO, n_users=n, costs=costs) for _ in range(frames)]
     planner.warmup(n)  # compile the deadline-aware allocator, as the service does at start
     for name in names:  # warm-up (caches)
         schedule_frame(*scenes[0][:1], quality, costs, ds[name], ctx=scenes[0][1])
@@ -175,12 +177,13 @@ def main() -> int:
                     help="one section (e.g. the latency one again on a quieter machine)")
     ap.add_argument("--n", type=int, default=20)
     ap.add_argument("--policy", type=Path, default=ROOT / "services" / "scheduler" / "policies" / "default")
-    ap.add_argument("--quality", type=Path, help="quality profile JSON (default: synthetic)")
-    ap.add_argument("--costs", type=Path, help="cost profile JSON (default: synthetic)")
+    ap.add_argument("--quality", default=str(DEFAULT_QUALITY), help="quality profile JSON or 'synthetic'")
+    ap.add_argument("--costs", default=default_cost_profile(), help=f"cost profile JSON or {BUILTIN!r}")
     ap.add_argument("--seed", type=int, default=2024)
     args = ap.parse_args()
-    quality = QualityProfile.load(args.quality) if args.quality else synthetic_profile()
-    costs = CostProfile.load(args.costs) if args.costs else CostProfile()
+    global SCENARIO
+    quality, costs = load_profiles(None if args.quality == "synthetic" else args.quality, args.costs)
+    SCENARIO = scenario_for(quality, costs)
     ds = deciders(args.policy)
     print("```\n" + " ".join([".venv/bin/python", "bench/scheduler_quality.py", *sys.argv[1:]]) + "\n```")
     print(f"quality profile: {'synthetic' if quality.synthetic else args.quality}; "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -66,9 +66,23 @@ class ScenarioConfig:
     # steps alone, so a frame always has a feasible plan (everyone local) and violations are avoidable.
     budget_floor: float = 1.1
     min_steps: int = 10
+    # Quality-profile entries a personalized user is drawn from (a measured profile names its
+    # users, e.g. the demo pack's alice and bob; the synthetic one has a single "personalized").
+    personalized_profiles: tuple[str, ...] = (PERSONALIZED_USER,)
 
 
 DEFAULT_SCENARIO = ScenarioConfig()
+_UNKNOWN_CLASS_WEIGHT = 0.25
+
+
+def scenario_for(quality, costs, base: ScenarioConfig = DEFAULT_SCENARIO) -> ScenarioConfig:
+    """``base`` adapted to the profiles a deployment runs with: every device class of ``costs``
+    (the base mix's weights, 0.25 for a class it does not know, e.g. a measured ``cpu-demo``) and
+    personalized users drawn from the quality profile's own users."""
+    known = dict(base.device_mix)
+    mix = tuple((name, known.get(name, _UNKNOWN_CLASS_WEIGHT)) for name in costs.devices)
+    users = tuple(u for u in quality.users() if u != BASE_USER) or base.personalized_profiles
+    return replace(base, device_mix=mix, personalized_profiles=users)
 
 
 def _log_uniform(rng: np.random.Generator, lo: float, hi: float, n: int) -> np.ndarray:
@@ -93,6 +107,9 @@ def sample_frame(rng: np.random.Generator, cfg: ScenarioConfig = DEFAULT_SCENARI
     classes = rng.choice(len(names), size=n, p=probs / probs.sum())
     se = sample_spectral_efficiency(rng, rng.uniform(*cfg.distance_km, n), cfg.channel)
     personalized = rng.random(n) < cfg.personalized_prob
+    # (drawn only when there is a choice, so the default scenario's random stream is unchanged)
+    many = len(cfg.personalized_profiles) > 1
+    profile = rng.integers(0, len(cfg.personalized_profiles), n) if many else np.zeros(n, int)
     lat = _log_uniform(rng, *cfg.latency_budget_s, n)
     energy = _log_uniform(rng, *cfg.energy_budget_j, n)
     unbounded = rng.random(n) < cfg.unbounded_prob
@@ -107,7 +124,7 @@ def sample_frame(rng: np.random.Generator, cfg: ScenarioConfig = DEFAULT_SCENARI
             device_class=names[classes[i]],
             spectral_efficiency=float(se[i]),
             personalized=bool(personalized[i]),
-            profile_user=PERSONALIZED_USER if personalized[i] else BASE_USER,
+            profile_user=cfg.personalized_profiles[profile[i]] if personalized[i] else BASE_USER,
             latency_budget_s=math.inf if unbounded[i] else float(lat[i]),
             energy_budget_j=math.inf if unbounded[i] else float(energy[i]),
         )

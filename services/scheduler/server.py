@@ -24,7 +24,8 @@ from prometheus_client import start_http_server
 
 import tandem
 from services.scheduler.core import SchedulerCore
-from services.scheduler.costs import CostProfile, CostProfileError
+from services.scheduler.costs import CostProfileError
+from services.scheduler.defaults import BUILTIN, DEFAULT_POLICY, DEFAULT_QUALITY, DEMO_COSTS, default_cost_profile, load_profiles
 from services.scheduler.edges import EdgeRegistry
 from services.scheduler.frames import FrameConfig
 from services.scheduler.metrics import SchedulerMetrics
@@ -34,20 +35,13 @@ from services.tokens import add_tokens_arg, interceptors
 from services.scheduler.baselines import BASELINES, polished
 from services.scheduler.planner import DeciderLike, warmup
 from services.scheduler.policy import PolicyFormatError, SchedulerPolicy
-from services.scheduler.quality import QualityProfileError, load_or_synthetic
+from services.scheduler.quality import QualityProfileError
 from services.scheduler.scenario import FrameContext
 from services.scheduler.servicer import SchedulerServicer
 from tandem.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger("tandem.scheduler")
 SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name
-DEFAULT_POLICY = Path(__file__).parent / "policies" / "default"
-DEMO_PACK = Path(tandem.__file__).parent / "demo_pack"
-DEFAULT_QUALITY = DEMO_PACK / "quality_profile.json"
-# Measured by `python -m services.scheduler.profiling` on the demo pack (CPU, one thread). It is the
-# default only while the demo pack is the default pack (installed); otherwise the built-in one.
-DEMO_COSTS = Path(__file__).parent / "profiles" / "demo_cpu.json"
-BUILTIN = "builtin"
 MAX_RECEIVE_BYTES = 16 * 1024  # every message is a handful of numbers
 STARTUP_ERRORS = (OSError, ValueError, json.JSONDecodeError, CostProfileError, QualityProfileError, PolicyFormatError)
 
@@ -92,11 +86,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def default_cost_profile() -> str:
-    """The demo pack's measured profile when the demo pack is installed, else the built-in one."""
-    return str(DEMO_COSTS) if (DEMO_PACK / "large").is_dir() and DEMO_COSTS.is_file() else BUILTIN
-
-
 def load_decider(policy: str, polish_sweeps: int = 1) -> DeciderLike:
     if policy in BASELINES or policy == "exact":
         return policy
@@ -106,9 +95,8 @@ def load_decider(policy: str, polish_sweeps: int = 1) -> DeciderLike:
 
 def build_core(args: argparse.Namespace) -> SchedulerCore:
     """Everything the service decides with; raises one of STARTUP_ERRORS on a bad file or flag."""
-    quality = load_or_synthetic(args.quality_profile)
-    builtin = args.cost_profile in ("", BUILTIN)
-    costs = CostProfile() if builtin else CostProfile.load(args.cost_profile)
+    quality, costs = load_profiles(args.quality_profile, args.cost_profile)
+    builtin = costs.synthetic
     frames = FrameConfig(args.frame_ms / 1000.0, args.max_frame)  # validates both
     log.info("quality profile: %s; cost profile: %s; frames %s",
              "SYNTHETIC" if quality.synthetic else args.quality_profile,

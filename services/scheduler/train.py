@@ -4,6 +4,10 @@ Lagrangian on the latency-budget violations, then save the actor without pickle.
     python -m services.scheduler.train --steps 300000 --seed 0 --out services/scheduler/policies/default/
     python -m services.scheduler.train --mode unconstrained ...   # plain PPO reward (λ = 0)
 
+It trains on the profiles the service runs with by default (the demo pack's measured quality and
+cost profiles; ``--quality-profile``/``--cost-profile`` for others): frames of the default scenario
+with every device class of the cost profile and the quality profile's personalized users.
+
 Rewards are (r − λ·c) / (1 + λ) with r the change in utility and c the change in violations per
 step; λ is updated once per rollout from the rollout's violations per user (cost limit, default
 0.02 = 2% of users over budget). Prints one progress line per rollout.
@@ -19,10 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
+from services.scheduler.costs import CostProfile
+from services.scheduler.defaults import BUILTIN, DEFAULT_QUALITY, default_cost_profile, load_profiles
 from services.scheduler.env import SchedulerEnv
 from services.scheduler.lagrangian import PIDLagrangian
 from services.scheduler.options import DEFAULT_OPTIONS
 from services.scheduler.policy import SchedulerPolicy
+from services.scheduler.quality import QualityProfile, synthetic_profile
+from services.scheduler.scenario import ScenarioConfig, scenario_for
 
 MODES = ("lagrangian", "unconstrained", "penalized")
 
@@ -32,7 +40,8 @@ class _LambdaHolder:
         self.lam = lam
 
 
-def _make_env(seed: int, mode: str, holder: _LambdaHolder):
+def _make_env(seed: int, mode: str, holder: _LambdaHolder, scenario: ScenarioConfig, quality: QualityProfile,
+              costs: CostProfile):
     import gymnasium as gym
 
     class LagrangianReward(gym.Wrapper):
@@ -47,7 +56,8 @@ def _make_env(seed: int, mode: str, holder: _LambdaHolder):
             return self.env.action_masks()
 
     def thunk():
-        env = LagrangianReward(SchedulerEnv(reward_mode="penalized" if mode == "penalized" else "utility"))
+        env = LagrangianReward(SchedulerEnv(scenario, quality, costs,
+                                            reward_mode="penalized" if mode == "penalized" else "utility"))
         env.reset(seed=seed)
         return env
 
@@ -55,7 +65,9 @@ def _make_env(seed: int, mode: str, holder: _LambdaHolder):
 
 
 def train(steps: int, seed: int, out: Path, mode: str = "lagrangian", cost_limit: float = 0.02,
-          n_envs: int = 8, n_steps: int = 256, lr: float = 3e-4, hidden: int = 128, quiet: bool = False) -> dict:
+          n_envs: int = 8, n_steps: int = 256, lr: float = 3e-4, hidden: int = 128, quiet: bool = False,
+          quality: QualityProfile | None = None, costs: CostProfile | None = None,
+          profile_names: tuple[str, str] = ("synthetic", "synthetic")) -> dict:
     import torch
     from sb3_contrib import MaskablePPO
     from stable_baselines3.common.callbacks import BaseCallback
@@ -64,7 +76,10 @@ def train(steps: int, seed: int, out: Path, mode: str = "lagrangian", cost_limit
     torch.set_num_threads(1)
     pid = PIDLagrangian(cost_limit) if mode == "lagrangian" else None
     holder = _LambdaHolder(pid.lam if pid else 0.0)
-    venv = DummyVecEnv([_make_env(seed * 1000 + i, mode, holder) for i in range(n_envs)])
+    quality = quality or synthetic_profile()
+    costs = costs or CostProfile()
+    scenario = scenario_for(quality, costs)
+    venv = DummyVecEnv([_make_env(seed * 1000 + i, mode, holder, scenario, quality, costs) for i in range(n_envs)])
     model = MaskablePPO(
         "MlpPolicy", venv, n_steps=n_steps, batch_size=256, n_epochs=10, learning_rate=lr, gamma=1.0,
         gae_lambda=0.95, ent_coef=0.01, seed=seed, device="cpu", verbose=0,
@@ -114,7 +129,10 @@ def train(steps: int, seed: int, out: Path, mode: str = "lagrangian", cost_limit
             "seed": seed, "cost_limit": cost_limit if pid else None, "lambda": holder.lam,
             "final_violation_rate": float(np.mean([r["violation_rate"] for r in last])) if last else None,
             "final_utility_per_user": float(np.mean([r["utility_per_user"] for r in last])) if last else None,
-            "scenario": "services.scheduler.scenario.DEFAULT_SCENARIO, synthetic quality and cost profiles"}
+            "scenario": {"base": "services.scheduler.scenario.DEFAULT_SCENARIO",
+                         "device_mix": [list(m) for m in scenario.device_mix],
+                         "personalized_profiles": list(scenario.personalized_profiles)},
+            "quality_profile": profile_names[0], "cost_profile": profile_names[1]}
     policy = SchedulerPolicy.from_sb3(model, DEFAULT_OPTIONS, meta)
     policy.save(out)
     (Path(out) / "train_log.json").write_text(json.dumps({"meta": meta, "history": history}, indent=0))
@@ -131,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=MODES, default="lagrangian")
     parser.add_argument("--cost-limit", type=float, default=0.02, help="violations per user (lagrangian)")
     parser.add_argument("--n-envs", type=int, default=8)
+    parser.add_argument("--quality-profile", default=str(DEFAULT_QUALITY),
+                        help="quality profile JSON (default: the demo pack's; synthetic if missing)")
+    parser.add_argument("--cost-profile", default=default_cost_profile(),
+                        help=f"cost profile JSON or {BUILTIN!r} (default: the demo pack's measured one)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -138,8 +160,26 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("training needs sb3-contrib: pip install sb3-contrib", file=sys.stderr)
         return 2
-    train(args.steps, args.seed, args.out, args.mode, args.cost_limit, args.n_envs, quiet=args.quiet)
+    try:
+        quality, costs = load_profiles(args.quality_profile, args.cost_profile)
+    except (OSError, ValueError) as exc:
+        print(f"cannot load profiles: {exc}", file=sys.stderr)
+        return 2
+    names = ("synthetic" if quality.synthetic else _relative(args.quality_profile),
+             "builtin" if costs.synthetic else _relative(args.cost_profile))
+    if not args.quiet:
+        print(f"quality profile: {names[0]}; cost profile: {names[1]}", flush=True)
+    train(args.steps, args.seed, args.out, args.mode, args.cost_limit, args.n_envs, quiet=args.quiet,
+          quality=quality, costs=costs, profile_names=names)
     return 0
+
+
+def _relative(path: str) -> str:
+    """A profile path as recorded in the policy's metadata: relative to the repository when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(__file__).resolve().parents[2]))
+    except ValueError:
+        return str(path)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,34 @@
+"""The profiles and policy the scheduler runs with unless told otherwise, in one place for the
+service, the training command and the benchmarks (no gRPC here).
+
+The defaults are the demo pack's measured profiles: its quality profile and the cost profile
+measured on it by ``python -m services.scheduler.profiling`` (CPU, one thread); the measured cost
+profile is the default only while the demo pack is installed, otherwise the synthetic built-in one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import tandem
+from services.scheduler.costs import CostProfile
+from services.scheduler.quality import QualityProfile, load_or_synthetic
+
+DEFAULT_POLICY = Path(__file__).parent / "policies" / "default"
+DEMO_PACK = Path(tandem.__file__).parent / "demo_pack"
+DEFAULT_QUALITY = DEMO_PACK / "quality_profile.json"
+DEMO_COSTS = Path(__file__).parent / "profiles" / "demo_cpu.json"
+BUILTIN = "builtin"  # the synthetic built-in cost profile
+
+
+def default_cost_profile() -> str:
+    """The demo pack's measured profile when the demo pack is installed, else the built-in one."""
+    return str(DEMO_COSTS) if (DEMO_PACK / "large").is_dir() and DEMO_COSTS.is_file() else BUILTIN
+
+
+def load_profiles(quality_path: str | Path | None, cost_path: str | Path | None) -> tuple[QualityProfile, CostProfile]:
+    """(quality, costs) from files; a missing quality file gives the synthetic profile (its
+    ``synthetic`` flag says so) and ``builtin``/empty gives the built-in cost profile."""
+    quality = load_or_synthetic(quality_path)
+    builtin = cost_path in (None, "", BUILTIN)
+    return quality, CostProfile() if builtin else CostProfile.load(cost_path)
