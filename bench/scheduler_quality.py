@@ -8,8 +8,9 @@
    the denoising the edge does and its mean batch.
 3. Budget violations on the training distribution (N = 1..100): the PID-Lagrangian policy vs the
    unconstrained PPO policy (same steps budget, λ = 0).
-4. Decision latency at N = 100: decider + allocator (closed form, convex re-solve when a budget
-   binds), p50 / p99; and plan_frame end to end (incl. building the frame's arrays).
+4. Decision latency at N = 100 (and 32, the largest frame the service polishes): decider + allocator (closed form; when a budget binds, the exact
+   active-set re-solve, cvxpy only if that can't decide), p50 / p99; and plan_frame end to end
+   (incl. building the frame's arrays).
 Prints markdown tables. Profiles: the service's defaults (the demo pack's measured quality and cost
 profiles) unless given (``--quality synthetic --costs builtin`` for the synthetic ones); frames come
 from the default scenario adapted to them (their device classes and personalized users).
@@ -26,19 +27,21 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.scheduler.baselines import BASELINES  # noqa: E402
+from services.scheduler.baselines import BASELINES, polished  # noqa: E402
 from services.scheduler.exact import exact_optimum  # noqa: E402
 from services.scheduler.options import DEFAULT_OPTIONS  # noqa: E402
 from services.scheduler import planner  # noqa: E402
 from services.scheduler.planner import schedule_frame  # noqa: E402
 from services.scheduler.policy import SchedulerPolicy  # noqa: E402
 from services.scheduler.problem import FrameProblem  # noqa: E402
-from services.scheduler.defaults import BUILTIN, DEFAULT_QUALITY, default_cost_profile, load_profiles  # noqa: E402
+from services.scheduler.defaults import (BUILTIN, DEFAULT_QUALITY, POLISH_MAX_USERS, POLISH_SWEEPS,  # noqa: E402
+                                         default_cost_profile, load_profiles)
 from services.scheduler.scenario import DEFAULT_SCENARIO, sample_frame, scenario_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIO = DEFAULT_SCENARIO  # set in main() from the profiles
-ORDER = ["policy", "policy (unconstrained)", "greedy_ls", "best_fixed_split", "all_edge", "all_device", "greedy",
+POLISHED = f"service (policy + {POLISH_SWEEPS} sweep if N ≤ {POLISH_MAX_USERS})"  # the service's default decider
+ORDER = ["policy", POLISHED, "policy (unconstrained)", "greedy_ls", "best_fixed_split", "all_edge", "all_device", "greedy",
          "random"]
 
 
@@ -47,8 +50,10 @@ def deciders(policy_dir: Path) -> dict:
     for name, path in (("policy", policy_dir), ("policy (unconstrained)", policy_dir.parent / "unconstrained")):
         if (path / "config.json").exists():
             out[name] = SchedulerPolicy.load(path, DEFAULT_OPTIONS)
+    if "policy" in out:
+        out[POLISHED] = polished(out["policy"], POLISH_SWEEPS, POLISH_MAX_USERS)
     out.update({k: BASELINES[k] for k in ORDER if k in BASELINES})
-    return out
+    return {k: out[k] for k in ORDER if k in out}
 
 
 def small_frames(ds: dict, quality, costs, instances: int, seed: int) -> None:
@@ -145,10 +150,11 @@ def violations(ds: dict, quality, costs, frames: int, seed: int) -> None:
 
 def latency(ds: dict, quality, costs, frames: int, n: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
-    names = [k for k in ("policy", "greedy_ls", "best_fixed_split") if k in ds]
+    names = [k for k in ("policy", POLISHED, "greedy_ls", "best_fixed_split") if k in ds]
     times = {k: [] for k in names}
     total = {k: [] for k in names}
     repairs = {k: 0 for k in names}
+    convex = {k: 0 for k in names}
     scenes = [sample_frame(rng, SCENARIO, n_users=n, costs=costs) for _ in range(frames)]
     planner.warmup(n)  # compile the deadline-aware allocator, as the service does at start
     for name in names:  # warm-up (caches)
@@ -160,13 +166,15 @@ def latency(ds: dict, quality, costs, frames: int, n: int, seed: int) -> None:
             total[name].append(time.perf_counter() - t0)
             times[name].append(d.decide_seconds + d.allocate_seconds)
             repairs[name] += d.allocation is not None
+            convex[name] += d.allocation is not None and d.allocation.solver == "cvxpy"
     print(f"\n### Decision latency, N = {n} ({frames} frames, this machine, shared cores)\n")
-    print("| decider | decide + allocate p50 | p99 | plan_frame end to end p50 | p99 | frames needing the convex re-solve |")
-    print("|---|---|---|---|---|---|")
+    print("| decider | decide + allocate p50 | p99 | plan_frame end to end p50 | p99 | frames re-solved with "
+          "deadlines | of which by cvxpy |")
+    print("|---|---|---|---|---|---|---|")
     for name in names:
         t, e = np.array(times[name]) * 1e3, np.array(total[name]) * 1e3
         print(f"| {name} | {np.percentile(t, 50):.2f} ms | {np.percentile(t, 99):.2f} ms | "
-              f"{np.percentile(e, 50):.2f} ms | {np.percentile(e, 99):.2f} ms | {repairs[name]}/{frames} |")
+              f"{np.percentile(e, 50):.2f} ms | {np.percentile(e, 99):.2f} ms | {repairs[name]}/{frames} | {convex[name]} |")
 
 
 def main() -> int:
@@ -200,6 +208,7 @@ def main() -> int:
         violations(ds, quality, costs, args.frames, args.seed + 2)
     if run("latency"):
         latency(ds, quality, costs, min(args.frames, 200), 100, args.seed + 3)
+        latency(ds, quality, costs, min(args.frames, 200), POLISH_MAX_USERS, args.seed + 4)
     return 0
 
 

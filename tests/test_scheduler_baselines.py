@@ -77,6 +77,8 @@ def test_a_polished_decider_repairs_a_bad_decision_in_one_sweep():
         assert after >= before
         assert p.mask[np.arange(p.n_users), fixed].all()
     assert after > before  # all-device is far from the best on the default scenario
+    # frames above max_users keep the decider's choice untouched
+    np.testing.assert_array_equal(polished(all_device, sweeps=1, max_users=5)(p), bad)
 
 
 def test_the_scheduler_server_rejects_a_negative_polish(capsys):
@@ -85,3 +87,6 @@ def test_the_scheduler_server_rejects_a_negative_polish(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--polish-sweeps", "-1"])
     assert "--polish-sweeps: out of range, got -1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--polish-max-users", "-2"])
+    assert "--polish-max-users: out of range, got -2" in capsys.readouterr().err

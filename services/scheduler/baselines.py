@@ -85,12 +85,17 @@ def greedy_ls(problem: FrameProblem) -> np.ndarray:
     return local_search(problem, best_alone(problem))
 
 
-def polished(decider: Decider, sweeps: int = 1) -> Decider:
-    """`decider`, then `sweeps` 1-opt sweeps on the frame objective. A learned policy meets
-    quality profiles it was not trained on (a measured pack where a personalized user's quality
-    falls to 0 without device steps); one sweep repairs its clear mistakes at N·K evaluations."""
+def polished(decider: Decider, sweeps: int = 1, max_users: int | None = None) -> Decider:
+    """`decider`, then `sweeps` 1-opt sweeps on the frame objective, for frames of at most
+    ``max_users`` users (all when None). A sweep is N·K frame evaluations, O(N²·K): ~2 ms at
+    N = 10 and ~30 ms at N = 100 on one CPU core, so it pays for small frames, where a policy
+    trained across frame sizes is least exact; it also repairs a policy run on profiles it was
+    not trained on."""
     def decide(problem: FrameProblem) -> np.ndarray:
-        return local_search(problem, decider(problem), max_sweeps=sweeps)
+        sel = decider(problem)
+        if max_users is not None and problem.n_users > max_users:
+            return sel
+        return local_search(problem, sel, max_sweeps=sweeps)
 
     return decide
 
