@@ -40,6 +40,7 @@ from services.scheduler.scenario import DEFAULT_SCENARIO, sample_frame, scenario
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIO = DEFAULT_SCENARIO  # set in main() from the profiles
+POLICIES = ROOT / "services" / "scheduler" / "policies"
 POLISHED = f"service (policy + {POLISH_SWEEPS} sweep if N ≤ {POLISH_MAX_USERS})"  # the service's default decider
 ORDER = ["policy", POLISHED, "policy (unconstrained)", "greedy_ls", "best_fixed_split", "all_edge", "all_device", "greedy",
          "random"]
@@ -47,7 +48,8 @@ ORDER = ["policy", POLISHED, "policy (unconstrained)", "greedy_ls", "best_fixed_
 
 def deciders(policy_dir: Path) -> dict:
     out = {}
-    for name, path in (("policy", policy_dir), ("policy (unconstrained)", policy_dir.parent / "unconstrained")):
+    unconstrained = policy_dir.with_name(policy_dir.name + "-unconstrained")
+    for name, path in (("policy", policy_dir), ("policy (unconstrained)", unconstrained)):
         if (path / "config.json").exists():
             out[name] = SchedulerPolicy.load(path, DEFAULT_OPTIONS)
     if "policy" in out:
@@ -177,6 +179,11 @@ def latency(ds: dict, quality, costs, frames: int, n: int, seed: int) -> None:
               f"{np.percentile(e, 50):.2f} ms | {np.percentile(e, 99):.2f} ms | {repairs[name]}/{frames} | {convex[name]} |")
 
 
+def _short(path) -> str:
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--instances", type=int, default=500)
@@ -184,7 +191,8 @@ def main() -> int:
     ap.add_argument("--only", choices=["small", "default", "violations", "latency"],
                     help="one section (e.g. the latency one again on a quieter machine)")
     ap.add_argument("--n", type=int, default=20)
-    ap.add_argument("--policy", type=Path, default=ROOT / "services" / "scheduler" / "policies" / "default")
+    ap.add_argument("--policy", type=Path, help="trained policy directory (default: policies/default, or "
+                    "policies/synthetic with the synthetic profiles); its '-unconstrained' sibling is compared")
     ap.add_argument("--quality", default=str(DEFAULT_QUALITY), help="quality profile JSON or 'synthetic'")
     ap.add_argument("--costs", default=default_cost_profile(), help=f"cost profile JSON or {BUILTIN!r}")
     ap.add_argument("--seed", type=int, default=2024)
@@ -192,13 +200,17 @@ def main() -> int:
     global SCENARIO
     quality, costs = load_profiles(None if args.quality == "synthetic" else args.quality, args.costs)
     SCENARIO = scenario_for(quality, costs)
+    if args.policy is None:
+        args.policy = POLICIES / ("synthetic" if quality.synthetic and costs.synthetic else "default")
     ds = deciders(args.policy)
     print("```\n" + " ".join([".venv/bin/python", "bench/scheduler_quality.py", *sys.argv[1:]]) + "\n```")
-    print(f"quality profile: {'synthetic' if quality.synthetic else args.quality}; "
-          f"cost profile: {'synthetic' if costs.synthetic else args.costs}")
+    print(f"quality profile: {'synthetic' if quality.synthetic else _short(args.quality)}; "
+          f"cost profile: {'synthetic' if costs.synthetic else _short(args.costs)}")
     if "policy" in ds:
         meta = ds["policy"].config.meta
-        print(f"policy: {meta.get('algorithm')}, {meta.get('steps')} steps, seed {meta.get('seed')}")
+        print(f"policy: {_short(args.policy)} "
+              f"({meta.get('algorithm')}, {meta.get('steps')} steps, seed {meta.get('seed')}, trained on "
+              f"{meta.get('quality_profile', '?')} / {meta.get('cost_profile', '?')})")
     run = lambda name: args.only in (None, name)  # noqa: E731
     if run("small"):
         small_frames(ds, quality, costs, args.instances, args.seed)

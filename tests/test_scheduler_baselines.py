@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -90,3 +92,17 @@ def test_the_scheduler_server_rejects_a_negative_polish(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--polish-max-users", "-2"])
     assert "--polish-max-users: out of range, got -2" in capsys.readouterr().err
+
+
+def test_the_server_warns_when_the_policy_was_trained_on_other_profiles(tmp_path, caplog):
+    from services.scheduler.defaults import DEFAULT_QUALITY, DEMO_COSTS
+    from services.scheduler.server import parse_args, warn_if_trained_elsewhere
+
+    synthetic = Path(__file__).resolve().parents[1] / "services" / "scheduler" / "policies" / "synthetic"
+    with caplog.at_level("WARNING", logger="tandem.scheduler"):
+        warn_if_trained_elsewhere(parse_args(["--policy", str(synthetic), "--quality-profile", str(tmp_path / "none"),
+                                              "--cost-profile", "builtin"]))
+        assert not caplog.records  # trained on exactly these (the synthetic ones)
+        warn_if_trained_elsewhere(parse_args(["--policy", str(synthetic), "--quality-profile", str(DEFAULT_QUALITY),
+                                              "--cost-profile", str(DEMO_COSTS)]))
+    assert len(caplog.records) == 1 and "trained on other profiles" in caplog.records[0].getMessage()

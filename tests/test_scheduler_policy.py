@@ -149,7 +149,8 @@ def test_training_smoke_saves_a_loadable_policy(tmp_path):
     assert meta["mode"] == "lagrangian" and meta["cost_limit"] == 0.02
     policy = SchedulerPolicy.load(tmp_path, DEFAULT_OPTIONS)
     assert policy.config.hidden == (16, 16) and policy.config.meta["steps"] == 256
-    assert meta["quality_profile"] == meta["cost_profile"] == "synthetic"
+    assert (meta["quality_profile"], meta["cost_profile"]) == (meta["quality_profile_id"], meta["cost_profile_id"]) \
+        == ("synthetic", "builtin")
     users, ctx = sample_frame(np.random.default_rng(1), n_users=7)
     problem = FrameProblem.build(users, QUALITY, COSTS, DEFAULT_OPTIONS, ctx)
     assert problem.mask[np.arange(7), policy(problem)].all()

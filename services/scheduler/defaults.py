@@ -8,6 +8,7 @@ profile is the default only while the demo pack is installed, otherwise the synt
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import tandem
@@ -36,3 +37,14 @@ def load_profiles(quality_path: str | Path | None, cost_path: str | Path | None)
     quality = load_or_synthetic(quality_path)
     builtin = cost_path in (None, "", BUILTIN)
     return quality, CostProfile() if builtin else CostProfile.load(cost_path)
+
+
+def profile_ids(quality_path: str | Path | None, cost_path: str | Path | None) -> tuple[str, str]:
+    """What a policy records about the profiles it was trained on, and the service compares with
+    its own: "synthetic" / "builtin" for the built-in ones, else a digest of the file's bytes."""
+    def digest(path) -> str:
+        return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+    quality = digest(quality_path) if quality_path is not None and Path(quality_path).exists() else "synthetic"
+    costs = "builtin" if cost_path in (None, "", BUILTIN) else digest(cost_path)
+    return quality, costs

@@ -26,7 +26,7 @@ import tandem
 from services.scheduler.core import SchedulerCore
 from services.scheduler.costs import CostProfileError
 from services.scheduler.defaults import (BUILTIN, DEFAULT_POLICY, DEFAULT_QUALITY, DEMO_COSTS, POLISH_MAX_USERS,
-                                         POLISH_SWEEPS, default_cost_profile, load_profiles)
+                                         POLISH_SWEEPS, default_cost_profile, load_profiles, profile_ids)
 from services.scheduler.edges import EdgeRegistry
 from services.scheduler.frames import FrameConfig
 from services.scheduler.metrics import SchedulerMetrics
@@ -99,6 +99,20 @@ def load_decider(policy: str, polish_sweeps: int = POLISH_SWEEPS,
     return polished(loaded, polish_sweeps, polish_max_users) if polish_sweeps > 0 else loaded
 
 
+def warn_if_trained_elsewhere(args: argparse.Namespace) -> None:
+    """A policy is only as good as the profiles it was trained on: say so when they differ."""
+    if args.policy in BASELINES or args.policy == "exact":
+        return
+    meta = SchedulerPolicy.load(args.policy).config.meta
+    trained = (meta.get("quality_profile_id"), meta.get("cost_profile_id"))
+    running = profile_ids(args.quality_profile, args.cost_profile)
+    if trained != running:
+        log.warning("the policy was trained on other profiles (quality %s, costs %s; running with %s, %s): "
+                    "its plans may be poor; retrain it (python -m services.scheduler.train) or use "
+                    "--polish-sweeps/--polish-max-users to refine its decisions",
+                    meta.get("quality_profile", "?"), meta.get("cost_profile", "?"), *running)
+
+
 def build_core(args: argparse.Namespace) -> SchedulerCore:
     """Everything the service decides with; raises one of STARTUP_ERRORS on a bad file or flag."""
     quality, costs = load_profiles(args.quality_profile, args.cost_profile)
@@ -107,7 +121,9 @@ def build_core(args: argparse.Namespace) -> SchedulerCore:
     log.info("quality profile: %s; cost profile: %s; frames %s",
              "SYNTHETIC" if quality.synthetic else args.quality_profile,
              "built-in (synthetic)" if builtin else args.cost_profile, frames)
-    return SchedulerCore(quality, costs, load_decider(args.policy, args.polish_sweeps, args.polish_max_users), EdgeRegistry(args.edge_ttl, args.edge),
+    decider = load_decider(args.policy, args.polish_sweeps, args.polish_max_users)
+    warn_if_trained_elsewhere(args)
+    return SchedulerCore(quality, costs, decider, EdgeRegistry(args.edge_ttl, args.edge),
                          FrameContext(bandwidth_hz=args.bandwidth_hz))
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from services.scheduler.costs import CostProfile
-from services.scheduler.defaults import BUILTIN, DEFAULT_QUALITY, default_cost_profile, load_profiles
+from services.scheduler.defaults import BUILTIN, DEFAULT_QUALITY, default_cost_profile, load_profiles, profile_ids
 from services.scheduler.env import SchedulerEnv
 from services.scheduler.lagrangian import PIDLagrangian
 from services.scheduler.options import DEFAULT_OPTIONS
@@ -67,7 +67,8 @@ def _make_env(seed: int, mode: str, holder: _LambdaHolder, scenario: ScenarioCon
 def train(steps: int, seed: int, out: Path, mode: str = "lagrangian", cost_limit: float = 0.02,
           n_envs: int = 8, n_steps: int = 256, lr: float = 3e-4, hidden: int = 128, quiet: bool = False,
           quality: QualityProfile | None = None, costs: CostProfile | None = None,
-          profile_names: tuple[str, str] = ("synthetic", "synthetic")) -> dict:
+          profile_names: tuple[str, str] = ("synthetic", "builtin"),
+          ids: tuple[str, str] = ("synthetic", "builtin")) -> dict:
     import torch
     from sb3_contrib import MaskablePPO
     from stable_baselines3.common.callbacks import BaseCallback
@@ -132,7 +133,8 @@ def train(steps: int, seed: int, out: Path, mode: str = "lagrangian", cost_limit
             "scenario": {"base": "services.scheduler.scenario.DEFAULT_SCENARIO",
                          "device_mix": [list(m) for m in scenario.device_mix],
                          "personalized_profiles": list(scenario.personalized_profiles)},
-            "quality_profile": profile_names[0], "cost_profile": profile_names[1]}
+            "quality_profile": profile_names[0], "cost_profile": profile_names[1],
+            "quality_profile_id": ids[0], "cost_profile_id": ids[1]}
     policy = SchedulerPolicy.from_sb3(model, DEFAULT_OPTIONS, meta)
     policy.save(out)
     (Path(out) / "train_log.json").write_text(json.dumps({"meta": meta, "history": history}, indent=0))
@@ -170,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         print(f"quality profile: {names[0]}; cost profile: {names[1]}", flush=True)
     train(args.steps, args.seed, args.out, args.mode, args.cost_limit, args.n_envs, quiet=args.quiet,
-          quality=quality, costs=costs, profile_names=names)
+          quality=quality, costs=costs, profile_names=names,
+          ids=profile_ids(args.quality_profile, args.cost_profile))
     return 0
 
 
