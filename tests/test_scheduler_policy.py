@@ -87,6 +87,27 @@ def test_fast_inference_decides_like_the_reference_loop(hidden):
         np.testing.assert_array_equal(policy(problem), policy.decide_reference(problem))
 
 
+@pytest.mark.skipif(not (SHIPPED / "config.json").exists(), reason="no trained policy shipped")
+@pytest.mark.parametrize("device_class", ["cpu-demo", "laptop-gpu", "phone", "cpu"])
+def test_the_service_decider_plans_a_lone_user_optimally(device_class):
+    """The service's default decider (shipped policy + one sweep for small frames) on the default
+    profiles: a frame of one user, base or personalized, gets the exact optimum."""
+    from services.scheduler.baselines import polished
+    from services.scheduler.defaults import POLISH_MAX_USERS, POLISH_SWEEPS
+    from services.scheduler.exact import exact_optimum
+
+    quality, costs = load_profiles(DEFAULT_QUALITY, DEMO_COSTS)
+    decider = polished(SchedulerPolicy.load(SHIPPED, DEFAULT_OPTIONS), POLISH_SWEEPS, POLISH_MAX_USERS)
+    for user in ("base", "alice", "bob"):
+        spec = UserSpec("u", device_class, 5.0, personalized=user != "base", profile_user=user)
+        problem = FrameProblem.build([spec], quality, costs, DEFAULT_OPTIONS)
+        _, best = exact_optimum(problem)
+        got = problem.evaluate(decider(problem))
+        assert got.objective == pytest.approx(best, abs=1e-9), (device_class, user)
+        if user != "base":  # the LoRA only runs on the device: some late steps stay there
+            assert got.quality[0] > 0.9
+
+
 def test_pid_lagrangian_follows_the_constraint():
     pid = PIDLagrangian(cost_limit=0.02, lambda_init=0.0)
     for _ in range(5):
