@@ -138,9 +138,9 @@ def main() -> int:
                              "process's first UNet calls are several times slower (1)")
     parser.add_argument("--window", type=int, default=10, help="generations per summary window (10)")
     parser.add_argument("--link-mbps", type=float, default=100.0, help="the CLI's downlink estimate (100)")
-    parser.add_argument("--budgets", type=lambda t: [float(v) for v in t.split(",")], default=[0.0, 2.0, 0.7],
-                        help="latency budgets in turn, 0 = none (0,2,0.7: with the demo CPU profile the planner "
-                             "then picks all-edge T=25, a mid split T=15 and T=10 k=3 r=0.25)")
+    parser.add_argument("--budgets", type=lambda t: [float(v) for v in t.split(",")], default=[0.0, 0.5, 0.55],
+                        help="latency budgets in turn, 0 = none (0,0.5,0.55: with the demo CPU profile and the "
+                             "default policy the planner then picks T=10 with k = 8, 5, 3 and 0)")
     args = parser.parse_args()
     if args.generations < 1 or args.window < 1 or args.warmup < 0:
         parser.error("--generations and --window must be >= 1, --warmup >= 0")
