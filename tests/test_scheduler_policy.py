@@ -75,7 +75,7 @@ def test_shipped_policy_decides_100_users_within_their_masks():
     assert problem.mask[np.arange(100), sel].all()
 
 
-@pytest.mark.parametrize("hidden", [(64, 64), (32, 16, 8)])
+@pytest.mark.parametrize("hidden", [(64, 64), (32, 16, 8), (12,), ()])
 def test_fast_inference_decides_like_the_reference_loop(hidden):
     """__call__ folds the static features into one product up front; the decisions must not change."""
     policy = SchedulerPolicy.random_init(DEFAULT_OPTIONS, hidden=hidden, seed=len(hidden))

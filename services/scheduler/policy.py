@@ -123,6 +123,8 @@ class SchedulerPolicy:
         """
         if problem.options != self.config.options:
             raise PolicyFormatError("the frame's option table differs from the policy's")
+        if len(self.layers) < 2:  # no hidden layer: nothing to fold
+            return self.decide_reference(problem)
         state = SequentialState(problem)
         if state.done:
             return state.sel
