@@ -198,7 +198,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=2024)
     args = ap.parse_args()
     global SCENARIO
-    quality, costs = load_profiles(None if args.quality == "synthetic" else args.quality, args.costs)
+    quality, costs = load_profiles(args.quality, args.costs)
     SCENARIO = scenario_for(quality, costs)
     if args.policy is None:
         args.policy = POLICIES / ("synthetic" if quality.synthetic and costs.synthetic else "default")

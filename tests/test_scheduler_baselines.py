@@ -96,13 +96,15 @@ def test_the_scheduler_server_rejects_a_negative_polish(capsys):
 
 def test_the_server_warns_when_the_policy_was_trained_on_other_profiles(tmp_path, caplog):
     from services.scheduler.defaults import DEFAULT_QUALITY, DEMO_COSTS
-    from services.scheduler.server import parse_args, warn_if_trained_elsewhere
+    from services.scheduler.server import load_decider, parse_args
 
     synthetic = Path(__file__).resolve().parents[1] / "services" / "scheduler" / "policies" / "synthetic"
     with caplog.at_level("WARNING", logger="tandem.scheduler"):
-        warn_if_trained_elsewhere(parse_args(["--policy", str(synthetic), "--quality-profile", str(tmp_path / "none"),
-                                              "--cost-profile", "builtin"]))
+        load_decider(parse_args(["--policy", str(synthetic), "--quality-profile", str(tmp_path / "none"),
+                                 "--cost-profile", "builtin"]))
         assert not caplog.records  # trained on exactly these (the synthetic ones)
-        warn_if_trained_elsewhere(parse_args(["--policy", str(synthetic), "--quality-profile", str(DEFAULT_QUALITY),
-                                              "--cost-profile", str(DEMO_COSTS)]))
+        load_decider(parse_args([]))  # the default policy on the default profiles
+        assert not caplog.records
+        load_decider(parse_args(["--policy", str(synthetic), "--quality-profile", str(DEFAULT_QUALITY),
+                                 "--cost-profile", str(DEMO_COSTS)]))
     assert len(caplog.records) == 1 and "trained on other profiles" in caplog.records[0].getMessage()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from services.scheduler.costs import CostProfile
-from services.scheduler.defaults import DEFAULT_QUALITY, DEMO_COSTS, load_profiles
+from services.scheduler.defaults import DEFAULT_QUALITY, DEMO_COSTS, load_profiles, profile_ids
 from services.scheduler.features import OBS_DIM
 from services.scheduler.lagrangian import PIDLagrangian
 from services.scheduler.options import DEFAULT_OPTIONS, build_option_table
@@ -188,3 +188,7 @@ def test_training_scenario_follows_the_measured_profiles():
     assert "cpu-demo" in {u.device_class for u in users}
     # the synthetic profiles keep the default scenario (and its random stream)
     assert scenario_for(QUALITY, COSTS).personalized_profiles == ("personalized",)
+    quality, costs = load_profiles("synthetic", "builtin")
+    assert quality.synthetic and costs.synthetic
+    assert profile_ids("synthetic", "builtin") == ("synthetic", "builtin")
+    assert profile_ids(DEFAULT_QUALITY, DEMO_COSTS)[0].startswith("sha256:")

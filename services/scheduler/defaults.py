@@ -20,6 +20,7 @@ DEMO_PACK = Path(tandem.__file__).parent / "demo_pack"
 DEFAULT_QUALITY = DEMO_PACK / "quality_profile.json"
 DEMO_COSTS = Path(__file__).parent / "profiles" / "demo_cpu.json"
 BUILTIN = "builtin"  # the synthetic built-in cost profile
+SYNTHETIC = "synthetic"  # the synthetic quality profile
 # After the policy, one 1-opt sweep for frames of up to 32 users (a sweep is O(N²·options):
 # ~5 ms at 32 users; it lifts the policy where it is least exact, small frames).
 POLISH_SWEEPS = 1
@@ -32,9 +33,9 @@ def default_cost_profile() -> str:
 
 
 def load_profiles(quality_path: str | Path | None, cost_path: str | Path | None) -> tuple[QualityProfile, CostProfile]:
-    """(quality, costs) from files; a missing quality file gives the synthetic profile (its
-    ``synthetic`` flag says so) and ``builtin``/empty gives the built-in cost profile."""
-    quality = load_or_synthetic(quality_path)
+    """(quality, costs) from files; ``synthetic`` or a missing quality file gives the synthetic
+    profile (its ``synthetic`` flag says so) and ``builtin``/empty gives the built-in cost profile."""
+    quality = load_or_synthetic(None if quality_path == SYNTHETIC else quality_path)
     builtin = cost_path in (None, "", BUILTIN)
     return quality, CostProfile() if builtin else CostProfile.load(cost_path)
 
@@ -45,6 +46,7 @@ def profile_ids(quality_path: str | Path | None, cost_path: str | Path | None) -
     def digest(path) -> str:
         return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
-    quality = digest(quality_path) if quality_path is not None and Path(quality_path).exists() else "synthetic"
+    real = quality_path not in (None, SYNTHETIC) and Path(quality_path).exists()
+    quality = digest(quality_path) if real else SYNTHETIC
     costs = "builtin" if cost_path in (None, "", BUILTIN) else digest(cost_path)
     return quality, costs

@@ -2,7 +2,7 @@
 a JSON config (observation features, action count, option table). Inference is a few small matrix
 products per user (numpy; :meth:`SchedulerPolicy.to_torch` gives the same MLP as a torch module).
 
-    policy = SchedulerPolicy.load("services/scheduler/policy")
+    policy = SchedulerPolicy.load("services/scheduler/policies/default")
     selection = policy(problem)          # one option index per user, masked, greedy
 
 Loading a file whose config does not match this code (features, option table, shapes) raises

@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--policy", default=_env("policy", str(DEFAULT_POLICY)),
                         help=f"trained policy directory, or a baseline: {', '.join(BASELINES)}, exact")
     parser.add_argument("--quality-profile", default=_env("quality_profile", str(DEFAULT_QUALITY)),
-                        help="quality profile JSON (synthetic when the file does not exist)")
+                        help="quality profile JSON, or 'synthetic' (also when the file does not exist)")
     parser.add_argument("--cost-profile", default=_env("cost_profile", default_cost_profile()),
                         help=f"cost profile JSON, or {BUILTIN!r} for the synthetic built-in one (default: "
                              f"{DEMO_COSTS.relative_to(Path(tandem.__file__).parent.parent)} when the demo pack is installed)")
@@ -91,21 +91,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_decider(policy: str, polish_sweeps: int = POLISH_SWEEPS,
-                 polish_max_users: int | None = POLISH_MAX_USERS) -> DeciderLike:
-    if policy in BASELINES or policy == "exact":
-        return policy
-    loaded = SchedulerPolicy.load(policy)
-    return polished(loaded, polish_sweeps, polish_max_users) if polish_sweeps > 0 else loaded
-
-
-def warn_if_trained_elsewhere(args: argparse.Namespace) -> None:
-    """A policy is only as good as the profiles it was trained on: say so when they differ."""
+def load_decider(args: argparse.Namespace) -> DeciderLike:
+    """The policy (polished in small frames) or a baseline's name; warns when the policy was
+    trained on other profiles than the service runs with."""
     if args.policy in BASELINES or args.policy == "exact":
-        return
-    meta = SchedulerPolicy.load(args.policy).config.meta
+        return args.policy
+    policy = SchedulerPolicy.load(args.policy)
+    warn_if_trained_elsewhere(policy.config.meta, profile_ids(args.quality_profile, args.cost_profile))
+    return polished(policy, args.polish_sweeps, args.polish_max_users) if args.polish_sweeps > 0 else policy
+
+
+def warn_if_trained_elsewhere(meta: dict, running: tuple[str, str]) -> None:
+    """A policy is only as good as the profiles it was trained on: say so when they differ."""
     trained = (meta.get("quality_profile_id"), meta.get("cost_profile_id"))
-    running = profile_ids(args.quality_profile, args.cost_profile)
     if trained != running:
         log.warning("the policy was trained on other profiles (quality %s, costs %s; running with %s, %s): "
                     "its plans may be poor; retrain it (python -m services.scheduler.train) or use "
@@ -121,9 +119,7 @@ def build_core(args: argparse.Namespace) -> SchedulerCore:
     log.info("quality profile: %s; cost profile: %s; frames %s",
              "SYNTHETIC" if quality.synthetic else args.quality_profile,
              "built-in (synthetic)" if builtin else args.cost_profile, frames)
-    decider = load_decider(args.policy, args.polish_sweeps, args.polish_max_users)
-    warn_if_trained_elsewhere(args)
-    return SchedulerCore(quality, costs, decider, EdgeRegistry(args.edge_ttl, args.edge),
+    return SchedulerCore(quality, costs, load_decider(args), EdgeRegistry(args.edge_ttl, args.edge),
                          FrameContext(bandwidth_hz=args.bandwidth_hz))
 
 

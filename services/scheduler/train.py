@@ -1,8 +1,10 @@
 """Train the scheduling policy: MaskablePPO (sb3-contrib) on :class:`SchedulerEnv` with a PID
 Lagrangian on the latency-budget violations, then save the actor without pickle.
 
-    python -m services.scheduler.train --steps 300000 --seed 0 --out services/scheduler/policies/default/
-    python -m services.scheduler.train --mode unconstrained ...   # plain PPO reward (λ = 0)
+    OMP_NUM_THREADS=1 python -m services.scheduler.train --steps 2500000 --seed 0 --out services/scheduler/policies/default/
+    OMP_NUM_THREADS=1 python -m services.scheduler.train --mode unconstrained --steps 600000 --seed 0 \
+        --out services/scheduler/policies/default-unconstrained/    # plain PPO reward (λ = 0)
+    ... --quality-profile synthetic --cost-profile builtin --steps 800000 --out .../policies/synthetic/
 
 It trains on the profiles the service runs with by default (the demo pack's measured quality and
 cost profiles; ``--quality-profile``/``--cost-profile`` for others): frames of the default scenario
@@ -147,12 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.scheduler.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=300_000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("services/scheduler/policy"))
+    parser.add_argument("--out", type=Path, default=Path("runs/scheduler-policy"),
+                        help="output directory (runs/scheduler-policy; the shipped one is policies/default)")
     parser.add_argument("--mode", choices=MODES, default="lagrangian")
     parser.add_argument("--cost-limit", type=float, default=0.02, help="violations per user (lagrangian)")
     parser.add_argument("--n-envs", type=int, default=8)
     parser.add_argument("--quality-profile", default=str(DEFAULT_QUALITY),
-                        help="quality profile JSON (default: the demo pack's; synthetic if missing)")
+                        help="quality profile JSON or 'synthetic' (default: the demo pack's)")
     parser.add_argument("--cost-profile", default=default_cost_profile(),
                         help=f"cost profile JSON or {BUILTIN!r} (default: the demo pack's measured one)")
     parser.add_argument("--quiet", action="store_true")
