@@ -137,6 +137,19 @@ class PhaseTimer:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - begin
 
 
+def finish_on_device(pack: ModelPack, state: DenoiseState, total_steps: int, timer: PhaseTimer,
+                     on_step: StepCallback | None = None) -> np.ndarray:
+    """The device's part after its first step: the late steps up to ``total_steps`` and the
+    decode, timed as ``ue_steps`` and ``decode``; the decode shows as one "decode" step."""
+    with timer.phase("ue_steps"):
+        run_steps(pack, state, total_steps, "device", on_step)
+    with timer.phase("decode"):
+        image = decode(pack, state.latent)
+    if on_step is not None:
+        on_step("decode", 1, 1)
+    return image
+
+
 class HybridPipeline:
     """Edge pack for steps [0, k), device pack (+ the user's LoRA) for [k, T), in one process."""
 
@@ -166,12 +179,7 @@ class HybridPipeline:
             self.ue.use_user(request.user)
             with timer.phase("ue_steps"):
                 state = resume(self.ue, handoff)
-        with timer.phase("ue_steps"):
-            run_steps(self.ue, state, request.steps, "device", on_step)
-        with timer.phase("decode"):
-            image = decode(self.ue, state.latent)
-        if on_step is not None:  # one "step": the bar shows the image is decoded
-            on_step("decode", 1, 1)
+        image = finish_on_device(self.ue, state, request.steps, timer, on_step)
         return GenerationResult(
             image=image,
             latent=state.latent.cpu(),

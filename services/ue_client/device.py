@@ -12,7 +12,7 @@ from services.ue_client.transport import EdgeError, fetch_handoff
 from tandem.codec.container import CodecError
 from tandem.handoff import CodecSpec, decode_handoff
 from tandem.packs import ModelPack
-from tandem.pipeline import GenerationResult, PhaseTimer, StepCallback, decode, resume, run_steps, start
+from tandem.pipeline import GenerationResult, PhaseTimer, StepCallback, finish_on_device, resume, start
 from tandem.request import GenerationRequest
 
 log = logging.getLogger("tandem.ue")
@@ -50,12 +50,7 @@ def generate_via_edge(
         with timer.phase("ue_steps"):
             state = start(pack, request)
     edge_steps = 0 if fallback else request.split
-    with timer.phase("ue_steps"):
-        run_steps(pack, state, request.steps, "device", on_step)
-    with timer.phase("decode"):
-        image = decode(pack, state.latent)
-    if on_step is not None:  # one "step": the bar shows the image is decoded
-        on_step("decode", 1, 1)
+    image = finish_on_device(pack, state, request.steps, timer, on_step)
     return GenerationResult(
         image=image,
         latent=state.latent.cpu(),
