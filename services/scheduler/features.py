@@ -51,13 +51,11 @@ class SequentialState:
             np.log(ebudget / 100.0), np.isfinite(p.energy_budget).astype(float),
             np.log(self.comm_ref / 0.05), p.mask.mean(1),
         ], 1) if n else np.zeros((0, len(USER_FEATURES)))
-        self.user_feats = user
         frame = np.array([
             np.log(max(n, 1) / 20.0), p.ctx.edge_capacity, np.log(p.ctx.bandwidth_hz / 10e6),
             user[:, 0].mean() if n else 0.0, user[:, 3].mean() if n else 0.0,
             user[:, 2].mean() if n else 0.0, user[:, 4].mean() if n else 0.0,
         ])
-        self.frame_feats = frame
         # The user and frame parts of every user's observation, clipped (they never change).
         static = np.concatenate([user, np.broadcast_to(frame, (n, len(frame)))], 1) if n else np.zeros((0, _STATIC_DIM))
         self.static_obs = np.minimum(np.maximum(static, -OBS_CLIP), OBS_CLIP)
