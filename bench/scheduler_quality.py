@@ -35,7 +35,7 @@ from services.scheduler.planner import schedule_frame  # noqa: E402
 from services.scheduler.policy import SchedulerPolicy  # noqa: E402
 from services.scheduler.problem import FrameProblem  # noqa: E402
 from services.scheduler.defaults import (BUILTIN, DEFAULT_QUALITY, POLISH_MAX_USERS, POLISH_SWEEPS,  # noqa: E402
-                                         default_cost_profile, load_profiles)
+                                         default_cost_profile, display_path, load_profiles)
 from services.scheduler.scenario import DEFAULT_SCENARIO, sample_frame, scenario_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,11 +179,6 @@ def latency(ds: dict, quality, costs, frames: int, n: int, seed: int) -> None:
               f"{np.percentile(e, 50):.2f} ms | {np.percentile(e, 99):.2f} ms | {repairs[name]}/{frames} | {convex[name]} |")
 
 
-def _short(path) -> str:
-    path = Path(path).resolve()
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--instances", type=int, default=500)
@@ -204,11 +199,11 @@ def main() -> int:
         args.policy = POLICIES / ("synthetic" if quality.synthetic and costs.synthetic else "default")
     ds = deciders(args.policy)
     print("```\n" + " ".join([".venv/bin/python", "bench/scheduler_quality.py", *sys.argv[1:]]) + "\n```")
-    print(f"quality profile: {'synthetic' if quality.synthetic else _short(args.quality)}; "
-          f"cost profile: {'synthetic' if costs.synthetic else _short(args.costs)}")
+    print(f"quality profile: {'synthetic' if quality.synthetic else display_path(args.quality)}; "
+          f"cost profile: {'synthetic' if costs.synthetic else display_path(args.costs)}")
     if "policy" in ds:
         meta = ds["policy"].config.meta
-        print(f"policy: {_short(args.policy)} "
+        print(f"policy: {display_path(args.policy)} "
               f"({meta.get('algorithm')}, {meta.get('steps')} steps, seed {meta.get('seed')}, trained on "
               f"{meta.get('quality_profile', '?')} / {meta.get('cost_profile', '?')})")
     run = lambda name: args.only in (None, name)  # noqa: E731

@@ -15,6 +15,7 @@ import tandem
 from services.scheduler.costs import CostProfile
 from services.scheduler.quality import QualityProfile, load_or_synthetic
 
+ROOT = Path(__file__).resolve().parents[2]  # the directory holding services/ and tandem/
 DEFAULT_POLICY = Path(__file__).parent / "policies" / "default"
 DEMO_PACK = Path(tandem.__file__).parent / "demo_pack"
 DEFAULT_QUALITY = DEMO_PACK / "quality_profile.json"
@@ -25,6 +26,12 @@ SYNTHETIC = "synthetic"  # the synthetic quality profile
 # ~5 ms at 32 users; it lifts the policy where it is least exact, small frames).
 POLISH_SWEEPS = 1
 POLISH_MAX_USERS = 32
+
+
+def display_path(path: str | Path) -> str:
+    """``path`` relative to ROOT when it lies inside it (for logs, help and policy metadata)."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
 
 
 def default_cost_profile() -> str:

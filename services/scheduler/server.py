@@ -14,7 +14,6 @@ import asyncio
 import json
 import logging
 import os
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -22,11 +21,11 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-import tandem
 from services.scheduler.core import SchedulerCore
 from services.scheduler.costs import CostProfileError
 from services.scheduler.defaults import (BUILTIN, DEFAULT_POLICY, DEFAULT_QUALITY, DEMO_COSTS, POLISH_MAX_USERS,
-                                         POLISH_SWEEPS, default_cost_profile, load_profiles, profile_ids)
+                                         POLISH_SWEEPS, default_cost_profile, display_path, load_profiles,
+                                         profile_ids)
 from services.scheduler.edges import EdgeRegistry
 from services.scheduler.frames import FrameConfig
 from services.scheduler.metrics import SchedulerMetrics
@@ -62,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="quality profile JSON, or 'synthetic' (also when the file does not exist)")
     parser.add_argument("--cost-profile", default=_env("cost_profile", default_cost_profile()),
                         help=f"cost profile JSON, or {BUILTIN!r} for the synthetic built-in one (default: "
-                             f"{DEMO_COSTS.relative_to(Path(tandem.__file__).parent.parent)} when the demo pack is installed)")
+                             f"{display_path(DEMO_COSTS)} when the demo pack is installed)")
     env_edges = [e for e in _env("edge", "").split(",") if e]
     parser.add_argument("--edge", action="append", default=None, metavar="HOST:PORT",
                         help="edge server used when no edge heartbeats (repeatable)")

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from services.scheduler.costs import CostProfile
-from services.scheduler.defaults import BUILTIN, DEFAULT_QUALITY, default_cost_profile, load_profiles, profile_ids
+from services.scheduler.defaults import (BUILTIN, DEFAULT_QUALITY, default_cost_profile, display_path, load_profiles,
+                                         profile_ids)
 from services.scheduler.env import SchedulerEnv
 from services.scheduler.lagrangian import PIDLagrangian
 from services.scheduler.options import DEFAULT_OPTIONS
@@ -170,22 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"cannot load profiles: {exc}", file=sys.stderr)
         return 2
-    names = ("synthetic" if quality.synthetic else _relative(args.quality_profile),
-             "builtin" if costs.synthetic else _relative(args.cost_profile))
+    names = ("synthetic" if quality.synthetic else display_path(args.quality_profile),
+             "builtin" if costs.synthetic else display_path(args.cost_profile))
     if not args.quiet:
         print(f"quality profile: {names[0]}; cost profile: {names[1]}", flush=True)
     train(args.steps, args.seed, args.out, args.mode, args.cost_limit, args.n_envs, quiet=args.quiet,
           quality=quality, costs=costs, profile_names=names,
           ids=profile_ids(args.quality_profile, args.cost_profile))
     return 0
-
-
-def _relative(path: str) -> str:
-    """A profile path as recorded in the policy's metadata: relative to the repository when inside it."""
-    try:
-        return str(Path(path).resolve().relative_to(Path(__file__).resolve().parents[2]))
-    except ValueError:
-        return str(path)
 
 
 if __name__ == "__main__":
