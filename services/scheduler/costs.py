@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -48,6 +48,13 @@ class EdgeCoefficients:
     def per_request_step_seconds(self, batch: int | np.ndarray):
         """GPU seconds one request costs per step when ``batch`` requests share each step."""
         return self.a_s / np.maximum(np.asarray(batch), 1) + self.b_s
+
+    @classmethod
+    def fit(cls, batch: Sequence[float], per_step_seconds: Sequence[float]) -> tuple["EdgeCoefficients", float]:
+        """Least squares a + b·batch over measured per-step seconds (two or more batch sizes),
+        and its R². A negative intercept is noise, not a negative overhead: clamped at 0."""
+        a, b, r2 = fit_linear(batch, per_step_seconds)
+        return cls(max(a, 0.0), max(b, 1e-6)), r2
 
 
 @dataclass(frozen=True)
@@ -238,6 +245,15 @@ class PhaseObservation:
     rate_bps: float = 0.0
 
 
+def fit_linear(x: Sequence[float], y: Sequence[float]) -> tuple[float, float, float]:
+    """Least-squares y = a + b·x and its R²."""
+    xs, ys = np.asarray(x, float), np.asarray(y, float)
+    (a, b), *_ = np.linalg.lstsq(np.stack([np.ones_like(xs), xs], 1), ys, rcond=None)
+    residual = float(((ys - a - b * xs) ** 2).sum())
+    total = float(((ys - ys.mean()) ** 2).sum())
+    return float(a), float(b), 1.0 - residual / total if total > 0 else 1.0
+
+
 def calibrate(profile: CostProfile, observations: Iterable[PhaseObservation], alpha: float = 0.3) -> CostProfile:
     """A new profile moved toward ``observations`` (exponential moving average, weight ``alpha``).
 
@@ -255,10 +271,8 @@ def calibrate(profile: CostProfile, observations: Iterable[PhaseObservation], al
         batch = np.array([o.batch for o in rows], float)
         per_step = np.array([o.seconds / o.steps for o in rows])
         if len(set(batch.tolist())) >= 2:
-            design = np.stack([np.ones_like(batch), batch], 1)
-            (a_fit, b_fit), *_ = np.linalg.lstsq(design, per_step, rcond=None)
-            a_fit, b_fit = max(a_fit, 0.0), max(b_fit, 1e-6)
-            new = EdgeCoefficients((1 - alpha) * old.a_s + alpha * a_fit, (1 - alpha) * old.b_s + alpha * b_fit)
+            fit, _ = EdgeCoefficients.fit(batch, per_step)
+            new = EdgeCoefficients((1 - alpha) * old.a_s + alpha * fit.a_s, (1 - alpha) * old.b_s + alpha * fit.b_s)
         else:
             ratio = float(np.mean(per_step / old.step_seconds(batch)))
             scale = (1 - alpha) + alpha * ratio

@@ -28,7 +28,8 @@ from typing import Callable, Mapping, Sequence, TypeVar
 
 import numpy as np
 
-from services.scheduler.costs import CostProfile, CostProfileError, DeviceClass, EdgeCoefficients, LatentShape
+from services.scheduler.costs import (CostProfile, CostProfileError, DeviceClass, EdgeCoefficients, LatentShape,
+                                     fit_linear)
 
 PROMPT = "a red circle at the left on a blue background"
 DEFAULT_BATCHES = (1, 2, 4, 8, 16)
@@ -94,15 +95,6 @@ def interleaved_medians(calls: Mapping[K, Callable[[], object]], repeats: int, w
     return {key: statistics.median(values) for key, values in times.items()}
 
 
-def fit_linear(x: Sequence[float], y: Sequence[float]) -> tuple[float, float, float]:
-    """Least-squares y = a + b·x and its R²."""
-    xs, ys = np.asarray(x, float), np.asarray(y, float)
-    (a, b), *_ = np.linalg.lstsq(np.stack([np.ones_like(xs), xs], 1), ys, rcond=None)
-    residual = float(((ys - a - b * xs) ** 2).sum())
-    total = float(((ys - ys.mean()) ** 2).sum())
-    return float(a), float(b), 1.0 - residual / total if total > 0 else 1.0
-
-
 def _request(pack, steps: int, split: int, seed: int = 0):
     from tandem.request import GenerationRequest
 
@@ -138,10 +130,10 @@ def measure_edge(pack, batches: Sequence[int], repeats: int, warmup: int, log: C
     for n, s in seconds.items():
         log(f"edge {pack.name}: batch {n:>2}  {s * 1000:8.2f} ms/step")
     if len(seconds) < 2:  # one batch size: all of it per request
-        a, b, r2 = 0.0, seconds[batches[0]], 1.0
+        fit, r2 = EdgeCoefficients(0.0, max(seconds[batches[0]], 1e-6)), 1.0
     else:
-        a, b, r2 = fit_linear(list(seconds), list(seconds.values()))
-    a, b = max(a, 0.0), max(b, 1e-6)  # a negative intercept is noise: the overhead is not negative
+        fit, r2 = EdgeCoefficients.fit(list(seconds), list(seconds.values()))
+    a, b = fit.a_s, fit.b_s
     log(f"edge fit: a_s = {a * 1000:.2f} ms + b_s = {b * 1000:.2f} ms × batch (R² = {r2:.4f})")
     return EdgeFit(pack.name, a, b, r2, seconds)
 
