@@ -9,6 +9,7 @@ A file that is missing or not PEM raises SecurityError naming the flag (one line
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -16,6 +17,11 @@ from typing import Callable
 import grpc
 
 EnvLookup = Callable[[str, object], object]  # each service's _env(name, default)
+
+
+def tandem_env(name: str, default: object) -> object:
+    """``TANDEM_<NAME>``: the EnvLookup of commands that are not one service (CLI, healthcheck)."""
+    return os.environ.get(f"TANDEM_{name.upper()}", default)
 
 
 class SecurityError(ValueError):

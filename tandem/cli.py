@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,10 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device-class", default="laptop-gpu", help="this device's class, for the scheduler (laptop-gpu)")
     gen.add_argument("--link-mbps", type=float, default=100.0, help="this device's downlink estimate, for the scheduler (100)")
     gen.add_argument("--latency-budget", type=float, default=0.0, help="seconds the image may take, for the scheduler (0: none)")
-    from services.security import add_client_args
+    from services.security import add_client_args, tandem_env
 
-    add_client_args(gen, lambda name, default: os.environ.get(f"TANDEM_{name.upper()}", default),
-                    what="the edge, device service and scheduler")
+    add_client_args(gen, tandem_env, what="the edge, device service and scheduler")
     gen.add_argument("--json", action="store_true", help="print the breakdown as JSON on stdout")
     gen.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser

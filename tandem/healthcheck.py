@@ -9,13 +9,12 @@ answers anything else or cannot be reached within the timeout, 2 on bad usage. P
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.security import ClientSecurity, SecurityError, add_client_args, client_security, sync_channel
+from services.security import ClientSecurity, SecurityError, add_client_args, client_security, sync_channel, tandem_env
 
 DEFAULT_TIMEOUT = 3.0
 
@@ -44,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("address", metavar="HOST:PORT")
     parser.add_argument("service", nargs="?", default="", help='service name (default "": the whole server)')
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help=f"seconds ({DEFAULT_TIMEOUT:g})")
-    add_client_args(parser, lambda name, default: os.environ.get(f"TANDEM_{name.upper()}", default), what="the server")
+    add_client_args(parser, tandem_env, what="the server")
     args = parser.parse_args(argv)
     if args.timeout <= 0:
         parser.error("--timeout: must be > 0")
