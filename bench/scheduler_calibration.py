@@ -26,7 +26,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +33,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch loads, here and in
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from service_procs import edge_server, metric_value, scheduler_service  # noqa: E402
+from service_procs import edge_server, metric_value, scheduler_service, wait_edges_live  # noqa: E402
 from services.scheduler.core import Measured, measured_phases  # noqa: E402
 
 PROMPTS = [f"a {c} {s} at the {p} on a {b} background" for c, s, p, b in [
@@ -154,11 +153,10 @@ def main() -> int:
         tmp_path = Path(tmp)
         with scheduler_service(tmp_path, "--cost-profile", str(args.cost_profile), "--edge-ttl", "30") as sched, \
                 edge_server(args.large, tmp_path, "--scheduler", sched.address) as edge:
-            deadline = time.monotonic() + 60
-            while metric_value(sched.metrics(), "tandem_scheduler_edges_live") < 1:  # the first heartbeat
-                if time.monotonic() > deadline:
-                    raise SystemExit("scheduler_calibration: error: the edge never heartbeated to the scheduler")
-                time.sleep(0.2)
+            try:
+                wait_edges_live(sched, 1, 60, "the edge never heartbeated to the scheduler")
+            except AssertionError as exc:
+                raise SystemExit(f"scheduler_calibration: error: {exc}") from None
             print(f"profile {args.cost_profile.relative_to(ROOT)}: {calibration_state(sched.metrics(), args.device_class)}")
             for i in range(args.warmup):  # straight to the edge: warms both processes, reports nothing
                 warm_up(i, edge.address, args, tmp_path)

@@ -109,3 +109,12 @@ def metric_value(text: str, name: str, labels: str = "") -> float:
         if line.startswith(key + " "):
             return float(line.split()[-1])
     return 0.0
+
+
+def wait_edges_live(scheduler: ServiceProcess, count: int, timeout: float, failure: str) -> None:
+    """Until the scheduler counts exactly `count` live edges (heartbeats in, silent ones dropped);
+    AssertionError(`failure`) after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while metric_value(scheduler.metrics(), "tandem_scheduler_edges_live") != count:
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.2)

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import time
 from pathlib import Path
 
-from service_procs import ROOT, edge_server, metric_value, scheduler_service
+from service_procs import ROOT, edge_server, metric_value, scheduler_service, wait_edges_live
 
 
 def load_bench():
@@ -22,10 +21,7 @@ def test_concurrent_clients_lose_nothing(tiny_packs, tmp_path: Path):
     bench = load_bench()
     with scheduler_service(tmp_path) as sched, \
             edge_server(tiny_packs["large"], tmp_path, "--scheduler", sched.address) as edge:
-        deadline = time.monotonic() + 60
-        while metric_value(sched.metrics(), "tandem_scheduler_edges_live") < 1:
-            assert time.monotonic() < deadline, "the edge never heartbeated"
-            time.sleep(0.2)
+        wait_edges_live(sched, 1, 60, "the edge never heartbeated")
         tally = bench.Tally()
         asyncio.run(bench.run(sched.address, 4, 8.0, tally, size=32))
         assert edge.proc.poll() is None and sched.proc.poll() is None

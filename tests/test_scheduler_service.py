@@ -11,7 +11,7 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from service_procs import edge_server, free_port, metric_value, scheduler_service
+from service_procs import edge_server, free_port, metric_value, scheduler_service, wait_edges_live
 from tandem import cli
 from tandem.codec.strategy import DEFAULT_STRATEGY
 from tandem.v1 import scheduler_pb2 as pb
@@ -149,10 +149,7 @@ def test_plans_go_to_the_least_loaded_live_edge_and_silent_edges_are_dropped(tmp
 def test_cli_takes_the_plan_and_the_edge_that_heartbeats_and_reports(tiny_packs, tmp_path, capsys):
     with scheduler_service(tmp_path) as sched, \
             edge_server(tiny_packs["large"], tmp_path, "--scheduler", sched.address) as edge:
-        deadline = time.monotonic() + 60
-        while metric_value(sched.metrics(), "tandem_scheduler_edges_live") < 1:  # first heartbeat
-            assert time.monotonic() < deadline, "the edge server never heartbeated"
-            time.sleep(0.2)
+        wait_edges_live(sched, 1, 60, "the edge server never heartbeated")  # first heartbeat
         base = ["generate", "a red circle at the left on a blue background", "--small", str(tiny_packs["small"]),
                 "--device", "cpu", "--scheduler", sched.address, "--device-class", "phone", "--json", "--quiet"]
         assert cli.main(base + ["--out", str(tmp_path / "a.png")]) == 0
@@ -194,19 +191,13 @@ def test_two_real_edges_share_the_load_and_a_killed_one_is_routed_around(tiny_pa
             edge_server(tiny_packs["large"], tmp_path, "--scheduler", sched.address) as edge_a, \
             edge_server(tiny_packs["large"], tmp_path, "--scheduler", sched.address) as edge_b:
         s = stub(sched.address)
-        deadline = time.monotonic() + 60
-        while metric_value(sched.metrics(), "tandem_scheduler_edges_live") < 2:
-            assert time.monotonic() < deadline, "the edge servers never both heartbeated"
-            time.sleep(0.2)
+        wait_edges_live(sched, 2, 60, "the edge servers never both heartbeated")
         chosen = [s.Plan(plan_request(device_class="phone"), timeout=10).edge_address for _ in range(8)]
         assert set(chosen) == {edge_a.address, edge_b.address}, chosen
 
         edge_a.proc.kill()
         edge_a.proc.wait()
-        deadline = time.monotonic() + 30
-        while metric_value(sched.metrics(), "tandem_scheduler_edges_live") != 1:
-            assert time.monotonic() < deadline, "the killed edge was never dropped"
-            time.sleep(0.2)
+        wait_edges_live(sched, 1, 30, "the killed edge was never dropped")
         chosen = {s.Plan(plan_request(device_class="phone"), timeout=10).edge_address for _ in range(4)}
         assert chosen == {edge_b.address}
 
