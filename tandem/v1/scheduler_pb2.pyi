@@ -47,7 +47,7 @@ class PhaseSeconds(_message.Message):
     def __init__(self, edge: _Optional[float] = ..., transfer: _Optional[float] = ..., device: _Optional[float] = ..., total: _Optional[float] = ...) -> None: ...
 
 class PlanResponse(_message.Message):
-    __slots__ = ("plan_id", "steps", "split", "codec", "edge_address", "predicted", "predicted_quality", "predicted_energy_joules", "predicted_handoff_bytes", "meets_budget", "frame_size")
+    __slots__ = ("plan_id", "steps", "split", "codec", "edge_address", "predicted", "predicted_quality", "predicted_energy_joules", "predicted_handoff_bytes", "meets_budget", "frame_size", "budget_infeasible", "infeasible_reason")
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,8 @@ class PlanResponse(_message.Message):
     PREDICTED_HANDOFF_BYTES_FIELD_NUMBER: _ClassVar[int]
     MEETS_BUDGET_FIELD_NUMBER: _ClassVar[int]
     FRAME_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_INFEASIBLE_FIELD_NUMBER: _ClassVar[int]
+    INFEASIBLE_REASON_FIELD_NUMBER: _ClassVar[int]
     plan_id: str
     steps: int
     split: int
@@ -70,7 +72,9 @@ class PlanResponse(_message.Message):
     predicted_handoff_bytes: int
     meets_budget: bool
     frame_size: int
-    def __init__(self, plan_id: _Optional[str] = ..., steps: _Optional[int] = ..., split: _Optional[int] = ..., codec: _Optional[_Union[_edge_pb2.Codec, _Mapping]] = ..., edge_address: _Optional[str] = ..., predicted: _Optional[_Union[PhaseSeconds, _Mapping]] = ..., predicted_quality: _Optional[float] = ..., predicted_energy_joules: _Optional[float] = ..., predicted_handoff_bytes: _Optional[int] = ..., meets_budget: _Optional[bool] = ..., frame_size: _Optional[int] = ...) -> None: ...
+    budget_infeasible: bool
+    infeasible_reason: str
+    def __init__(self, plan_id: _Optional[str] = ..., steps: _Optional[int] = ..., split: _Optional[int] = ..., codec: _Optional[_Union[_edge_pb2.Codec, _Mapping]] = ..., edge_address: _Optional[str] = ..., predicted: _Optional[_Union[PhaseSeconds, _Mapping]] = ..., predicted_quality: _Optional[float] = ..., predicted_energy_joules: _Optional[float] = ..., predicted_handoff_bytes: _Optional[int] = ..., meets_budget: _Optional[bool] = ..., frame_size: _Optional[int] = ..., budget_infeasible: _Optional[bool] = ..., infeasible_reason: _Optional[str] = ...) -> None: ...
 
 class MeasuredPhases(_message.Message):
     __slots__ = ("queue", "edge_steps", "transfer", "device_steps", "decode")
