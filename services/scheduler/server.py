@@ -31,6 +31,7 @@ from services.scheduler.frames import FrameConfig
 from services.scheduler.metrics import SchedulerMetrics
 from services.lifecycle import run_server, set_health, until_signalled
 from services.security import add_port, add_server_tls_args, server_tls
+from services.decoding import DecodeErrorInterceptor
 from services.tokens import add_tokens_arg, interceptors
 from services.scheduler.baselines import BASELINES, polished
 from services.scheduler.planner import DeciderLike, warmup
@@ -125,7 +126,7 @@ def build_core(args: argparse.Namespace) -> SchedulerCore:
 async def serve(args: argparse.Namespace) -> None:
     tls = server_tls(args)  # bad files fail before anything
     health = HealthServicer()
-    server = grpc.aio.server(interceptors=interceptors(args),
+    server = grpc.aio.server(interceptors=[*interceptors(args), DecodeErrorInterceptor()],
                              options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)])
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(

@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from PIL import Image
 from prometheus_client import start_http_server
 
+from services.decoding import DecodeErrorInterceptor
 from services.edge_server.metrics import record_call
 from services.lifecycle import run_server, set_health, until_signalled
 from services.security import ClientSecurity, SecurityError, add_client_args, add_port, add_server_tls_args, client_security, server_tls
@@ -131,7 +132,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 async def serve(args: argparse.Namespace) -> None:
     tls, edge_security = server_tls(args), client_security(args, "edge-")  # bad files fail before anything
     health = HealthServicer()
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024)])
+    server = grpc.aio.server(interceptors=[DecodeErrorInterceptor()],
+                             options=[("grpc.max_receive_message_length", 64 * 1024)])
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)
     pack = await asyncio.to_thread(load_pack, args.pack, args.device)
