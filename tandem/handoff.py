@@ -24,43 +24,19 @@ import torch
 
 from tandem.codec.container import CodecError, pack_container, unpack_container
 from tandem.codec.quantize import decode_tensor, encode_tensor
-from tandem.codec.strategy import DEFAULT_STRATEGY, STRATEGIES  # noqa: F401  (re-exported)
+from tandem.codec.spec import (  # noqa: F401  (the codec vocabulary, re-exported)
+    DEFAULT_STRATEGY,
+    ENCODINGS,
+    MAX_MERGE_RATIO,
+    STRATEGIES,
+    WINDOWS,
+    CodecSpec,
+)
 from tandem.codec.token_merge import merge, pack_plan, plan_merge, unmerge, unpack_plan
 from tandem.request import GenerationRequest, RequestError
 from tandem.sampling.schedule import Schedule, ScheduleError
 
 HANDOFF_VERSION = 1
-ENCODINGS: tuple[str, ...] = ("fp32", "fp16", "int8")
-WINDOWS: tuple[str, ...] = ("local", "global")
-MAX_MERGE_RATIO = 0.75
-
-
-@dataclass(frozen=True)
-class CodecSpec:
-    """How the handoff's tensors travel: precision, merge ratio, how a noisy latent is merged."""
-
-    encoding: str = "fp16"
-    merge_ratio: float = 0.0
-    strategy: str = DEFAULT_STRATEGY
-    window: str = "local"
-
-    @property
-    def lossless(self) -> bool:
-        return self.encoding == "fp32" and self.merge_ratio == 0.0
-
-    def validate(self) -> "CodecSpec":
-        if self.encoding not in ENCODINGS:
-            raise RequestError("codec", f"unknown {self.encoding!r}; expected one of {', '.join(ENCODINGS)}")
-        if not (isinstance(self.merge_ratio, (int, float)) and 0.0 <= self.merge_ratio <= MAX_MERGE_RATIO):
-            raise RequestError("merge_ratio", f"must be in 0..{MAX_MERGE_RATIO}, got {self.merge_ratio!r}")
-        if self.strategy not in STRATEGIES:
-            raise RequestError("merge_strategy", f"unknown {self.strategy!r}; expected one of {', '.join(STRATEGIES)}")
-        if self.window not in WINDOWS:
-            raise RequestError("merge_window", f"unknown {self.window!r}; expected one of {', '.join(WINDOWS)}")
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"encoding": self.encoding, "merge_ratio": self.merge_ratio, "strategy": self.strategy, "window": self.window}
 
 
 @dataclass

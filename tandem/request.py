@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from tandem.sampling.schedule import SAMPLERS
+from tandem.sampling.names import SAMPLERS
 
 MAX_PROMPT_CHARS = 1000
 MAX_STEPS = 200

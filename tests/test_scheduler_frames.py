@@ -21,7 +21,7 @@ from services.scheduler.costs import CostProfile
 from services.scheduler.edges import EdgeLoad, EdgeRegistry
 from services.scheduler.frames import FrameCollector, FrameConfig
 from services.scheduler.quality import synthetic_profile
-from tandem.codec.strategy import DEFAULT_STRATEGY
+from tandem.codec.spec import DEFAULT_STRATEGY
 
 
 # --- frame collector ---------------------------------------------------------------------------

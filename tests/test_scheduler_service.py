@@ -13,7 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from service_procs import edge_server, free_port, metric_value, scheduler_service, wait_edges_live
 from tandem import cli
-from tandem.codec.strategy import DEFAULT_STRATEGY
+from tandem.codec.spec import DEFAULT_STRATEGY
 from tandem.v1 import scheduler_pb2 as pb
 from tandem.v1 import scheduler_pb2_grpc
 

@@ -12,7 +12,7 @@ from typing import Callable, Mapping
 import grpc
 
 from services.security import ClientSecurity, call_metadata, sync_channel
-from tandem.codec.strategy import DEFAULT_STRATEGY
+from tandem.codec.spec import DEFAULT_STRATEGY
 from tandem.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 DEFAULT_TIMEOUT = 2.0

@@ -17,7 +17,7 @@ from services.scheduler.edges import EdgeLoad, EdgeRegistry
 from services.scheduler.planner import DeciderLike, Plan, plan_frame
 from services.scheduler.quality import BASE_USER, PERSONALIZED_USER, QualityProfile
 from services.scheduler.scenario import FrameContext, UserSpec
-from tandem.codec.strategy import DEFAULT_STRATEGY
+from tandem.codec.spec import DEFAULT_STRATEGY
 
 MAX_PROMPT_CHARS = 1000
 MAX_RECORDS = 10_000  # plans awaiting a report; the oldest are forgotten first

@@ -16,6 +16,8 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 
+from tandem.codec.spec import ENCODINGS, CodecSpec, handoff_tensor_bytes
+
 from services.scheduler.channel import (  # noqa: F401  (re-exported: the channel is a cost model too)
     ChannelConfig,
     path_loss_db,
@@ -25,8 +27,6 @@ from services.scheduler.channel import (  # noqa: F401  (re-exported: the channe
     spectral_efficiency,
 )
 
-BYTES_PER_ELEMENT = {"fp32": 4, "fp16": 2, "int8": 1}
-INT8_SCALE_BYTES = 4  # one fp32 scale per channel per tensor
 COST_FORMAT = "tandem.scheduler.costs"
 COST_VERSION = 1
 
@@ -171,12 +171,6 @@ class CostProfile:
 
 
 # --- handoff bytes and transfer -----------------------------------------------------------------
-def merged_tokens(height: int, width: int, merge_ratio: float) -> int:
-    """Tokens token merging removes: floor(r·H·W), at most the n_src non-anchor tokens."""
-    n_src = height * width - math.ceil(height / 2) * math.ceil(width / 2)
-    return min(math.floor(merge_ratio * height * width + 1e-9), n_src)
-
-
 def handoff_bytes(
     latent: LatentShape,
     codec: str,
@@ -189,20 +183,17 @@ def handoff_bytes(
 ) -> int:
     """Payload bytes of the handoff at split ``split`` (0 when nothing is sent, k = 0).
 
-    Two tensors (the latent and the multistep history x̂0), each ``C × kept`` elements of the codec
-    (+ one fp32 scale per channel for int8), kept = H·W − merged; with r > 0 the merge plan
-    (4-bit code per non-anchor token: ceil(n_src / 2) bytes); plus metadata growing with T.
+    The tensors and merge plan are exact (``tandem.codec.spec``: the latent and the multistep
+    history x̂0, ``C × kept`` elements each); the container header (request, schedule arrays
+    growing with T, codec; a few more bytes when merging) is the profile's fitted metadata.
     """
     if split <= 0:
         return 0
-    if codec not in BYTES_PER_ELEMENT:
-        raise ValueError(f"unknown codec {codec!r}; expected one of {', '.join(BYTES_PER_ELEMENT)}")
-    c, h, w = latent.channels, latent.height, latent.width
-    kept = h * w - merged_tokens(h, w, merge_ratio)
-    per_tensor = c * kept * BYTES_PER_ELEMENT[codec] + (INT8_SCALE_BYTES * c if codec == "int8" else 0)
-    n_src = h * w - math.ceil(h / 2) * math.ceil(w / 2)
-    plan = math.ceil(n_src / 2) + merge_meta_bytes if merge_ratio > 0 else 0
-    return 2 * per_tensor + plan + meta_base_bytes + meta_bytes_per_step * steps
+    if codec not in ENCODINGS:
+        raise ValueError(f"unknown codec {codec!r}; expected one of {', '.join(ENCODINGS)}")
+    tensors = handoff_tensor_bytes(latent.channels, latent.height, latent.width, CodecSpec(codec, merge_ratio))
+    header = meta_base_bytes + meta_bytes_per_step * steps + (merge_meta_bytes if merge_ratio > 0 else 0)
+    return tensors + header
 
 
 def transfer_seconds(nbytes: float | np.ndarray, rate_bps: float | np.ndarray, rtt_s: float = 0.0):

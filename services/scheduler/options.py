@@ -12,8 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-CODECS: tuple[str, ...] = ("fp32", "fp16", "int8")
-MAX_MERGE_RATIO = 0.75
+from tandem.codec.spec import ENCODINGS as CODECS
+from tandem.codec.spec import MAX_MERGE_RATIO
 
 
 @dataclass(frozen=True)

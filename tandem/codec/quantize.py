@@ -10,7 +10,6 @@ max|x[c]| / 127`` (1.0 for an all-zero channel) and ``q = round(x / scale)`` cla
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -18,28 +17,17 @@ import torch
 from torch import Tensor
 
 from tandem.codec.container import CodecError
-
-ENCODINGS: tuple[str, ...] = ("fp32", "fp16", "int8")
+from tandem.codec.spec import ENCODINGS, check_encoding, check_shape, encoded_size  # noqa: F401  (re-exported)
 
 _FLOAT_DTYPES: dict[str, np.dtype] = {"fp32": np.dtype("<f4"), "fp16": np.dtype("<f2")}
 _SCALE_DTYPE = np.dtype("<f4")
 _INT8_MAX = 127
 
 
-def encoded_size(shape: Sequence[int], encoding: str) -> int:
-    """Exact number of bytes :func:`encode_tensor` produces for ``shape``."""
-    _check_encoding(encoding)
-    dims = _check_shape(shape, encoding)
-    numel = math.prod(dims)
-    if encoding == "int8":
-        return dims[0] * _SCALE_DTYPE.itemsize + numel
-    return numel * _FLOAT_DTYPES[encoding].itemsize
-
-
 def encode_tensor(x: Tensor, encoding: str) -> bytes:
     """Encode ``x`` (any float tensor, any device) as bytes."""
-    _check_encoding(encoding)
-    _check_shape(tuple(x.shape), encoding)
+    check_encoding(encoding)
+    check_shape(tuple(x.shape), encoding)
     arr = x.detach().to("cpu", torch.float32).numpy()
     if encoding == "int8":
         return _encode_int8(arr)
@@ -63,7 +51,7 @@ def decode_tensor(data: bytes, encoding: str, shape: Sequence[int]) -> Tensor:
 
 def int8_scales(x: Tensor) -> Tensor:
     """Per-channel int8 scales of ``x`` as float32 (exactly what :func:`encode_tensor` stores)."""
-    _check_shape(tuple(x.shape), "int8")
+    check_shape(tuple(x.shape), "int8")
     arr = x.detach().to("cpu", torch.float32).numpy()
     return torch.from_numpy(_channel_scales(arr.reshape(arr.shape[0], -1)))
 
@@ -95,20 +83,3 @@ def _decode_int8(data: bytes, dims: tuple[int, ...]) -> np.ndarray:
     if (q == -_INT8_MAX - 1).any():
         raise CodecError("int8 tensor contains -128, which the encoder never produces")
     return (q.astype(np.float64) * scales[:, None]).astype(np.float32)
-
-
-def _check_encoding(encoding: str) -> None:
-    if encoding not in ENCODINGS:
-        raise ValueError(
-            f"unknown tensor encoding {encoding!r}; valid encodings: {', '.join(ENCODINGS)}"
-        )
-
-
-def _check_shape(shape: Sequence[int], encoding: str) -> tuple[int, ...]:
-    dims = tuple(shape)
-    if not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0
-               for d in dims):
-        raise ValueError(f"shape must be non-negative integers, got {list(dims)}")
-    if encoding == "int8" and not dims:
-        raise ValueError("int8 encoding needs at least one dimension (dim 0 is the channel axis)")
-    return tuple(int(d) for d in dims)

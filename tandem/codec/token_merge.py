@@ -22,10 +22,8 @@ bitmask plus a uint16/uint32 dst index per merged token.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
-from numbers import Real
 from typing import Literal
 
 import numpy as np
@@ -33,13 +31,20 @@ import torch
 from torch import Tensor
 
 from tandem.codec.container import CodecError
+from tandem.codec.spec import (  # noqa: F401  (merge_count, packed_plan_size re-exported)
+    WINDOWS,
+    check_grid,
+    check_ratio,
+    check_window,
+    global_index_bytes,
+    merge_count,
+    packed_plan_size,
+)
 
 Window = Literal["local", "global"]
 MergeMode = Literal["mean", "variance_preserving"]
 
-WINDOWS: tuple[str, ...] = ("local", "global")
 MERGE_MODES: tuple[str, ...] = ("mean", "variance_preserving")
-MAX_RATIO = 0.75
 
 # Neighbour block offsets (dy, dx); the local code of offset k is k + 1 (0 means "kept").
 _OFFSETS: tuple[tuple[int, int], ...] = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
@@ -106,8 +111,8 @@ class MergePlan:
     merged_dst: tuple[int, ...]
 
     def __post_init__(self) -> None:
-        _check_grid(self.H, self.W)
-        _check_window(self.window)
+        check_grid(self.H, self.W)
+        check_window(self.window)
         if len(self.merged_src) != len(self.merged_dst):
             raise CodecError(
                 f"invalid merge plan: {len(self.merged_src)} merged src tokens but "
@@ -156,19 +161,10 @@ class MergePlan:
         return arr
 
 
-def merge_count(height: int, width: int, ratio: float) -> int:
-    """Number of src tokens merged at ``ratio``: ``floor(ratio * H * W)`` clipped to n_src."""
-    _check_grid(height, width)
-    _check_ratio(ratio)
-    # The epsilon keeps e.g. 0.29 * 100 = 28.999999999999996 from flooring to 28.
-    wanted = math.floor(ratio * height * width + 1e-9)
-    return min(wanted, _layout(height, width).n_src)
-
-
 def plan_merge(latent: Tensor, ratio: float, window: Window = "local") -> MergePlan:
     """Choose which src tokens of ``latent`` ``[C, H, W]`` to merge at ``ratio``."""
     _check_latent(latent)
-    _check_window(window)
+    check_window(window)
     _, height, width = latent.shape
     m = merge_count(height, width, ratio)
     if m == 0:
@@ -224,16 +220,6 @@ def unmerge(kept: Tensor, plan: MergePlan) -> Tensor:
     return out.reshape(kept.shape[0], plan.H, plan.W)
 
 
-def packed_plan_size(height: int, width: int, window: Window, n_merged: int) -> int:
-    """Exact byte size of :func:`pack_plan` output for a plan with ``n_merged`` tokens."""
-    _check_grid(height, width)
-    _check_window(window)
-    layout = _layout(height, width)
-    if window == "local":
-        return (layout.n_src + 1) // 2
-    return (layout.n_src + 7) // 8 + n_merged * _global_index_dtype(layout.n_dst).itemsize
-
-
 def pack_plan(plan: MergePlan) -> bytes:
     """Compact encoding of ``plan`` (H, W and window travel separately, e.g. in metadata)."""
     layout = _layout(plan.H, plan.W)
@@ -249,8 +235,8 @@ def unpack_plan(
     data: bytes, H: int, W: int, window: Window, ratio: float | None = None
 ) -> MergePlan:
     """Decode :func:`pack_plan` output; with ``ratio``, also check the merged count matches."""
-    _check_grid(H, W)
-    _check_window(window)
+    check_grid(H, W)
+    check_window(window)
     layout = _layout(H, W)
     if window == "local":
         src, dst = _unpack_local(bytes(data), layout)
@@ -343,7 +329,7 @@ def _to_index(arr: np.ndarray, device: torch.device) -> Tensor:
 
 
 def _global_index_dtype(n_dst: int) -> np.dtype:
-    return np.dtype("<u2") if n_dst <= 1 << 16 else np.dtype("<u4")
+    return np.dtype("<u2") if global_index_bytes(n_dst) == 2 else np.dtype("<u4")
 
 
 def _pack_local(plan: MergePlan, layout: _Layout) -> bytes:
@@ -440,22 +426,6 @@ def _validate_assignment(plan: MergePlan, src: np.ndarray, dst: np.ndarray) -> N
                 f"invalid merge plan: src token {src[far][0]} merges into dst "
                 f"{dst[far][0]}, outside its local 3x3 block window"
             )
-
-
-def _check_grid(height: int, width: int) -> None:
-    for name, value in (("H", height), ("W", width)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _check_window(window: str) -> None:
-    if window not in WINDOWS:
-        raise ValueError(f"unknown merge window {window!r}; valid windows: {', '.join(WINDOWS)}")
-
-
-def _check_ratio(ratio: float) -> None:
-    if not (isinstance(ratio, Real) and 0.0 <= ratio <= MAX_RATIO):
-        raise ValueError(f"merge ratio must be in [0, {MAX_RATIO}], got {ratio!r}")
 
 
 def _check_latent(latent: Tensor) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-SAMPLERS: tuple[str, ...] = ("ddim", "euler", "dpmpp_2m")
+from tandem.sampling.names import SAMPLERS
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction")
 
 # Keys of a sampler config that define the noise process itself; two packs whose configs agree on
