@@ -1,16 +1,60 @@
 """What every Tandem server process does around its servicer: health status, waiting for
-SIGTERM/SIGINT."""
+SIGTERM/SIGINT, its ports (one line naming a busy one), reflection."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import signal
-from typing import Awaitable, Callable
+import socket
+from typing import Awaitable, Callable, Iterable
 
+import grpc
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+from services.security import PortInUse
+
+# gRPC sets SO_REUSEPORT by default: a second server on a busy port then starts "ready" and the
+# kernel splits connections between the two. Every Tandem server turns it off.
+NO_REUSEPORT = ("grpc.so_reuseport", 0)
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def check_port_free(host: str, port: int, flag: str) -> None:
+    """Raises PortInUse when something listens on host:port (0 = any free port: nothing to check).
+    Checked before the model loads, so a clash fails in a second, not after the load."""
+    if not port:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not "in use"
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUse(f"{flag}: port {port} on {host} is already in use (another server?)") from None
+            raise PortInUse(f"{flag}: cannot bind {host}:{port} ({exc.strerror or exc})") from None
+
+
+def enable_reflection(service_names: Iterable[str], server: grpc.aio.Server) -> None:
+    """Server reflection as v1alpha and v1 (current clients such as grpcurl try v1 first). The two
+    protocols differ only in their package name, so v1 is the v1alpha servicer under the v1 name."""
+    from grpc_reflection.v1alpha._async import ReflectionServicer
+
+    names = (*service_names, REFLECTION_V1)
+    reflection.enable_server_reflection(names, server)
+    servicer = ReflectionServicer(names)
+    handler = grpc.method_handlers_generic_handler(REFLECTION_V1, {
+        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString),
+    })
+    server.add_generic_rpc_handlers((handler,))
 
 
 async def set_health(health: HealthServicer, service_name: str, serving: bool) -> None:
@@ -31,11 +75,19 @@ async def until_signalled() -> None:
 
 def run_server(serve: Callable[[argparse.Namespace], Awaitable[None]], args: argparse.Namespace, prog: str,
                startup_errors: tuple[type[BaseException], ...]) -> int:
-    """Runs ``serve`` until it returns; a startup error is one line and exit status 2, no traceback."""
+    """Runs ``serve`` until it returns; a startup error (a busy port included) is one line and exit
+    status 2, no traceback."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
+        check_port_free(args.host, args.port, "--port")
+        check_port_free(args.host, getattr(args, "metrics_port", 0), "--metrics-port")
         asyncio.run(serve(args))
-    except startup_errors as exc:
+    except (PortInUse, *startup_errors) as exc:
         print(f"{prog}: error: {exc}", flush=True)
+        return 2
+    except OSError as exc:  # the metrics port taken between the check and the model loaded
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        print(f"{prog}: error: --metrics-port: port {args.metrics_port} on {args.host} is already in use", flush=True)
         return 2
     return 0

@@ -73,10 +73,19 @@ def server_tls(args: argparse.Namespace) -> ServerTls | None:
     )
 
 
+class PortInUse(OSError):
+    """A port a server needs is taken; the message names the flag and the port."""
+
+
 def add_port(server: grpc.aio.Server, address: str, tls: ServerTls | None) -> int:
-    if tls is None:
-        return server.add_insecure_port(address)
-    return server.add_secure_port(address, tls.credentials())
+    """Binds `address`; PortInUse (one line) instead of gRPC's RuntimeError when it cannot."""
+    try:
+        port = server.add_insecure_port(address) if tls is None else server.add_secure_port(address, tls.credentials())
+    except RuntimeError:
+        port = 0
+    if not port:
+        raise PortInUse(f"--port: cannot listen on {address} (already in use?)")
+    return port
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,9 @@
 import sys
 
-from services.edge_server.server import main
+from tandem.threads import configure_threads_or_exit
+
+configure_threads_or_exit("tandem-edge")  # before torch loads: TANDEM_THREADS, else half the cores (1..4)
+
+from services.edge_server.server import main  # noqa: E402
 
 sys.exit(main())

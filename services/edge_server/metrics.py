@@ -8,7 +8,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Diffusion latencies run from milliseconds (one step of a tiny model) to minutes (a queue).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+# Batch sizes are integers: bucket edges sit half-way between them, so Prometheus' linear
+# interpolation inside a bucket lands on the size itself (edges at 1, 2, ... put a constant
+# batch of 1 in [0, 1] and report a p50 of 0.5-0.6). The empty le=0.5 bucket starts the range.
+BATCH_BUCKETS = (0.5, 1.5, 2.5, 3.5, 4.5, 6.5, 8.5, 12.5, 16.5, 24.5, 32.5, 48.5, 64.5)
 BYTES_BUCKETS = (256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
 
 

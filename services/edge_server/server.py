@@ -24,7 +24,7 @@ from services.edge_server.engine import EdgeEngine
 from services.edge_server.heartbeat import send_heartbeats
 from services.edge_server.metrics import EdgeMetrics
 from services.edge_server.servicer import EdgeServicer
-from services.lifecycle import run_server, set_health, until_signalled
+from services.lifecycle import NO_REUSEPORT, enable_reflection, run_server, set_health, until_signalled
 from services.security import SecurityError, add_client_args, add_port, add_server_tls_args, client_security, server_tls
 from services.tokens import add_tokens_arg, interceptors
 from tandem.packs import PackError, load_pack
@@ -77,11 +77,12 @@ async def serve(args: argparse.Namespace) -> None:
         options=[
             ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
             ("grpc.max_send_message_length", MAX_SEND_BYTES),
+            NO_REUSEPORT,
         ]
     )
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     edge_pb2_grpc.add_EdgeServiceServicer_to_server(servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
+    enable_reflection((SERVICE_NAME, reflection.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
     port = add_port(server, f"{args.host}:{args.port}", tls)
     await set_health(health, SERVICE_NAME, serving=False)
     await server.start()  # health answers NOT_SERVING while the model loads

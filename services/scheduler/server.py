@@ -29,7 +29,7 @@ from services.scheduler.defaults import (BUILTIN, DEFAULT_POLICY, DEFAULT_QUALIT
 from services.scheduler.edges import EdgeRegistry
 from services.scheduler.frames import FrameConfig
 from services.scheduler.metrics import SchedulerMetrics
-from services.lifecycle import run_server, set_health, until_signalled
+from services.lifecycle import NO_REUSEPORT, enable_reflection, run_server, set_health, until_signalled
 from services.security import add_port, add_server_tls_args, server_tls
 from services.decoding import DecodeErrorInterceptor
 from services.tokens import add_tokens_arg, interceptors
@@ -127,9 +127,9 @@ async def serve(args: argparse.Namespace) -> None:
     tls = server_tls(args)  # bad files fail before anything
     health = HealthServicer()
     server = grpc.aio.server(interceptors=[*interceptors(args), DecodeErrorInterceptor()],
-                             options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)])
+                             options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES), NO_REUSEPORT])
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
+    enable_reflection(
         (SERVICE_NAME, reflection.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
     core = build_core(args)
     metrics = SchedulerMetrics()

@@ -24,7 +24,7 @@ from prometheus_client import start_http_server
 
 from services.decoding import DecodeErrorInterceptor
 from services.edge_server.metrics import record_call
-from services.lifecycle import run_server, set_health, until_signalled
+from services.lifecycle import NO_REUSEPORT, enable_reflection, run_server, set_health, until_signalled
 from services.security import ClientSecurity, SecurityError, add_client_args, add_port, add_server_tls_args, client_security, server_tls
 from services.ue_client.device import DEFAULT_TIMEOUT, generate_via_edge
 from services.ue_client.metrics import DeviceMetrics
@@ -133,9 +133,9 @@ async def serve(args: argparse.Namespace) -> None:
     tls, edge_security = server_tls(args), client_security(args, "edge-")  # bad files fail before anything
     health = HealthServicer()
     server = grpc.aio.server(interceptors=[DecodeErrorInterceptor()],
-                             options=[("grpc.max_receive_message_length", 64 * 1024)])
+                             options=[("grpc.max_receive_message_length", 64 * 1024), NO_REUSEPORT])
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)
+    enable_reflection((SERVICE_NAME, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)
     pack = await asyncio.to_thread(load_pack, args.pack, args.device)
     for user in pack.users:  # warm every user's LoRA now, not on their first request
         pack.use_user(user)
