@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Trains the demo model pack stage by stage into WORK_DIR, then assembles it into PACK_DIR and
-# measures it (tandem.training.pack_quality, which also tunes default_guidance).
+# measures it (tools.demo_pack.pack_quality, which also tunes default_guidance).
 #
 #   scripts/train_demo_pack.sh WORK_DIR [ARGS for every stage, e.g. --tiny]
 #
@@ -76,7 +76,7 @@ run_stage() {
     local step_args=()
     if [[ -n "$steps" ]]; then step_args=(--steps "$steps"); fi
     echo "== $name: training for up to $minutes min"
-    "$PYTHON" -m "tandem.training.$module" --out "$WORK_DIR" --max-minutes "$minutes" \
+    "$PYTHON" -m "tools.demo_pack.$module" --out "$WORK_DIR" --max-minutes "$minutes" \
         "${step_args[@]}" "${DEVICE_ARGS[@]}" "$@" "${STAGE_ARGS[@]}"
     if [[ ! -e "$WORK_DIR/$marker" ]]; then
         echo "== $name: paused at its checkpoint (time budget reached); run again to continue"
@@ -99,10 +99,10 @@ if ! wanted pack; then
     exit 0
 fi
 echo "== assembling $PACK_DIR"
-"$PYTHON" -m tandem.training.assemble_pack "$WORK_DIR" "$PACK_DIR"
+"$PYTHON" -m tools.demo_pack.assemble_pack "$WORK_DIR" "$PACK_DIR"
 if [[ "$QUALITY_N" -gt 0 ]]; then
     echo "== measuring $PACK_DIR (report: $WORK_DIR/pack_quality.json, images: $WORK_DIR/samples)"
-    "$PYTHON" -m tandem.training.pack_quality "$PACK_DIR" --n "$QUALITY_N" --tune-guidance \
+    "$PYTHON" -m tools.demo_pack.pack_quality "$PACK_DIR" --n "$QUALITY_N" --tune-guidance \
         --report "$WORK_DIR/pack_quality.json" --samples "$WORK_DIR/samples" "${DEVICE_ARGS[@]}"
 fi
 echo "== pack ready: $PACK_DIR"

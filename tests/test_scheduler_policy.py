@@ -33,8 +33,10 @@ def test_policy_round_trip(tmp_path):
     obs = np.random.default_rng(0).standard_normal((5, OBS_DIM)).astype(np.float32)
     np.testing.assert_array_equal(back.logits(obs), policy.logits(obs))
     torch = pytest.importorskip("torch")
+    from services.scheduler.torch_bridge import policy_to_torch
+
     with torch.no_grad():
-        np.testing.assert_allclose(back.to_torch()(torch.from_numpy(obs)).numpy(), policy.logits(obs), atol=1e-5)
+        np.testing.assert_allclose(policy_to_torch(back)(torch.from_numpy(obs)).numpy(), policy.logits(obs), atol=1e-5)
     mask = np.zeros(len(DEFAULT_OPTIONS), bool)
     mask[[3, 7]] = True
     assert back.act(obs[0], mask) in (3, 7)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tandem.training import (
+from tools.demo_pack import (
     assemble_pack, pack_quality, quality_profile, train_evaluator, train_lora, train_small, train_text_unet,
     train_vae,
 )

@@ -1,6 +1,6 @@
 """The trained scheduling policy as plain data: an MLP actor (safetensors weights, no pickle) and
 a JSON config (observation features, action count, option table). Inference is a few small matrix
-products per user (numpy; :meth:`SchedulerPolicy.to_torch` gives the same MLP as a torch module).
+products per user (numpy only; services/scheduler/torch_bridge.py converts to and from torch modules).
 
     policy = SchedulerPolicy.load("services/scheduler/policies/default")
     selection = policy(problem)          # one option index per user, masked, greedy
@@ -150,21 +150,6 @@ class SchedulerPolicy:
             state.commit(self.act(state.observation(), state.action_mask()))
         return state.sel
 
-    def to_torch(self):
-        """The same MLP as a plain ``torch.nn.Sequential`` (for export or batched scoring)."""
-        import torch
-
-        mods: list = []
-        for i, (w, b) in enumerate(self.layers):
-            lin = torch.nn.Linear(w.shape[1], w.shape[0])
-            with torch.no_grad():
-                lin.weight.copy_(torch.from_numpy(w))
-                lin.bias.copy_(torch.from_numpy(b))
-            mods.append(lin)
-            if i < len(self.layers) - 1:
-                mods.append(torch.nn.Tanh() if self.config.activation == "tanh" else torch.nn.ReLU())
-        return torch.nn.Sequential(*mods)
-
     # --- files --------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
         from safetensors.numpy import save_file
@@ -197,23 +182,6 @@ class SchedulerPolicy:
             raise PolicyFormatError(f"{directory}: no {WEIGHTS_FILE}") from None
         except (SafetensorError, OSError, ValueError) as exc:
             raise PolicyFormatError(f"{directory / WEIGHTS_FILE}: unreadable: {exc}") from exc
-        return cls(config, weights)
-
-    @classmethod
-    def from_sb3(cls, model, options: OptionTable, meta: dict[str, Any] | None = None) -> "SchedulerPolicy":
-        """Extract the actor of an SB3 (Maskable)PPO MlpPolicy: policy_net layers + action_net."""
-        import torch
-
-        linears = [m for m in model.policy.mlp_extractor.policy_net if isinstance(m, torch.nn.Linear)]
-        acts = [m for m in model.policy.mlp_extractor.policy_net if not isinstance(m, torch.nn.Linear)]
-        activation = "relu" if acts and isinstance(acts[0], torch.nn.ReLU) else "tanh"
-        linears.append(model.policy.action_net)
-        weights = {}
-        for i, lin in enumerate(linears):
-            weights[f"layers.{i}.weight"] = lin.weight.detach().cpu().numpy().astype(np.float32)
-            weights[f"layers.{i}.bias"] = lin.bias.detach().cpu().numpy().astype(np.float32)
-        config = PolicyConfig(OBS_DIM, len(options), tuple(lin.out_features for lin in linears[:-1]), activation,
-                              FEATURES, FEATURE_VERSION, options, dict(meta or {}))
         return cls(config, weights)
 
     @classmethod

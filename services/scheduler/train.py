@@ -31,7 +31,7 @@ from services.scheduler.defaults import (BUILTIN, DEFAULT_QUALITY, default_cost_
 from services.scheduler.env import SchedulerEnv
 from services.scheduler.lagrangian import PIDLagrangian
 from services.scheduler.options import DEFAULT_OPTIONS
-from services.scheduler.policy import SchedulerPolicy
+from services.scheduler.torch_bridge import policy_from_sb3
 from services.scheduler.quality import QualityProfile, synthetic_profile
 from services.scheduler.scenario import ScenarioConfig, scenario_for
 
@@ -138,7 +138,7 @@ def train(steps: int, seed: int, out: Path, mode: str = "lagrangian", cost_limit
                          "personalized_profiles": list(scenario.personalized_profiles)},
             "quality_profile": profile_names[0], "cost_profile": profile_names[1],
             "quality_profile_id": ids[0], "cost_profile_id": ids[1]}
-    policy = SchedulerPolicy.from_sb3(model, DEFAULT_OPTIONS, meta)
+    policy = policy_from_sb3(model, DEFAULT_OPTIONS, meta)
     policy.save(out)
     (Path(out) / "train_log.json").write_text(json.dumps({"meta": meta, "history": history}, indent=0))
     if not quiet:

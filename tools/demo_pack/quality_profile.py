@@ -1,7 +1,7 @@
 """Quality of a pack pair through Tandem's own split pipeline: the quality table and the
 machine-readable quality profile the scheduler reads.
 
-    python -m tandem.training.quality_profile tandem/demo_pack [--n 200] [--table T.md]
+    python -m tools.demo_pack.quality_profile tandem/demo_pack [--n 200] [--table T.md]
         [--profile tandem/demo_pack/quality_profile.json] [--json R.json]
 
 For every total step count T, split fraction k/T (k steps on the large UNet, T - k on the small

@@ -1,6 +1,6 @@
 """Assembles the trained stages of a work dir into the demo model pack.
 
-    python -m tandem.training.assemble_pack WORK_DIR tandem/demo_pack [--guidance G]
+    python -m tools.demo_pack.assemble_pack WORK_DIR tandem/demo_pack [--guidance G]
 
 PACK/large/     full StableDiffusionPipeline layout (unet, vae, text_encoder, tokenizer,
                 scheduler, model_index.json; no safety checker), weights fp16 safetensors
@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tandem.demo.grammar import USER_STYLES
-from tandem.training.train_lora import WEIGHT_NAME
+from tools.demo_pack.train_lora import WEIGHT_NAME
 
 FORMAT_VERSION = 1
 IMAGE_SIZE = 64

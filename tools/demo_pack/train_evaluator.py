@@ -1,6 +1,6 @@
 """Stage: the evaluator classifier (tandem.demo.evaluator) on generator images of all styles.
 
-    python -m tandem.training.train_evaluator --out WORK [--steps N] [--max-minutes M] [--tiny]
+    python -m tools.demo_pack.train_evaluator --out WORK [--steps N] [--max-minutes M] [--tiny]
 
 Light augmentation (blur, noise, brightness/colour shifts) so it reads decoded, generated
 images robustly. When done, reports accuracy on fresh images (clean and augmented) and saves
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from tandem.demo.evaluator import HEADS, Evaluator, EvaluatorNet
-from tandem.training.common import (
+from tools.demo_pack.common import (
     Run, Trainer, add_common_args, autocast, render_bank, resolve_args, trainable,
 )
 

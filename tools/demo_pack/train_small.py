@@ -1,6 +1,6 @@
 """Stage: the SMALL UNet, distilled from the large one (text encoder frozen), filled style.
 
-    python -m tandem.training.train_small --out WORK [--steps N] [--max-minutes M] [--tiny]
+    python -m tools.demo_pack.train_small --out WORK [--steps N] [--max-minutes M] [--tiny]
 
 Loss = MSE to the large UNet's noise prediction (same noisy latent, timestep and prompt, no
 guidance) + `--denoise-weight` × the plain denoising MSE. Prompts are dropped to "" as in the
@@ -15,12 +15,12 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from tandem.training.common import (
+from tools.demo_pack.common import (
     EpsModel, NoiseSchedule, Run, Trainer, add_common_args, autocast, captured_for_inference,
     eps_sample_args, graphed_for_training, latent_bank, load_text, require, resolve_args,
     trainable, add_denoising_args,
 )
-from tandem.training.models import small_unet_config
+from tools.demo_pack.models import small_unet_config
 
 STAGE = "small"
 

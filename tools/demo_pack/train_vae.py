@@ -1,6 +1,6 @@
 """Stage: the VAE (diffusers AutoencoderKL, 64×64×3 ↔ 4×8×8) on generator images of all styles.
 
-    python -m tandem.training.train_vae --out WORK [--steps N] [--max-minutes M] [--tiny]
+    python -m tools.demo_pack.train_vae --out WORK [--steps N] [--max-minutes M] [--tiny]
 
 Loss: L1 + L2 reconstruction + a small KL (keeps the latent space smooth, so the decoder
 tolerates the imperfect latents diffusion produces). When done, `scaling_factor` = 1/std of the
@@ -13,11 +13,11 @@ import argparse
 
 import torch
 
-from tandem.training.common import (
+from tools.demo_pack.common import (
     Run, Trainer, add_common_args, autocast, encode_latents, graphed_for_training, render_bank,
     resolve_args, to_model_images, trainable,
 )
-from tandem.training.models import LATENT_CHANNELS, LATENT_SIZE, vae_config
+from tools.demo_pack.models import LATENT_CHANNELS, LATENT_SIZE, vae_config
 
 STAGE = "vae"
 

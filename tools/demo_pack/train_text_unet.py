@@ -1,6 +1,6 @@
 """Stage: the LARGE UNet and the text encoder, trained jointly on filled-style images.
 
-    python -m tandem.training.train_text_unet --out WORK [--steps N] [--max-minutes M] [--tiny]
+    python -m tools.demo_pack.train_text_unet --out WORK [--steps N] [--max-minutes M] [--tiny]
 
 Epsilon prediction on latents of the frozen WORK/vae (× scaling_factor) under the shipped noise
 schedule; 10% of prompts dropped to "" for classifier-free guidance; EMA of both models'
@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from tandem.demo.tokenizer import build_tokenizer
-from tandem.training.common import (
+from tools.demo_pack.common import (
     EpsModel, NoiseSchedule, Run, Trainer, add_common_args, autocast, eps_sample_args,
     graphed_for_training, latent_bank, require, resolve_args, trainable, add_denoising_args,
     write_scheduler,
 )
-from tandem.training.models import large_unet_config, text_encoder_config
+from tools.demo_pack.models import large_unet_config, text_encoder_config
 
 STAGE = "text_unet"
 

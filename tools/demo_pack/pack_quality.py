@@ -1,6 +1,6 @@
 """Measures an assembled demo pack against its quality targets, using the pack's evaluator.
 
-    python -m tandem.training.pack_quality tandem/demo_pack [--tune-guidance] [--report R.json]
+    python -m tools.demo_pack.pack_quality tandem/demo_pack [--tune-guidance] [--report R.json]
 
 - large only, DPM++ 2M, 20 steps: shape, colour, position and background all right (target
   >= 80% of prompts), for each candidate guidance scale; --tune-guidance writes the best one
@@ -26,8 +26,8 @@ import torch
 from tandem.demo.evaluator import Evaluator
 from tandem.demo.grammar import USER_STYLES, Scene
 from tandem.demo.world import sample_scenes
-from tandem.training.assemble_pack import set_default_guidance
-from tandem.training.common import resolve_device
+from tools.demo_pack.assemble_pack import set_default_guidance
+from tools.demo_pack.common import resolve_device
 
 
 @dataclass

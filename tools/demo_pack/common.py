@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from tandem.demo.grammar import COLORS, POSITIONS, SHAPES, Scene
 from tandem.demo.world import SceneArrays, render_arrays, sample_arrays
 from tandem.demo.tokenizer import MAX_LENGTH
-from tandem.training.models import LATENT_CHANNELS, LATENT_SIZE, SCHEDULER_CONFIG
+from tools.demo_pack.models import LATENT_CHANNELS, LATENT_SIZE, SCHEDULER_CONFIG
 
 LossFn = Callable[[int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 

@@ -1,7 +1,7 @@
 """Stage: a user's LoRA on the small UNet, trained on that user's style (alice: hollow, bob:
 striped) with the same prompts.
 
-    python -m tandem.training.train_lora --user alice --out WORK [--steps N] [--max-minutes M]
+    python -m tools.demo_pack.train_lora --user alice --out WORK [--steps N] [--max-minutes M]
 
 The LoRA only runs the late denoising steps, so most timesteps are drawn from t < 700. Saves
 WORK/loras/USER/pytorch_lora_weights.safetensors in diffusers' LoRA format, loadable with
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from tandem.demo.grammar import USER_STYLES
 from tandem.demo.tokenizer import MAX_LENGTH
-from tandem.training.common import (
+from tools.demo_pack.common import (
     EpsModel, NoiseSchedule, Run, Trainer, add_common_args, autocast, eps_sample_args,
     graphed_for_training, latent_bank, load_text, require, resolve_args, trainable, add_denoising_args,
 )
