@@ -79,6 +79,7 @@ def encode_handoff(handoff: Handoff, spec: CodecSpec = CodecSpec()) -> bytes:
         if prev is not None:
             tensors["prev_denoised"] = merge(prev, plan, "mean")
     else:  # denoised: x_k = s·x̂0 + n·ε̂, merge x̂0 and ε̂ with one plan made on the smooth x̂0
+        assert prev is not None  # _strategy picks "denoised" only with x̂0 at hand
         s, n = handoff.schedule.signal[handoff.step], handoff.schedule.noise[handoff.step]
         noise = (latent - s * prev) / n
         plan = plan_merge(prev, spec.merge_ratio, spec.window)

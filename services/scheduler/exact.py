@@ -44,6 +44,8 @@ def brute_force(problem: FrameProblem, chunk: int = 1 << 18) -> tuple[np.ndarray
         i = int(np.argmax(values))
         if values[i] > best_val:
             best_val, best = float(values[i]), block[i].copy()
+    if best is None:
+        raise ValueError("the frame allows no combination of options")
     return best, best_val
 
 

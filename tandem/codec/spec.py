@@ -17,13 +17,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Real
-from typing import Any
+from typing import Any, Literal
 
 from tandem.request import RequestError
 
 ENCODINGS: tuple[str, ...] = ("fp32", "fp16", "int8")
 BYTES_PER_ELEMENT: dict[str, int] = {"fp32": 4, "fp16": 2, "int8": 1}
 INT8_SCALE_BYTES = 4  # one fp32 scale per channel, ahead of the int8 values
+Window = Literal["local", "global"]
 WINDOWS: tuple[str, ...] = ("local", "global")
 STRATEGIES: tuple[str, ...] = ("latent", "denoised")
 DEFAULT_STRATEGY = "latent"
@@ -37,7 +38,7 @@ class CodecSpec:
     encoding: str = "fp16"
     merge_ratio: float = 0.0
     strategy: str = DEFAULT_STRATEGY
-    window: str = "local"
+    window: Window = "local"
 
     @property
     def lossless(self) -> bool:

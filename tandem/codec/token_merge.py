@@ -33,6 +33,7 @@ from torch import Tensor
 from tandem.codec.container import CodecError
 from tandem.codec.spec import (  # noqa: F401  (merge_count, packed_plan_size re-exported)
     WINDOWS,
+    Window,
     check_grid,
     check_ratio,
     check_window,
@@ -41,7 +42,6 @@ from tandem.codec.spec import (  # noqa: F401  (merge_count, packed_plan_size re
     packed_plan_size,
 )
 
-Window = Literal["local", "global"]
 MergeMode = Literal["mean", "variance_preserving"]
 
 MERGE_MODES: tuple[str, ...] = ("mean", "variance_preserving")

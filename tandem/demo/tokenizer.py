@@ -51,7 +51,8 @@ def build_tokenizer(out_dir: str | Path):
     from transformers import CLIPTokenizer
 
     vocab, merges = _train_bpe(vocabulary())
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_LENGTH)
+    # transformers' stub says str | list[str]; the tokenizer takes merge pairs as well.
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_LENGTH)  # type: ignore[arg-type]
     tokenizer.save_pretrained(str(out_dir))
     return tokenizer
 

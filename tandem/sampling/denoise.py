@@ -78,7 +78,7 @@ def predict_noise(
     guided = [i for i, g in enumerate(guidances) if g.guided]
     rows = torch.cat([inputs, inputs[guided]]) if guided else inputs
     steps = torch.cat([timesteps, timesteps[guided]]) if guided else timesteps
-    context = [g.cond for g in guidances] + [guidances[i].uncond for i in guided]
+    context = [g.cond for g in guidances] + [g.uncond for i in guided if (g := guidances[i]).uncond is not None]
     device, dtype = placement(unet)
     hidden = torch.stack(context).to(device=device, dtype=dtype)
     out = unet(rows.to(device=device, dtype=dtype), steps.to(device), hidden, return_dict=False)[0]
