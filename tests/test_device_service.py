@@ -15,7 +15,8 @@ from tandem.request import GenerationRequest
 
 
 def test_cli_through_device_service_and_edge(tiny_packs, tmp_path, capsys, large_pack, small_pack):
-    with edge_server(tiny_packs["large"], tmp_path) as edge, device_service(tiny_packs["small"], tmp_path) as ue:
+    with edge_server(tiny_packs["large"], tmp_path) as edge, \
+            device_service(tiny_packs["small"], tmp_path, "--edge", edge.address) as ue:
         out = tmp_path / "x.png"
         argv = ["generate", "a red circle at the left on a blue background", "--out", str(out), "--ue", ue.address,
                 "--edge", edge.address, "--steps", "6", "--split", "4", "--codec", "fp32", "--seed", "9",

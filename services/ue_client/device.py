@@ -1,22 +1,50 @@
 """The device side of a split generation: get the handoff from the edge, run the late steps on
-the small pack (+ the user's LoRA), decode. If the edge is unreachable, refuses, or fails
-mid-stream, finish the whole image locally and say why: no request is lost."""
+the small pack (+ the user's LoRA), decode. If the edge is unreachable, refuses, fails mid-stream,
+or sends a handoff that does not answer this request (services/ue_client/integrity.py), finish the
+whole image locally and say why: no request is lost, and no edge's output is trusted blindly."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+from dataclasses import dataclass, field
 
 from services.security import ClientSecurity
-from services.ue_client.transport import EdgeError, fetch_handoff
-from tandem.codec.container import CodecError
+from services.ue_client.integrity import HandoffLimits, HandoffRejected, check_header, check_schedule
+from services.ue_client.transport import EdgeError, EventCallback, fetch_handoff
+from tandem.codec.container import CodecError, unpack_container
 from tandem.handoff import CodecSpec, decode_handoff
 from tandem.packs import ModelPack
 from tandem.pipeline import GenerationResult, PhaseTimer, StepCallback, finish_on_device, resume, start
-from tandem.request import GenerationRequest
+from tandem.request import GenerationRequest, RequestError
+from tandem.sampling.denoise import DenoiseState
+from tandem.sampling.schedule import make_schedule
 
 log = logging.getLogger("tandem.ue")
 DEFAULT_TIMEOUT = 120.0
+
+
+class Cancelled(Exception):
+    """The caller cancelled; the worker stopped after the step it was in."""
+
+
+@dataclass
+class CancelFlag:
+    """Set by the caller's thread, read by the worker after every step (cooperative: a torch call
+    cannot be interrupted, so at most the step in flight finishes after the cancel)."""
+
+    event: threading.Event = field(default_factory=threading.Event)
+
+    def set(self) -> None:
+        self.event.set()
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+    def check(self, where: str = "a phase boundary") -> None:
+        if self.event.is_set():
+            raise Cancelled(f"cancelled at {where}")
 
 
 def generate_via_edge(
@@ -27,30 +55,34 @@ def generate_via_edge(
     timeout: float = DEFAULT_TIMEOUT,
     on_step: StepCallback | None = None,
     security: ClientSecurity | None = None,
+    cancel: CancelFlag | None = None,
 ) -> GenerationResult:
-    """Steps [0, k) on the edge at `edge_address`, [k, T) here; all here when k = 0 or no edge."""
+    """Steps [0, k) on the edge at `edge_address`, [k, T) here; all here when k = 0 or no edge.
+    With `cancel`, raises Cancelled at the next step after it is set."""
     request.validate()
     codec.validate()
     pack.use_user(request.user)
+    step = _cancellable(on_step, cancel)
     timer = PhaseTimer()
     payload, fallback, state = b"", None, None
     if request.split > 0 and edge_address:
         try:
-            edge = asyncio.run(fetch_handoff(edge_address, request, codec, timeout, on_step, security))
-            payload = edge.payload
-            timer.seconds.update(edge.seconds)
-            with timer.phase("handoff"):
-                state = resume(pack, decode_handoff(payload))
+            state, payload = _resume_from_edge(pack, request, codec, edge_address, timeout, step, security, timer)
         except (EdgeError, CodecError) as exc:
             fallback = f"edge failed ({exc}); finished locally on the device model"
+        except HandoffRejected as exc:
+            fallback = f"edge handoff rejected ({exc}); finished locally on the device model"
+        if fallback:
             log.info(fallback)
     elif request.split > 0:
         fallback = "no edge server given; finished locally on the device model"
+    if cancel is not None:
+        cancel.check()
     if state is None:
         with timer.phase("ue_steps"):
             state = start(pack, request)
     edge_steps = 0 if fallback else request.split
-    image = finish_on_device(pack, state, request.steps, timer, on_step)
+    image = finish_on_device(pack, state, request.steps, timer, step)
     return GenerationResult(
         image=image,
         latent=state.latent.cpu(),
@@ -60,3 +92,34 @@ def generate_via_edge(
         seconds=timer.seconds,
         fallback=fallback,
     )
+
+
+def _resume_from_edge(pack: ModelPack, request: GenerationRequest, codec: CodecSpec, address: str, timeout: float,
+                      on_event: EventCallback | None, security: ClientSecurity | None,
+                      timer: PhaseTimer) -> tuple[DenoiseState, bytes]:
+    """The edge's handoff, checked against `request` before anything in it is used."""
+    latent_shape = pack.latent_shape(request.height, request.width)
+    limits = HandoffLimits.for_request(request, latent_shape)
+    edge = asyncio.run(fetch_handoff(address, request, codec, timeout, on_event, security, limits))
+    timer.seconds.update(edge.seconds)
+    with timer.phase("handoff"):
+        meta, _ = unpack_container(edge.payload)
+        check_header(meta, request, latent_shape)  # before any tensor is decoded
+        handoff = decode_handoff(edge.payload)
+        check_schedule(handoff.schedule, make_schedule(request.sampler, request.steps, pack.sampler_config))
+        try:
+            return resume(pack, handoff), edge.payload
+        except (RequestError, RuntimeError, ValueError) as exc:  # torch shape/dtype faults included
+            raise HandoffRejected(f"could not resume it: {exc}") from exc
+
+
+def _cancellable(on_step: StepCallback | None, cancel: CancelFlag | None) -> StepCallback | None:
+    if cancel is None:
+        return on_step
+
+    def step(phase: str, done: int, total: int) -> None:
+        if on_step is not None:
+            on_step(phase, done, total)
+        cancel.check(f"{phase} {done}/{total}")
+
+    return step

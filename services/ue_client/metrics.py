@@ -17,3 +17,6 @@ class DeviceMetrics:
         self.request_seconds = Histogram("tandem_ue_request_seconds", "Whole generation on the device service", buckets=LATENCY_BUCKETS, registry=r)
         self.handoff_bytes = Histogram("tandem_ue_handoff_bytes", "Handoff payload received", buckets=BYTES_BUCKETS, registry=r)
         self.steps = Counter("tandem_ue_steps_total", "Denoising steps run on the device", registry=r)
+        # Cooperative cancellation's cost: ≤ 1 per cancelled call (the step in flight).
+        self.steps_after_cancel = Counter("tandem_ue_steps_after_cancel_total",
+                                          "Device steps that finished after their call was cancelled", registry=r)

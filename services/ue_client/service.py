@@ -14,6 +14,7 @@ import io
 import logging
 import os
 import time
+from collections.abc import Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
@@ -26,24 +27,26 @@ from services.decoding import DecodeErrorInterceptor
 from services.edge_server.metrics import record_call
 from services.lifecycle import NO_REUSEPORT, enable_reflection, run_server, set_health, until_signalled
 from services.security import ClientSecurity, SecurityError, add_client_args, add_port, add_server_tls_args, client_security, server_tls
-from services.ue_client.device import DEFAULT_TIMEOUT, generate_via_edge
+from services.ue_client.call import parse_call
+from services.ue_client.device import CancelFlag, Cancelled, generate_via_edge
 from services.ue_client.metrics import DeviceMetrics
 from tandem.packs import ModelPack, PackError, load_pack
 from tandem.request import RequestError
 from tandem.v1 import device_pb2, device_pb2_grpc
-from tandem.wire import request_from_proto
 
 log = logging.getLogger("tandem.ue")
 SERVICE_NAME = device_pb2.DESCRIPTOR.services_by_name["DeviceService"].full_name
 
 
 class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
-    def __init__(self, pack: ModelPack, metrics: DeviceMetrics, default_edge: str | None,
+    def __init__(self, pack: ModelPack, metrics: DeviceMetrics, edges: Sequence[str] = (),
                  edge_security: ClientSecurity | None = None):
+        """`edges`: the only edges this service uses (the first is the default); its
+        `edge_security` (e.g. --edge-token) goes to them and nowhere else."""
         self.pack = pack
         self.edge_security = edge_security
         self.metrics = metrics
-        self.default_edge = default_edge
+        self.edges = tuple(edges)
         self._turn = asyncio.Lock()
 
     async def Generate(self, request, context):
@@ -52,42 +55,61 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         recorded = False  # see record_call
         try:
             try:
-                domain_request, codec = request_from_proto(request.request, self.pack)
-                if domain_request.user is not None and domain_request.user not in self.pack.users:
-                    known = ", ".join(self.pack.users) or "none"
-                    raise RequestError("user", f"unknown user {domain_request.user!r} (users: {known})")
+                call = parse_call(request, self.pack, self.edges)
             except RequestError as exc:
                 code = grpc.StatusCode.INVALID_ARGUMENT
                 recorded = record_call(self.metrics, code.name, began)
                 await context.abort(code, str(exc))
-            timeout = request.edge_timeout_seconds or DEFAULT_TIMEOUT
-            edge = request.edge_address or self.default_edge
             loop = asyncio.get_running_loop()
             events: asyncio.Queue = asyncio.Queue()
 
+            cancel = CancelFlag()
+            after_cancel = [0]  # device steps that finished once the call was cancelled
+
             def on_step(phase: str, done: int, total: int) -> None:  # called on the worker thread
+                if phase == "device" and cancel.is_set():
+                    after_cancel[0] += 1
                 loop.call_soon_threadsafe(events.put_nowait, device_pb2.PhaseProgress(phase=phase, done=done, total=total))
 
             async with self._turn:
                 job = asyncio.ensure_future(
-                    asyncio.to_thread(generate_via_edge, self.pack, domain_request, codec, edge, timeout, on_step,
-                                      self.edge_security)
+                    asyncio.to_thread(generate_via_edge, self.pack, call.request, call.codec, call.edge,
+                                      call.edge_timeout, on_step, self.edge_security, cancel)
                 )
-                while not job.done() or not events.empty():
-                    getter = asyncio.ensure_future(events.get())
-                    await asyncio.wait({job, getter}, return_when=asyncio.FIRST_COMPLETED)
-                    if getter.done():
-                        yield device_pb2.DeviceServiceGenerateResponse(progress=getter.result())
-                    else:
-                        getter.cancel()
+                try:
+                    while not job.done() or not events.empty():
+                        getter = asyncio.ensure_future(events.get())
+                        try:
+                            await asyncio.wait({job, getter}, return_when=asyncio.FIRST_COMPLETED)
+                        finally:
+                            if not getter.done():
+                                getter.cancel()
+                        if getter.done() and not getter.cancelled():
+                            yield device_pb2.DeviceServiceGenerateResponse(progress=getter.result())
+                finally:  # left early: cancelled (CancelledError) or the stream closed (GeneratorExit)
+                    if not job.done():
+                        await self._stop(job, cancel)
+                        self.metrics.steps_after_cancel.inc(after_cancel[0])
                 result = job.result()
             yield device_pb2.DeviceServiceGenerateResponse(result=self._result(result))
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
             code = grpc.StatusCode.CANCELLED
             raise
         finally:
             if not recorded:
                 record_call(self.metrics, code.name, began)
+
+    async def _stop(self, job: asyncio.Future, cancel: CancelFlag) -> None:
+        """The call was cancelled: the worker stops after its current step, and this call keeps the
+        turn until it has, so abandoned work neither delays the next request nor runs beside it."""
+        cancel.set()
+        while not job.done():
+            try:
+                await asyncio.wait({job})
+            except asyncio.CancelledError:  # cancelled again (e.g. shutdown): still wait, ≤ one step
+                continue
+        if not job.cancelled() and job.exception() is not None and not isinstance(job.exception(), Cancelled):
+            log.warning("cancelled generation ended with %r", job.exception())
 
     def _result(self, result) -> device_pb2.DeviceResult:
         for phase, seconds in result.seconds.items():
@@ -119,14 +141,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     parser = argparse.ArgumentParser(prog="tandem-ue", description=__doc__.splitlines()[0])
     parser.add_argument("--pack", default=_env("pack", str(DEMO_PACK / "small")), help="small model pack")
-    parser.add_argument("--edge", default=_env("edge", None), help="default edge server HOST:PORT")
+    parser.add_argument("--edge", action="append", metavar="HOST:PORT",
+                        help="an edge server this service may use (repeatable; the first is the default; "
+                             "TANDEM_UE_EDGE: comma-separated). Callers can pick only among these")
     parser.add_argument("--host", default=_env("host", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(_env("port", 50061)))
     parser.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", 9102)), help="0 = none")
     parser.add_argument("--device", default=_env("device", None))
     add_server_tls_args(parser, _env)
     add_client_args(parser, _env, prefix="edge-", what="edge servers")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.edge is None:  # argparse would append flags to a default list, so the env is read here
+        args.edge = [edge.strip() for edge in str(_env("edge", "")).split(",") if edge.strip()]
+    return args
 
 
 async def serve(args: argparse.Namespace) -> None:

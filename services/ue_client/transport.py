@@ -9,14 +9,16 @@ from dataclasses import dataclass, field
 import grpc
 
 from services.security import ClientSecurity, aio_channel, call_metadata
-from tandem.wire import request_to_proto
+from services.ue_client.integrity import HandoffLimits
 from tandem.handoff import CodecSpec
+from tandem.wire import request_to_proto
 from tandem.request import GenerationRequest
 from tandem.v1 import edge_pb2, edge_pb2_grpc
 
 # on_event(phase, done, total): "queue" (position), "edge" (step of k), "transfer" (bytes).
 EventCallback = Callable[[str, int, int], None]
-MAX_HANDOFF_BYTES = 64 * 1024 * 1024
+MAX_HANDOFF_BYTES = 64 * 1024 * 1024  # without a request's own limits (HandoffLimits)
+MESSAGE_OVERHEAD = 64 * 1024  # a chunk message's framing around its data
 
 
 class EdgeError(Exception):
@@ -34,8 +36,8 @@ class EdgeHandoff:
     seconds: dict[str, float] = field(default_factory=dict)  # queue, edge_steps, transfer
 
 
-def channel_options() -> list[tuple[str, int]]:
-    return [("grpc.max_receive_message_length", 8 * 1024 * 1024)]
+def channel_options(max_message: int = 8 * 1024 * 1024) -> list[tuple[str, int]]:
+    return [("grpc.max_receive_message_length", max_message)]
 
 
 async def fetch_handoff(
@@ -45,13 +47,19 @@ async def fetch_handoff(
     timeout: float,
     on_event: EventCallback | None = None,
     security: ClientSecurity | None = None,
+    limits: HandoffLimits | None = None,
 ) -> EdgeHandoff:
-    """Runs steps [0, k) on the edge and returns the handoff payload; raises EdgeError."""
+    """Runs steps [0, k) on the edge and returns the handoff payload; raises EdgeError, or
+    HandoffRejected when the stream goes past `limits` (the request's largest possible handoff)."""
+    limits = limits or HandoffLimits(MAX_HANDOFF_BYTES)
     began = time.perf_counter()
     marks: dict[str, float] = {}
     chunks: list[bytes] = []
+    received = 0
     expected_count = expected_total = None
-    async with aio_channel(address, security, channel_options()) as channel:
+    # gRPC itself refuses a message larger than the whole allowed handoff, before buffering it.
+    options = channel_options(min(8 * 1024 * 1024, limits.max_bytes + MESSAGE_OVERHEAD))
+    async with aio_channel(address, security, options) as channel:
         stub = edge_pb2_grpc.EdgeServiceStub(channel)
         try:
             async for response in stub.Generate(request_to_proto(request, codec), timeout=timeout,
@@ -65,13 +73,14 @@ async def fetch_handoff(
                 elif kind == "handoff":
                     chunk = response.handoff
                     marks.setdefault("transfer_start", time.perf_counter())
-                    if chunk.index != len(chunks) or (expected_count not in (None, chunk.count)):
+                    if chunk.index != len(chunks) or expected_count not in (None, chunk.count) \
+                            or expected_total not in (None, chunk.total_bytes):
                         raise EdgeError("DATA_LOSS", f"handoff chunk {chunk.index} out of order")
-                    if chunk.total_bytes > MAX_HANDOFF_BYTES:
-                        raise EdgeError("RESOURCE_EXHAUSTED", f"handoff of {chunk.total_bytes} bytes is too large")
+                    received += len(chunk.data)
+                    limits.check_chunk(chunk.index, chunk.count, chunk.total_bytes, received)
                     expected_count, expected_total = chunk.count, chunk.total_bytes
                     chunks.append(chunk.data)
-                    _notify(on_event, "transfer", sum(map(len, chunks)), chunk.total_bytes)
+                    _notify(on_event, "transfer", received, chunk.total_bytes)
         except grpc.aio.AioRpcError as exc:
             raise EdgeError(exc.code().name, exc.details() or "") from exc
     payload = b"".join(chunks)

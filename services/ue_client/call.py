@@ -1,0 +1,51 @@
+"""One DeviceService.Generate call, validated: every bad field raises RequestError naming it.
+
+The edge comes from the service's own configuration (its --edge list), never from the caller: a
+caller that could choose it would turn the device into an open relay that sends the service's
+edge credentials to any address and trusts whatever comes back.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from services.ue_client.device import DEFAULT_TIMEOUT
+from tandem.handoff import CodecSpec
+from tandem.packs import ModelPack
+from tandem.request import GenerationRequest, RequestError
+from tandem.v1 import device_pb2
+from tandem.wire import request_from_proto
+
+MAX_EDGE_TIMEOUT = 3600.0
+
+
+@dataclass(frozen=True)
+class DeviceCall:
+    request: GenerationRequest
+    codec: CodecSpec
+    edge: str | None  # None: every step on the device
+    edge_timeout: float
+
+
+def parse_call(message: device_pb2.DeviceServiceGenerateRequest, pack: ModelPack,
+               edges: tuple[str, ...]) -> DeviceCall:
+    """`edges`: the service's configured edges; the first is the default."""
+    request, codec = request_from_proto(message.request, pack)
+    if request.user is not None and request.user not in pack.users:
+        known = ", ".join(pack.users) or "none"
+        raise RequestError("user", f"unknown user {request.user!r} (users: {known})")
+    timeout = message.edge_timeout_seconds
+    if not (math.isfinite(timeout) and 0.0 <= timeout <= MAX_EDGE_TIMEOUT):
+        raise RequestError("edge_timeout_seconds",
+                           f"must be in 0..{MAX_EDGE_TIMEOUT:g} seconds (0: the default), got {timeout!r}")
+    return DeviceCall(request, codec, choose_edge(message.edge_address, edges), timeout or DEFAULT_TIMEOUT)
+
+
+def choose_edge(requested: str, edges: tuple[str, ...]) -> str | None:
+    if not requested:
+        return edges[0] if edges else None
+    if requested not in edges:
+        raise RequestError("edge_address", f"{requested[:200]!r} is not an edge this device service is configured "
+                                           "with (its --edge flags); leave it empty for the default edge")
+    return requested
