@@ -118,3 +118,17 @@ def wait_edges_live(scheduler: ServiceProcess, count: int, timeout: float, failu
     while metric_value(scheduler.metrics(), "tandem_scheduler_edges_live") != count:
         assert time.monotonic() < deadline, failure
         time.sleep(0.2)
+
+
+def fake_edge(pack: Path, tmp_path: Path):
+    """tests/fake_edge.py: a hostile edge (the prompt's first word picks the attack) that counts
+    the bearer tokens it is sent."""
+    return _service("tests.fake_edge", pack, tmp_path)
+
+
+def rss_bytes(proc: subprocess.Popen) -> int:
+    """Resident memory of a running service process (Linux /proc)."""
+    for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {proc.pid}")
