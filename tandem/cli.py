@@ -127,6 +127,9 @@ def _generate(args: argparse.Namespace) -> int:
     if args.timeout <= 0:
         raise CliError(f"--timeout: must be positive, got {args.timeout:g}")
     args.security = _client_security(args)
+    from services.ue_client.trust import credentials_for_edge, trusted_edges
+
+    trusted = trusted_edges(args.edge)  # before a scheduler's plan can fill in args.edge
     plan = _apply_plan(args) if args.scheduler else None
     codec = CodecSpec(encoding=args.codec or "fp16", merge_ratio=args.merge_ratio or 0.0,
                       strategy=args.merge_strategy or DEFAULT_STRATEGY).validate()
@@ -175,8 +178,11 @@ def _generate(args: argparse.Namespace) -> int:
         else:
             from services.ue_client.device import generate_via_edge
 
+            security, note = credentials_for_edge(args.edge, args.security, trusted)
+            if note:
+                print(f"tandem: NOTE: {note}", file=sys.stderr)
             result = generate_via_edge(ue_pack, request, codec, args.edge, args.timeout, on_step=progress,
-                                       security=args.security)
+                                       security=security)
     finally:
         if progress is not None:
             progress.close()

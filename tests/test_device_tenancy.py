@@ -1,0 +1,155 @@
+"""Multi-tenant safety on the device side (issue 14), against real processes: the device service
+is no open relay, user tokens go only to verified edges, hostile handoffs fall back locally with
+the reason (memory bounded), cancelled calls stop at the next step, bad numbers are named."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import socket
+
+import grpc
+import pytest
+from PIL import Image
+
+from service_procs import device_service, fake_edge, metric_value, rss_bytes, scheduler_service
+from services.ue_client.client import generate_on_device_service
+from tandem import cli
+from tandem.v1 import device_pb2, device_pb2_grpc, edge_pb2
+
+PROMPT = "a red circle at the left on a blue background"
+DEVICE_TOKEN = "device-secret"
+
+
+@pytest.fixture(scope="module")
+def hostile(tiny_packs, tmp_path_factory):
+    """A hostile edge, and a device service configured with it (and its own edge token)."""
+    tmp = tmp_path_factory.mktemp("tenancy")
+    with fake_edge(tiny_packs["large"], tmp) as edge, \
+            device_service(tiny_packs["small"], tmp, "--edge", edge.address, "--edge-token", DEVICE_TOKEN) as ue:
+        yield edge, ue
+
+
+def generate(ue, prompt: str, **fields) -> device_pb2.DeviceResult:
+    message = edge_pb2.GenerateRequest(prompt=prompt, steps=fields.pop("steps", 4), split=fields.pop("split", 2),
+                                       **fields)
+    return generate_on_device_service(ue.address, message, None, timeout=30)
+
+
+def raw_call(ue, edge_address: str = "", timeout: float = 0.0, **fields):
+    message = device_pb2.DeviceServiceGenerateRequest(
+        request=edge_pb2.GenerateRequest(prompt=PROMPT, steps=4, split=2, **fields),
+        edge_address=edge_address, edge_timeout_seconds=timeout)
+    with grpc.insecure_channel(ue.address) as channel:
+        return list(device_pb2_grpc.DeviceServiceStub(channel).Generate(message, timeout=60))
+
+
+def test_a_caller_cannot_point_the_device_at_another_edge(hostile):
+    """Item 5: edge_address must be one of the service's own --edge; its token never leaves."""
+    edge, ue = hostile
+    with socket.socket() as trap:  # an "attacker" that would see any connection the device makes
+        trap.bind(("127.0.0.1", 0))
+        trap.listen()
+        trap.setblocking(False)
+        host, port = trap.getsockname()
+        for address in (f"{host}:{port}", f"dns:///{host}:{port}", "unix:/tmp/tandem-attacker.sock"):
+            with pytest.raises(grpc.RpcError) as info:
+                raw_call(ue, edge_address=address)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert info.value.details().startswith("edge_address: ")
+        with pytest.raises(BlockingIOError):
+            trap.accept()  # nobody connected
+    before = metric_value(edge.metrics(), "fake_edge_generate_total", 'token="yes"')
+    result = generate(ue, PROMPT)  # empty edge_address: the configured edge, with the device's token
+    assert metric_value(edge.metrics(), "fake_edge_generate_total", 'token="yes"') == before + 1
+    assert result.fallback  # and what that (hostile) edge sent was not believed
+
+
+@pytest.mark.parametrize("timeout", [math.nan, -1.0, math.inf, -math.inf, 1e9])
+def test_bad_edge_timeouts_are_named(hostile, timeout):
+    """Item 11: NaN / negative / infinite / absurd deadlines are refused, naming the field."""
+    with pytest.raises(grpc.RpcError) as info:
+        raw_call(hostile[1], timeout=timeout)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("edge_timeout_seconds: ")
+
+
+@pytest.mark.parametrize("attack, reason", [
+    ("other", "prompt differs"),
+    ("big", "can be at most"),  # refused on the first chunk's declared size, before buffering
+    ("fewer", "steps differs"),
+    ("flood", "RESOURCE_EXHAUSTED"),  # a 4 MiB chunk is over the request's whole byte cap
+])
+def test_a_hostile_handoff_falls_back_with_the_reason(hostile, attack, reason):
+    """Item 6: the image still arrives, made locally, and says why; memory stays where it was."""
+    edge, ue = hostile
+    generate(ue, f"warm: {PROMPT}")  # allocator warmed by a legitimate-size fallback first
+    before = rss_bytes(ue.proc)
+    for _ in range(3):
+        result = generate(ue, f"{attack}: {PROMPT}", seed=5)
+        assert reason in result.fallback and "finished locally" in result.fallback
+        assert result.edge_steps == 0 and result.device_steps == 4 and result.handoff_bytes == 0
+        assert Image.open(io.BytesIO(result.png)).size == (32, 32)
+    assert rss_bytes(ue.proc) <= before * 1.10
+
+
+def test_cancelled_calls_stop_at_the_next_step(hostile):
+    """Item 7: 12 calls of 200 device steps, each cancelled once its first step is reported, run
+    at most one more step each; the valid request after them gets the device at once."""
+    edge, ue = hostile
+    metrics = ue.metrics()
+    cancelled_before = metric_value(metrics, "tandem_ue_requests_total", 'code="CANCELLED"')
+    after_before = metric_value(metrics, "tandem_ue_steps_after_cancel_total")
+    message = device_pb2.DeviceServiceGenerateRequest(
+        request=edge_pb2.GenerateRequest(prompt=PROMPT, steps=200, split=0))
+    with grpc.insecure_channel(ue.address) as channel:
+        stub = device_pb2_grpc.DeviceServiceStub(channel)
+        for _ in range(12):
+            call = stub.Generate(message, timeout=120)
+            for response in call:
+                if response.WhichOneof("event") == "progress" and response.progress.phase == "device":
+                    call.cancel()
+                    break
+            else:
+                pytest.fail("the call ended before its first device step was reported")
+    result = generate(ue, PROMPT, split=0)  # takes its turn only after every cancelled worker stopped
+    assert result.device_steps == 4 and not result.fallback
+    metrics = ue.metrics()
+    assert metric_value(metrics, "tandem_ue_requests_total", 'code="CANCELLED"') == cancelled_before + 12
+    steps_after_cancel = metric_value(metrics, "tandem_ue_steps_after_cancel_total") - after_before
+    assert steps_after_cancel <= 12  # ≤ one step each (they would have run ~199 more each)
+
+
+def test_the_cli_sends_its_token_only_to_trusted_edges(hostile, tmp_path, capsys, monkeypatch, tiny_packs):
+    """A plaintext edge known only from the scheduler's plan gets no token (the CLI says so); the
+    edge the user named with --edge, or listed in TANDEM_TRUSTED_EDGES, gets it."""
+    edge, _ = hostile
+    monkeypatch.delenv("TANDEM_TRUSTED_EDGES", raising=False)
+
+    def tokens() -> tuple[float, float]:
+        text = edge.metrics()
+        return (metric_value(text, "fake_edge_generate_total", 'token="yes"'),
+                metric_value(text, "fake_edge_generate_total", 'token="no"'))
+
+    def run(name: str, *args: str) -> tuple[dict, str]:
+        argv = ["generate", f"other: {PROMPT}", "--small", str(tiny_packs["small"]), "--device", "cpu",
+                "--steps", "4", "--token", "user-secret", "--out", str(tmp_path / name), "--json", "--quiet", *args]
+        assert cli.main(argv) == 0
+        captured = capsys.readouterr()
+        return json.loads(captured.out), captured.err
+
+    with scheduler_service(tmp_path, "--edge", edge.address) as sched:
+        yes, no = tokens()
+        report, err = run("planned.png", "--scheduler", sched.address, "--device-class", "phone")
+        assert report["plan"] is not None and report["fallback"]  # the plan's edge was used (and not believed)
+        assert tokens() == (yes, no + 1)
+        assert "your token was not sent" in err and edge.address in err
+
+        monkeypatch.setenv("TANDEM_TRUSTED_EDGES", f"10.0.0.1:1, {edge.address}")
+        run("listed.png", "--scheduler", sched.address, "--device-class", "phone")
+        assert tokens() == (yes + 1, no + 1)
+    monkeypatch.delenv("TANDEM_TRUSTED_EDGES")
+    _, err = run("named.png", "--edge", edge.address, "--split", "2")
+    assert tokens() == (yes + 2, no + 1) and "token was not sent" not in err
+
