@@ -1,0 +1,1 @@
+"""A testbed of separate hosts on one machine (network namespaces, shaped veth links)."""
