@@ -9,6 +9,7 @@ unknown token is UNAUTHENTICATED; a request naming another user (its ``user``,
 from __future__ import annotations
 
 import argparse
+import contextvars
 import hmac
 import json
 from dataclasses import dataclass
@@ -21,6 +22,14 @@ from services.security import EnvLookup, SecurityError
 
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 USER_FIELDS = ("user", "personalized_user", "user_id")
+# The token's user for the call being served (None: tokens off, or an exempt method). Set by the
+# interceptor in the task that then runs the handler, so a servicer can check ownership.
+_CALLER: contextvars.ContextVar[str | None] = contextvars.ContextVar("tandem_token_user", default=None)
+
+
+def caller_user() -> str | None:
+    """The authenticated user of the call being served; None when tokens are off."""
+    return _CALLER.get()
 
 
 @dataclass(frozen=True)
@@ -83,14 +92,19 @@ def check_access(tokens: Mapping[str, str], token: str | None, claimed: Iterable
 
 
 class TokenInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps each non-exempt unary-request handler with `check_access` on its request."""
+    """Wraps each non-exempt unary-request handler with `check_access` on its request.
+    ``exempt_methods``: full method names that check their own credential (the scheduler's edge
+    heartbeat takes an edge credential, never a user token)."""
 
-    def __init__(self, tokens: Mapping[str, str]):
+    def __init__(self, tokens: Mapping[str, str], exempt_methods: Iterable[str] = ()):
         self.tokens = dict(tokens)
+        self.exempt_methods = frozenset(exempt_methods)
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None or handler.request_streaming or handler_call_details.method.startswith(EXEMPT_PREFIXES):
+        method = handler_call_details.method
+        if handler is None or handler.request_streaming or method.startswith(EXEMPT_PREFIXES) \
+                or method in self.exempt_methods:
             return handler  # no Tandem RPC streams requests
         token = bearer_token(handler_call_details.invocation_metadata)
         tokens = self.tokens
@@ -99,6 +113,7 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
             denial = check_access(tokens, token, claimed_users(request))
             if denial is not None:
                 await context.abort(denial.code, denial.message)
+            _CALLER.set(token_user(tokens, token))
 
         if handler.response_streaming:
             inner = handler.unary_stream
@@ -120,6 +135,6 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
             checked_unary, handler.request_deserializer, handler.response_serializer)
 
 
-def interceptors(args: argparse.Namespace) -> list[grpc.aio.ServerInterceptor]:
+def interceptors(args: argparse.Namespace, exempt_methods: Iterable[str] = ()) -> list[grpc.aio.ServerInterceptor]:
     """[] unless --tokens is given."""
-    return [TokenInterceptor(load_tokens(args.tokens))] if args.tokens else []
+    return [TokenInterceptor(load_tokens(args.tokens), exempt_methods)] if args.tokens else []

@@ -21,13 +21,14 @@ def test_an_edge_report_as_the_device_times_it_does_not_move_the_edge_step(overh
     edges = EdgeRegistry()
     edges.heartbeat(EdgeLoad("edge:1"))
     core = SchedulerCore(synthetic_profile(), CostProfile(), lambda problem: np.full(problem.n_users, split), edges)
-    plan = core.decide([PlanInput("phone", LinkInput(bandwidth_bps=50e6))])[0]
     step = core.costs.edge_coefficients().step_seconds(1)
     before = core.costs.edge_coefficients()
     rtt = core.costs.rtt_s
-    measured = Measured(queue=step + overhead, edge_steps=9 * step, transfer=plan.plan.transfer_seconds - rtt,
-                        device_steps=plan.plan.device_seconds)
-    outcome = core.report(PlanReport(plan.plan_id, measured, handoff_bytes=plan.plan.handoff_bytes))
+    for _ in range(3):  # calibration is robust: it moves on what several reports agree on
+        plan = core.decide([PlanInput("phone", LinkInput(bandwidth_bps=50e6))])[0]
+        measured = Measured(queue=step + overhead, edge_steps=9 * step, transfer=plan.plan.transfer_seconds - rtt,
+                            device_steps=plan.plan.device_seconds)
+        outcome = core.report(PlanReport(plan.plan_id, measured, handoff_bytes=plan.plan.handoff_bytes))
     after = core.costs.edge_coefficients()
     assert after.step_seconds(1) == pytest.approx(before.step_seconds(1), rel=1e-9)
     assert outcome.relative_errors["edge"] == pytest.approx(0.0, abs=1e-9)

@@ -12,16 +12,32 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from services.scheduler.costs import CostProfile, PhaseObservation, calibrate
+from services.scheduler.calibration import RobustCalibrator
+from services.scheduler.costs import CostProfile, PhaseObservation
+from services.scheduler.edge_auth import MAX_ADDRESS_CHARS
 from services.scheduler.edges import EdgeLoad, EdgeRegistry
+from services.scheduler.isolation import best_effort_plan, split_infeasible
+from services.scheduler.pending import PendingPlans
 from services.scheduler.planner import DeciderLike, Plan, plan_frame
 from services.scheduler.quality import BASE_USER, PERSONALIZED_USER, QualityProfile
 from services.scheduler.scenario import FrameContext, UserSpec
 from tandem.codec.spec import DEFAULT_STRATEGY
 
 MAX_PROMPT_CHARS = 1000
-MAX_RECORDS = 10_000  # plans awaiting a report; the oldest are forgotten first
+MAX_RECORDS = 10_000  # plans awaiting a report, all users together
+MAX_PENDING_PER_USER = 512  # beyond it a user's own oldest unreported plan is forgotten
 PHASES = ("edge", "transfer", "device", "total")
+MAX_ID_CHARS = 128  # user_id, device_class, plan_id
+# Physical bounds of what a device may claim or measure: beyond them a value is a bug or an attack.
+MAX_BANDWIDTH_BPS = 1e12
+MAX_RTT_S = 10.0
+MAX_SPECTRAL_EFFICIENCY = 100.0  # b/s/Hz; real links stay under ~30
+MAX_BUDGET_S = 86_400.0
+MAX_BUDGET_J = 1e7
+MAX_PHASE_S = 3600.0
+MAX_STEPS = 1000
+MAX_HANDOFF_BYTES = 1 << 30
+MAX_STEPS_PER_SECOND = 1e6
 
 
 class PlanInputError(ValueError):
@@ -34,7 +50,15 @@ class PlanInputError(ValueError):
 
 
 class UnknownPlan(KeyError):
-    """A report for a plan id this scheduler did not issue, or forgot (already reported, too old)."""
+    """A report for a plan id this scheduler did not issue, or forgot (too old)."""
+
+
+class AlreadyReported(KeyError):
+    """A second report for one plan: it counts once."""
+
+
+class NotYourPlan(PermissionError):
+    """With tokens on, a report for another user's plan."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +88,11 @@ class AssignedPlan:
     edge_address: str  # "" when k = 0 or no edge is known
     merge_strategy: str
     frame_size: int
+    infeasible_reason: str = ""  # non-empty: no plan meets the budget; this one was planned alone
+
+    @property
+    def budget_infeasible(self) -> bool:
+        return bool(self.infeasible_reason)
 
 
 @dataclass(frozen=True)
@@ -100,11 +129,11 @@ class ReportOutcome:
 
 @dataclass(frozen=True)
 class _Record:
-    request: PlanInput
     user: UserSpec
     assigned: AssignedPlan
     rate_bps: float
     edge_batch: int  # edge users of its frame on its edge (the batch the planner assumed)
+    owner: str  # whose quota of pending plans it counts against
 
 
 @dataclass
@@ -115,30 +144,35 @@ class SchedulerCore:
     edges: EdgeRegistry = field(default_factory=EdgeRegistry)
     ctx: FrameContext = FrameContext()
     merge_strategy: str = DEFAULT_STRATEGY  # the planner does not choose it: the measured best
-    calibration_alpha: float = 0.3
     max_records: int = MAX_RECORDS
+    max_pending_per_user: int = MAX_PENDING_PER_USER
 
     def __post_init__(self) -> None:
-        self._records: OrderedDict[str, _Record] = OrderedDict()
+        self._pending: PendingPlans[_Record] = PendingPlans(self.max_records, self.max_pending_per_user)
+        self._reported: OrderedDict[str, None] = OrderedDict()  # recently reported ids: a repeat is refused
+        self._calibrator = RobustCalibrator(self.costs)
         self._lock = threading.Lock()  # frames are decided on a worker thread, reports on the loop
 
     # --- plans ------------------------------------------------------------------------------
     def user_spec(self, request: PlanInput) -> UserSpec:
         """The planner's view of a request; raises PlanInputError naming the bad field."""
+        for field_name, value in (("user_id", request.user_id), ("device_class", request.device_class)):
+            _require(len(value) <= MAX_ID_CHARS, field_name, f"longer than {MAX_ID_CHARS} characters ({len(value)})")
         if request.device_class not in self.costs.devices:
             known = ", ".join(self.costs.devices)
             raise PlanInputError("device_class", f"unknown device class {request.device_class!r} (known: {known})")
         link = request.link
-        for name, value in (("bandwidth_bps", link.bandwidth_bps), ("rtt_seconds", link.rtt_s),
-                            ("spectral_efficiency", link.spectral_efficiency)):
-            _require(math.isfinite(value) and value >= 0, f"link.{name}", f"must be a finite number >= 0, got {value!r}")
+        for name, value, most in (("bandwidth_bps", link.bandwidth_bps, MAX_BANDWIDTH_BPS),
+                                  ("rtt_seconds", link.rtt_s, MAX_RTT_S),
+                                  ("spectral_efficiency", link.spectral_efficiency, MAX_SPECTRAL_EFFICIENCY)):
+            _require_range(value, f"link.{name}", most)
         _require(link.bandwidth_bps > 0 or link.spectral_efficiency > 0, "link",
                  "give bandwidth_bps or spectral_efficiency")
         name = request.personalized_user
         _require(not name or (name.isidentifier() and len(name) <= 64), "personalized_user", f"invalid user name {name!r}")
-        for field_name, value in (("latency_budget_seconds", request.latency_budget_s),
-                                  ("energy_budget_joules", request.energy_budget_j)):
-            _require(not math.isnan(value) and value >= 0, field_name, f"must be >= 0 (0: none), got {value!r}")
+        for field_name, value, most in (("latency_budget_seconds", request.latency_budget_s, MAX_BUDGET_S),
+                                        ("energy_budget_joules", request.energy_budget_j, MAX_BUDGET_J)):
+            _require_range(value, field_name, most, "(0: none)")
         if request.prompt_chars is not None:
             _require(0 <= request.prompt_chars <= MAX_PROMPT_CHARS, "prompt_chars",
                      f"must be in 0..{MAX_PROMPT_CHARS}, got {request.prompt_chars}")
@@ -150,6 +184,7 @@ class SchedulerCore:
             profile_user=self._profile_user(name),
             latency_budget_s=request.latency_budget_s or math.inf,
             energy_budget_j=request.energy_budget_j or math.inf,
+            rtt_s=link.rtt_s or None,  # the device's own RTT shapes its own plan, nobody else's
         )
 
     def _rate_bps(self, link: LinkInput) -> float:
@@ -163,52 +198,58 @@ class SchedulerCore:
             return BASE_USER
         return name if name in users else PERSONALIZED_USER if PERSONALIZED_USER in users else BASE_USER
 
-    def decide(self, requests: Sequence[PlanInput]) -> list[AssignedPlan]:
-        """One frame: every request must have passed :meth:`user_spec`."""
-        rtts = [PhaseObservation("transfer", r.link.rtt_s, nbytes=0, rate_bps=1.0) for r in requests if r.link.rtt_s > 0]
-        if rtts:  # an RTT probe is a transfer of zero bytes: it moves the RTT estimate
-            self._calibrate(rtts)
+    def decide(self, requests: Sequence[PlanInput], owners: Sequence[str] | None = None) -> list[AssignedPlan]:
+        """One frame: every request must have passed :meth:`user_spec`. ``owners``: whose quota of
+        pending plans each counts against (default: its user_id). A request whose budget no plan
+        meets even alone is planned alone, best effort, so it never moves the others' plans."""
+        owners = list(owners) if owners is not None else [r.user_id for r in requests]
+        costs = self.costs  # one snapshot for the whole frame
         users = [self.user_spec(r) for r in requests]
-        plans = plan_frame(users, self.quality, self.costs, self.decider, ctx=self.ctx)
-        remote = [i for i, p in enumerate(plans) if p.split > 0]
+        reasons = split_infeasible(users, self.quality, costs, self.ctx)
+        joint = [i for i in range(len(users)) if i not in reasons]
+        plans = dict(zip(joint, plan_frame([users[i] for i in joint], self.quality, costs, self.decider, ctx=self.ctx)))
+        for i in reasons:
+            plans[i] = best_effort_plan(users[i], self.quality, costs, self.ctx)
+        remote = [i for i in range(len(users)) if plans[i].split > 0]
         addresses = dict(zip(remote, self.edges.route(len(remote))))
         per_edge: dict[str, int] = {}
         for address in addresses.values():
             per_edge[address] = per_edge.get(address, 0) + 1
         out = []
         with self._lock:
-            for i, (request, user, plan) in enumerate(zip(requests, users, plans)):
+            for i, (request, user, owner) in enumerate(zip(requests, users, owners)):
                 address = addresses.get(i, "")
-                assigned = AssignedPlan(uuid.uuid4().hex, plan, address, self.merge_strategy, len(requests))
-                self._records[assigned.plan_id] = _Record(request, user, assigned, self._rate_bps(request.link),
-                                                          per_edge.get(address, 1) if address else len(remote))
+                assigned = AssignedPlan(uuid.uuid4().hex, plans[i], address, self.merge_strategy,
+                                        1 if i in reasons else len(joint), reasons.get(i, ""))
+                batch = per_edge.get(address, 1) if address else len(remote)
+                self._pending.add(assigned.plan_id, owner,
+                                  _Record(user, assigned, self._rate_bps(request.link), batch, owner))
                 out.append(assigned)
-            while len(self._records) > self.max_records:
-                self._records.popitem(last=False)
         return out
 
     # --- edges ------------------------------------------------------------------------------
     def heartbeat(self, load: EdgeLoad) -> int:
         """Registers an edge's load; returns how many edges are live."""
-        host, _, port = load.address.rpartition(":")
-        _require(bool(host) and port.isdigit() and 0 < int(port) < 65536, "address",
-                 f"must be HOST:PORT, got {load.address!r}")
-        _require(math.isfinite(load.steps_per_second) and load.steps_per_second >= 0, "steps_per_second",
-                 f"must be a finite number >= 0, got {load.steps_per_second!r}")
-        self.edges.heartbeat(load)
+        check_heartbeat(load)
+        self.edges.heartbeat(load)  # TooManyEdges for a new edge beyond the cap
         return len(self.edges.live())
 
     # --- reports ----------------------------------------------------------------------------
-    def report(self, report: PlanReport) -> ReportOutcome:
-        """Calibrates the cost models from what the device measured; the plan is then forgotten."""
+    def report(self, report: PlanReport, owner: str | None = None) -> ReportOutcome:
+        """Calibrates the cost models from what the device measured; the plan is then forgotten.
+        ``owner``: when given (tokens on), only the plan's own user may report it; once."""
+        check_report(report)
         m = report.measured
-        for name in ("queue", "edge_steps", "transfer", "device_steps", "decode"):
-            value = getattr(m, name)
-            _require(math.isfinite(value) and value >= 0, f"measured.{name}", f"must be a finite number >= 0, got {value!r}")
         with self._lock:
-            record = self._records.pop(report.plan_id, None)
-        if record is None:
-            raise UnknownPlan(report.plan_id)
+            record = self._pending.get(report.plan_id)
+            if record is None:
+                raise AlreadyReported(report.plan_id) if report.plan_id in self._reported else UnknownPlan(report.plan_id)
+            if owner is not None and record.owner != owner:
+                raise NotYourPlan(report.plan_id)
+            self._pending.pop(report.plan_id)
+            self._reported[report.plan_id] = None
+            while len(self._reported) > self.max_records:
+                self._reported.popitem(last=False)
         plan = record.assigned.plan
         edge_steps, device_steps = report.edge_steps, report.device_steps
         if edge_steps == 0 and device_steps == 0:
@@ -242,11 +283,31 @@ class SchedulerCore:
 
     def _calibrate(self, observations: list[PhaseObservation]) -> None:
         with self._lock:  # a frame reads self.costs once; swapping the reference is enough for it
-            self.costs = calibrate(self.costs, observations, self.calibration_alpha)
+            self.costs = self._calibrator.update(observations)
 
     @property
     def pending_reports(self) -> int:
-        return len(self._records)
+        return len(self._pending)
+
+
+def check_heartbeat(load: EdgeLoad) -> None:
+    _require(len(load.address) <= MAX_ADDRESS_CHARS, "address",
+             f"longer than {MAX_ADDRESS_CHARS} characters ({len(load.address)})")
+    host, _, port = load.address.rpartition(":")
+    _require(bool(host) and port.isdigit() and 0 < int(port) < 65536, "address",
+             f"must be HOST:PORT, got {load.address!r}")
+    _require_range(load.steps_per_second, "steps_per_second", MAX_STEPS_PER_SECOND)
+
+
+def check_report(report: PlanReport) -> None:
+    """Every measured number finite, >= 0 and physically possible; raises PlanInputError."""
+    _require(len(report.plan_id) <= MAX_ID_CHARS, "plan_id", f"longer than {MAX_ID_CHARS} characters")
+    for name in ("queue", "edge_steps", "transfer", "device_steps", "decode"):
+        _require_range(getattr(report.measured, name), f"measured.{name}", MAX_PHASE_S)
+    for name, value, most in (("edge_steps", report.edge_steps, MAX_STEPS),
+                              ("device_steps", report.device_steps, MAX_STEPS),
+                              ("handoff_bytes", report.handoff_bytes, MAX_HANDOFF_BYTES)):
+        _require(0 <= value <= most, name, f"must be in 0..{most}, got {value}")
 
 
 def measured_phases(m: Measured, edge_steps: int, planned_step_s: float = 0.0) -> dict[str, float]:
@@ -271,3 +332,8 @@ def measured_phases(m: Measured, edge_steps: int, planned_step_s: float = 0.0) -
 def _require(ok: bool, field: str, message: str) -> None:
     if not ok:
         raise PlanInputError(field, message)
+
+
+def _require_range(value: float, field: str, most: float, note: str = "") -> None:
+    _require(math.isfinite(value) and 0 <= value <= most, field,
+             f"must be a finite number in [0, {most:g}]{' ' + note if note else ''}, got {value!r}")

@@ -36,11 +36,22 @@ class _Entry:
         return self.load.queue_depth + self.load.running_requests + self.routed_since
 
 
+class TooManyEdges(Exception):
+    """A heartbeat from a new edge while ``max_edges`` are live."""
+
+
+MAX_EDGES = 64
+
+
 class EdgeRegistry:
-    def __init__(self, ttl_s: float = 5.0, static: Iterable[str] = (), clock: Callable[[], float] = time.monotonic):
+    def __init__(self, ttl_s: float = 5.0, static: Iterable[str] = (), clock: Callable[[], float] = time.monotonic,
+                 max_edges: int = MAX_EDGES):
         if not ttl_s > 0:
             raise ValueError(f"edge ttl must be > 0 s, got {ttl_s}")
+        if max_edges < 1:
+            raise ValueError(f"max edges must be >= 1, got {max_edges}")
         self.ttl_s = ttl_s
+        self.max_edges = max_edges
         self.static = tuple(static)
         self._clock = clock
         self._edges: dict[str, _Entry] = {}
@@ -48,7 +59,12 @@ class EdgeRegistry:
         self._lock = threading.Lock()  # heartbeats on the event loop, routing on the frame thread
 
     def heartbeat(self, load: EdgeLoad) -> None:
+        """Raises TooManyEdges for a new edge when ``max_edges`` are live (known ones always beat)."""
         with self._lock:
+            if load.address not in self._edges:
+                self._prune()
+                if len(self._edges) >= self.max_edges:
+                    raise TooManyEdges(f"{len(self._edges)} edges are live already (--max-edges {self.max_edges})")
             self._edges[load.address] = _Entry(load, self._clock())
 
     def _prune(self) -> None:

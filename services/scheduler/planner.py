@@ -111,7 +111,7 @@ def schedule_frame(users: Sequence[UserSpec], quality: QualityProfile, costs: Co
     plans = []
     for i, (user, o) in enumerate(zip(problem.users, sel)):
         opt = options[int(o)]
-        rtt = problem.rtt_s if opt.uses_edge else 0.0
+        rtt = float(problem.rtt_s[i]) if opt.uses_edge else 0.0
         device = float(ev.local_seconds[i] - rtt)
         e = float(edge[i]) if opt.uses_edge else 0.0
         t = float(tx[i]) + rtt if opt.uses_edge else 0.0

@@ -67,7 +67,7 @@ class FrameProblem:
     edge_a: float  # batch overhead seconds per step at the whole available GPU
     edge_b: float  # per-request seconds per step
     max_batch: int
-    rtt_s: float
+    rtt_s: np.ndarray  # [N] round-trip seconds of an edge round (the user's own estimate, else the profile's)
     device_step_s: np.ndarray  # [N]
     device_power_w: np.ndarray  # [N]
     spectral_efficiency: np.ndarray  # [N]
@@ -96,7 +96,8 @@ class FrameProblem:
         decode_s = np.array([d.decode_s for d in devs], float).reshape(n, 1)
         power = np.array([d.power_w for d in devs], float).reshape(n, 1)
         compute = (steps - k)[None, :] * step_s + decode_s
-        local = compute + np.where(uses_edge, costs.rtt_s, 0.0)[None, :]
+        rtt = np.array([costs.rtt_s if u.rtt_s is None else u.rtt_s for u in users], float).reshape(n, 1)
+        local = compute + np.where(uses_edge[None, :], rtt, 0.0)
         energy = power * compute
         se = np.array([u.spectral_efficiency for u in users], float).reshape(n, 1)
         comm = nbytes[None, :] * 8.0 / (se * ctx.bandwidth_hz)
@@ -114,7 +115,7 @@ class FrameProblem:
             mask[i, np.argmin(badness)] = True
         return cls(users, ctx, options, obj, q, k, np.sqrt(k), uses_edge, nbytes, comm, np.sqrt(comm),
                    local, energy, deadline, ebudget, mask, base, coeff.a_s / cap, coeff.b_s / cap,
-                   costs.max_batch, costs.rtt_s, step_s[:, 0], power[:, 0], se[:, 0],
+                   costs.max_batch, rtt[:, 0], step_s[:, 0], power[:, 0], se[:, 0],
                    np.array([u.personalized for u in users], bool))
 
     # --- objective --------------------------------------------------------------------------

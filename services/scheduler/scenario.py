@@ -22,6 +22,7 @@ class UserSpec:
     profile_user: str = BASE_USER  # whose entry of the quality profile applies
     latency_budget_s: float = math.inf
     energy_budget_j: float = math.inf
+    rtt_s: float | None = None  # the device's own round-trip estimate (None: the cost profile's)
 
     def __post_init__(self) -> None:
         if not self.spectral_efficiency > 0:

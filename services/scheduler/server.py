@@ -21,18 +21,18 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from services.scheduler.core import SchedulerCore
+from services.scheduler.core import MAX_PENDING_PER_USER, SchedulerCore
 from services.scheduler.costs import CostProfileError
 from services.scheduler.defaults import (BUILTIN, DEFAULT_POLICY, DEFAULT_QUALITY, DEMO_COSTS, POLISH_MAX_USERS,
                                          POLISH_SWEEPS, default_cost_profile, display_path, load_profiles,
                                          profile_ids)
-from services.scheduler.edges import EdgeRegistry
+from services.scheduler.edges import MAX_EDGES, EdgeRegistry
 from services.scheduler.frames import FrameConfig
 from services.scheduler.metrics import SchedulerMetrics
-from services.lifecycle import NO_REUSEPORT, enable_reflection, run_server, set_health, until_signalled
-from services.security import add_port, add_server_tls_args, server_tls
+from services.lifecycle import NO_REUSEPORT, describe, enable_reflection, run_server, set_health, until_signalled
+from services.security import SecurityError, add_port, add_server_tls_args, server_tls
 from services.decoding import DecodeErrorInterceptor
-from services.tokens import add_tokens_arg, interceptors
+from services.tokens import add_tokens_arg, interceptors, load_tokens
 from services.scheduler.baselines import BASELINES, polished
 from services.scheduler.planner import DeciderLike, warmup
 from services.scheduler.policy import PolicyFormatError, SchedulerPolicy
@@ -52,7 +52,7 @@ def _env(name: str, default):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="tandem-scheduler", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="tandem-scheduler", description=describe(__doc__))
     parser.add_argument("--host", default=_env("host", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(_env("port", 50071)))
     parser.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", 9103)), help="0 = none")
@@ -81,11 +81,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="downlink band the frame's users share (10e6)")
     add_server_tls_args(parser, _env)
     add_tokens_arg(parser, _env)
+    parser.add_argument("--edge-tokens", default=_env("edge_tokens", None), metavar="FILE",
+                        help='edge credentials heartbeats must carry (the edge\'s --scheduler-token): JSON '
+                             '{"token": "edge-name", ...}, none shared with --tokens; without it only --edge '
+                             'addresses and edges advertising their own host may register')
+    parser.add_argument("--max-edges", type=int, default=int(_env("max_edges", MAX_EDGES)),
+                        help=f"most live edges; heartbeats from more new ones are refused ({MAX_EDGES})")
+    parser.add_argument("--max-pending-per-user", type=int,
+                        default=int(_env("max_pending_per_user", MAX_PENDING_PER_USER)),
+                        help=f"unreported plans kept per user; beyond it the user's oldest is forgotten "
+                             f"({MAX_PENDING_PER_USER})")
     args = parser.parse_args(argv)
     args.edge = args.edge if args.edge is not None else env_edges
     for flag, ok in (("--frame-ms", args.frame_ms >= 0), ("--max-frame", args.max_frame >= 1),
                      ("--edge-ttl", args.edge_ttl > 0), ("--bandwidth-hz", args.bandwidth_hz > 0),
-                     ("--polish-sweeps", args.polish_sweeps >= 0), ("--polish-max-users", args.polish_max_users >= 0)):
+                     ("--polish-sweeps", args.polish_sweeps >= 0), ("--polish-max-users", args.polish_max_users >= 0),
+                     ("--max-edges", args.max_edges >= 1), ("--max-pending-per-user", args.max_pending_per_user >= 1)):
         if not ok:
             parser.error(f"{flag}: out of range, got {getattr(args, flag[2:].replace('-', '_'))}")
     return args
@@ -119,14 +130,28 @@ def build_core(args: argparse.Namespace) -> SchedulerCore:
     log.info("quality profile: %s; cost profile: %s; frames %s",
              "SYNTHETIC" if quality.synthetic else args.quality_profile,
              "built-in (synthetic)" if builtin else args.cost_profile, frames)
-    return SchedulerCore(quality, costs, load_decider(args), EdgeRegistry(args.edge_ttl, args.edge),
-                         FrameContext(bandwidth_hz=args.bandwidth_hz))
+    return SchedulerCore(quality, costs, load_decider(args),
+                         EdgeRegistry(args.edge_ttl, args.edge, max_edges=args.max_edges),
+                         FrameContext(bandwidth_hz=args.bandwidth_hz),
+                         max_pending_per_user=args.max_pending_per_user)
+
+
+def edge_credentials(args: argparse.Namespace) -> dict[str, str] | None:
+    """--edge-tokens, checked to share no token with --tokens (a user must never pass as an edge)."""
+    if not args.edge_tokens:
+        return None
+    edge_tokens = load_tokens(args.edge_tokens, "--edge-tokens")
+    if args.tokens and set(edge_tokens) & set(load_tokens(args.tokens)):
+        raise SecurityError("--edge-tokens: a token is also a user token in --tokens; give edges their own")
+    return edge_tokens
 
 
 async def serve(args: argparse.Namespace) -> None:
     tls = server_tls(args)  # bad files fail before anything
+    edge_tokens = edge_credentials(args)
     health = HealthServicer()
-    server = grpc.aio.server(interceptors=[*interceptors(args), DecodeErrorInterceptor()],
+    heartbeat = f"/{SERVICE_NAME}/ReportEdgeLoad"  # takes an edge credential, checked by the servicer
+    server = grpc.aio.server(interceptors=[*interceptors(args, exempt_methods=[heartbeat]), DecodeErrorInterceptor()],
                              options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES), NO_REUSEPORT])
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     enable_reflection(
@@ -134,7 +159,8 @@ async def serve(args: argparse.Namespace) -> None:
     core = build_core(args)
     metrics = SchedulerMetrics()
     metrics.watch_edges(lambda: len(core.edges.live()))
-    servicer = SchedulerServicer(core, metrics, FrameConfig(args.frame_ms / 1000.0, args.max_frame))
+    servicer = SchedulerServicer(core, metrics, FrameConfig(args.frame_ms / 1000.0, args.max_frame),
+                                 edge_tokens=edge_tokens, static_edges=args.edge)
     scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, server)
     port = add_port(server, f"{args.host}:{args.port}", tls)
     await set_health(health, SERVICE_NAME, serving=False)

@@ -3,28 +3,36 @@ The decisions live in :mod:`services.scheduler.core` and :mod:`services.schedule
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 import time
-from typing import Sequence
+from typing import Collection, Mapping, Sequence
 
 import grpc
 
 from services.scheduler.core import (
+    AlreadyReported,
     AssignedPlan,
     LinkInput,
     Measured,
+    NotYourPlan,
     PlanInput,
     PlanInputError,
     PlanReport,
     SchedulerCore,
     UnknownPlan,
+    check_heartbeat,
 )
-from services.scheduler.edges import EdgeLoad
+from services.scheduler.edge_auth import address_host, check_edge, literal_ip, peer_ip
+from services.scheduler.edges import EdgeLoad, TooManyEdges
 from services.scheduler.frames import FrameCollector, FrameConfig
 from services.scheduler.metrics import SchedulerMetrics
+from services.tokens import bearer_token, caller_user
 from tandem.v1 import edge_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger("tandem.scheduler")
+RESOLVE_TIMEOUT_S = 2.0
 
 
 def plan_input_from_proto(m: scheduler_pb2.PlanRequest) -> PlanInput:
@@ -54,6 +62,8 @@ def plan_to_proto(a: AssignedPlan) -> scheduler_pb2.PlanResponse:
         predicted_handoff_bytes=p.handoff_bytes,
         meets_budget=p.meets_budget,
         frame_size=a.frame_size,
+        budget_infeasible=a.budget_infeasible,
+        infeasible_reason=a.infeasible_reason,
     )
 
 
@@ -63,16 +73,44 @@ def report_from_proto(m: scheduler_pb2.ReportRequest) -> PlanReport:
                       m.edge_steps, m.device_steps, m.handoff_bytes, m.fallback)
 
 
+def owner_of(user_id: str, peer: str) -> str:
+    """Whose quota a plan counts against: the token's user with tokens on (authenticated), else
+    the request's user_id, else the caller's address."""
+    caller = caller_user()
+    if caller is not None:
+        return f"user:{caller}"
+    return f"id:{user_id}" if user_id else f"peer:{peer_ip(peer) or peer}"
+
+
+async def resolve_host(host: str) -> list[str]:
+    """The IPs a host name resolves to ([] when it does not, in time)."""
+    ip = literal_ip(host)
+    if ip is not None or not host:
+        return [ip] if ip else []
+    try:
+        infos = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM),
+                                       RESOLVE_TIMEOUT_S)
+    except (OSError, TimeoutError):
+        return []
+    return [info[4][0] for info in infos]
+
+
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
-    def __init__(self, core: SchedulerCore, metrics: SchedulerMetrics, frames: FrameConfig = FrameConfig()):
+    """``edge_tokens``: the edge credentials heartbeats must carry (None: only ``static_edges``
+    and edges advertising the caller's own address may register)."""
+
+    def __init__(self, core: SchedulerCore, metrics: SchedulerMetrics, frames: FrameConfig = FrameConfig(),
+                 edge_tokens: Mapping[str, str] | None = None, static_edges: Collection[str] = ()):
         self.core = core
         self.metrics = metrics
-        self.collector: FrameCollector[PlanInput, AssignedPlan] = FrameCollector(self._decide_frame, frames)
+        self.edge_tokens = dict(edge_tokens) if edge_tokens is not None else None
+        self.static_edges = frozenset(static_edges)
+        self.collector: FrameCollector[tuple[PlanInput, str], AssignedPlan] = FrameCollector(self._decide_frame, frames)
         metrics.set_costs(core.costs, core.ctx.edge_pack)
 
-    def _decide_frame(self, requests: Sequence[PlanInput]) -> list[AssignedPlan]:  # on the frame thread
+    def _decide_frame(self, requests: Sequence[tuple[PlanInput, str]]) -> list[AssignedPlan]:  # on the frame thread
         began = time.perf_counter()
-        plans = self.core.decide(requests)
+        plans = self.core.decide([r for r, _ in requests], [owner for _, owner in requests])
         self.metrics.observe_frame([a.plan for a in plans], time.perf_counter() - began)
         self.metrics.set_costs(self.core.costs, self.core.ctx.edge_pack)  # RTT probes may have moved it
         return plans
@@ -91,7 +129,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         except PlanInputError as exc:
             await self._abort(context, "Plan", grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
-            assigned = await self.collector.submit(plan_input)
+            assigned = await self.collector.submit((plan_input, owner_of(plan_input.user_id, context.peer())))
         except Exception as exc:  # noqa: BLE001 - the caller gets a status, the log the traceback
             log.exception("deciding a frame failed")
             await self._abort(context, "Plan", grpc.StatusCode.INTERNAL, f"deciding the frame failed: {exc}")
@@ -100,12 +138,19 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
 
     async def Report(self, request, context):
         try:
-            outcome = self.core.report(report_from_proto(request))
+            caller = caller_user()
+            outcome = self.core.report(report_from_proto(request), f"user:{caller}" if caller is not None else None)
         except PlanInputError as exc:
             await self._abort(context, "Report", grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except AlreadyReported:
+            await self._abort(context, "Report", grpc.StatusCode.FAILED_PRECONDITION,
+                              f"plan_id: already reported: {request.plan_id!r} (a plan counts once)")
+        except NotYourPlan:
+            await self._abort(context, "Report", grpc.StatusCode.PERMISSION_DENIED,
+                              f"plan_id: {request.plan_id!r} is another user's plan")
         except UnknownPlan:
             await self._abort(context, "Report", grpc.StatusCode.NOT_FOUND,
-                              f"plan_id: unknown or already reported: {request.plan_id!r}")
+                              f"plan_id: unknown or forgotten: {request.plan_id!r}")
         for phase, error in outcome.relative_errors.items():
             self.metrics.relative_error.labels(phase=phase).observe(error)
         if outcome.budget_violated:
@@ -119,8 +164,18 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def ReportEdgeLoad(self, request, context):
         load = EdgeLoad(request.address, request.queue_depth, request.running_requests, request.steps_per_second)
         try:
-            live = self.core.heartbeat(load)
+            check_heartbeat(load)
         except PlanInputError as exc:
             await self._abort(context, "ReportEdgeLoad", grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        needs_host = self.edge_tokens is None and load.address not in self.static_edges
+        denial = check_edge(load.address, self.edge_tokens, bearer_token(context.invocation_metadata()),
+                            self.static_edges, peer_ip(context.peer()),
+                            await resolve_host(address_host(load.address)) if needs_host else ())
+        if denial is not None:
+            await self._abort(context, "ReportEdgeLoad", grpc.StatusCode[denial.code], denial.message)
+        try:
+            live = self.core.heartbeat(load)
+        except TooManyEdges as exc:
+            await self._abort(context, "ReportEdgeLoad", grpc.StatusCode.RESOURCE_EXHAUSTED, f"address: {exc}")
         self._ok("ReportEdgeLoad")
         return scheduler_pb2.ReportEdgeLoadResponse(live_edges=live, ttl_seconds=self.core.edges.ttl_s)
