@@ -144,14 +144,19 @@ def test_cancellation_frees_the_slot(tiny_packs, tmp_path):
 
 
 def test_full_queue_answers_resource_exhausted(tiny_packs, tmp_path):
-    with edge_server(tiny_packs["large"], tmp_path, "--max-batch", "1", "--max-queue", "1") as server:
+    with edge_server(tiny_packs["large"], tmp_path, "--max-batch", "1", "--max-queue", "1",
+                     "--max-request-cost", "0") as server:
         with grpc.insecure_channel(server.address) as channel:
             stub = edge_pb2_grpc.EdgeServiceStub(channel)
-            long = request_to_proto(req(steps=100, split=100), CodecSpec())
+            long = request_to_proto(req(steps=200, split=200, height=128, width=128), CodecSpec())
             running = stub.Generate(long, timeout=120)
-            next(iter(running))  # admitted or queued
+            running_events = iter(running)
+            # "queued" comes at submission, before the engine admits it: wait until it steps, so
+            # it holds the only slot (for 200 steps of the largest image) and the queue is empty.
+            while next(running_events).WhichOneof("event") != "progress":
+                pass
             queued = stub.Generate(long, timeout=120)
-            next(iter(queued))
+            assert next(iter(queued)).queued.position == 0
             with pytest.raises(grpc.RpcError) as exc:
                 list(stub.Generate(long, timeout=60))
             assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

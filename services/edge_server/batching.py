@@ -3,12 +3,15 @@
 Requests wait in a bounded FIFO queue; at every engine iteration finished, cancelled and expired
 requests leave the running set, and free slots (up to max_batch_size) go to the oldest waiting
 requests. A request therefore joins a batch at any step and leaves it as soon as it is done.
+Only requests of one latent shape can share a UNet call: `buckets` splits a batch into such
+groups, and the engine runs every group at every iteration, so no shape waits for another.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable
 from typing import Generic, Protocol, TypeVar
 
 
@@ -95,3 +98,12 @@ class BatchScheduler(Generic[T]):
     @property
     def idle(self) -> bool:
         return not self.waiting and not self.running
+
+
+def buckets(items: list[T], key: Callable[[T], Hashable]) -> list[list[T]]:
+    """`items` grouped by `key` (what must match to share a UNet call), each group in its own
+    order, groups in the order of their oldest member."""
+    groups: dict[Hashable, list[T]] = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return list(groups.values())

@@ -1,9 +1,10 @@
 """The edge engine: one loop that serves many requests with one UNet call per iteration.
 
 `EdgeEngine.step()` is schedule → execute → update (as vLLM's EngineCore.step): the batching
-policy picks the batch, one `advance` call moves every request in it one step (each at its own
-step, CFG included), and requests that reached their split point are handed off. The loop runs in
-its own thread; results go to each request's `sink` (a thread-safe callback) as events.
+policy picks the batch, one `advance` call per latent shape moves every request in it one step
+(each at its own step, CFG included), and requests that reached their split point are handed off.
+A call that raises is retried member by member, so only the request at fault fails. The loop runs
+in its own thread; results go to each request's `sink` (a thread-safe callback) as events.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from services.edge_server.batching import BatchConfig, BatchScheduler, Closed, QueueFull
+from services.edge_server.batching import BatchConfig, BatchScheduler, Closed, QueueFull, buckets
+from services.edge_server.memory import release_memory
 from services.edge_server.metrics import EdgeMetrics
 from tandem.handoff import CodecSpec, encode_handoff
 from tandem.packs import ModelPack
@@ -100,6 +102,9 @@ class EdgeEngine:
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._stopping = False
+        # A request above the pack's own size leaves its activations in the allocator's pool.
+        self._usual_pixels = pack.default_image_size ** 2
+        self._release_pending = False
 
     # --- client side (any thread) ---------------------------------------------------------
 
@@ -199,6 +204,9 @@ class EdgeEngine:
             if not entry.done and entry.state.step >= entry.request.split:
                 self._finish(entry)
         self.metrics.running.set(len(self.scheduler.running))
+        if self._release_pending:
+            self._release_pending = False
+            release_memory()
         return len(stepping)
 
     def _admit(self, entry: EngineRequest) -> None:
@@ -211,21 +219,40 @@ class EdgeEngine:
             self._fail(entry, "INTERNAL", f"could not start: {exc}")
 
     def _execute(self, batch: list[EngineRequest]) -> None:
+        for group in buckets(batch, key=lambda e: (tuple(e.state.latent.shape), e.state.latent.dtype)):
+            steps = [e.state.step for e in group]
+            error = self._call(group)
+            if error is not None:
+                self._isolate(group, steps, error)
+
+    def _call(self, group: list[EngineRequest]) -> Exception | None:
+        """One UNet call advancing `group` one step; the exception if it raised."""
         began = time.perf_counter()
         try:
-            advance(self.pack.unet, [e.state for e in batch])
-        except Exception as exc:  # noqa: BLE001
-            log.exception("UNet call failed for a batch of %d", len(batch))
-            for entry in batch:
-                self._fail(entry, "INTERNAL", f"denoising failed: {exc}")
-            return
+            advance(self.pack.unet, [e.state for e in group])
+        except Exception as exc:  # noqa: BLE001 - handled by _isolate
+            log.exception("UNet call failed for a batch of %d", len(group))
+            return exc
         self.stats.iterations += 1
         self.stats.unet_calls += 1
-        self.stats.max_batch = max(self.stats.max_batch, len(batch))
-        self.stats.steps += len(batch)
-        self.metrics.observe_batch(len(batch), time.perf_counter() - began)
-        for entry in batch:
+        self.stats.max_batch = max(self.stats.max_batch, len(group))
+        self.stats.steps += len(group)
+        self.metrics.observe_batch(len(group), time.perf_counter() - began)
+        for entry in group:
             entry.sink(Progress(entry.state.step, entry.request.split))
+        return None
+
+    def _isolate(self, group: list[EngineRequest], steps: list[int], error: Exception) -> None:
+        """After a failed call, each member alone, once: only one that fails again is at fault.
+        (`advance` may have moved some members before it raised; those are not run twice.)"""
+        for entry, step in zip(group, steps):
+            if entry.state.step != step:
+                entry.sink(Progress(entry.state.step, entry.request.split))
+                continue
+            if len(group) > 1:
+                error = self._call([entry])
+            if error is not None:
+                self._fail(entry, "INTERNAL", f"denoising failed: {error}")
 
     def _finish(self, entry: EngineRequest) -> None:
         try:
@@ -234,8 +261,7 @@ class EdgeEngine:
             log.exception("handoff encoding failed for request %s", entry.id)
             self._fail(entry, "INTERNAL", f"handoff encoding failed: {exc}")
             return
-        entry.done = True
-        entry.state = None  # free the latents now; the payload is all the client needs
+        self._release(entry)
         now = time.monotonic()
         self.metrics.edge_seconds.observe(now - (entry.started_at or now))
         self.metrics.handoff_bytes.observe(len(payload))
@@ -244,6 +270,11 @@ class EdgeEngine:
     def _fail(self, entry: EngineRequest, code: str, message: str) -> None:
         if entry.done:
             return
-        entry.done = True
-        entry.state = None
+        self._release(entry)
         entry.sink(Failed(code, message))
+
+    def _release(self, entry: EngineRequest) -> None:
+        entry.done = True
+        entry.state = None  # free the latents now; the payload is all the client needs
+        if entry.request.height * entry.request.width > self._usual_pixels:
+            self._release_pending = True

@@ -28,9 +28,12 @@ class StreamLimiter:
             self.active.pop(user, None)
 
 
-def user_key(claimed_user: str, peer: str) -> str:
-    """Who a stream counts against: the request's user (checked against the token when tokens
-    are on), else the caller's host ("ipv4:10.0.0.7:51234" -> "host 10.0.0.7")."""
+def user_key(claimed_user: str, peer: str, token_user: str | None = None) -> str:
+    """Who a stream counts against: with tokens on, the token's user (so leaving `user` empty
+    does not escape the cap); else the request's user, else the caller's host
+    ("ipv4:10.0.0.7:51234" -> "host 10.0.0.7")."""
+    if token_user:
+        return f"user {token_user}"
     if claimed_user:
         return f"user {claimed_user}"
     host = peer.split(":", 1)[1].rsplit(":", 1)[0] if peer.count(":") >= 2 else peer

@@ -19,6 +19,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from services.edge_server.admission import EdgeLimits, LimitError
 from services.edge_server.batching import BatchConfig
 from services.edge_server.engine import EdgeEngine
 from services.edge_server.heartbeat import send_heartbeats
@@ -26,7 +27,8 @@ from services.edge_server.metrics import EdgeMetrics
 from services.edge_server.servicer import EdgeServicer
 from services.lifecycle import NO_REUSEPORT, enable_reflection, run_server, set_health, until_signalled
 from services.security import SecurityError, add_client_args, add_port, add_server_tls_args, client_security, server_tls
-from services.tokens import add_tokens_arg, interceptors
+from services.decoding import DecodeErrorInterceptor
+from services.tokens import add_tokens_arg, interceptors, load_tokens
 from tandem.packs import PackError, load_pack
 from tandem.v1 import edge_pb2, edge_pb2_grpc
 
@@ -41,6 +43,11 @@ def _env(name: str, default):
     return os.environ.get(f"TANDEM_EDGE_{name.upper()}", default)
 
 
+def _optional_int(name: str) -> int | None:
+    value = _env(name, None)
+    return None if value is None else int(value)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from tandem.cli import DEMO_PACK
 
@@ -53,6 +60,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-queue", type=int, default=int(_env("max_queue", 64)))
     parser.add_argument("--max-streams-per-user", type=int, default=int(_env("max_streams_per_user", 0)),
                         help="concurrent Generate streams per user (the request's user, else the caller's host); 0 = no cap")
+    parser.add_argument("--min-image-side", type=int, default=_optional_int("min_image_side"),
+                        help="smallest image side served, px (default: a quarter of the pack's size)")
+    parser.add_argument("--max-image-side", type=int, default=_optional_int("max_image_side"),
+                        help="largest image side served, px (default: 4x the pack's size)")
+    parser.add_argument("--max-request-cost", type=int, default=_optional_int("max_request_cost"),
+                        help="cap on height x width x split per request, pixel-steps; 0 = none "
+                             "(default: the largest image at the pack's default steps)")
     parser.add_argument("--drain-seconds", type=float, default=float(_env("drain_seconds", 30)))
     parser.add_argument("--device", default=_env("device", None))
     parser.add_argument("--scheduler", default=_env("scheduler", None), metavar="HOST:PORT",
@@ -71,9 +85,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 async def serve(args: argparse.Namespace) -> None:
     tls, scheduler_security = server_tls(args), client_security(args, "scheduler-")  # bad files fail before anything
     health = HealthServicer()
-    servicer = EdgeServicer(max_streams_per_user=args.max_streams_per_user)
+    servicer = EdgeServicer(max_streams_per_user=args.max_streams_per_user,
+                            tokens=load_tokens(args.tokens) if args.tokens else None)
     server = grpc.aio.server(
-        interceptors=interceptors(args),
+        interceptors=[*interceptors(args), DecodeErrorInterceptor()],
         options=[
             ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
             ("grpc.max_send_message_length", MAX_SEND_BYTES),
@@ -87,10 +102,16 @@ async def serve(args: argparse.Namespace) -> None:
     await set_health(health, SERVICE_NAME, serving=False)
     await server.start()  # health answers NOT_SERVING while the model loads
     log.info("loading pack %s", args.pack)
-    pack = await asyncio.to_thread(load_pack, args.pack, args.device)
+    try:
+        pack = await asyncio.to_thread(load_pack, args.pack, args.device)
+        limits = EdgeLimits.for_pack(pack.default_image_size, pack.vae_scale_factor, pack.manifest.default_steps,
+                                     args.min_image_side, args.max_image_side, args.max_request_cost)
+    except (PackError, LimitError):
+        await server.stop(grace=None)  # else its finalizer complains after the one-line error
+        raise
     metrics = EdgeMetrics()
     engine = EdgeEngine(pack, BatchConfig(args.max_batch, args.max_queue), metrics)
-    servicer.attach(engine)
+    servicer.attach(engine, limits)
     engine.start()
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.host, registry=metrics.registry)
@@ -118,4 +139,4 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_server(serve, parse_args(argv), "tandem-edge", (PackError, SecurityError))
+    return run_server(serve, parse_args(argv), "tandem-edge", (PackError, SecurityError, LimitError))

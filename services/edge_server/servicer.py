@@ -7,15 +7,19 @@ import asyncio
 import json
 import time
 
+from collections.abc import Mapping
+
 import grpc
 
+from services.edge_server.admission import EdgeLimits
 from services.edge_server.batching import Closed, QueueFull
 from tandem.wire import request_from_proto
 from services.edge_server.engine import EdgeEngine, Failed, Finished, Progress, Queued
 from services.edge_server.limits import StreamLimiter, user_key
 from services.edge_server.metrics import record_call
+from services.tokens import bearer_token, token_user
 from tandem.handoff import ENCODINGS, MAX_MERGE_RATIO
-from tandem.request import MAX_IMAGE_SIDE, MAX_PROMPT_CHARS, MAX_STEPS, RequestError
+from tandem.request import MAX_PROMPT_CHARS, MAX_STEPS, RequestError
 from tandem.sampling.schedule import SAMPLERS, noise_process
 from tandem.v1 import edge_pb2, edge_pb2_grpc
 
@@ -27,17 +31,25 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
     UNAVAILABLE until `attach` hands it the engine."""
 
     def __init__(self, engine: EdgeEngine | None = None, chunk_bytes: int = CHUNK_BYTES,
-                 max_streams_per_user: int = 0):
+                 max_streams_per_user: int = 0, tokens: Mapping[str, str] | None = None):
         self.engine: EdgeEngine | None = None
         self.chunk_bytes = chunk_bytes
         self.limiter = StreamLimiter(max_streams_per_user)
+        self.tokens = dict(tokens or {})  # checked by the token interceptor; here to key the cap
         if engine is not None:
             self.attach(engine)
 
-    def attach(self, engine: EdgeEngine) -> None:
+    def attach(self, engine: EdgeEngine, limits: EdgeLimits | None = None) -> None:
         self.pack = engine.pack
         self.metrics = engine.metrics
+        self.limits = limits or EdgeLimits.for_pack(
+            self.pack.default_image_size, self.pack.vae_scale_factor, self.pack.manifest.default_steps)
         self.engine = engine
+
+    def _caller(self, request, context) -> str:
+        """Whose stream slot a call takes (see user_key)."""
+        user = token_user(self.tokens, bearer_token(context.invocation_metadata())) if self.tokens else None
+        return user_key(request.user, context.peer(), user)
 
     async def _require_engine(self, context) -> None:
         if self.engine is None:
@@ -55,7 +67,9 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
             encodings=list(ENCODINGS),
             max_merge_ratio=MAX_MERGE_RATIO,
             max_steps=MAX_STEPS,
-            max_image_side=MAX_IMAGE_SIDE,
+            min_image_side=self.limits.min_side,
+            max_image_side=self.limits.max_side,
+            max_request_cost=self.limits.max_cost,
             max_prompt_chars=MAX_PROMPT_CHARS,
             max_batch_size=config.max_batch_size,
             max_queue=config.max_queue,
@@ -73,11 +87,12 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         try:
             try:
                 domain_request, codec = request_from_proto(request, self.pack)
+                self.limits.check(domain_request)
             except RequestError as exc:
                 code = grpc.StatusCode.INVALID_ARGUMENT
                 recorded = record_call(self.metrics, code.name, began)
                 await context.abort(code, str(exc))
-            key = user_key(request.user, context.peer())
+            key = self._caller(request, context)
             if not self.limiter.try_acquire(key):
                 code = grpc.StatusCode.RESOURCE_EXHAUSTED
                 recorded = record_call(self.metrics, code.name, began)

@@ -85,7 +85,7 @@ class GetCapabilitiesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetCapabilitiesResponse(_message.Message):
-    __slots__ = ("pack_name", "latent_channels", "vae_scale_factor", "default_image_size", "samplers", "encodings", "max_merge_ratio", "max_steps", "max_image_side", "max_prompt_chars", "max_batch_size", "max_queue", "noise_process_json", "device")
+    __slots__ = ("pack_name", "latent_channels", "vae_scale_factor", "default_image_size", "samplers", "encodings", "max_merge_ratio", "max_steps", "max_image_side", "max_prompt_chars", "max_batch_size", "max_queue", "noise_process_json", "device", "min_image_side", "max_request_cost")
     PACK_NAME_FIELD_NUMBER: _ClassVar[int]
     LATENT_CHANNELS_FIELD_NUMBER: _ClassVar[int]
     VAE_SCALE_FACTOR_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +100,8 @@ class GetCapabilitiesResponse(_message.Message):
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
     NOISE_PROCESS_JSON_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MIN_IMAGE_SIDE_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_COST_FIELD_NUMBER: _ClassVar[int]
     pack_name: str
     latent_channels: int
     vae_scale_factor: int
@@ -114,4 +116,6 @@ class GetCapabilitiesResponse(_message.Message):
     max_queue: int
     noise_process_json: str
     device: str
-    def __init__(self, pack_name: _Optional[str] = ..., latent_channels: _Optional[int] = ..., vae_scale_factor: _Optional[int] = ..., default_image_size: _Optional[int] = ..., samplers: _Optional[_Iterable[str]] = ..., encodings: _Optional[_Iterable[str]] = ..., max_merge_ratio: _Optional[float] = ..., max_steps: _Optional[int] = ..., max_image_side: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queue: _Optional[int] = ..., noise_process_json: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+    min_image_side: int
+    max_request_cost: int
+    def __init__(self, pack_name: _Optional[str] = ..., latent_channels: _Optional[int] = ..., vae_scale_factor: _Optional[int] = ..., default_image_size: _Optional[int] = ..., samplers: _Optional[_Iterable[str]] = ..., encodings: _Optional[_Iterable[str]] = ..., max_merge_ratio: _Optional[float] = ..., max_steps: _Optional[int] = ..., max_image_side: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queue: _Optional[int] = ..., noise_process_json: _Optional[str] = ..., device: _Optional[str] = ..., min_image_side: _Optional[int] = ..., max_request_cost: _Optional[int] = ...) -> None: ...
