@@ -61,6 +61,8 @@ def generate_via_edge(
     With `cancel`, raises Cancelled at the next step after it is set."""
     request.validate()
     codec.validate()
+    if cancel is not None:
+        cancel.check("the start")  # cancelled while it waited for its turn
     pack.use_user(request.user)
     step = _cancellable(on_step, cancel)
     timer = PhaseTimer()
@@ -77,7 +79,7 @@ def generate_via_edge(
     elif request.split > 0:
         fallback = "no edge server given; finished locally on the device model"
     if cancel is not None:
-        cancel.check()
+        cancel.check("the device phase")
     if state is None:
         with timer.phase("ue_steps"):
             state = start(pack, request)
