@@ -1,0 +1,5 @@
+import sys
+
+from services.onboard.cli import main
+
+sys.exit(main())

@@ -1,0 +1,189 @@
+"""tandem-onboard: one command from a pack pair to the profiles a scheduler plans with.
+
+    tandem-onboard LARGE SMALL --out DIR [--users alice,bob] [--device-class NAME] [--quick]
+
+1. checks the pair (latent channels, VAE, noise process);
+2. measures the cost profile on this hardware (services.scheduler.profiling: the edge step
+   a + b·n on the large pack, the small pack's step and decode as device class NAME);
+3. measures a quality profile with a pack-agnostic measure (services/onboard/quality.py: SSIM to
+   the large pack's image of the same seed; LoRA users: to their all-device image);
+4. writes DIR/cost_profile.json and DIR/quality_profile.json and prints the scheduler command.
+
+Both stages resume: a cost profile already in DIR is kept (--force measures again), quality points
+already measured (DIR/quality_points.jsonl) are not measured again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+PROG = "tandem-onboard"
+
+
+class OnboardError(Exception):
+    """A bad flag, pack or pair: one line, exit 2."""
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(sorted({int(v) for v in text.split(",") if v.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or values[0] < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line naming the bad value, not a usage block
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = _Parser(prog=PROG, description="Measure a pack pair's cost and quality profiles for "
+                                     "the scheduler, on this hardware.")
+    parser.add_argument("large", type=Path, help="edge (large) pack directory")
+    parser.add_argument("small", type=Path, help="device (small) pack directory")
+    parser.add_argument("--out", type=Path, required=True, help="directory for the profiles (created)")
+    parser.add_argument("--users", help="LoRA users to profile, comma-separated (default: every user of SMALL; "
+                                        "'none' for the base model only)")
+    parser.add_argument("--device-class", default="onboarded",
+                        help="name of the device class the small pack's timings go to (onboarded)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="torch device (default: cuda if present)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a small grid (T=4, k/T 0, 0.5, 1, r 0, 0.5, 2 prompts) and 2 timing repeats: minutes")
+    parser.add_argument("--n", type=int, help="prompts per quality point (16; --quick: 2)")
+    parser.add_argument("--steps", type=_ints, help="total steps T of the quality grid (10,20; --quick: 4)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: as the services pick)")
+    parser.add_argument("--force", action="store_true", help="measure the cost profile again even if DIR has one")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.n is not None and args.n < 1:
+        parser.error(f"--n: must be >= 1, got {args.n}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads: must be >= 1, got {args.threads}")
+    if not args.device_class.strip():
+        parser.error("--device-class: must not be empty")
+    for name in ("large", "small"):
+        path: Path = getattr(args, name)
+        if not path.is_dir():
+            parser.error(f"{name.upper()}: no pack directory at {path}")
+    return args
+
+
+def _log(line: str) -> None:
+    print(f"{PROG}: {line}", file=sys.stderr, flush=True)
+
+
+def _users(requested: str | None, available: list[str]) -> list[str]:
+    if requested is None:
+        return available
+    if requested.strip().lower() == "none":
+        return []
+    users = [u.strip() for u in requested.split(",") if u.strip()]
+    unknown = [u for u in users if u not in available]
+    if unknown:
+        raise OnboardError(f"--users: the small pack has no user {', '.join(unknown)} "
+                           f"(it has: {', '.join(available) or 'none'})")
+    return users
+
+
+def _cost_profile(args: argparse.Namespace, out: Path) -> None:
+    from services.scheduler import profiling
+
+    if out.is_file() and not args.force:
+        _log(f"cost profile: keeping {out} (--force measures again)")
+        return
+    quick = args.quick
+    cfg = profiling.ProfilingConfig(args.large, args.small, args.device_class, args.device,
+                                    repeats=2 if quick else 7, warmup=1 if quick else 2,
+                                    batches=(1, 2, 4) if quick else profiling.DEFAULT_BATCHES, threads=args.threads)
+    measured, measurement = profiling.profile(cfg, lambda line: _log(f"cost: {line}"))
+    profiling.write(measured, measurement, out)
+    edge = measurement.edge
+    _log(f"cost profile: edge step {edge.a_s * 1e3:.1f} + {edge.b_s * 1e3:.1f}·n ms (R² {edge.r2:.3f}), "
+         f"device step {measurement.small.step_s * 1e3:.1f} ms, decode {measurement.small.decode_s * 1e3:.1f} ms "
+         f"-> {out}")
+
+
+def _quality_profile(args: argparse.Namespace, large, small, users: list[str], out_dir: Path) -> Path:
+    from dataclasses import replace
+
+    from tqdm import tqdm
+
+    from services.onboard.prompts import load_prompts
+    from services.onboard.quality import FULL_GRID, QUICK_GRID, PointStore, QualityMeasurer, measure, profile_json
+    from services.scheduler.quality import BASE_USER, QualityProfile
+
+    grid = QUICK_GRID if args.quick else FULL_GRID
+    grid = replace(grid, n_prompts=args.n or grid.n_prompts, steps=args.steps or grid.steps)
+    everyone = [BASE_USER, *users]
+    prompts = load_prompts(args.large, grid.n_prompts)
+    guidance = float(large.manifest.default_guidance or 7.5)
+    sampler = large.manifest.default_sampler or "dpmpp_2m"
+    store = PointStore(out_dir / "quality_points.jsonl")
+    measurer = QualityMeasurer(large, small, prompts, grid, guidance, sampler)
+    total = grid.size(len(everyone))
+    _log(f"quality: {total} points (T {', '.join(map(str, grid.steps))}; users {', '.join(everyone)}; "
+         f"{grid.n_prompts} prompts each), {len(store.points)} already measured")
+    with tqdm(total=total, desc="quality points", unit="pt", disable=args.quiet, file=sys.stderr) as bar:
+        def tick(point) -> None:
+            if point is not None:
+                bar.set_postfix_str(f"T={point.steps} k={point.split} r={point.merge_ratio:g} {point.user}: "
+                                    f"SSIM {point.ssim:.3f}")
+            bar.update(1)
+
+        measure(measurer, everyone, store, tick)
+    profile = profile_json(store, grid, f"{large.name}+{small.name}", everyone)
+    QualityProfile.from_dict(profile)  # the scheduler must be able to read what we write
+    path = out_dir / "quality_profile.json"
+    path.write_text(json.dumps(profile, indent=1) + "\n")
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    from tandem.packs import PackError, check_pair, load_pack, quiet_loading
+
+    started = time.perf_counter()
+    out_dir: Path = args.out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    quiet_loading()
+    try:
+        large = load_pack(args.large, device=args.device)
+        small = load_pack(args.small, device=args.device)
+        check_pair(large, small)
+    except PackError as exc:
+        raise OnboardError(str(exc)) from None
+    users = _users(args.users, small.users)
+    _log(f"pair {large.name} + {small.name} on {large.device}: checked")
+    cost_path = out_dir / "cost_profile.json"
+    _cost_profile(args, cost_path)
+    quality_path = _quality_profile(args, large, small, users, out_dir)
+    _log(f"done in {time.perf_counter() - started:.0f} s; start a scheduler on these profiles with:")
+    print(f"python -m services.scheduler --quality-profile {quality_path} --cost-profile {cost_path}")
+    print(f"# and plan as this device class: tandem generate ... --scheduler HOST:PORT --device-class {args.device_class}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tandem.threads import configure_threads_or_exit
+
+    args = parse_args(argv)
+    configure_threads_or_exit(PROG, args.threads)
+    try:
+        return run(args)
+    except OnboardError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

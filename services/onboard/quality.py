@@ -1,0 +1,198 @@
+"""A quality profile for any pack pair, measured through Tandem's own split stages.
+
+For every option (T, k/T, merge ratio r) and user, `--n` fixed-seed prompts go through the stages
+the services run (start, batched steps on the large pack up to k, the handoff encoded and decoded
+with the codec, resume on the small pack with the user's LoRA, steps up to T, VAE decode), and
+each image is scored by its fidelity (SSIM) to a reference image of the same prompt and seed:
+
+* base users: the large pack alone at the largest T of the grid (the best image the pair makes),
+  so fewer steps, fewer edge steps and harder merging all cost fidelity;
+* a LoRA user: the small pack with the user's LoRA alone at the largest T (their style lives in the
+  LoRA, which runs only on the device).
+
+Points are appended to a JSON-lines file as they are measured, so an interrupted run resumes where
+it stopped; the profile is written in the scheduler's format (services/scheduler/quality.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from services.onboard.fidelity import psnr, ssim
+from services.scheduler.options import split_for
+from services.scheduler.quality import BASE_USER
+from tandem.handoff import CodecSpec, decode_handoff, encode_handoff
+from tandem.packs import ModelPack
+from tandem.pipeline import decode_batch, make_handoff, resume, start
+from tandem.request import GenerationRequest
+from tandem.sampling.denoise import DenoiseState, advance
+
+
+@dataclass(frozen=True)
+class QualityGrid:
+    steps: tuple[int, ...]
+    fractions: tuple[float, ...]
+    ratios: tuple[float, ...]
+    n_prompts: int
+    seed: int = 0
+    encoding: str = "fp16"
+    batch: int = 8
+
+    @property
+    def reference_steps(self) -> int:
+        return max(self.steps)
+
+    def splits(self, steps: int) -> list[int]:
+        return sorted({split_for(steps, f) for f in self.fractions})
+
+    def size(self, users: int) -> int:
+        """Points to measure: k = 0 sends nothing, so it has one point per user, not one per r."""
+        return sum(users * (len(self.ratios) if k > 0 else 1) for t in self.steps for k in self.splits(t))
+
+
+FULL_GRID = QualityGrid(steps=(10, 20), fractions=(0.0, 0.25, 0.5, 0.75, 1.0), ratios=(0.0, 0.25, 0.5, 0.75),
+                        n_prompts=16)
+QUICK_GRID = QualityGrid(steps=(4,), fractions=(0.0, 0.5, 1.0), ratios=(0.0, 0.5), n_prompts=2)
+
+
+@dataclass(frozen=True)
+class QualityPointResult:
+    steps: int
+    split: int
+    merge_ratio: float
+    user: str
+    ssim: float
+    psnr_db: float
+
+    @property
+    def key(self) -> tuple[int, int, float, str]:
+        return (self.steps, self.split, self.merge_ratio, self.user)
+
+
+class PointStore:
+    """Measured points, one JSON object per line; reading it back is how a run resumes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.points: dict[tuple[int, int, float, str], QualityPointResult] = {}
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    p = QualityPointResult(**json.loads(line))
+                    self.points[p.key] = p
+
+    def __contains__(self, key: tuple[int, int, float, str]) -> bool:
+        return key in self.points
+
+    def add(self, point: QualityPointResult) -> None:
+        self.points[point.key] = point
+        with self.path.open("a") as f:
+            record = {**point.__dict__, "psnr_db": point.psnr_db if math.isfinite(point.psnr_db) else 99.0}
+            f.write(json.dumps(record) + "\n")
+
+
+class QualityMeasurer:
+    def __init__(self, large: ModelPack, small: ModelPack, prompts: list[str], grid: QualityGrid,
+                 guidance: float, sampler: str):
+        self.large, self.small, self.prompts, self.grid = large, small, prompts, grid
+        self.guidance, self.sampler = guidance, sampler
+        self._references: dict[str, np.ndarray] = {}
+
+    def _requests(self, steps: int, split: int, user: str) -> list[GenerationRequest]:
+        size = self.large.default_image_size
+        return [GenerationRequest(prompt=p, steps=steps, split=split, sampler=self.sampler,
+                                  guidance_scale=self.guidance, seed=self.grid.seed + i, height=size, width=size,
+                                  user=None if user == BASE_USER else user).validate()
+                for i, p in enumerate(self.prompts)]
+
+    def _run(self, pack: ModelPack, states: list[DenoiseState], until: int) -> None:
+        for lo in range(0, len(states), self.grid.batch):
+            chunk = states[lo : lo + self.grid.batch]
+            while chunk and chunk[0].step < until:
+                advance(pack.unet, chunk)
+
+    def _decode(self, pack: ModelPack, states: list[DenoiseState]) -> np.ndarray:
+        return np.concatenate([decode_batch(pack, torch.stack([s.latent for s in states[lo : lo + self.grid.batch]]))
+                               for lo in range(0, len(states), self.grid.batch)])
+
+    def reference(self, user: str) -> np.ndarray:
+        """The images a point of `user` is compared with (computed once)."""
+        if user not in self._references:
+            t = self.grid.reference_steps
+            if user == BASE_USER:
+                states = [start(self.large, r) for r in self._requests(t, t, user)]
+                self._run(self.large, states, t)
+                self._references[user] = self._decode(self.large, states)
+            else:
+                self.small.use_user(user)
+                states = [start(self.small, r) for r in self._requests(t, 0, user)]
+                self._run(self.small, states, t)
+                self._references[user] = self._decode(self.small, states)
+        return self._references[user]
+
+    def edge_states(self, steps: int, split: int) -> list[DenoiseState]:
+        states = [start(self.large, r) for r in self._requests(steps, split, BASE_USER)]
+        self._run(self.large, states, split)
+        return states
+
+    def finish(self, steps: int, split: int, edge: list[DenoiseState] | None, ratio: float,
+               user: str) -> QualityPointResult:
+        requests = self._requests(steps, split, user)
+        self.small.use_user(None if user == BASE_USER else user)
+        if edge is None:  # k = 0: all on the device, nothing on the wire
+            states = [start(self.small, r) for r in requests]
+        else:
+            spec = CodecSpec(self.grid.encoding, ratio).validate()
+            states = [resume(self.small, decode_handoff(encode_handoff(make_handoff(e, r), spec)))
+                      for e, r in zip(edge, requests)]
+        self._run(self.small, states, steps)
+        images, reference = self._decode(self.small, states), self.reference(user)
+        return QualityPointResult(steps, split, ratio, user,
+                                  float(np.mean([ssim(a, b) for a, b in zip(images, reference)])),
+                                  float(np.mean([min(psnr(a, b), 99.0) for a, b in zip(images, reference)])))
+
+
+def measure(m: QualityMeasurer, users: list[str], store: PointStore,
+            on_point: Callable[[QualityPointResult | None], None] = lambda _: None) -> None:
+    """Measures every point of the grid that `store` does not hold yet (`on_point(None)` for a
+    point already held, so a progress bar counts it)."""
+    for steps in m.grid.steps:
+        for split in m.grid.splits(steps):
+            todo = [(u, r) for u in users for r in (m.grid.ratios if split > 0 else (0.0,))]
+            missing = [(u, r) for u, r in todo if (steps, split, r, u) not in store]
+            for _ in range(len(todo) - len(missing)):
+                on_point(None)
+            if not missing:
+                continue
+            edge = m.edge_states(steps, split) if split > 0 else None
+            for user, ratio in missing:
+                point = m.finish(steps, split, edge, ratio, user)
+                store.add(point)
+                on_point(point)
+
+
+def _points(store: PointStore, grid: QualityGrid, user: str) -> Iterator[dict[str, Any]]:
+    for p in sorted(store.points.values(), key=lambda p: p.key):
+        if p.user != user or p.steps not in grid.steps:
+            continue
+        # k = 0 sends nothing: its score stands for every merge ratio of the grid.
+        for ratio in grid.ratios if p.split == 0 else (p.merge_ratio,):
+            yield {"steps": p.steps, "split_fraction": round(p.split / p.steps, 6), "merge_ratio": ratio,
+                   "accuracy": round(p.ssim, 4)}
+
+
+def profile_json(store: PointStore, grid: QualityGrid, pair: str, users: list[str]) -> dict[str, Any]:
+    return {
+        "synthetic": False,
+        "metric": (f"fidelity (SSIM, pixel space) to the large pack's image at T={grid.reference_steps} "
+                   f"(LoRA users: the small pack + LoRA alone), {grid.n_prompts} prompts, codec {grid.encoding}"),
+        "pairs": {pair: {"users": {u: {"points": list(_points(store, grid, u))} for u in users}}},
+    }
