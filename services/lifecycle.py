@@ -91,3 +91,9 @@ def run_server(serve: Callable[[argparse.Namespace], Awaitable[None]], args: arg
         print(f"{prog}: error: --metrics-port: port {args.metrics_port} on {args.host} is already in use", flush=True)
         return 2
     return 0
+
+
+def describe(doc: str) -> str:
+    """A module docstring's first paragraph as one line: the server's --help description (its first
+    line alone stopped mid-sentence)."""
+    return " ".join(doc.split("\n\n", 1)[0].split())

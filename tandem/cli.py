@@ -4,19 +4,24 @@
 
 Without --large/--small it uses the demo pack shipped with Tandem; if that is not installed it
 falls back to tiny random packs and says so (their images are noise).
+
+Flags are checked before torch or any model code loads (the imports at the top are torch-free),
+so a mistake costs a fraction of a second and one line, never a usage block or a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tandem.handoff import DEFAULT_STRATEGY, ENCODINGS, STRATEGIES, CodecSpec
+from tandem.codec.spec import DEFAULT_STRATEGY, ENCODINGS, STRATEGIES, CodecSpec
 from tandem.request import GenerationRequest, RequestError
-from tandem.sampling.schedule import SAMPLERS
+from tandem.sampling.names import SAMPLERS
 
 DEMO_PACK = Path(__file__).parent / "demo_pack"
 TINY_PACK_CACHE = Path.home() / ".cache" / "tandem" / "tiny-random-v1"
@@ -43,6 +48,19 @@ class CliError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
+class EdgeRequired(Exception):
+    """--require-edge and the edge did not deliver: printed as one line, exit status 3."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (`tandem: error: --sampler: invalid choice ...`)
+    instead of the usage block."""
+
+    def error(self, message: str):
+        message = re.sub(r"^argument ([^:]+): ", lambda m: m.group(1).split("/")[0] + ": ", message)
+        self.exit(2, f"tandem: error: {message} (see `tandem generate --help`)\n")
+
+
 @dataclass(frozen=True)
 class PackChoice:
     large: Path
@@ -63,8 +81,8 @@ def default_packs() -> PackChoice:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tandem", description="Split text-to-image diffusion (edge + device).")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="tandem", description="Split text-to-image diffusion (edge + device).")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     gen = sub.add_parser("generate", help="generate one image through the split pipeline")
     gen.add_argument("prompt", metavar="PROMPT")
     gen.add_argument("--out", type=Path, default=Path("tandem.png"), help="PNG to write (default tandem.png)")
@@ -82,8 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--merge-strategy", choices=STRATEGIES, help=f"what token merging merges (default {DEFAULT_STRATEGY})")
     gen.add_argument("--large", type=Path, help="edge model pack directory or hub id (default: demo pack)")
     gen.add_argument("--small", type=Path, help="device model pack directory or hub id (default: demo pack)")
-    gen.add_argument("--device", help="torch device for both packs (default: cuda if present, else cpu)")
+    gen.add_argument("--device", help="torch device for both packs: cpu, cuda, cuda:N, mps (default: cuda if present, else cpu)")
+    gen.add_argument("--threads", type=int, help="CPU threads for torch (default: TANDEM_THREADS, else half the cores, 1..4)")
     gen.add_argument("--edge", metavar="HOST:PORT", help="run the edge steps on this edge server (gRPC)")
+    gen.add_argument("--require-edge", action="store_true",
+                     help="fail (exit 3) instead of finishing on the device model when the edge does not deliver")
     gen.add_argument("--ue", metavar="HOST:PORT", help="send the request to a running device service instead")
     gen.add_argument("--timeout", type=float, default=120.0, help="deadline for the edge call in seconds (120)")
     gen.add_argument("--scheduler", metavar="HOST:PORT", help="ask this scheduler for T, k, r, codec and the edge")
@@ -99,6 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command; as the `tandem` program (argv None) the process ends right after its
+    output is flushed: tearing down torch's and diffusers' modules took 1.2-1.6 s and does nothing."""
+    code = _main(argv)
+    if argv is None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -109,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     except RequestError as exc:
         print(f"tandem: error: {FLAGS.get(exc.field, exc.field)}: {exc.message}", file=sys.stderr)
         return 2
+    except EdgeRequired as exc:
+        print(f"tandem: error: {exc}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("tandem: interrupted", file=sys.stderr)
         return 130
@@ -116,30 +151,102 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
-def _generate(args: argparse.Namespace) -> int:
-    from tandem.packs import PackError, load_pack
-    from tandem.pipeline import HybridPipeline
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
 
+
+def check_address(text: str, flag: str) -> str:
+    """HOST:PORT (or [IPv6]:PORT, or unix:PATH); CliError naming the flag otherwise. gRPC would take
+    "127.0.0.1" as port 443 and fail much later, as if the edge were down."""
+    if text.startswith("unix:"):
+        return text
+    host, sep, port = text.rpartition(":")
+    bad_host = not host or (":" in host and not (host.startswith("[") and host.endswith("]")))
+    if not sep or bad_host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise CliError(f"{flag}: {text!r} is not HOST:PORT (e.g. 127.0.0.1:50051)")
+    return text
+
+
+def _check_pack_source(source: Path | None, flag: str) -> None:
+    if source is None or source.expanduser().is_dir():
+        return
+    text = str(source)
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):  # a hub id: fetched later
+        return
+    raise CliError(f"{flag}: model pack {text!r} not found: no such directory")
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Everything that can be checked without torch."""
     if args.out.suffix.lower() != ".png":
         raise CliError(f"--out: {str(args.out)!r} must end in .png")
     if not args.out.parent.exists():
         raise CliError(f"--out: directory {str(args.out.parent)!r} does not exist")
     if args.timeout <= 0:
         raise CliError(f"--timeout: must be positive, got {args.timeout:g}")
+    if args.threads is not None and args.threads < 1:
+        raise CliError(f"--threads: must be a positive integer, got {args.threads}")
+    if args.device is not None and not _DEVICE.match(args.device):
+        raise CliError(f"--device: unknown device {args.device!r} (cpu, cuda, cuda:N or mps)")
+    for flag in ("edge", "ue", "scheduler"):
+        if getattr(args, flag):
+            check_address(getattr(args, flag), f"--{flag}")
+    if args.large is not None and args.small is None:
+        raise CliError("--large needs --small too (the device pack), or leave both out for the demo pack")
+    if args.small is not None and args.large is None and not (args.edge or args.scheduler or args.ue):
+        raise CliError("--small needs --large too (the edge pack) or --edge HOST:PORT, or leave both out for the demo pack")
+    _check_pack_source(args.large, "--large")
+    _check_pack_source(args.small, "--small")
+    if args.require_edge and not (args.edge or args.scheduler or args.ue):
+        raise CliError("--require-edge needs --edge, --ue or --scheduler (there is no edge to require)")
+    if args.latency_budget < 0:
+        raise CliError(f"--latency-budget: must be >= 0, got {args.latency_budget:g}")
+    CodecSpec(encoding=args.codec or "fp16", merge_ratio=args.merge_ratio or 0.0,
+              strategy=args.merge_strategy or DEFAULT_STRATEGY).validate()
+
+
+def _check_device_available(device: str | None) -> None:
+    """After torch loads: a CUDA or MPS device this machine does not have is one line."""
+    if device is None or device == "cpu":
+        return
+    import torch
+
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise CliError(f"--device {device}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
+        if int(device.partition(":")[2] or 0) >= torch.cuda.device_count():
+            raise CliError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device == "mps" and not torch.backends.mps.is_available():
+        raise CliError("--device mps: MPS is not available here; use --device cpu")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from tandem.threads import configure_threads
+
+    _check_flags(args)
     args.security = _client_security(args)
+    configure_threads(args.threads)  # before torch loads
     from services.ue_client.trust import credentials_for_edge, trusted_edges
 
     trusted = trusted_edges(args.edge)  # before a scheduler's plan can fill in args.edge
-    plan = _apply_plan(args) if args.scheduler else None
-    codec = CodecSpec(encoding=args.codec or "fp16", merge_ratio=args.merge_ratio or 0.0,
-                      strategy=args.merge_strategy or DEFAULT_STRATEGY).validate()
-    if args.ue:
-        return _generate_on_device_service(args, codec, plan)
     choice = default_packs() if args.large is None and args.small is None else None
     large = args.large or (choice.large if choice else None)
     small = args.small or (choice.small if choice else None)
+    pack_dir = small if choice is None or not choice.random else None
+    _check_request_early(args, large if large is not None and not args.ue else pack_dir, pack_dir)
+    args.prompt = _check_prompt(args.prompt, pack_dir)
+    plan = _apply_plan(args) if args.scheduler else None
+    codec = CodecSpec(encoding=args.codec or "fp16", merge_ratio=args.merge_ratio or 0.0,
+                      strategy=args.merge_strategy or DEFAULT_STRATEGY).validate()
+    if args.require_edge and not args.edge and not args.ue:
+        raise EdgeRequired("--require-edge: the scheduler's plan names no edge for this request")
+    if args.ue:
+        return _generate_on_device_service(args, codec, plan)
     if small is None or (large is None and not args.edge):
-        raise CliError("--large and --small go together (or leave both out for the demo pack; with --edge, --small alone)")
+        raise CliError("--small alone needs an edge: --edge HOST:PORT, or a --scheduler that names one")
+    from tandem.packs import PackError, load_pack
+    from tandem.pipeline import HybridPipeline
+
+    _check_device_available(args.device)
     if choice is not None and choice.random:
         print(
             "tandem: NOTE: the trained demo pack is not installed; using tiny RANDOM packs "
@@ -148,11 +255,13 @@ def _generate(args: argparse.Namespace) -> int:
         )
     try:
         ue_pack = load_pack(small, device=args.device)
-        # With --edge the large pack lives on the edge server; in-process we load it here.
+    except PackError as exc:
+        raise CliError(f"--small: {exc}" if args.small else str(exc)) from exc
+    try:  # with --edge the large pack lives on the edge server; in-process we load it here
         edge_pack = None if args.edge else load_pack(large, device=args.device)
         pipeline = HybridPipeline(edge_pack, ue_pack) if edge_pack is not None else None
     except PackError as exc:
-        raise CliError(str(exc)) from exc
+        raise CliError(f"--large: {exc}" if args.large else str(exc)) from exc
     manifest = (edge_pack or ue_pack).manifest
     steps = args.steps if args.steps is not None else manifest.default_steps
     size = args.size if args.size is not None else (edge_pack or ue_pack).default_image_size
@@ -171,6 +280,7 @@ def _generate(args: argparse.Namespace) -> int:
     if request.user is not None and request.user not in ue_pack.users:
         known = ", ".join(ue_pack.users) or "none"
         raise RequestError("user", f"unknown user {request.user!r} for pack {ue_pack.name!r} (users: {known})")
+    _warn_lora_unused(request.user, request.split, request.steps)
     progress = None if args.quiet else _ProgressBars(request)
     try:
         if pipeline is not None:
@@ -186,6 +296,8 @@ def _generate(args: argparse.Namespace) -> int:
     finally:
         if progress is not None:
             progress.close()
+    if result.fallback and args.require_edge:
+        raise EdgeRequired(f"--require-edge: {_explain_fallback(args, result.fallback)}")
     _save_png(result.image, args.out)
     edge_name = edge_pack.name if edge_pack is not None else f"edge {args.edge}"
     report = _report(request, codec, result, args.out, edge_name, ue_pack.name, random=bool(choice and choice.random))
@@ -193,7 +305,7 @@ def _generate(args: argparse.Namespace) -> int:
     report["plan"] = _report_plan(args, plan, result.seconds, result.edge_steps, result.ue_steps,
                                   result.handoff_bytes, result.fallback)
     if result.fallback:
-        print(f"tandem: NOTE: {result.fallback}", file=sys.stderr)
+        print(f"tandem: NOTE: {_explain_fallback(args, result.fallback)}", file=sys.stderr)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -233,29 +345,17 @@ def _generate_on_device_service(args: argparse.Namespace, codec: CodecSpec, plan
     finally:
         if progress is not None:
             progress.close()
+    if result.fallback and args.require_edge:
+        raise EdgeRequired(f"--require-edge: {_explain_fallback(args, result.fallback)}")
     args.out.write_bytes(result.png)
-    report = {
-        "out": str(args.out),
-        "mode": "device-service",
-        "device_service": args.ue,
-        "edge": args.edge,
-        "ue_pack": result.device_pack,
-        "edge_steps": result.edge_steps,
-        "ue_steps": result.device_steps,
-        "handoff_bytes": result.handoff_bytes,
-        "seconds": {k: round(v, 4) for k, v in result.seconds.items()},
-        "fallback": result.fallback or None,
-        "plan": _report_plan(args, plan, dict(result.seconds), result.edge_steps, result.device_steps,
-                             result.handoff_bytes, result.fallback),
-    }
+    if args.user and result.device_steps == 0:
+        _warn_lora_unused(args.user, result.edge_steps, result.edge_steps)
+    report = _device_service_report(args, codec, result)
+    report["plan"] = _report_plan(args, plan, dict(result.seconds), result.edge_steps, result.device_steps,
+                                  result.handoff_bytes, result.fallback)
     if result.fallback:
-        print(f"tandem: NOTE: {result.fallback}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(f"wrote {args.out} via device service {args.ue}: {result.edge_steps} edge + {result.device_steps} device steps, "
-              f"handoff {result.handoff_bytes} bytes, {sum(result.seconds.values()):.3f} s"
-              + (f"\n  FALLBACK: {result.fallback}" if result.fallback else ""))
+        print(f"tandem: NOTE: {_explain_fallback(args, result.fallback)}", file=sys.stderr)
+    print(json.dumps(report, indent=2) if args.json else _format(report))
     return 0
 
 
@@ -269,6 +369,102 @@ def _client_security(args: argparse.Namespace):
         raise CliError(str(exc)) from exc
 
 
+def _check_prompt(prompt: str, pack: Path | None) -> str:
+    """The prompt with the pack's aliases applied ("an" -> "a" for the demo pack); one warning
+    naming the words its vocabulary lacks: the image would silently ignore them. Packs that declare
+    no vocabulary (real Stable Diffusion packs, hub ids) are not checked."""
+    from tandem.packs import PackError, PackManifest
+    from tandem.vocabulary import unknown_words
+
+    if pack is None or not Path(pack).expanduser().is_dir():
+        return prompt
+    try:
+        manifest = PackManifest.read(Path(pack).expanduser())
+    except PackError as exc:
+        raise CliError(str(exc)) from exc
+    prompt = manifest.normalize_prompt(prompt)
+    unknown = unknown_words(prompt, manifest.vocabulary)
+    if unknown:
+        print(f"tandem: WARNING: pack {manifest.name!r} does not know {', '.join(map(repr, unknown))}: the image "
+              f"will not follow {'it' if len(unknown) == 1 else 'them'}. Its words: {', '.join(manifest.vocabulary)}",
+              file=sys.stderr)
+    return prompt
+
+
+def _check_request_early(args: argparse.Namespace, edge_dir: Path | None, device_dir: Path | None) -> None:
+    """The request's flags against the packs' manifests (cheap JSON), so that --split 30 or
+    --user carol fails before the models load, not after. Values a scheduler plan may still set
+    are left to the full check after the plan."""
+    from tandem.packs import PackError, PackManifest
+
+    dirs = [Path(d).expanduser() for d in (edge_dir, device_dir) if d is not None]
+    if not dirs or not all(d.is_dir() for d in dirs):
+        return  # a hub id: its manifest comes with it
+    try:
+        manifest, device = PackManifest.read(dirs[0]), PackManifest.read(dirs[-1])
+    except PackError as exc:
+        raise CliError(str(exc)) from exc
+    steps = args.steps if args.steps is not None else manifest.default_steps
+    split = args.split if args.split is not None and not (args.scheduler and args.steps is None) else steps // 2
+    GenerationRequest(prompt=args.prompt, steps=steps, split=split, sampler=args.sampler or manifest.default_sampler,
+                      guidance_scale=args.guidance if args.guidance is not None else manifest.default_guidance,
+                      seed=args.seed, negative_prompt=args.negative_prompt, height=args.size or 64,
+                      width=args.size or 64, user=args.user).validate()
+    if args.user is not None and not args.ue and args.user not in device.users:
+        known = ", ".join(sorted(device.users)) or "none"
+        raise RequestError("user", f"unknown user {args.user!r} for pack {device.name!r} (users: {known})")
+
+
+def _warn_lora_unused(user: str | None, split: int | None, steps: int | None) -> None:
+    if user and split is not None and steps is not None and split >= steps:
+        print(f"tandem: NOTE: --user {user} has no effect with --split {split} of {steps} steps: the user's LoRA "
+              "runs only in the device steps (give --split below --steps)", file=sys.stderr)
+
+
+_TLS_SIGNS = ("ssl", "tls", "handshake", "socket closed", "wrong_version", "certificate")
+
+
+def _explain_fallback(args: argparse.Namespace, fallback: str) -> str:
+    """The fallback reason, plus what it most likely means when it is a misconfiguration."""
+    low = fallback.lower()
+    if "unauthenticated" in low or "permission_denied" in low:
+        hint = ("the edge refused the token (--token / TANDEM_TOKEN)" if args.token
+                else "the edge requires a token: give --token")
+    elif any(sign in low for sign in _TLS_SIGNS):
+        hint = ("TLS handshake with the edge failed: does it serve TLS with a certificate signed by --tls-ca?"
+                if args.security.tls else "the edge may require TLS: this client connected in plaintext (give --tls-ca)")
+    else:
+        return fallback
+    return f"{fallback} [{hint}]"
+
+
+# Scheduler request fields → the flags that set them, for its INVALID_ARGUMENT answers.
+_PLAN_FLAGS = {"device_class": "--device-class", "latency_budget_seconds": "--latency-budget",
+               "personalized_user": "--user", "link": "--link-mbps", "link.bandwidth_bps": "--link-mbps"}
+
+
+def _plan_error(args: argparse.Namespace, reason: str) -> None:
+    """A scheduler answer that is the user's misconfiguration, not an outage: one line, exit 2."""
+    code, _, detail = reason.partition(": ")
+    if code == "INVALID_ARGUMENT":
+        field, _, message = detail.partition(": ")
+        flag = _PLAN_FLAGS.get(field)
+        raise CliError(f"{flag}: {message}" if flag else f"--scheduler {args.scheduler} refused the request: {detail}")
+    if code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+        what = "refused the token (--token)" if args.token else "requires a token: give --token"
+        raise CliError(f"--scheduler {args.scheduler} {what} ({reason})")
+
+
+def _note_budget(args: argparse.Namespace, plan) -> None:
+    """An unmeetable --latency-budget: say so, and what the best-effort plan gave up for speed."""
+    if not args.latency_budget or (plan.meets_budget and not getattr(plan, "budget_infeasible", False)):
+        return
+    why = getattr(plan, "infeasible_reason", "") or f"predicted {plan.predicted_seconds['total']:.2f} s at best"
+    print(f"tandem: NOTE: --latency-budget {args.latency_budget:g} s cannot be met ({why}); the plan traded quality "
+          f"for speed: {plan.steps} steps, {plan.split} on the edge, codec {plan.encoding}, merge ratio "
+          f"{plan.merge_ratio:g} (predicted quality {plan.predicted_quality:.2f})", file=sys.stderr)
+
+
 def _apply_plan(args: argparse.Namespace):
     """--scheduler: options the user did not set come from the plan; without one, the defaults."""
     from services.scheduler.client import request_plan
@@ -280,6 +476,7 @@ def _apply_plan(args: argparse.Namespace):
                         timeout=min(args.timeout, 5.0), on_error=errors.append, security=args.security)
     if plan is None:
         reason = errors[0] if errors else "no answer"
+        _plan_error(args, reason)
         print(f"tandem: NOTE: scheduler {args.scheduler} gave no plan ({reason}); using the default options", file=sys.stderr)
         return None
     if args.split is None:  # the plan's split fraction, also when --steps overrides its T
@@ -289,6 +486,7 @@ def _apply_plan(args: argparse.Namespace):
     args.merge_ratio = plan.merge_ratio if args.merge_ratio is None else args.merge_ratio
     args.merge_strategy = args.merge_strategy or plan.merge_strategy
     args.edge = args.edge or plan.edge_address or None
+    _note_budget(args, plan)
     return plan
 
 
@@ -340,6 +538,38 @@ def _save_png(image, out: Path) -> None:
     Image.fromarray(image).save(out)
 
 
+def _device_service_report(args: argparse.Namespace, codec: CodecSpec, result) -> dict:
+    """The in-process report's keys for a --ue run; what the device service chose from its pack's
+    defaults and does not return (sampler, unset --steps/--split) is None."""
+    from PIL import Image
+
+    with Image.open(args.out) as image:
+        width, height = image.size
+    steps = result.edge_steps + result.device_steps
+    return {
+        "out": str(args.out),
+        "width": width,
+        "height": height,
+        "prompt": args.prompt,
+        "seed": args.seed,
+        "user": args.user,
+        "sampler": args.sampler,
+        "total_steps": steps,
+        "split": args.split if args.split is not None else (None if result.fallback else result.edge_steps),
+        "edge_steps": result.edge_steps,
+        "ue_steps": result.device_steps,
+        "codec": codec.to_dict(),
+        "handoff_bytes": result.handoff_bytes,
+        "seconds": {k: round(v, 4) for k, v in result.seconds.items()},
+        "edge_pack": f"edge {args.edge}" if args.edge else "the device service's edge",
+        "ue_pack": result.device_pack,
+        "random_pack": False,
+        "fallback": result.fallback or None,
+        "mode": "device-service",
+        "device_service": args.ue,
+    }
+
+
 def _report(request, codec, result, out: Path, edge_name: str, ue_name: str, random: bool) -> dict:
     return {
         "out": str(out),
@@ -361,6 +591,7 @@ def _report(request, codec, result, out: Path, edge_name: str, ue_name: str, ran
         "random_pack": random,
         "fallback": result.fallback,
         "mode": "in-process",
+        "device_service": None,
     }
 
 

@@ -5,6 +5,9 @@ The edge server loads a large pack, the device (UE) a small one plus a user's Lo
 loads real Stable Diffusion layouts (SD 1.5, BK-SDM, small-sd) from a local directory or, when
 online, a hub id. Two packs can share a trajectory only when their latent space and noise process
 agree: `check_pair` refuses any other pair, naming the mismatch.
+
+torch and the model classes load only inside load_pack (and only the classes a pack uses), so
+reading a manifest stays cheap: the CLI checks flags and prompts before any model code loads.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from tandem.request import RequestError
-from tandem.sampling.schedule import SAMPLERS, noise_process
+from tandem.sampling.names import SAMPLERS
+from tandem.vocabulary import apply_aliases
+
+if TYPE_CHECKING:
+    import torch
 
 MANIFEST_NAME = "tandem_pack.json"
 MANIFEST_VERSION = 1
@@ -49,6 +54,13 @@ class PackManifest:
     # User name → LoRA safetensors file relative to the pack.
     users: dict[str, str] = field(default_factory=dict)
     random: bool = False  # an untrained pack made for tests: its images are noise
+    # The words its text encoder was trained on (empty: unknown, no prompt check) and words read
+    # as others before tokenizing (e.g. "an" -> "a"); see tandem/vocabulary.py.
+    vocabulary: tuple[str, ...] = ()
+    aliases: dict[str, str] = field(default_factory=dict)
+
+    def normalize_prompt(self, prompt: str) -> str:
+        return apply_aliases(prompt, self.aliases)
 
     @classmethod
     def read(cls, root: Path) -> "PackManifest":
@@ -65,6 +77,12 @@ class PackManifest:
         known = {f for f in cls.__dataclass_fields__}
         fields = {k: v for k, v in data.items() if k in known}
         fields.setdefault("name", root.name)
+        vocabulary, aliases = fields.get("vocabulary", []), fields.get("aliases", {})
+        if not (isinstance(vocabulary, list) and all(isinstance(w, str) for w in vocabulary)):
+            raise PackError(f"{path}: vocabulary must be a list of words")
+        if not (isinstance(aliases, dict) and all(isinstance(v, str) for v in aliases.values())):
+            raise PackError(f"{path}: aliases must map words to words")
+        fields["vocabulary"] = tuple(vocabulary)
         manifest = cls(**fields)
         if manifest.default_sampler not in SAMPLERS:
             raise PackError(f"{path}: default_sampler {manifest.default_sampler!r} is not one of {SAMPLERS}")
@@ -147,10 +165,14 @@ class ModelPack:
 
 
 def default_device() -> torch.device:
+    import torch
+
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
+    import torch
+
     # fp16 halves GPU memory and is what SD packs ship; CPUs run fp32 (fp16 is slow or unsupported).
     return torch.float16 if device.type == "cuda" else torch.float32
 
@@ -196,8 +218,13 @@ def load_pack(
     user: str | None = None,
 ) -> ModelPack:
     """Loads a pack for inference (eval mode, no grad), weights safetensors-only."""
-    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    import torch
+
+    # Each class from its own module: `from diffusers import ...` resolves diffusers' lazy top
+    # level, which costs seconds more than the three classes used here (BENCHMARKS.md, First hour).
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from transformers.models.clip.modeling_clip import CLIPTextModel
+    from transformers.models.clip.tokenization_clip import CLIPTokenizer
 
     quiet_loading()
     root = resolve_source(source)
@@ -207,7 +234,10 @@ def load_pack(
     dirs = {c: _component_dir(root, manifest, c) for c in COMPONENTS}
     sampler_config = _read_json(dirs["scheduler"] / "scheduler_config.json")
     vae_config = _read_json(dirs["vae"] / "config.json")
-    vae_class = AutoencoderTiny if vae_config.get("_class_name") == "AutoencoderTiny" else AutoencoderKL
+    if vae_config.get("_class_name") == "AutoencoderTiny":
+        from diffusers.models.autoencoders.autoencoder_tiny import AutoencoderTiny as vae_class
+    else:
+        from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL as vae_class
     load = {"torch_dtype": dtype, "use_safetensors": True}
     try:
         unet = UNet2DConditionModel.from_pretrained(dirs["unet"], **load)
@@ -256,6 +286,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def check_pair(edge: ModelPack, ue: ModelPack) -> None:
     """Raises PackMismatchError unless `ue` can continue trajectories that `edge` started."""
+    from tandem.sampling.schedule import noise_process
+
     checks = [
         ("latent channels", edge.latent_channels, ue.latent_channels),
         ("VAE downsampling factor", edge.vae_scale_factor, ue.vae_scale_factor),

@@ -8,7 +8,8 @@ writes each service's output to LOG_DIR/NAME.log and LOG_DIR/topology.json (addr
 and on Ctrl-C/SIGTERM stops the children gracefully (SIGTERM, then SIGKILL after --grace
 seconds). Children also get SIGTERM if this process dies without cleaning up (PR_SET_PDEATHSIG),
 so none is left behind. If a service exits on its own, the rest are stopped and the exit status
-is 1.
+is 1. A port already in use is one line naming it and exit status 2, before anything starts: the
+health checks would otherwise find somebody else's servers there and call the topology up.
 """
 
 from __future__ import annotations
@@ -64,6 +65,21 @@ def free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def busy_ports(services: list[Service]) -> list[str]:
+    """"NAME port N" for each port of `services` that something on this host already listens on."""
+    from services.lifecycle import check_port_free
+    from services.security import PortInUse
+
+    busy = []
+    for s in services:
+        for what, port in (("gRPC", s.port), ("metrics", s.metrics_port)):
+            try:
+                check_port_free(s.host, port, what)
+            except PortInUse:
+                busy.append(f"{s.name} {what} port {port}")
+    return busy
 
 
 def scheduler_available() -> bool:
@@ -194,6 +210,20 @@ def build_services(args: argparse.Namespace) -> list[Service]:
     return services
 
 
+def _tandem_command() -> str:
+    """How to run `tandem` from here: the bare name only when it is on PATH (it is not until the
+    virtualenv is activated), else the virtualenv's launcher beside this interpreter."""
+    import shutil
+
+    launcher, found = Path(sys.executable).parent / "tandem", shutil.which("tandem")
+    if not launcher.exists() or (found and Path(found).resolve() == launcher.resolve()):
+        return "tandem"
+    try:
+        return str(launcher.relative_to(Path.cwd()))
+    except ValueError:
+        return str(launcher)
+
+
 def run_against(topology: Topology, tandem_args: list[str]) -> int:
     """Runs one `tandem` command through the running services: the device service does the
     work, the scheduler (when up) plans it."""
@@ -213,6 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     topology = Topology(build_services(args), args.log_dir)
+    busy = busy_ports(topology.services)
+    if busy:
+        print(f"tandem topology: error: already in use on {args.host}: {', '.join(busy)} (stop what runs there, "
+              "or use --free-ports)", file=sys.stderr, flush=True)
+        return 2
     state_file = args.log_dir / "topology.json"
     state_file.unlink(missing_ok=True)
     status = 0
@@ -230,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.then:
             status = run_against(topology, args.then)
             return status
-        print(f'try: tandem generate "a red circle at the left on a blue background" --ue {ue.address}', flush=True)
+        print(f'try: {_tandem_command()} generate "a red circle at the left on a blue background" --ue {ue.address}',
+              flush=True)
         print("Ctrl-C (or SIGTERM) stops everything.", flush=True)
         while not stop.wait(0.5):
             topology.check_alive()

@@ -25,7 +25,7 @@ from services.edge_server.engine import EdgeEngine
 from services.edge_server.heartbeat import send_heartbeats
 from services.edge_server.metrics import EdgeMetrics
 from services.edge_server.servicer import EdgeServicer
-from services.lifecycle import NO_REUSEPORT, enable_reflection, run_server, set_health, until_signalled
+from services.lifecycle import NO_REUSEPORT, describe, enable_reflection, run_server, set_health, until_signalled
 from services.security import SecurityError, add_client_args, add_port, add_server_tls_args, client_security, server_tls
 from services.decoding import DecodeErrorInterceptor
 from services.tokens import add_tokens_arg, interceptors, load_tokens
@@ -51,7 +51,7 @@ def _optional_int(name: str) -> int | None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from tandem.cli import DEMO_PACK
 
-    parser = argparse.ArgumentParser(prog="tandem-edge", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="tandem-edge", description=describe(__doc__))
     parser.add_argument("--pack", default=_env("pack", str(DEMO_PACK / "large")), help="large model pack")
     parser.add_argument("--host", default=_env("host", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(_env("port", 50051)))

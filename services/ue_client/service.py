@@ -25,7 +25,7 @@ from prometheus_client import start_http_server
 
 from services.decoding import DecodeErrorInterceptor
 from services.edge_server.metrics import record_call
-from services.lifecycle import NO_REUSEPORT, enable_reflection, run_server, set_health, until_signalled
+from services.lifecycle import NO_REUSEPORT, describe, enable_reflection, run_server, set_health, until_signalled
 from services.security import ClientSecurity, SecurityError, add_client_args, add_port, add_server_tls_args, client_security, server_tls
 from services.ue_client.call import parse_call
 from services.ue_client.device import CancelFlag, Cancelled, generate_via_edge
@@ -139,7 +139,7 @@ def _env(name: str, default):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from tandem.cli import DEMO_PACK
 
-    parser = argparse.ArgumentParser(prog="tandem-ue", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="tandem-ue", description=describe(__doc__))
     parser.add_argument("--pack", default=_env("pack", str(DEMO_PACK / "small")), help="small model pack")
     parser.add_argument("--edge", action="append", metavar="HOST:PORT",
                         help="an edge server this service may use (repeatable; the first is the default; "
