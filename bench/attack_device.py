@@ -62,7 +62,8 @@ def tokens_to_unverified_edge(edge, small: Path, tmp: Path) -> None:
             cli.main(["generate", f"other: {PROMPT}", "--small", str(small), "--device", "cpu", "--steps", "4",
                       "--scheduler", sched.address, "--device-class", "phone", "--token", "user-secret",
                       "--out", str(tmp / f"plan{i}.png"), "--quiet", "--json"])
-    print(f"\ntokens at the scheduler-named plaintext edge: {count('yes') - yes:.0f} of {count('no') - no + count('yes') - yes:.0f} calls")
+    sent, calls = count("yes") - yes, count("yes") - yes + count("no") - no
+    print(f"\ntokens at the scheduler-named plaintext edge: {sent:.0f} of {calls:.0f} calls")
 
 
 def cancelled_then_valid(ue, cancelled: int, steps: int, rounds: int) -> None:

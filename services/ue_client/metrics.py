@@ -12,9 +12,12 @@ class DeviceMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter("tandem_ue_requests_total", "Device generations by gRPC status", ["code"], registry=r)
-        self.fallbacks = Counter("tandem_ue_fallbacks_total", "Generations the device finished alone after an edge failure", registry=r)
-        self.phase_seconds = Histogram("tandem_ue_phase_seconds", "Time per phase", ["phase"], buckets=LATENCY_BUCKETS, registry=r)
-        self.request_seconds = Histogram("tandem_ue_request_seconds", "Whole generation on the device service", buckets=LATENCY_BUCKETS, registry=r)
+        self.fallbacks = Counter("tandem_ue_fallbacks_total", "Generations the device finished alone after an edge failure",
+                                 registry=r)
+        self.phase_seconds = Histogram("tandem_ue_phase_seconds", "Time per phase", ["phase"], buckets=LATENCY_BUCKETS,
+                                       registry=r)
+        self.request_seconds = Histogram("tandem_ue_request_seconds", "Whole generation on the device service",
+                                         buckets=LATENCY_BUCKETS, registry=r)
         self.handoff_bytes = Histogram("tandem_ue_handoff_bytes", "Handoff payload received", buckets=BYTES_BUCKETS, registry=r)
         self.steps = Counter("tandem_ue_steps_total", "Denoising steps run on the device", registry=r)
         # Cooperative cancellation's cost: ≤ 1 per cancelled call (the step in flight).

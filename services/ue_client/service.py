@@ -26,7 +26,8 @@ from prometheus_client import start_http_server
 from services.decoding import DecodeErrorInterceptor
 from services.edge_server.metrics import record_call
 from services.lifecycle import NO_REUSEPORT, describe, enable_reflection, run_server, set_health, until_signalled
-from services.security import ClientSecurity, SecurityError, add_client_args, add_port, add_server_tls_args, client_security, server_tls
+from services.security import (ClientSecurity, SecurityError, add_client_args, add_port, add_server_tls_args,
+                               client_security, server_tls)
 from services.ue_client.call import parse_call
 from services.ue_client.device import CancelFlag, Cancelled, generate_via_edge
 from services.ue_client.metrics import DeviceMetrics
@@ -174,7 +175,8 @@ async def serve(args: argparse.Namespace) -> None:
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.host, registry=metrics.registry)
     await set_health(health, SERVICE_NAME, serving=True)
-    print(f"device service ready on {args.host}:{port} (pack {pack.name}, {pack.device}); metrics :{args.metrics_port}", flush=True)
+    print(f"device service ready on {args.host}:{port} (pack {pack.name}, {pack.device}); "
+          f"metrics :{args.metrics_port}", flush=True)
     await until_signalled()
     await health.enter_graceful_shutdown()
     await server.stop(grace=30)
