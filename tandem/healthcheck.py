@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.security import ClientSecurity, SecurityError, add_client_args, client_security, sync_channel, tandem_env
+from tandem.cli import CliError, check_address
 
 DEFAULT_TIMEOUT = 3.0
 
@@ -47,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.timeout <= 0:
         parser.error("--timeout: must be > 0")
+    try:
+        check_address(args.address, "address")
+    except CliError as exc:  # gRPC would read "127.0.0.1" as port 443 and report it unreachable
+        print(f"error: {exc}", flush=True)
+        return 2
     try:
         security = client_security(args)
     except SecurityError as exc:

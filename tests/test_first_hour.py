@@ -212,6 +212,31 @@ def test_topology_with_busy_port_is_one_line_and_never_up(tmp_path):
     assert "up" not in result.stdout and not (tmp_path / "logs" / "edge.log").exists()  # nothing was started
 
 
+def test_healthcheck_rejects_an_address_without_port():
+    result = subprocess.run([sys.executable, "-m", "tandem.healthcheck", "127.0.0.1"], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stdout.strip() == "error: address: '127.0.0.1' is not HOST:PORT (e.g. 127.0.0.1:50051)"
+
+
+# --- item 3: `tandem` is not on PATH until the virtualenv is activated ------------------------------
+
+def test_topology_names_a_tandem_command_that_runs():
+    code = "from tandem.topology import _tandem_command; print(_tandem_command())"
+    bin_dir = str(Path(sys.executable).parent)
+    without = ":".join(p for p in os.environ.get("PATH", "").split(":") if p and Path(p).resolve() != Path(bin_dir).resolve())
+    shown = {}
+    for name, path in (("inactive", without), ("activated", f"{bin_dir}:{without}")):
+        result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(ENV, PATH=path), capture_output=True,
+                                text=True, timeout=60)
+        shown[name] = result.stdout.strip()
+    if not (Path(bin_dir) / "tandem").exists():
+        pytest.skip("no tandem launcher beside this interpreter (project not installed)")
+    assert shown["activated"] == "tandem"
+    launcher = shown["inactive"]
+    assert launcher != "tandem" and (ROOT / launcher).resolve() == (Path(bin_dir) / "tandem").resolve()
+
+
 # --- item 6: rough edges -------------------------------------------------------------------------
 
 def test_device_service_report_has_the_in_process_keys(tmp_path, tiny_packs):
