@@ -38,9 +38,13 @@ def build_tiny_pack(
     name: str | None = None,
     sampler_config: dict | None = None,
     shared_from: str | None = None,
+    vae_channels: tuple[int, ...] = (16, 32, 32),
+    attention_levels: int | None = None,
 ) -> Path:
     """Writes a random pack; with `shared_from` (a relative path to another tiny pack) only the
-    UNet is new and the other components are referenced, as the demo's small pack does."""
+    UNet is new and the other components are referenced, as the demo's small pack does.
+    The VAE downsamples by 2^(len(vae_channels) - 1); the UNet attends (cross-attention) in its
+    `attention_levels` lowest-resolution blocks (default: all but the first)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -76,9 +80,9 @@ def build_tiny_pack(
         )
         CLIPTextModel(text_config).save_pretrained(out / "text_encoder")
         vae = AutoencoderKL(
-            block_out_channels=(16, 32, 32),
-            down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3,
+            block_out_channels=vae_channels,
+            down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+            up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
             latent_channels=4,
             norm_num_groups=8,
             sample_size=image_size,
@@ -88,14 +92,16 @@ def build_tiny_pack(
         (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(sampler_config or SD_SAMPLER_CONFIG))
     else:
         manifest["components"] = {c: f"{shared_from}/{c}" for c in ("vae", "text_encoder", "tokenizer", "scheduler")}
+    levels = len(unet_channels) - 1 if attention_levels is None else attention_levels
+    plain = len(unet_channels) - levels
     unet = UNet2DConditionModel(
-        sample_size=image_size // 4,
+        sample_size=image_size // 2 ** (len(vae_channels) - 1),
         in_channels=4,
         out_channels=4,
         block_out_channels=unet_channels,
         layers_per_block=1,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(unet_channels) - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (len(unet_channels) - 1) + ("UpBlock2D",),
+        down_block_types=("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",) * levels,
+        up_block_types=("CrossAttnUpBlock2D",) * levels + ("UpBlock2D",) * plain,
         cross_attention_dim=text_dim,
         attention_head_dim=8,
         norm_num_groups=8,
@@ -103,3 +109,17 @@ def build_tiny_pack(
     unet.save_pretrained(out / "unet")
     (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
     return out
+
+
+def build_sd_geometry_pair(out_dir: str | Path, seed: int = 0) -> tuple[Path, Path]:
+    """A large/small pair with Stable Diffusion 1.5's latent geometry (512 px images, 4×64×64
+    latents, a /8 VAE) but tiny random UNets: handoffs have SD's real byte sizes while a step
+    stays cheap. For systems measurement only (bytes, links, batching): its images are noise, so
+    its quality is measured as fidelity, never accuracy. Named "sd-geometry-random-*"."""
+    out = Path(out_dir)
+    common = dict(image_size=512, vae_channels=(8, 8, 8, 8), text_dim=32, attention_levels=1)
+    large = build_tiny_pack(out / "large", seed=seed + 1, unet_channels=(16, 32, 64), role="large",
+                            name="sd-geometry-random-large", **common)
+    small = build_tiny_pack(out / "small", seed=seed + 2, unet_channels=(8, 16, 32), role="small",
+                            name="sd-geometry-random-small", shared_from="../large", **common)
+    return large, small
