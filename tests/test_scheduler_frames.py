@@ -211,7 +211,7 @@ def test_a_report_calibrates_and_measures_the_prediction_error(core):
         assert set(outcome.relative_errors) >= {"device", "total"} and outcome.relative_errors["device"] > 0
         assert not outcome.budget_violated
         decodes.append(core.costs.device("phone").decode_s)
-    assert decodes[0] == decode_before and decodes[-1] == pytest.approx(2 * decode_before)
+    assert decodes[0] == decode_before and decode_before < decodes[1] < decodes[2] < 2 * decode_before
     with pytest.raises(AlreadyReported):  # a plan is reported once
         core.report(PlanReport(assigned.plan_id, slow))
     with pytest.raises(UnknownPlan):

@@ -162,8 +162,11 @@ def test_an_unmeetable_budget_does_not_worsen_the_others(tmp_path, budget):
             scheduler_service(tmp_path, "--frame-ms", "60000", "--max-frame", "5") as mixed:
         without = plan_together(alone.address, NORMAL)
         replies = plan_together(mixed.address, [*NORMAL, plan_request(user_id="x", latency_budget_seconds=budget)])
+        infeasible_count = metric_value(mixed.metrics(), "tandem_scheduler_infeasible_plans_total")
+    assert infeasible_count == 1
     assert [r.frame_size for r in without] == [4] * 4 and [r.frame_size for r in replies] == [4] * 4 + [1]
-    assert [decision(r) for r in replies[:4]] == [decision(r) for r in without]  # gather keeps the order
+    # Each user the same plan (a frame is planned in a canonical order, whatever the arrival order).
+    assert [decision(r) for r in replies[:4]] == [decision(r) for r in without]
     assert not any(r.budget_infeasible for r in replies[:4]) and all(r.infeasible_reason == "" for r in replies[:4])
     worst = replies[4]
     assert worst.budget_infeasible and not worst.meets_budget and worst.steps > 0
@@ -182,6 +185,7 @@ def test_a_plan_flood_evicts_only_the_flooders_own_plans(tmp_path):
         s.Report(pb.ReportRequest(plan_id=bob.plan_id), timeout=10)  # still pending: answered OK
         error = rpc_error(s.Report, pb.ReportRequest(plan_id=flood[0]), timeout=10)
         assert error.code() == grpc.StatusCode.NOT_FOUND  # her own oldest went first
+        assert metric_value(sched.metrics(), "tandem_scheduler_pending_plans") == 5  # hers; bob's reported
         for plan_id in flood[-5:]:
             s.Report(pb.ReportRequest(plan_id=plan_id), timeout=10)
 
@@ -200,3 +204,21 @@ def test_with_tokens_a_report_counts_only_for_the_users_own_plan_and_once(tmp_pa
         s.Report(report, timeout=10, metadata=bearer("tok-alice"))
         error = rpc_error(s.Report, report, timeout=10, metadata=bearer("tok-alice"))
         assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and error.details().startswith("plan_id: ")
+
+
+def test_a_frames_plans_do_not_depend_on_arrival_order():
+    """Who arrives first (or where an infeasible request lands) never changes anyone's plan."""
+    from services.scheduler.core import LinkInput, PlanInput
+    from services.scheduler.server import build_core
+
+    core = build_core(parse_args([]))
+    users = [PlanInput(r.device_class, LinkInput(r.link.bandwidth_bps, r.link.rtt_seconds), user_id=r.user_id,
+                       latency_budget_s=r.latency_budget_seconds) for r in NORMAL]
+    hopeless = PlanInput("phone", LinkInput(50e6, 0.02), user_id="x", latency_budget_s=0.5)
+
+    def plans(requests):
+        return {a.plan.user_id: a.plan for a in core.decide(requests) if a.plan.user_id != "x"}
+
+    first = plans(users)
+    for order in (users[::-1], users[1:] + users[:1], [users[2], hopeless, users[0], users[3], users[1]]):
+        assert plans(order) == first

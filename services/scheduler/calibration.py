@@ -2,10 +2,13 @@
 reports agree on.
 
 Each calibrated quantity (edge step-time scale per pack, device step and decode seconds per
-device class, the round-trip time) is the median of a window of recent samples that starts with
-the profile's own value counted twice, so one report never moves it, and three consistent ones
-do. A sample more than ``outlier_factor`` away from the current estimate is rejected outright
-(no physical drift is that large between two reports). Pure logic; the caller serializes calls.
+device class, the round-trip time) is a trimmed mean of a window of recent samples that starts
+with the profile's own value counted twice: the lowest and highest quarter (at least one each)
+are dropped, so one report never moves it, a few hostile ones are trimmed away, and consistent
+new measurements move it within a couple of reports. A compute-time sample more than
+``outlier_factor`` away from the current estimate is rejected outright (no hardware drifts that
+much between two reports); a round trip only beyond ``max_rtt_s`` (a profile measured on loopback
+says little about a WAN's). Pure logic; the caller serializes calls.
 """
 
 from __future__ import annotations
@@ -13,14 +16,15 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, replace
-from statistics import median
+from statistics import fmean
 from typing import Iterable
 
 from services.scheduler.costs import CostProfile, EdgeCoefficients, PhaseObservation
 
-PRIOR_WEIGHT = 2  # the profile's value as this many samples: a lone sample never moves the median
+PRIOR_WEIGHT = 2  # the profile's value as this many samples: a lone sample is always trimmed
 WINDOW = 32
-OUTLIER_FACTOR = 20.0
+OUTLIER_FACTOR = 100.0
+MAX_RTT_S = 10.0
 
 
 @dataclass
@@ -33,12 +37,13 @@ class _Estimate:
 
     @property
     def value(self) -> float:
-        return median(self.samples)
+        ordered = sorted(self.samples)
+        trim = max(1, len(ordered) // 4) if len(ordered) >= 3 else 0
+        return fmean(ordered[trim:len(ordered) - trim])
 
-    def add(self, sample: float, outlier_factor: float) -> bool:
-        current = self.value
-        near = current <= 0 or current / outlier_factor <= sample <= current * outlier_factor
-        if not (math.isfinite(sample) and sample > 0 and near):
+    def add(self, sample: float, low: float, high: float) -> bool:
+        """Keeps ``sample`` when finite and in [low, high] (and > 0); False when rejected."""
+        if not (math.isfinite(sample) and sample > 0 and low <= sample <= high):
             return False
         self.samples.append(sample)
         return True
@@ -47,14 +52,16 @@ class _Estimate:
 class RobustCalibrator:
     """``profile`` → :meth:`update` (observations) → the recalibrated profile."""
 
-    def __init__(self, profile: CostProfile, window: int = WINDOW, outlier_factor: float = OUTLIER_FACTOR):
+    def __init__(self, profile: CostProfile, window: int = WINDOW, outlier_factor: float = OUTLIER_FACTOR,
+                 max_rtt_s: float = MAX_RTT_S):
         if window <= PRIOR_WEIGHT or not outlier_factor > 1:
             raise ValueError(f"calibration window must be > {PRIOR_WEIGHT} and outlier factor > 1")
         self.prior = profile
         self.window = window
         self.outlier_factor = outlier_factor
+        self.max_rtt_s = max_rtt_s
         self._estimates: dict[tuple[str, str], _Estimate] = {}
-        self.rejected = 0  # samples dropped as outliers (a metric for operators)
+        self.rejected = 0  # samples dropped as outliers
 
     def _estimate(self, key: tuple[str, str], prior: float) -> _Estimate:
         if key not in self._estimates:
@@ -62,7 +69,14 @@ class RobustCalibrator:
         return self._estimates[key]
 
     def _add(self, key: tuple[str, str], prior: float, sample: float) -> None:
-        if not self._estimate(key, prior).add(sample, self.outlier_factor):
+        estimate = self._estimate(key, prior)
+        if key[0] == "rtt":
+            low, high = 0.0, self.max_rtt_s
+        elif (current := estimate.value) > 0:
+            low, high = current / self.outlier_factor, current * self.outlier_factor
+        else:  # a profile without this figure: anything physical teaches it
+            low, high = 0.0, math.inf
+        if not estimate.add(sample, low, high):
             self.rejected += 1
 
     def update(self, observations: Iterable[PhaseObservation]) -> CostProfile:

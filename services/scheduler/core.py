@@ -81,7 +81,7 @@ class PlanInput:
     prompt_chars: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AssignedPlan:
     plan_id: str
     plan: Plan
@@ -127,7 +127,7 @@ class ReportOutcome:
     measured_total: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Record:
     user: UserSpec
     assigned: AssignedPlan
@@ -206,7 +206,8 @@ class SchedulerCore:
         costs = self.costs  # one snapshot for the whole frame
         users = [self.user_spec(r) for r in requests]
         reasons = split_infeasible(users, self.quality, costs, self.ctx)
-        joint = [i for i in range(len(users)) if i not in reasons]
+        # In a canonical order: the frame's plans must not depend on which request arrived first.
+        joint = sorted((i for i in range(len(users)) if i not in reasons), key=lambda i: _canonical(users[i]))
         plans = dict(zip(joint, plan_frame([users[i] for i in joint], self.quality, costs, self.decider, ctx=self.ctx)))
         for i in reasons:
             plans[i] = best_effort_plan(users[i], self.quality, costs, self.ctx)
@@ -327,6 +328,11 @@ def measured_phases(m: Measured, edge_steps: int, planned_step_s: float = 0.0) -
         first = min(step, m.queue)
         edge, overhead = m.edge_steps + first, m.queue - first
     return {"edge": edge, "transfer": m.transfer + overhead, "device": m.device_steps + m.decode, "total": m.total}
+
+
+def _canonical(user: UserSpec) -> tuple:
+    return (user.device_class, user.spectral_efficiency, user.latency_budget_s, user.energy_budget_j,
+            user.profile_user, user.personalized, user.rtt_s or 0.0, user.user_id)
 
 
 def _require(ok: bool, field: str, message: str) -> None:

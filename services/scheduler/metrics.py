@@ -48,9 +48,16 @@ class SchedulerMetrics:
         self.edge_step_seconds = Gauge("tandem_scheduler_edge_step_seconds",
                                        "Calibrated edge step time: fixed per batch, and per request", ["term"], registry=r)
         self.rtt_seconds = Gauge("tandem_scheduler_rtt_seconds", "Calibrated round-trip time", registry=r)
+        self.pending_plans = Gauge("tandem_scheduler_pending_plans", "Plans issued and not yet reported", registry=r)
+        self.infeasible_plans = Counter("tandem_scheduler_infeasible_plans_total",
+                                        "Requests no plan could serve within budget (planned alone, best effort)",
+                                        registry=r)
 
     def watch_edges(self, count: Callable[[], int]) -> None:
         self.edges_live.set_function(count)  # evaluated at scrape time: expiry needs no timer
+
+    def watch_pending(self, count: Callable[[], int]) -> None:
+        self.pending_plans.set_function(count)
 
     def observe_frame(self, plans: list[Plan], seconds: float) -> None:
         self.decision_seconds.observe(seconds)

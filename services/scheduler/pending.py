@@ -7,7 +7,6 @@ of fresh identities evicts itself, not the users already waiting). O(1) per oper
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -20,7 +19,7 @@ class PendingPlans(Generic[T]):
         self.max_total = max_total
         self.max_per_owner = max_per_owner
         self._items: dict[str, tuple[str, T]] = {}
-        self._by_owner: dict[str, OrderedDict[str, None]] = {}
+        self._by_owner: dict[str, dict[str, None]] = {}  # owner -> its plan ids, oldest first
         self._owners_with: dict[int, dict[str, None]] = {}  # n -> owners holding n plans (arrival order)
         self._most = 0
         self.evicted = 0
@@ -39,7 +38,7 @@ class PendingPlans(Generic[T]):
         if self.count(owner) >= self.max_per_owner:
             self._evict_oldest(owner)
         self._items[plan_id] = (owner, value)
-        self._by_owner.setdefault(owner, OrderedDict())[plan_id] = None
+        self._by_owner.setdefault(owner, {})[plan_id] = None
         self._recount(owner, self.count(owner) - 1)
         while len(self._items) > self.max_total:
             self._evict_oldest(next(reversed(self._owners_with[self._most])))

@@ -26,7 +26,7 @@ Decider = Callable[[FrameProblem], np.ndarray]
 DeciderLike = Union[str, Decider]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # thousands wait in the pending-plan table
 class Plan:
     """The decision for one request, with the latencies the cost models predict for it."""
 

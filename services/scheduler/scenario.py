@@ -11,7 +11,7 @@ from services.scheduler.channel import ChannelConfig, sample_spectral_efficiency
 from services.scheduler.quality import BASE_USER, PERSONALIZED_USER
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class UserSpec:
     """One request of a frame as the scheduler sees it."""
 

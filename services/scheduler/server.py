@@ -159,6 +159,7 @@ async def serve(args: argparse.Namespace) -> None:
     core = build_core(args)
     metrics = SchedulerMetrics()
     metrics.watch_edges(lambda: len(core.edges.live()))
+    metrics.watch_pending(lambda: core.pending_reports)
     servicer = SchedulerServicer(core, metrics, FrameConfig(args.frame_ms / 1000.0, args.max_frame),
                                  edge_tokens=edge_tokens, static_edges=args.edge)
     scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, server)

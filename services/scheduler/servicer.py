@@ -112,6 +112,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         began = time.perf_counter()
         plans = self.core.decide([r for r, _ in requests], [owner for _, owner in requests])
         self.metrics.observe_frame([a.plan for a in plans], time.perf_counter() - began)
+        self.metrics.infeasible_plans.inc(sum(a.budget_infeasible for a in plans))
         self.metrics.set_costs(self.core.costs, self.core.ctx.edge_pack)  # RTT probes may have moved it
         return plans
 
