@@ -40,9 +40,13 @@ def test_cli_through_device_service_and_edge(tiny_packs, tmp_path, capsys, large
         assert report["fallback"] and report["edge_steps"] == 0 and report["ue_steps"] == 6
         assert "NOTE: edge failed" in captured.err
 
-        # Bad values come back as one line naming the field.
+        # Bad values come back as one line naming the field: the CLI's own check, and the
+        # device service's (an edge it is not configured with).
         assert cli.main(argv[:-2] + ["--split", "9", "--quiet"]) == 2
         assert "tandem: error: --split: must be in 0..steps (6)" in capsys.readouterr().err
+        unknown_edge = argv[:argv.index("--edge") + 1] + ["127.0.0.1:1"] + argv[argv.index("--edge") + 2:]
+        assert cli.main(unknown_edge) == 2
+        assert "tandem: error: edge_address: '127.0.0.1:1' is not an edge this device service" in capsys.readouterr().err
 
         text = ue.metrics()
         assert metric_value(text, "tandem_ue_requests_total", 'code="OK"') == 2
