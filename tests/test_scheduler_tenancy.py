@@ -222,3 +222,35 @@ def test_a_frames_plans_do_not_depend_on_arrival_order():
     first = plans(users)
     for order in (users[::-1], users[1:] + users[:1], [users[2], hopeless, users[0], users[3], users[1]]):
         assert plans(order) == first
+
+
+# --- the pure pieces ------------------------------------------------------------------------------
+
+def test_pending_plans_evict_the_biggest_holder_never_a_waiting_user():
+    from services.scheduler.pending import PendingPlans
+
+    table: PendingPlans[int] = PendingPlans(max_total=6, max_per_owner=4)
+    table.add("bob-1", "bob", 1)
+    table.add("carol-1", "carol", 2)
+    for i in range(10):  # over her quota: her own oldest go
+        table.add(f"m-{i}", "mallory", i)
+    assert table.count("mallory") == 4 and table.get("m-5") is None and table.get("m-9") == 9
+    assert table.get("bob-1") == 1 and table.get("carol-1") == 2 and len(table) == 6
+    for i in range(5):  # the table is full: the biggest holder's plans go, then the newest identity's
+        table.add(f"x-{i}", f"fresh-{i}", i)
+    assert table.get("bob-1") == 1 and table.get("carol-1") == 2 and len(table) == 6
+    assert table.pop("bob-1") == 1 and table.pop("bob-1") is None and table.count("bob") == 0
+
+
+def test_edge_admission_decisions():
+    from services.scheduler.edge_auth import check_edge, peer_ip
+
+    assert peer_ip("ipv4:127.0.0.1:5555") == "127.0.0.1" and peer_ip("ipv6:[::1]:5555") == "::1"
+    assert peer_ip("ipv6:[::ffff:10.0.0.7]:1") == "10.0.0.7" and peer_ip("unix:/tmp/s") is None
+    assert check_edge("10.0.0.7:1", None, None, (), "10.0.0.7", ["10.0.0.7"]) is None  # its own host
+    assert check_edge("edge:1", None, None, (), "10.0.0.7", ["10.0.0.8"]).code == "PERMISSION_DENIED"
+    assert check_edge("edge:1", None, None, ("edge:1",), None, []) is None  # listed with --edge
+    assert check_edge("edge:1", None, "tok-alice", (), None, []).code == "PERMISSION_DENIED"
+    assert check_edge("x:1", EDGE_TOKENS, None, ("x:1",), "10.0.0.7", []).code == "UNAUTHENTICATED"
+    assert check_edge("x:1", EDGE_TOKENS, "tok-alice", (), "10.0.0.7", []).code == "PERMISSION_DENIED"
+    assert check_edge("x:1", EDGE_TOKENS, "edge-secret-1", (), "10.0.0.7", []) is None
