@@ -145,7 +145,7 @@ def test_cancellation_frees_the_slot(tiny_packs, tmp_path):
 
 def test_full_queue_answers_resource_exhausted(tiny_packs, tmp_path):
     with edge_server(tiny_packs["large"], tmp_path, "--max-batch", "1", "--max-queue", "1",
-                     "--max-request-cost", "0") as server:
+                     "--max-image-side", "128", "--max-request-cost", "0") as server:
         with grpc.insecure_channel(server.address) as channel:
             stub = edge_pb2_grpc.EdgeServiceStub(channel)
             long = request_to_proto(req(steps=200, split=200, height=128, width=128), CodecSpec())

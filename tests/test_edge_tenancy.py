@@ -119,15 +119,15 @@ def test_a_failing_batched_call_fails_only_the_culprit(tiny_packs):
 
 def test_capabilities_declare_the_sizes_and_cost_served(edge):
     caps = asyncio.run(get_capabilities(edge.address, timeout=10))
-    # The tiny pack's image is 32 px at 8 default steps: sides 8..128, cost max(128²·8, 32²·200).
-    assert (caps.min_image_side, caps.max_image_side) == (8, 128)
+    # The tiny pack's image is 32 px at 8 default steps: sides 8..64, cost max(64²·8, 32²·200).
+    assert (caps.min_image_side, caps.max_image_side) == (8, 64)
     assert caps.max_request_cost == 32 * 32 * 200
 
 
 @pytest.mark.parametrize("change,field", [
     (dict(height=256), "height"),  # legal for the wire (<= 2048), not served by this edge
     (dict(width=1024), "width"),
-    (dict(height=128, width=128, steps=200, split=100), "split"),  # over the pixel-steps cap
+    (dict(height=64, width=64, steps=200, split=100), "split"),  # over the pixel-steps cap
 ])
 def test_sizes_and_costs_beyond_the_edge_are_refused_naming_the_field(edge, change, field):
     error = refusal(edge.address, request_to_proto(req(**change), CodecSpec()))
@@ -161,7 +161,8 @@ def test_inconsistent_limit_flags_are_one_line(tiny_packs):
 def test_an_expired_request_is_dropped_at_the_next_step(tiny_packs, tmp_path):
     """A long request whose deadline passes stops stepping at once; another user's request
     behind it (one slot) then runs."""
-    with edge_server(tiny_packs["large"], tmp_path, "--max-batch", "1", "--max-request-cost", "0") as server:
+    with edge_server(tiny_packs["large"], tmp_path, "--max-batch", "1", "--max-image-side", "128",
+                     "--max-request-cost", "0") as server:
         with grpc.insecure_channel(server.address) as channel:
             stub = edge_pb2_grpc.EdgeServiceStub(channel)
             long = request_to_proto(req(steps=200, split=200, height=128, width=128), CodecSpec())

@@ -12,10 +12,12 @@ from dataclasses import dataclass
 
 from tandem.request import MAX_IMAGE_SIDE, MAX_STEPS, GenerationRequest, RequestError
 
-# Default limits relative to the pack's own image size: sides from a quarter to 4x of it, and
-# edge work up to that of the largest image at the pack's default steps, or of an image of the
-# pack's size at the most steps a request may have, whichever is more.
-SIDE_FACTOR = 4
+# Default limits relative to the pack's own image size: sides from a quarter to twice it (4x its
+# pixels: every iteration a larger request shares costs everyone in it about that much more),
+# and edge work up to that of the largest image at the pack's default steps, or of an image of
+# the pack's size at the most steps a request may have, whichever is more.
+MIN_SIDE_DIVISOR = 4
+MAX_SIDE_FACTOR = 2
 
 
 class LimitError(ValueError):
@@ -42,9 +44,9 @@ class EdgeLimits:
                  max_side: int | None = None, max_cost: int | None = None) -> "EdgeLimits":
         """The given limits, each defaulting to one relative to the pack's default image size."""
         if min_side is None:
-            min_side = max(8, vae_factor, default_size // SIDE_FACTOR // vae_factor * vae_factor)
+            min_side = max(8, vae_factor, default_size // MIN_SIDE_DIVISOR // vae_factor * vae_factor)
         if max_side is None:
-            max_side = min(MAX_IMAGE_SIDE, default_size * SIDE_FACTOR)
+            max_side = min(MAX_IMAGE_SIDE, default_size * MAX_SIDE_FACTOR)
         if max_cost is None:
             max_cost = max(max_side * max_side * default_steps, default_size * default_size * MAX_STEPS)
         return cls(min_side, max_side, max_cost)

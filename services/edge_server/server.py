@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--min-image-side", type=int, default=_optional_int("min_image_side"),
                         help="smallest image side served, px (default: a quarter of the pack's size)")
     parser.add_argument("--max-image-side", type=int, default=_optional_int("max_image_side"),
-                        help="largest image side served, px (default: 4x the pack's size)")
+                        help="largest image side served, px (default: twice the pack's size)")
     parser.add_argument("--max-request-cost", type=int, default=_optional_int("max_request_cost"),
                         help="cap on height x width x split per request, pixel-steps; 0 = none "
                              "(default: the largest image at the pack's default steps)")
