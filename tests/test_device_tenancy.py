@@ -153,3 +153,35 @@ def test_the_cli_sends_its_token_only_to_trusted_edges(hostile, tmp_path, capsys
     _, err = run("named.png", "--edge", edge.address, "--split", "2")
     assert tokens() == (yes + 2, no + 1) and "token was not sent" not in err
 
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp_2m"])
+def test_honest_handoffs_pass_the_checks_and_fit_the_cap(large_pack, small_pack, sampler):
+    """No false alarms: a real edge's handoff for every sampler and codec, at the largest split
+    with history, passes the device's checks within its byte cap; each attack's does not."""
+    from fake_edge import hostile_payload, tampered
+    from services.ue_client.integrity import HandoffLimits, HandoffRejected, check_header, check_schedule
+    from tandem.codec.container import unpack_container
+    from tandem.handoff import CodecSpec, decode_handoff, encode_handoff
+    from tandem.pipeline import make_handoff, run_steps, start
+    from tandem.request import GenerationRequest
+    from tandem.sampling.schedule import make_schedule
+
+    request = GenerationRequest(PROMPT, steps=5, split=4, sampler=sampler, guidance_scale=3.3, seed=7,
+                                height=32, width=32, negative_prompt="blurry").validate()
+    shape = small_pack.latent_shape(32, 32)
+    limits = HandoffLimits.for_request(request, shape)
+    state = start(large_pack, request)
+    run_steps(large_pack, state, request.split)
+    for codec in (CodecSpec("fp32"), CodecSpec("int8", 0.5), CodecSpec("fp16", 0.75, "denoised", "global")):
+        payload = encode_handoff(make_handoff(state, request), codec)
+        assert len(payload) <= limits.max_bytes
+        check_header(unpack_container(payload)[0], request, shape)
+        check_schedule(decode_handoff(payload).schedule, make_schedule(sampler, 5, small_pack.sampler_config))
+    with pytest.raises(HandoffRejected):  # a consistent handoff whose schedule is shorter than the device's
+        check_schedule(make_schedule(sampler, 4, large_pack.sampler_config),
+                       make_schedule(sampler, 5, small_pack.sampler_config))
+    for attack in ("other", "big", "fewer"):
+        payload = hostile_payload(large_pack, tampered(request, attack), CodecSpec())
+        with pytest.raises(HandoffRejected):
+            check_header(unpack_container(payload)[0], request, shape)
