@@ -88,9 +88,9 @@ class RobustCalibrator:
                 pack = o.pack or next(iter(prior.edge))
                 predicted = float(prior.edge_coefficients(pack).step_seconds(max(o.batch, 1)))
                 self._add(("edge", pack), 1.0, o.seconds / o.steps / predicted)  # a scale of the profile's a and b
-            elif o.phase == "device" and o.steps > 0 and o.device_class in prior.devices:
+            elif o.phase == "device" and o.steps > 0 and o.device_class is not None and o.device_class in prior.devices:
                 self._add(("step", o.device_class), prior.devices[o.device_class].step_s, o.seconds / o.steps)
-            elif o.phase == "decode" and o.device_class in prior.devices:
+            elif o.phase == "decode" and o.device_class is not None and o.device_class in prior.devices:
                 self._add(("decode", o.device_class), prior.devices[o.device_class].decode_s, o.seconds)
             elif o.phase == "transfer" and o.rate_bps > 0:
                 self._add(("rtt", ""), prior.rtt_s, o.seconds - o.nbytes * 8.0 / o.rate_bps)

@@ -156,23 +156,23 @@ class SchedulerCore:
     # --- plans ------------------------------------------------------------------------------
     def user_spec(self, request: PlanInput) -> UserSpec:
         """The planner's view of a request; raises PlanInputError naming the bad field."""
-        for field_name, value in (("user_id", request.user_id), ("device_class", request.device_class)):
-            _require(len(value) <= MAX_ID_CHARS, field_name, f"longer than {MAX_ID_CHARS} characters ({len(value)})")
+        for field_name, text in (("user_id", request.user_id), ("device_class", request.device_class)):
+            _require(len(text) <= MAX_ID_CHARS, field_name, f"longer than {MAX_ID_CHARS} characters ({len(text)})")
         if request.device_class not in self.costs.devices:
             known = ", ".join(self.costs.devices)
             raise PlanInputError("device_class", f"unknown device class {request.device_class!r} (known: {known})")
         link = request.link
-        for name, value, most in (("bandwidth_bps", link.bandwidth_bps, MAX_BANDWIDTH_BPS),
-                                  ("rtt_seconds", link.rtt_s, MAX_RTT_S),
-                                  ("spectral_efficiency", link.spectral_efficiency, MAX_SPECTRAL_EFFICIENCY)):
-            _require_range(value, f"link.{name}", most)
+        for link_field, number, most in (("bandwidth_bps", link.bandwidth_bps, MAX_BANDWIDTH_BPS),
+                                         ("rtt_seconds", link.rtt_s, MAX_RTT_S),
+                                         ("spectral_efficiency", link.spectral_efficiency, MAX_SPECTRAL_EFFICIENCY)):
+            _require_range(number, f"link.{link_field}", most)
         _require(link.bandwidth_bps > 0 or link.spectral_efficiency > 0, "link",
                  "give bandwidth_bps or spectral_efficiency")
         name = request.personalized_user
         _require(not name or (name.isidentifier() and len(name) <= 64), "personalized_user", f"invalid user name {name!r}")
-        for field_name, value, most in (("latency_budget_seconds", request.latency_budget_s, MAX_BUDGET_S),
-                                        ("energy_budget_joules", request.energy_budget_j, MAX_BUDGET_J)):
-            _require_range(value, field_name, most, "(0: none)")
+        for field_name, budget, most in (("latency_budget_seconds", request.latency_budget_s, MAX_BUDGET_S),
+                                         ("energy_budget_joules", request.energy_budget_j, MAX_BUDGET_J)):
+            _require_range(budget, field_name, most, "(0: none)")
         if request.prompt_chars is not None:
             _require(0 <= request.prompt_chars <= MAX_PROMPT_CHARS, "prompt_chars",
                      f"must be in 0..{MAX_PROMPT_CHARS}, got {request.prompt_chars}")

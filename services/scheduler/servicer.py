@@ -92,7 +92,7 @@ async def resolve_host(host: str) -> list[str]:
                                        RESOLVE_TIMEOUT_S)
     except (OSError, TimeoutError):
         return []
-    return [info[4][0] for info in infos]
+    return [str(info[4][0]) for info in infos]
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
