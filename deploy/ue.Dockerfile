@@ -1,24 +1,38 @@
 # Device (UE) service image: CPU torch only (never a CUDA build), the project with the `ue` extra,
 # the demo pack inside as the default. Another pack: mount it and set TANDEM_UE_PACK (see README).
 #   docker build -f deploy/ue.Dockerfile -t tandem-ue .
-FROM python:3.11-slim
+# Air-gapped (README "Building without a registry"): --build-arg BASE_IMAGE=<local Python 3.11
+# base> --build-arg TORCH_SOURCE=wheelhouse [--build-arg EXTRA_CA_CERT="$(cat proxy-ca.pem)"].
+ARG BASE_IMAGE=python:3.11-slim
+# torch: an index URL, or wheelhouse. Declared before FROM so that the build stages of the three
+# images are the same instructions up to the torch layer, which they then share.
+ARG TORCH_SOURCE=https://download.pytorch.org/whl/cpu
+ARG EXTRA_CA_CERT=""
 
+# Build stage: torch and the project's dependencies into /opt/venv. The extra CA and the
+# wheelhouse live here only; the final stage copies the virtualenv alone, then the sources.
+FROM ${BASE_IMAGE} AS build
+ARG TORCH_SOURCE
+ARG EXTRA_CA_CERT
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+COPY deploy/pip_install.sh /build/
+COPY wheelhouse/ /build/wheelhouse/
+RUN sh /build/pip_install.sh torch
+COPY pyproject.toml /src/
+RUN sh /build/pip_install.sh deps ue
+
+FROM ${BASE_IMAGE}
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    HF_HUB_OFFLINE=1
-
-RUN python -m pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
-
+    HF_HUB_OFFLINE=1 \
+    PATH=/opt/venv/bin:$PATH \
+    PYTHONPATH=/app
+RUN useradd --create-home --uid 10001 --user-group tandem
+COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
-COPY pyproject.toml README.md ./
 COPY tandem ./tandem
 COPY services ./services
-# The project itself: its dependency ranges live in pyproject.toml (DL3013 is about pins).
-# hadolint ignore=DL3013
-RUN python -m pip install ".[ue]" \
-    && useradd --create-home --uid 10001 --user-group tandem
 
 ENV TANDEM_UE_HOST=0.0.0.0 \
     TANDEM_UE_PORT=50061 \
