@@ -53,7 +53,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
     async def Generate(self, request, context):
         began = time.perf_counter()
         code = grpc.StatusCode.OK
-        recorded = False  # see record_call
+        recorded = delivered = False  # see record_call
         try:
             try:
                 call = parse_call(request, self.pack, self.edges)
@@ -92,9 +92,11 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                         await self._stop(job, cancel)
                         self.metrics.steps_after_cancel.inc(after_cancel[0])
                 result = job.result()
+            delivered = True  # a client that stops reading after the result has not cancelled it
             yield device_pb2.DeviceServiceGenerateResponse(result=self._result(result))
         except (asyncio.CancelledError, GeneratorExit):
-            code = grpc.StatusCode.CANCELLED
+            if not delivered:
+                code = grpc.StatusCode.CANCELLED
             raise
         finally:
             if not recorded:
