@@ -6,8 +6,8 @@ loads real Stable Diffusion layouts (SD 1.5, BK-SDM, small-sd) from a local dire
 online, a hub id. Two packs can share a trajectory only when their latent space and noise process
 agree: `check_pair` refuses any other pair, naming the mismatch.
 
-torch and the model classes load only inside load_pack (and only the classes a pack uses), so
-reading a manifest stays cheap: the CLI checks flags and prompts before any model code loads.
+torch and the model classes load only inside load_pack, so reading a manifest stays cheap: the
+CLI checks flags and prompts before any model code loads.
 """
 
 from __future__ import annotations
@@ -220,11 +220,11 @@ def load_pack(
     """Loads a pack for inference (eval mode, no grad), weights safetensors-only."""
     import torch
 
-    # Each class from its own module: `from diffusers import ...` resolves diffusers' lazy top
-    # level, which costs seconds more than the three classes used here (BENCHMARKS.md, First hour).
-    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
-    from transformers.models.clip.modeling_clip import CLIPTextModel
-    from transformers.models.clip.tokenization_clip import CLIPTokenizer
+    # Importing each class from its own submodule is no faster (measured: 1.05x the CPU time of
+    # the top level, BENCHMARKS.md "First hour"): diffusers' package __init__s load every UNet and
+    # transformer model either way, and torch._dynamo and peft with them.
+    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     quiet_loading()
     root = resolve_source(source)
@@ -234,10 +234,7 @@ def load_pack(
     dirs = {c: _component_dir(root, manifest, c) for c in COMPONENTS}
     sampler_config = _read_json(dirs["scheduler"] / "scheduler_config.json")
     vae_config = _read_json(dirs["vae"] / "config.json")
-    if vae_config.get("_class_name") == "AutoencoderTiny":
-        from diffusers.models.autoencoders.autoencoder_tiny import AutoencoderTiny as vae_class
-    else:
-        from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL as vae_class
+    vae_class = AutoencoderTiny if vae_config.get("_class_name") == "AutoencoderTiny" else AutoencoderKL
     load = {"torch_dtype": dtype, "use_safetensors": True}
     try:
         unet = UNet2DConditionModel.from_pretrained(dirs["unet"], **load)
