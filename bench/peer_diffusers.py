@@ -1,0 +1,219 @@
+"""Tandem against diffusers' own pipeline, side by side in one run (ratios, not absolutes).
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/peer_diffusers.py [--pack tandem/demo_pack] [--users 16]
+        [--steps 20] [--rounds 3] [--gap 0.1] [--only batch,staggered,memory]
+
+1. batch: N users arrive together. diffusers' StableDiffusionPipeline runs them as one static batch
+   of N in this process (output_type="latent", no decode); the edge server (its own process, gRPC,
+   continuous batching) gets N concurrent clients that run every step on the edge (k = T, fp16
+   handoff of the final latent: like for like). Images/s, interleaved rounds, medians.
+2. staggered: a request every `--gap` s. diffusers "batch whoever is waiting" (each batch starts
+   with the requests that arrived while the previous one ran) vs the edge; mean latency and
+   throughput.
+3. memory: peak RSS of a fresh process that runs the device's part (small pack, late T/2 steps and
+   the decode) vs one that makes the whole image on the large pack, and the import floor of each.
+
+Both sides run one torch thread per process (the services' setting on a 2-core machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+PROMPTS = ["a red circle at the left on a blue background", "a green square at the top on a black background",
+           "a yellow triangle at the center on a white background", "a blue circle at the bottom on a red background"]
+
+
+def diffusers_pipeline(pack: Path):
+    import torch
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(pack / "large"), safety_checker=None,
+                                                   requires_safety_checker=False, torch_dtype=torch.float32)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_diffusers(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, size: int) -> None:
+    import torch
+
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators, height=size, width=size,
+         output_type="latent")
+
+
+def edge_requests(n: int, steps: int, guidance: float, size: int, offset: int = 0):
+    from tandem.request import GenerationRequest
+
+    return [GenerationRequest(PROMPTS[i % len(PROMPTS)], steps=steps, split=steps, seed=offset + i,
+                              guidance_scale=guidance, height=size, width=size) for i in range(n)]
+
+
+async def edge_together(address: str, requests) -> None:
+    from services.ue_client.transport import fetch_handoff
+    from tandem.handoff import CodecSpec
+
+    await asyncio.gather(*(fetch_handoff(address, r, CodecSpec("fp16"), 600) for r in requests))
+
+
+async def edge_staggered(address: str, requests, gap: float) -> list[float]:
+    from services.ue_client.transport import fetch_handoff
+    from tandem.handoff import CodecSpec
+
+    async def one(i, r):
+        await asyncio.sleep(i * gap)
+        began = time.perf_counter()
+        await fetch_handoff(address, r, CodecSpec("fp16"), 600)
+        return time.perf_counter() - began
+
+    return list(await asyncio.gather(*(one(i, r) for i, r in enumerate(requests))))
+
+
+def diffusers_staggered(pipe, n: int, gap: float, steps: int, guidance: float, size: int) -> list[float]:
+    """Arrivals every `gap` s on a timer thread; the serving loop batches whoever is waiting."""
+    arrivals: list[float] = []
+    lock = threading.Lock()
+    start = time.perf_counter()
+
+    def arrive():
+        for i in range(n):
+            time.sleep(max(0.0, start + i * gap - time.perf_counter()))
+            with lock:
+                arrivals.append(time.perf_counter())
+
+    feeder = threading.Thread(target=arrive)
+    feeder.start()
+    latencies, served = [], 0
+    while served < n:
+        with lock:
+            waiting = arrivals[served:]
+        if not waiting:
+            time.sleep(0.001)
+            continue
+        ids = list(range(served, served + len(waiting)))
+        run_diffusers(pipe, [PROMPTS[i % len(PROMPTS)] for i in ids], ids, steps, guidance, size)
+        done = time.perf_counter()
+        latencies += [done - t for t in waiting]
+        served += len(waiting)
+    feeder.join()
+    return latencies
+
+
+MEMORY_SCRIPT = """
+import json, resource, sys, time
+sys.path.insert(0, {root!r})
+role, pack, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+from tandem.threads import configure_threads
+configure_threads(1)
+from tandem.packs import load_pack
+from tandem.pipeline import decode, run_steps, start
+from tandem.request import GenerationRequest
+floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+p = load_pack(pack + ("/small" if role == "device" else "/large"), device="cpu")
+size = p.default_image_size
+r = GenerationRequest("a red circle at the left on a blue background", steps=steps, split=steps // 2,
+                      guidance_scale=4.0, height=size, width=size)
+s = start(p, r)
+if role == "device":
+    s.step = steps // 2  # the handoff's place: what the device runs is steps [k, T) and the decode
+run_steps(p, s, steps)
+decode(p, s.latent)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({{"floor_kib": floor, "peak_kib": peak}}))
+"""
+
+
+def memory(pack: Path, steps: int) -> dict[str, dict[str, int]]:
+    script = MEMORY_SCRIPT.format(root=str(ROOT))
+    out = {}
+    for role in ("device", "large"):
+        done = subprocess.run([sys.executable, "-c", script, role, str(pack), str(steps)], capture_output=True,
+                              text=True, check=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
+                                                          "HF_HUB_OFFLINE": "1"})
+        out[role] = json.loads(done.stdout.strip().splitlines()[-1])
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pack", type=Path, default=ROOT / "tandem/demo_pack")
+    parser.add_argument("--users", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--gap", type=float, default=0.1)
+    parser.add_argument("--only", default="batch,staggered,memory")
+    args = parser.parse_args()
+    parts = set(args.only.split(","))
+    lines = []
+    if parts & {"batch", "staggered"}:
+        import torch
+
+        from service_procs import edge_server
+        from tandem.packs import PackManifest
+
+        torch.set_num_threads(1)
+        manifest = PackManifest.read(args.pack / "large")
+        guidance, size = float(manifest.default_guidance), int(manifest.image_size or 64)
+        pipe = diffusers_pipeline(args.pack)
+        with tempfile.TemporaryDirectory() as tmp, edge_server(args.pack / "large", Path(tmp), "--max-batch",
+                                                               str(max(16, args.users))) as edge:
+            run_diffusers(pipe, PROMPTS[:2], [0, 1], args.steps, guidance, size)  # warm-up both
+            asyncio.run(edge_together(edge.address, edge_requests(2, args.steps, guidance, size)))
+            if "batch" in parts:
+                ours, theirs = [], []
+                for k in range(args.rounds):  # interleaved rounds: machine noise hits both alike
+                    requests = edge_requests(args.users, args.steps, guidance, size, offset=100 * k)
+                    began = time.perf_counter()
+                    asyncio.run(edge_together(edge.address, requests))
+                    ours.append(args.users / (time.perf_counter() - began))
+                    began = time.perf_counter()
+                    run_diffusers(pipe, [r.prompt for r in requests], [r.seed for r in requests], args.steps,
+                                  guidance, size)
+                    theirs.append(args.users / (time.perf_counter() - began))
+                o, t = statistics.median(ours), statistics.median(theirs)
+                lines.append(f"batch of {args.users} together: edge {o:.2f} img/s, diffusers static batch "
+                             f"{t:.2f} img/s -> {o / t:.2f}x")
+            if "staggered" in parts:
+                ours_lat, theirs_lat, ours_tp, theirs_tp = [], [], [], []
+                for k in range(args.rounds):
+                    requests = edge_requests(args.users, args.steps, guidance, size, offset=1000 + 100 * k)
+                    began = time.perf_counter()
+                    lat = asyncio.run(edge_staggered(edge.address, requests, args.gap))
+                    ours_tp.append(args.users / (time.perf_counter() - began))
+                    ours_lat.append(statistics.mean(lat))
+                    began = time.perf_counter()
+                    lat = diffusers_staggered(pipe, args.users, args.gap, args.steps, guidance, size)
+                    theirs_tp.append(args.users / (time.perf_counter() - began))
+                    theirs_lat.append(statistics.mean(lat))
+                ol, tl = statistics.median(ours_lat), statistics.median(theirs_lat)
+                otp, ttp = statistics.median(ours_tp), statistics.median(theirs_tp)
+                lines.append(f"arrivals every {args.gap} s: mean latency edge {ol:.2f} s vs diffusers 'batch whoever "
+                             f"is waiting' {tl:.2f} s -> {ol / tl:.2f}x; throughput {otp:.2f} vs {ttp:.2f} img/s "
+                             f"-> {otp / ttp:.2f}x")
+    if "memory" in parts:
+        m = memory(args.pack, args.steps)
+        d, large = m["device"], m["large"]
+        above = (d["peak_kib"] - d["floor_kib"]) / max(1, large["peak_kib"] - large["floor_kib"])
+        lines.append(f"device process (small pack, late {args.steps // 2} of {args.steps} steps + decode): peak "
+                     f"{d['peak_kib'] / 1024:.0f} MiB vs large pack whole image {large['peak_kib'] / 1024:.0f} MiB "
+                     f"-> {d['peak_kib'] / large['peak_kib']:.2f}x; above the import floor "
+                     f"({d['floor_kib'] / 1024:.0f} MiB) {above:.2f}x")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
