@@ -262,7 +262,7 @@ def calibrate(profile: CostProfile, observations: Iterable[PhaseObservation], al
         batch = np.array([o.batch for o in rows], float)
         per_step = np.array([o.seconds / o.steps for o in rows])
         if len(set(batch.tolist())) >= 2:
-            fit, _ = EdgeCoefficients.fit(batch, per_step)
+            fit, _ = EdgeCoefficients.fit(batch.tolist(), per_step.tolist())
             new = EdgeCoefficients((1 - alpha) * old.a_s + alpha * fit.a_s, (1 - alpha) * old.b_s + alpha * fit.b_s)
         else:
             ratio = float(np.mean(per_step / old.step_seconds(batch)))

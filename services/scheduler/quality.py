@@ -199,9 +199,12 @@ def synthetic_accuracy(steps: float, split_fraction: float, merge_ratio: float, 
     return round(acc, 6)
 
 
+SYNTHETIC_FRACTIONS: tuple[float, ...] = tuple(n / 20 for n in range(21))
+
+
 def synthetic_profile(
     steps: tuple[int, ...] = (5, 10, 15, 20, 25, 30, 50),
-    fractions: tuple[float, ...] = tuple(i / 20 for i in range(21)),
+    fractions: tuple[float, ...] = SYNTHETIC_FRACTIONS,
     ratios: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75),
 ) -> QualityProfile:
     """The default profile (marked synthetic) with users "base" and "personalized"."""
