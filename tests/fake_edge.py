@@ -10,6 +10,7 @@ attack the prompt's first word names (so one process serves every attack):
   big:    a well-formed 512x512 handoff, whatever size was asked
   fewer:  a well-formed handoff for 2 steps fewer than asked
   flood:  endless 4 MiB chunks
+  stall:  nothing at all, until the caller goes away
   (else)  the same as "other"
 """
 
@@ -63,6 +64,8 @@ class FakeEdge(edge_pb2_grpc.EdgeServiceServicer):
         token = any(key == "authorization" for key, _ in context.invocation_metadata() or ())
         self.calls.labels(token="yes" if token else "no").inc()
         attack = request.prompt.split(":", 1)[0]
+        if attack == "stall":
+            await asyncio.Event().wait()
         if attack == "flood":
             index = 0
             while True:

@@ -8,6 +8,7 @@ import io
 import json
 import math
 import socket
+import time
 
 import grpc
 import pytest
@@ -119,6 +120,23 @@ def test_cancelled_calls_stop_at_the_next_step(hostile):
     assert metric_value(metrics, "tandem_ue_requests_total", 'code="CANCELLED"') == cancelled_before + 12
     steps_after_cancel = metric_value(metrics, "tandem_ue_steps_after_cancel_total") - after_before
     assert steps_after_cancel <= 12  # ≤ one step each (they would have run ~199 more each)
+
+
+def test_a_call_cancelled_while_the_edge_stalls_frees_the_device(hostile):
+    """Cancelled while its (stalling) edge says nothing: the device does not wait out the edge's
+    600 s deadline; the next request is served (its own deadline is 2 minutes)."""
+    edge, ue = hostile
+    calls_before = sum(metric_value(edge.metrics(), "fake_edge_generate_total", f'token="{t}"') for t in ("yes", "no"))
+    message = device_pb2.DeviceServiceGenerateRequest(
+        request=edge_pb2.GenerateRequest(prompt=f"stall: {PROMPT}", steps=4, split=2), edge_timeout_seconds=600)
+    with grpc.insecure_channel(ue.address) as channel:
+        call = device_pb2_grpc.DeviceServiceStub(channel).Generate(message, timeout=900)
+        while sum(metric_value(edge.metrics(), "fake_edge_generate_total", f'token="{t}"')
+                  for t in ("yes", "no")) == calls_before:
+            time.sleep(0.05)  # until the device is waiting on the edge
+        call.cancel()
+    result = generate(ue, PROMPT, split=0)
+    assert result.device_steps == 4 and not result.fallback
 
 
 def test_the_cli_sends_its_token_only_to_trusted_edges(hostile, tmp_path, capsys, monkeypatch, tiny_packs):

@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from services.security import ClientSecurity
 from services.ue_client.integrity import HandoffLimits, HandoffRejected, check_header, check_schedule
@@ -23,6 +25,7 @@ from tandem.sampling.schedule import make_schedule
 
 log = logging.getLogger("tandem.ue")
 DEFAULT_TIMEOUT = 120.0
+T = TypeVar("T")
 
 
 class Cancelled(Exception):
@@ -69,7 +72,8 @@ def generate_via_edge(
     payload, fallback, state = b"", None, None
     if request.split > 0 and edge_address:
         try:
-            state, payload = _resume_from_edge(pack, request, codec, edge_address, timeout, step, security, timer)
+            state, payload = _resume_from_edge(pack, request, codec, edge_address, timeout, step, security, timer,
+                                               cancel)
         except (EdgeError, CodecError) as exc:
             fallback = f"edge failed ({exc}); finished locally on the device model"
         except HandoffRejected as exc:
@@ -97,12 +101,13 @@ def generate_via_edge(
 
 
 def _resume_from_edge(pack: ModelPack, request: GenerationRequest, codec: CodecSpec, address: str, timeout: float,
-                      on_event: EventCallback | None, security: ClientSecurity | None,
-                      timer: PhaseTimer) -> tuple[DenoiseState, bytes]:
+                      on_event: EventCallback | None, security: ClientSecurity | None, timer: PhaseTimer,
+                      cancel: CancelFlag | None) -> tuple[DenoiseState, bytes]:
     """The edge's handoff, checked against `request` before anything in it is used."""
     latent_shape = pack.latent_shape(request.height, request.width)
     limits = HandoffLimits.for_request(request, latent_shape)
-    edge = asyncio.run(fetch_handoff(address, request, codec, timeout, on_event, security, limits))
+    edge = asyncio.run(_until_cancelled(fetch_handoff(address, request, codec, timeout, on_event, security, limits),
+                                        cancel))
     timer.seconds.update(edge.seconds)
     with timer.phase("handoff"):
         meta, _ = unpack_container(edge.payload)
@@ -113,6 +118,19 @@ def _resume_from_edge(pack: ModelPack, request: GenerationRequest, codec: CodecS
             return resume(pack, handoff), edge.payload
         except (RequestError, RuntimeError, ValueError) as exc:  # torch shape/dtype faults included
             raise HandoffRejected(f"could not resume it: {exc}") from exc
+
+
+async def _until_cancelled(work: Awaitable[T], cancel: CancelFlag | None, poll_s: float = 0.05) -> T:
+    """`work`'s result; with `cancel`, stopped within `poll_s` of the cancel even while the edge
+    is silent (queued, or stalling), so a cancelled call never waits out the edge's deadline."""
+    task = asyncio.ensure_future(work)
+    while cancel is not None and not task.done():
+        await asyncio.wait({task}, timeout=poll_s)
+        if cancel.is_set() and not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+            raise Cancelled("cancelled while waiting for the edge")
+    return await task
 
 
 def _cancellable(on_step: StepCallback | None, cancel: CancelFlag | None) -> StepCallback | None:
