@@ -37,13 +37,14 @@ def configure_threads(threads: int | None = None) -> int:
     through the environment (OpenMP reads it once); after, through torch.set_num_threads."""
     if threads is None and os.environ.get(ENV):
         threads = parse_threads(os.environ[ENV], ENV)
+    explicit = threads is not None
     if threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
         threads = max(1, int(os.environ["OMP_NUM_THREADS"]))
     threads = threads or default_threads()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ.setdefault("MKL_NUM_THREADS", str(threads))
-    if "torch" in sys.modules:
+    if explicit and "torch" in sys.modules:  # torch already loaded (e.g. called in-process): only when asked
         sys.modules["torch"].set_num_threads(threads)
     return threads
 
