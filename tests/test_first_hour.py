@@ -119,11 +119,16 @@ def test_packs_without_a_vocabulary_get_no_warning(tmp_path, tiny_packs):
     assert "WARNING" not in result.stderr and json.loads(result.stdout)["prompt"] == "an astronaut riding a horse"
 
 
-def test_unmeetable_budget_and_unknown_device_class(tmp_path):
-    with scheduler_service(tmp_path) as scheduler:
-        base = ("generate", PROMPT, "--out", str(tmp_path / "b.png"), "--quiet", "--scheduler", scheduler.address)
+def test_unmeetable_budget_unknown_device_class_and_refused_token(tmp_path):
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({"tok-alice": "alice"}))
+    with scheduler_service(tmp_path, "--tokens", str(tokens)) as scheduler:
+        base = ("generate", PROMPT, "--out", str(tmp_path / "b.png"), "--quiet", "--scheduler", scheduler.address,
+                "--token", "tok-alice")
         line = one_error_line(tandem(*base, "--device-class", "toaster"))
         assert line.startswith("tandem: error: --device-class: ") and "toaster" in line
+        line = one_error_line(tandem(*base, "--device-class", "cpu-demo", "--token", "tok-eve"))
+        assert line.startswith(f"tandem: error: --scheduler {scheduler.address} refused the token (--token) (UNAUTHENTICATED")
         result = tandem(*base, "--device-class", "cpu-demo", "--latency-budget", "0.001", "--json")
     assert result.returncode == 0, result.stderr
     note = [l for l in result.stderr.splitlines() if "--latency-budget" in l]
