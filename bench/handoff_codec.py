@@ -67,7 +67,7 @@ def latent_fidelity_table(shapes, steps: int) -> None:
         cells = []
         for shape in shapes:
             handoff = synthetic_handoff(shape, steps, steps // 2, 1)
-            back = decode_handoff(encode_handoff(handoff, spec))
+            back = decode_handoff(encode_handoff(handoff, spec), handoff.request, handoff.schedule)
             rel = lambda a, b: ((a - b).pow(2).mean() / b.pow(2).mean()).item()  # noqa: E731
             cells.append(f"{rel(back.latent, handoff.latent):.2e} / {rel(back.prev_denoised, handoff.prev_denoised):.2e}")
         print(f"| {label(spec)} | " + " | ".join(cells) + " |")

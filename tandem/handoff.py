@@ -1,10 +1,14 @@
 """The handoff: everything a device needs to continue a request exactly where the edge stopped,
 and its wire format.
 
-A Handoff holds the request, its schedule (remaining timesteps and sampler coefficients), the
-step index k, the latent before step k and, from k ≥ 1, the previous step's clean-latent
-prediction (DPM-Solver++'s multistep history). `encode_handoff` compresses the tensors with a
-CodecSpec (fp32 / fp16 / int8, token merging at ratio r) into a versioned, checksummed payload;
+A Handoff holds the request, its schedule (timesteps and sampler coefficients), the step index k,
+the latent before step k and, from k ≥ 1, the previous step's clean-latent prediction
+(DPM-Solver++'s multistep history). `encode_handoff` compresses the tensors with a CodecSpec
+(fp32 / fp16 / int8, token merging at ratio r) into a versioned, checksummed payload whose header
+carries the request and the schedule as digests only: the device has its request, computes the
+schedule itself, and `decode_handoff` checks both digests, so a handoff that answers another
+request (or was made with another noise process) is refused, and the payload's size is a function
+of (latent shape, codec, k, T) alone (tandem.codec.spec.handoff_size, which the scheduler uses).
 `decode_handoff` rejects anything malformed with a CodecError that says what is wrong.
 
 Merging a noisy latent. Averaging k noisy tokens shrinks their noise by √k, which the sampler does
@@ -19,7 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from tandem.codec.container import CodecError, pack_container, unpack_container
@@ -27,16 +30,18 @@ from tandem.codec.quantize import decode_tensor, encode_tensor
 from tandem.codec.spec import (  # noqa: F401  (the codec vocabulary, re-exported)
     DEFAULT_STRATEGY,
     ENCODINGS,
+    HANDOFF_KIND,
+    HANDOFF_VERSION,
     MAX_MERGE_RATIO,
     STRATEGIES,
     WINDOWS,
     CodecSpec,
+    handoff_meta,
+    handoff_tensors,
 )
 from tandem.codec.token_merge import merge, pack_plan, plan_merge, unmerge, unpack_plan
 from tandem.request import GenerationRequest, RequestError
-from tandem.sampling.schedule import Schedule, ScheduleError
-
-HANDOFF_VERSION = 1
+from tandem.sampling.schedule import Schedule
 
 
 @dataclass
@@ -52,20 +57,15 @@ class Handoff:
         return self.schedule.steps - self.step
 
 
-def _strategy(handoff: Handoff, spec: CodecSpec) -> str:
-    """The tensors actually sent: "exact" when not merging; "denoised" needs x̂0 and some noise left."""
-    if spec.merge_ratio == 0.0:
-        return "exact"
-    if spec.strategy == "denoised" and handoff.prev_denoised is not None and handoff.schedule.noise[handoff.step] > 0:
-        return "denoised"
-    return "latent"
-
-
 def encode_handoff(handoff: Handoff, spec: CodecSpec = CodecSpec()) -> bytes:
     spec.validate()
     latent, prev = handoff.latent.detach().float().cpu(), handoff.prev_denoised
     prev = None if prev is None else prev.detach().float().cpu()
-    strategy = _strategy(handoff, spec)
+    step, steps = handoff.step, handoff.schedule.steps
+    if step > 0 and prev is None:
+        raise ValueError("a handoff after step 0 needs the previous prediction x̂0")  # make_handoff sets it
+    channels, height, width = latent.shape
+    strategy, layout = handoff_tensors(channels, height, width, spec, step, steps)
     tensors: dict[str, torch.Tensor] = {}
     blobs: dict[str, bytes] = {}
     if strategy == "exact":
@@ -79,120 +79,78 @@ def encode_handoff(handoff: Handoff, spec: CodecSpec = CodecSpec()) -> bytes:
         if prev is not None:
             tensors["prev_denoised"] = merge(prev, plan, "mean")
     else:  # denoised: x_k = s·x̂0 + n·ε̂, merge x̂0 and ε̂ with one plan made on the smooth x̂0
-        assert prev is not None  # _strategy picks "denoised" only with x̂0 at hand
-        s, n = handoff.schedule.signal[handoff.step], handoff.schedule.noise[handoff.step]
+        assert prev is not None  # handoff_strategy picks "denoised" only after step 0
+        s, n = handoff.schedule.signal[step], handoff.schedule.noise[step]
         noise = (latent - s * prev) / n
         plan = plan_merge(prev, spec.merge_ratio, spec.window)
         blobs["plan"] = pack_plan(plan)
         tensors["denoised"] = merge(prev, plan, "mean")
         tensors["noise"] = merge(noise, plan, "variance_preserving")
-    schedule_meta, blobs["schedule"] = _pack_schedule(handoff.schedule)
-    shapes = {name: list(t.shape) for name, t in tensors.items()}
+    assert [(name, list(t.shape)) for name, t in tensors.items()] == layout  # the spec predicts sizes from it
     blobs.update({name: encode_tensor(t, spec.encoding) for name, t in tensors.items()})
-    meta = {
-        "kind": "tandem.handoff",
-        "handoff_version": HANDOFF_VERSION,
-        "request": handoff.request.to_dict(),
-        "schedule": schedule_meta,
-        "step": handoff.step,
-        "latent_shape": list(latent.shape),
-        "codec": spec.to_dict(),
-        "strategy": strategy,
-        "shapes": shapes,
-    }
+    meta = handoff_meta(handoff.request.digest(), handoff.schedule.digest(), step, latent.shape, spec, strategy,
+                        layout)
     return pack_container(meta, blobs)
 
 
-def _pack_schedule(schedule: Schedule) -> tuple[dict[str, Any], bytes]:
-    """The schedule's per-step arrays as one float32 blob (JSON decimals would be ~4× larger than a
-    small latent); its values are float32 computations, so float32 carries them exactly."""
-    data = schedule.to_dict()
-    arrays = {"timesteps": data.pop("timesteps"), "input_divisor": data.pop("input_divisor"),
-              "signal": data.pop("signal"), "noise": data.pop("noise")}
-    arrays.update({f"coeffs.{name}": values for name, values in data.pop("coeffs").items()})
-    flat = np.concatenate([np.asarray(v, dtype=np.float64) for v in arrays.values()])
-    packed = flat.astype("<f4")
-    if not np.array_equal(packed.astype(np.float64), flat):
-        raise ValueError("schedule values are not float32-exact")  # a bug upstream, never user input
-    data["arrays"] = [[name, len(values)] for name, values in arrays.items()]
-    return data, packed.tobytes()
-
-
-def _unpack_schedule(meta: dict[str, Any], blob: bytes) -> Schedule:
-    names = meta["arrays"]
-    total = sum(int(n) for _, n in names)
-    if len(blob) != 4 * total:
-        raise CodecError(f"schedule blob has {len(blob)} bytes, expected {4 * total}")
-    flat = np.frombuffer(blob, dtype="<f4").astype(np.float64).tolist()
-    data = {k: v for k, v in meta.items() if k != "arrays"}
-    data["coeffs"] = {}
-    offset = 0
-    for name, count in names:
-        values, offset = flat[offset : offset + int(count)], offset + int(count)
-        if str(name).startswith("coeffs."):
-            data["coeffs"][str(name)[len("coeffs.") :]] = values
-        else:
-            data[str(name)] = values
-    return Schedule.from_dict(data)
-
-
-def decode_handoff(payload: bytes) -> Handoff:
-    """The Handoff in `payload`; CodecError with a clear message for anything malformed."""
+def decode_handoff(payload: bytes, request: GenerationRequest, schedule: Schedule) -> Handoff:
+    """The Handoff in `payload` for `request`, whose schedule the device computed itself
+    (`schedule`); CodecError with a clear message for anything malformed, or for a handoff that
+    answers another request or was made with another schedule."""
     meta, blobs = unpack_container(payload)
     try:
-        return _decode(meta, blobs)
+        return _decode(meta, blobs, request, schedule)
     except CodecError:
         raise
-    except (RequestError, ScheduleError) as exc:
+    except RequestError as exc:
         raise CodecError(f"handoff carries an invalid {exc}") from exc
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
         raise CodecError(f"malformed handoff: {type(exc).__name__}: {exc}") from exc
 
 
-def _decode(meta: dict[str, Any], blobs: dict[str, bytes]) -> Handoff:
-    if meta.get("kind") != "tandem.handoff":
+def _decode(meta: dict[str, Any], blobs: dict[str, bytes], request: GenerationRequest, schedule: Schedule) -> Handoff:
+    if meta.get("kind") != HANDOFF_KIND:
         raise CodecError("payload is not a handoff")
     version = meta.get("handoff_version")
     if version != HANDOFF_VERSION:
         raise CodecError(f"handoff version {version!r} is not supported (this build reads {HANDOFF_VERSION})")
-    request = GenerationRequest.from_dict(meta["request"])
-    schedule = _unpack_schedule(meta["schedule"], blobs.get("schedule", b""))
+    if meta.get("request") != request.digest():
+        raise CodecError("handoff answers another request (its request digest differs)")
+    if meta.get("schedule") != schedule.digest():
+        raise CodecError("handoff was made with another schedule than this device computes for the request "
+                         "(different noise process or sampler settings)")
     step = meta["step"]
-    if not (isinstance(step, int) and 0 <= step <= schedule.steps):
+    if not (isinstance(step, int) and not isinstance(step, bool) and 0 <= step <= schedule.steps):
         raise CodecError(f"handoff step {step!r} outside 0..{schedule.steps}")
-    if schedule.steps != request.steps or schedule.sampler != request.sampler:
-        raise CodecError("handoff schedule does not match its request")
     spec = CodecSpec(**meta["codec"]).validate()
-    shape = [int(x) for x in meta["latent_shape"]]
-    if len(shape) != 3 or min(shape) < 1:
-        raise CodecError(f"bad latent shape {shape}")
+    shape = meta["latent_shape"]
+    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(x, int) and x >= 1 for x in shape)):
+        raise CodecError(f"bad latent shape {shape!r}")
     channels, height, width = shape
-    strategy = meta["strategy"]
+    strategy, layout = handoff_tensors(channels, height, width, spec, step, schedule.steps)
+    if meta["strategy"] != strategy or meta["shapes"] != dict(layout):
+        raise CodecError(f"handoff header is inconsistent: strategy {meta['strategy']!r} with tensors "
+                         f"{meta['shapes']!r}, expected {strategy!r} with {dict(layout)!r}")
+    expected_blobs = {name for name, _ in layout} | ({"plan"} if strategy != "exact" else set())
+    if set(blobs) != expected_blobs:
+        raise CodecError(f"handoff blobs {sorted(blobs)} are not the expected {sorted(expected_blobs)}")
 
     def tensor(name: str) -> torch.Tensor:
-        if name not in blobs:
-            raise CodecError(f"handoff lacks tensor {name!r}")
         return decode_tensor(blobs[name], spec.encoding, tuple(meta["shapes"][name]))
 
     prev = None
     if strategy == "exact":
         latent = tensor("latent").reshape(shape)
-        if "prev_denoised" in blobs:
+        if step > 0:
             prev = tensor("prev_denoised").reshape(shape)
-    elif strategy in ("latent", "denoised"):
+    else:
         plan = unpack_plan(blobs["plan"], height, width, spec.window, spec.merge_ratio)
         if strategy == "latent":
             latent = unmerge(tensor("latent"), plan)
-            if "prev_denoised" in blobs:
+            if step > 0:
                 prev = unmerge(tensor("prev_denoised"), plan)
         else:
             prev = unmerge(tensor("denoised"), plan)
             s, n = schedule.signal[step], schedule.noise[step]
             latent = s * prev + n * unmerge(tensor("noise"), plan)
-    else:
-        raise CodecError(f"unknown handoff strategy {strategy!r}")
-    if latent.shape[0] != channels:
-        raise CodecError(f"latent has {latent.shape[0]} channels, header says {channels}")
-    if prev is None and step >= 1 and schedule.sampler == "dpmpp_2m" and step < schedule.steps:
-        raise CodecError("DPM-Solver++ handoff after step 0 lacks the previous prediction")
     return Handoff(request=request, schedule=schedule, step=step, latent=latent, prev_denoised=prev)

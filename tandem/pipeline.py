@@ -175,7 +175,8 @@ class HybridPipeline:
                 run_steps(self.edge, edge_state, request.split, "edge", on_step)
             with timer.phase("handoff"):
                 payload = encode_handoff(make_handoff(edge_state, request), codec)
-                handoff = decode_handoff(payload)
+                handoff = decode_handoff(payload, request, make_schedule(request.sampler, request.steps,
+                                                                         self.ue.sampler_config))
             self.ue.use_user(request.user)
             with timer.phase("ue_steps"):
                 state = resume(self.ue, handoff)

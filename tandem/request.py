@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import struct
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -64,6 +67,15 @@ class GenerationRequest:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def digest(self) -> str:
+        """SHA-256 (hex) of what the request asks for: a handoff carries it so the device can check
+        that the latent answers its own request. The guidance scale crosses the wire as float32,
+        so it is compared at float32 precision."""
+        fields = self.to_dict()
+        fields["guidance_scale"] = struct.unpack("<f", struct.pack("<f", float(self.guidance_scale)))[0]
+        canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GenerationRequest":

@@ -49,3 +49,16 @@ def test_spec_and_scheduler_cost_model_import_no_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("encoding", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize("ratio", [0.0, 0.25, 0.75])
+@pytest.mark.parametrize("shape", [(4, 8, 8), (4, 7, 9), (4, 64, 64)])
+@pytest.mark.parametrize("strategy", ["latent", "denoised"])
+@pytest.mark.parametrize("step", [0, 4, 8])
+def test_handoff_size_is_the_payloads_length(encoding, ratio, shape, strategy, step):
+    """The whole payload, header included, from (shape, codec, k, T) alone."""
+    from tandem.codec.spec import handoff_size
+
+    spec = CodecSpec(encoding, ratio, strategy)
+    assert handoff_size(*shape, spec, steps=8, step=step) == len(encode_handoff(_handoff(shape, step=step), spec))

@@ -17,10 +17,11 @@ from tandem.handoff import CodecSpec, decode_handoff, encode_handoff
 from tandem.v1 import edge_pb2, edge_pb2_grpc
 from test_handoff import make_handoff
 
+HANDOFF = make_handoff()
 VALID = {
-    "exact": encode_handoff(make_handoff(), CodecSpec("fp16")),
-    "merged": encode_handoff(make_handoff(), CodecSpec("int8", 0.5, "latent")),
-    "denoised": encode_handoff(make_handoff(), CodecSpec("fp16", 0.5, "denoised")),
+    "exact": encode_handoff(HANDOFF, CodecSpec("fp16")),
+    "merged": encode_handoff(HANDOFF, CodecSpec("int8", 0.5, "latent")),
+    "denoised": encode_handoff(HANDOFF, CodecSpec("fp16", 0.5, "denoised")),
 }
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False) | st.text(max_size=12),
@@ -62,7 +63,7 @@ def test_decoder_answers_every_well_framed_but_wrong_payload_with_a_codec_error(
     except CodecError:
         return  # the container itself refuses to write such a header: also a clear answer
     try:
-        decode_handoff(payload)
+        decode_handoff(payload, HANDOFF.request, HANDOFF.schedule)
     except CodecError as exc:
         assert str(exc)  # says what is wrong
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 import zlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -31,7 +33,7 @@ def make_handoff(sampler="dpmpp_2m", step=4, steps=8, shape=(4, 16, 16), seed=0)
 @pytest.mark.parametrize("step", [0, 1, 5, 8])
 def test_lossless_round_trip_is_bitwise(sampler, step):
     handoff = make_handoff(sampler, step)
-    back = decode_handoff(encode_handoff(handoff, CodecSpec("fp32")))
+    back = decode_handoff(encode_handoff(handoff, CodecSpec("fp32")), handoff.request, handoff.schedule)
     assert torch.equal(back.latent, handoff.latent)
     assert back.step == step and back.schedule == handoff.schedule and back.request == handoff.request
     if step > 0:
@@ -41,7 +43,7 @@ def test_lossless_round_trip_is_bitwise(sampler, step):
 @pytest.mark.parametrize("encoding,bound", [("fp16", 1e-2), ("int8", 0.1)])
 def test_lossy_precision_is_bounded(encoding, bound):
     handoff = make_handoff()
-    back = decode_handoff(encode_handoff(handoff, CodecSpec(encoding)))
+    back = decode_handoff(encode_handoff(handoff, CodecSpec(encoding)), handoff.request, handoff.schedule)
     assert 0 < (back.latent - handoff.latent).abs().max().item() <= bound
 
 
@@ -66,7 +68,7 @@ def test_bytes_shrink_with_precision_and_merge_ratio():
 @pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
 def test_merged_handoff_restores_shapes_and_stays_close(strategy, ratio):
     handoff = make_handoff(shape=(4, 16, 16))
-    back = decode_handoff(encode_handoff(handoff, CodecSpec("fp32", ratio, strategy)))
+    back = decode_handoff(encode_handoff(handoff, CodecSpec("fp32", ratio, strategy)), handoff.request, handoff.schedule)
     assert back.latent.shape == handoff.latent.shape
     assert back.prev_denoised.shape == handoff.prev_denoised.shape
     # Merging loses detail but must not blow up: error well below the latent's own scale.
@@ -77,8 +79,8 @@ def test_denoised_strategy_keeps_the_noise_level():
     """Averaging noisy tokens shrinks the noise; the denoised strategy keeps its variance."""
     handoff = make_handoff(step=1, shape=(4, 32, 32))  # early: mostly noise
     std = handoff.latent.std().item()
-    latent_merged = decode_handoff(encode_handoff(handoff, CodecSpec("fp32", 0.75, "latent"))).latent
-    denoised_merged = decode_handoff(encode_handoff(handoff, CodecSpec("fp32", 0.75, "denoised"))).latent
+    latent_merged = decode_handoff(encode_handoff(handoff, CodecSpec("fp32", 0.75, "latent")), handoff.request, handoff.schedule).latent
+    denoised_merged = decode_handoff(encode_handoff(handoff, CodecSpec("fp32", 0.75, "denoised")), handoff.request, handoff.schedule).latent
     assert latent_merged.std().item() < 0.9 * std
     assert abs(denoised_merged.std().item() - std) < 0.1 * std
 
@@ -100,15 +102,16 @@ def test_bad_codec_specs_name_the_field():
 
 
 def test_truncated_and_corrupt_payloads_raise_codec_errors():
-    payload = encode_handoff(make_handoff(), CodecSpec("fp16", 0.5))
+    handoff = make_handoff()
+    payload = encode_handoff(handoff, CodecSpec("fp16", 0.5))
     for cut in range(0, len(payload), 7):
         with pytest.raises(CodecError):
-            decode_handoff(payload[:cut])
+            decode_handoff(payload[:cut], handoff.request, handoff.schedule)
     for position in range(0, len(payload), 11):
         corrupt = bytearray(payload)
         corrupt[position] ^= 0x41
         with pytest.raises(CodecError):
-            decode_handoff(bytes(corrupt))
+            decode_handoff(bytes(corrupt), handoff.request, handoff.schedule)
 
 
 def _repack(payload: bytes, edit) -> bytes:
@@ -120,24 +123,43 @@ def _repack(payload: bytes, edit) -> bytes:
 @pytest.mark.parametrize(
     "edit,message",
     [
-        (lambda m, b: m.update(handoff_version=2), "handoff version 2 is not supported"),
+        (lambda m, b: m.update(handoff_version=1), "handoff version 1 is not supported"),
         (lambda m, b: m.update(kind="other"), "not a handoff"),
         (lambda m, b: m.update(step=99), "step 99 outside"),
-        (lambda m, b: m["request"].update(steps=10), "does not match"),
-        (lambda m, b: m["request"].update(prompt=""), "prompt"),
+        (lambda m, b: m.update(request="0" * 64), "answers another request"),
+        (lambda m, b: m.update(schedule="0" * 64), "made with another schedule"),
         (lambda m, b: m.update(latent_shape=[4, 16]), "bad latent shape"),
-        (lambda m, b: b.pop("prev_denoised"), "lacks the previous prediction"),
+        (lambda m, b: b.pop("prev_denoised"), "blobs .* are not the expected"),
         (lambda m, b: b.update(latent=b["latent"][:-2]), "needs 4096 bytes, got 4094"),
-        (lambda m, b: m["schedule"].update(sampler="heun"), "unknown sampler"),
-        (lambda m, b: m.update(strategy="zip"), "unknown handoff strategy"),
+        (lambda m, b: m["shapes"].update(latent=[4, 8, 8]), "header is inconsistent"),
+        (lambda m, b: m.update(strategy="zip"), "header is inconsistent"),
     ],
 )
 def test_semantically_invalid_handoffs_are_refused(edit, message):
-    payload = encode_handoff(make_handoff(), CodecSpec("fp32"))
+    handoff = make_handoff()
+    payload = encode_handoff(handoff, CodecSpec("fp32"))
     with pytest.raises(CodecError, match=message):
-        decode_handoff(_repack(payload, edit))
+        decode_handoff(_repack(payload, edit), handoff.request, handoff.schedule)
+
+
+def test_a_handoff_for_another_request_or_schedule_is_refused():
+    handoff = make_handoff()
+    payload = encode_handoff(handoff, CodecSpec("fp16"))
+    other = dataclasses.replace(handoff.request, seed=handoff.request.seed + 1)
+    with pytest.raises(CodecError, match="answers another request"):
+        decode_handoff(payload, other, handoff.schedule)
+    with pytest.raises(CodecError, match="another schedule"):
+        decode_handoff(payload, handoff.request, make_schedule("dpmpp_2m", handoff.schedule.steps,
+                                                               {**SD_SAMPLER_CONFIG, "beta_end": 0.02}))
+
+
+def test_the_guidance_scale_is_compared_at_wire_precision():
+    handoff = make_handoff()
+    wire = dataclasses.replace(handoff.request, guidance_scale=float(np.float32(7.3)))
+    ours = dataclasses.replace(handoff, request=dataclasses.replace(handoff.request, guidance_scale=7.3))
+    assert decode_handoff(encode_handoff(dataclasses.replace(handoff, request=wire)), ours.request, handoff.schedule)
 
 
 def test_foreign_bytes_are_not_a_payload():
     with pytest.raises(CodecError, match="not a Tandem payload"):
-        decode_handoff(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+        decode_handoff(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, make_handoff().request, make_handoff().schedule)

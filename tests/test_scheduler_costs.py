@@ -27,42 +27,32 @@ from services.scheduler.costs import (
 )
 
 
-def test_handoff_bytes_formula():
-    shape = LatentShape(4, 64, 64)
-    meta = 880 + 40 * 20
-    assert handoff_bytes(shape, "fp16", 0.0, 20, 0) == 0  # all on the device: nothing sent
-    assert handoff_bytes(shape, "fp32", 0.0, 20, 10) == 2 * 4 * 4096 * 4 + meta
-    assert handoff_bytes(shape, "fp16", 0.0, 20, 10) == 2 * 4 * 4096 * 2 + meta
-    assert handoff_bytes(shape, "int8", 0.0, 20, 10) == 2 * (4 * 4096 + 4 * 4) + meta
-    n_src = 4096 - 32 * 32
-    kept = 4096 - 2048
-    assert handoff_bytes(shape, "fp16", 0.5, 20, 10) == 2 * 4 * kept * 2 + math.ceil(n_src / 2) + 30 + meta
-    # r = 0.75 merges at most the n_src non-anchor tokens
-    assert handoff_bytes(shape, "fp16", 0.75, 20, 10) == 2 * 4 * 1024 * 2 + math.ceil(n_src / 2) + 30 + meta
-    odd = LatentShape(4, 5, 7)
-    n_src_odd = 35 - 3 * 4
-    assert handoff_bytes(odd, "int8", 0.25, 10, 5) == 2 * (4 * (35 - 8) + 16) + math.ceil(n_src_odd / 2) + 30 + 880 + 400
+def test_nothing_is_sent_when_every_step_runs_on_the_device():
+    assert handoff_bytes(LatentShape(4, 64, 64), "fp16", 0.0, 20, 0) == 0
 
 
 @pytest.mark.parametrize("codec", ["fp32", "fp16", "int8"])
-@pytest.mark.parametrize("ratio", [0.0, 0.25, 0.75])
-@pytest.mark.parametrize("hw", [8, 16])
-def test_handoff_bytes_match_the_real_encoder(codec, ratio, hw):
+@pytest.mark.parametrize("ratio", [0.0, 0.25, 0.5, 0.75])
+@pytest.mark.parametrize("shape", [(4, 8, 8), (4, 7, 9), (4, 16, 16), (4, 64, 64)])
+@pytest.mark.parametrize("steps,split", [(10, 5), (20, 1), (25, 25)])
+def test_predicted_handoff_bytes_equal_the_real_payload(codec, ratio, shape, steps, split):
+    """No fitted term: the scheduler's prediction is the encoder's byte count, for every
+    encoding x merge ratio x latent shape (and T, k)."""
     torch = pytest.importorskip("torch")
     from tandem.handoff import CodecSpec, Handoff, encode_handoff
     from tandem.request import GenerationRequest
     from tandem.sampling.schedule import make_schedule
     from tandem.tiny_pack import SD_SAMPLER_CONFIG
 
-    steps, k = 20, 10
+    c, h, w = shape
     g = torch.Generator().manual_seed(0)
     schedule = make_schedule("dpmpp_2m", steps, SD_SAMPLER_CONFIG)
-    clean = torch.randn(4, hw, hw, generator=g)
-    latent = schedule.signal[k] * clean + schedule.noise[k] * torch.randn(4, hw, hw, generator=g)
-    request = GenerationRequest("bench", steps=steps, split=k, sampler="dpmpp_2m", height=hw * 8, width=hw * 8)
-    real = len(encode_handoff(Handoff(request, schedule, k, latent, clean), CodecSpec(codec, ratio)))
-    predicted = handoff_bytes(LatentShape(4, hw, hw), codec, ratio, steps, k)
-    assert abs(predicted - real) <= max(0.01 * real, 40), (predicted, real)
+    clean = torch.randn(shape, generator=g)
+    latent = schedule.signal[split] * clean + schedule.noise[split] * torch.randn(shape, generator=g)
+    request = GenerationRequest("a prompt of any length, which no longer travels in the handoff", steps=steps,
+                                split=split, sampler="dpmpp_2m", seed=12345, height=h * 8, width=w * 8)
+    real = len(encode_handoff(Handoff(request, schedule, split, latent, clean), CodecSpec(codec, ratio)))
+    assert handoff_bytes(LatentShape(c, h, w), codec, ratio, steps, split) == real
 
 
 def test_shannon_channel_is_sane():

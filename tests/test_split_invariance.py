@@ -56,7 +56,7 @@ def test_handoff_carries_dpm_history_and_remaining_timesteps(large_pack, small_p
     req = request("dpmpp_2m", 4)
     state = start(large_pack, req)
     run_steps(large_pack, state, 4)
-    handoff = decode_handoff(encode_handoff(make_handoff(state, req), LOSSLESS))
+    handoff = decode_handoff(encode_handoff(make_handoff(state, req), LOSSLESS), req, state.schedule)
     assert handoff.step == 4 and handoff.remaining_steps == STEPS - 4
     assert handoff.schedule.timesteps == state.schedule.timesteps
     assert torch.equal(handoff.prev_denoised, state.prev_denoised)

@@ -151,7 +151,7 @@ class QualityMeasurer:
             states = [start(self.small, r) for r in requests]
         else:
             spec = CodecSpec(self.grid.encoding, ratio).validate()
-            states = [resume(self.small, decode_handoff(encode_handoff(make_handoff(e, r), spec)))
+            states = [resume(self.small, decode_handoff(encode_handoff(make_handoff(e, r), spec), r, e.schedule))
                       for e, r in zip(edge, requests)]
         self._run(self.small, states, steps)
         images, reference = self._decode(self.small, states), self.reference(user)

@@ -1,5 +1,5 @@
 """Cost models: edge step time vs batch size, device step/decode time per device class, handoff
-bytes (exactly what ``tandem.handoff.encode_handoff`` writes), transfer time and device energy.
+bytes (exactly what ``tandem.handoff.encode_handoff`` writes, from ``tandem.codec.spec``), transfer time and device energy.
 
 A :class:`CostProfile` is plain data, saved as JSON (a profiling command writes one from real
 measurements) and recalibrated online from measured phase latencies by :func:`calibrate`.
@@ -16,7 +16,7 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 
-from tandem.codec.spec import ENCODINGS, CodecSpec, handoff_tensor_bytes
+from tandem.codec.spec import ENCODINGS, CodecSpec, handoff_size
 
 from services.scheduler.channel import (  # noqa: F401  (re-exported: the channel is a cost model too)
     ChannelConfig,
@@ -93,9 +93,6 @@ class CostProfile:
     )
     latent: LatentShape = LatentShape()
     rtt_s: float = 0.02
-    meta_base_bytes: int = 880  # container header, request, codec, shapes
-    meta_bytes_per_step: int = 40  # the schedule's per-step float32 arrays
-    merge_meta_bytes: int = 30  # extra header when merging
     max_batch: int = 32
     synthetic: bool = True
 
@@ -116,8 +113,7 @@ class CostProfile:
             ) from None
 
     def handoff_bytes(self, steps: int, split: int, codec: str, merge_ratio: float) -> int:
-        return handoff_bytes(self.latent, codec, merge_ratio, steps, split, self.meta_base_bytes,
-                             self.meta_bytes_per_step, self.merge_meta_bytes)
+        return handoff_bytes(self.latent, codec, merge_ratio, steps, split)
 
     # --- JSON ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -130,14 +126,13 @@ class CostProfile:
                         for k, v in self.devices.items()},
             "latent": {"channels": self.latent.channels, "height": self.latent.height, "width": self.latent.width},
             "rtt_s": self.rtt_s,
-            "meta_base_bytes": self.meta_base_bytes,
-            "meta_bytes_per_step": self.meta_bytes_per_step,
-            "merge_meta_bytes": self.merge_meta_bytes,
             "max_batch": self.max_batch,
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "CostProfile":
+        """Reads a profile; the fitted handoff-metadata keys of earlier profilers (meta_base_bytes,
+        meta_bytes_per_step, merge_meta_bytes) are ignored: handoff bytes are exact now."""
         if d.get("format") != COST_FORMAT or d.get("version") != COST_VERSION:
             raise CostProfileError(
                 f"not a cost profile of format {COST_FORMAT!r} version {COST_VERSION}: "
@@ -150,9 +145,6 @@ class CostProfile:
                          for k, v in d["devices"].items()},
                 latent=LatentShape(int(d["latent"]["channels"]), int(d["latent"]["height"]), int(d["latent"]["width"])),
                 rtt_s=float(d["rtt_s"]),
-                meta_base_bytes=int(d["meta_base_bytes"]),
-                meta_bytes_per_step=int(d["meta_bytes_per_step"]),
-                merge_meta_bytes=int(d.get("merge_meta_bytes", 0)),
                 max_batch=int(d["max_batch"]),
                 synthetic=bool(d.get("synthetic", False)),
             )
@@ -177,23 +169,14 @@ def handoff_bytes(
     merge_ratio: float,
     steps: int,
     split: int,
-    meta_base_bytes: int = 880,
-    meta_bytes_per_step: int = 40,
-    merge_meta_bytes: int = 30,
 ) -> int:
-    """Payload bytes of the handoff at split ``split`` (0 when nothing is sent, k = 0).
-
-    The tensors and merge plan are exact (``tandem.codec.spec``: the latent and the multistep
-    history x̂0, ``C × kept`` elements each); the container header (request, schedule arrays
-    growing with T, codec; a few more bytes when merging) is the profile's fitted metadata.
-    """
+    """Payload bytes of the handoff at split ``split``, exactly what the edge will write
+    (``tandem.codec.spec.handoff_size``); 0 when nothing is sent (k = 0)."""
     if split <= 0:
         return 0
     if codec not in ENCODINGS:
         raise ValueError(f"unknown codec {codec!r}; expected one of {', '.join(ENCODINGS)}")
-    tensors = handoff_tensor_bytes(latent.channels, latent.height, latent.width, CodecSpec(codec, merge_ratio))
-    header = meta_base_bytes + meta_bytes_per_step * steps + (merge_meta_bytes if merge_ratio > 0 else 0)
-    return tensors + header
+    return handoff_size(latent.channels, latent.height, latent.width, CodecSpec(codec, merge_ratio), steps, split)
 
 
 def transfer_seconds(nbytes: float | np.ndarray, rate_bps: float | np.ndarray, rtt_s: float = 0.0):

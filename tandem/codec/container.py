@@ -32,30 +32,37 @@ class CodecError(ValueError):
 
 def pack_container(meta: dict[str, Any], blobs: dict[str, bytes]) -> bytes:
     """Serialize ``meta`` (JSON-able dict) and ``blobs`` (name -> bytes) into one payload."""
-    if not isinstance(meta, dict):
-        raise CodecError(f"meta must be a dict, got {type(meta).__name__}")
-    entries: list[dict[str, Any]] = []
-    offset = 0
+    views = {}
     for name, blob in blobs.items():
         if not isinstance(name, str):
             raise CodecError(f"blob names must be str, got {type(name).__name__}")
         if not isinstance(blob, (bytes, bytearray, memoryview)):
             raise CodecError(f"blob {name!r} must be bytes, got {type(blob).__name__}")
-        nbytes = len(memoryview(blob).cast("B"))
+        views[name] = bytes(memoryview(blob).cast("B"))
+    header = _header(meta, [(name, len(v)) for name, v in views.items()])
+    body = b"".join([_FIXED.pack(MAGIC, FORMAT_VERSION, len(header)), header, *views.values()])
+    return body + _CRC.pack(zlib.crc32(body))
+
+
+def container_size(meta: dict[str, Any], blob_sizes: list[tuple[str, int]]) -> int:
+    """Exact bytes :func:`pack_container` writes for ``meta`` and blobs of these names and sizes,
+    in this order (so a size can be predicted without the data)."""
+    return _FIXED.size + len(_header(meta, blob_sizes)) + sum(n for _, n in blob_sizes) + _CRC.size
+
+
+def _header(meta: dict[str, Any], blob_sizes: list[tuple[str, int]]) -> bytes:
+    if not isinstance(meta, dict):
+        raise CodecError(f"meta must be a dict, got {type(meta).__name__}")
+    entries: list[dict[str, Any]] = []
+    offset = 0
+    for name, nbytes in blob_sizes:
         entries.append({"name": name, "offset": offset, "nbytes": nbytes})
         offset += nbytes
     try:
         # allow_nan=False: NaN/Infinity are not JSON, and peers in other languages reject them.
-        header = json.dumps(
-            {"meta": meta, "blobs": entries}, separators=(",", ":"), allow_nan=False
-        ).encode("utf-8")
+        return json.dumps({"meta": meta, "blobs": entries}, separators=(",", ":"), allow_nan=False).encode("utf-8")
     except (TypeError, ValueError) as exc:
         raise CodecError(f"meta is not JSON-serializable: {exc}") from exc
-    body = b"".join(
-        [_FIXED.pack(MAGIC, FORMAT_VERSION, len(header)), header]
-        + [bytes(memoryview(b).cast("B")) for b in blobs.values()]
-    )
-    return body + _CRC.pack(zlib.crc32(body))
 
 
 def unpack_container(data: bytes) -> tuple[dict[str, Any], dict[str, bytes]]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from numbers import Real
 from typing import Any, Literal
 
+from tandem.codec.container import container_size
 from tandem.request import RequestError
 
 ENCODINGS: tuple[str, ...] = ("fp32", "fp16", "int8")
@@ -152,3 +153,72 @@ def check_shape(shape: Sequence[int], encoding: str) -> tuple[int, ...]:
 def _is_int(value: Any) -> bool:
     # numpy integers count (shapes often come from numpy); bool does not.
     return hasattr(value, "__index__") and not isinstance(value, bool)
+
+
+# --- the whole handoff payload ------------------------------------------------------------------
+# A handoff carries the latent at step k (and, after step 0, the multistep history x̂0) plus a
+# header that is fixed by (latent shape, codec, k) alone: the request and the schedule travel as
+# digests, since the device has both already (it computes its schedule from its own request and
+# checks it against the edge's). So its size is known before anything is encoded.
+HANDOFF_KIND = "tandem.handoff"
+HANDOFF_VERSION = 2
+DIGEST_CHARS = 64  # SHA-256, hex
+
+
+def handoff_strategy(spec: CodecSpec, step: int, steps: int) -> str:
+    """The tensors actually sent: "exact" when not merging; "denoised" (x̂0 and the noise apart)
+    needs x̂0 (after step 0) and some noise left (before the last step); else "latent"."""
+    if spec.merge_ratio == 0.0:
+        return "exact"
+    if spec.strategy == "denoised" and 0 < step < steps:
+        return "denoised"
+    return "latent"
+
+
+def handoff_tensors(channels: int, height: int, width: int, spec: CodecSpec, step: int,
+                    steps: int) -> tuple[str, list[tuple[str, list[int]]]]:
+    """(strategy, [(tensor name, shape)]) of a handoff at step ``step`` of ``steps``."""
+    strategy = handoff_strategy(spec, step, steps)
+    if strategy == "denoised":
+        names = ["denoised", "noise"]
+    else:
+        names = ["latent", "prev_denoised"] if step > 0 else ["latent"]
+    if strategy == "exact":
+        shape = [channels, height, width]
+    else:
+        shape = [channels, height * width - merge_count(height, width, spec.merge_ratio)]
+    return strategy, [(name, shape) for name in names]
+
+
+def handoff_meta(request_digest: str, schedule_digest: str, step: int, latent_shape: Sequence[int],
+                 spec: CodecSpec, strategy: str, tensors: list[tuple[str, list[int]]]) -> dict[str, Any]:
+    """The handoff's header, as written (its JSON is part of the payload's size)."""
+    return {
+        "kind": HANDOFF_KIND,
+        "handoff_version": HANDOFF_VERSION,
+        "request": request_digest,
+        "schedule": schedule_digest,
+        "step": step,
+        "latent_shape": [int(x) for x in latent_shape],
+        "codec": spec.to_dict(),
+        "strategy": strategy,
+        "shapes": {name: list(shape) for name, shape in tensors},
+    }
+
+
+def handoff_blob_sizes(channels: int, height: int, width: int, spec: CodecSpec, step: int,
+                       steps: int) -> list[tuple[str, int]]:
+    """(name, bytes) of the payload's blobs in the order they are written."""
+    strategy, tensors = handoff_tensors(channels, height, width, spec, step, steps)
+    plan = [] if strategy == "exact" else [
+        ("plan", packed_plan_size(height, width, spec.window, merge_count(height, width, spec.merge_ratio)))]
+    return plan + [(name, encoded_size(shape, spec.encoding)) for name, shape in tensors]
+
+
+def handoff_size(channels: int, height: int, width: int, spec: CodecSpec, steps: int, step: int) -> int:
+    """Exact bytes of the handoff payload at step ``step`` of ``steps`` (what encode_handoff writes)."""
+    spec.validate()
+    strategy, tensors = handoff_tensors(channels, height, width, spec, step, steps)
+    meta = handoff_meta("0" * DIGEST_CHARS, "0" * DIGEST_CHARS, step, (channels, height, width), spec, strategy,
+                        tensors)
+    return container_size(meta, handoff_blob_sizes(channels, height, width, spec, step, steps))

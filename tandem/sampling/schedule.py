@@ -8,6 +8,8 @@ A Schedule is plain data: it travels inside the handoff and is JSON-serializable
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +57,12 @@ class Schedule:
     @property
     def steps(self) -> int:
         return len(self.timesteps)
+
+    def digest(self) -> str:
+        """SHA-256 (hex) of every value: a handoff carries it instead of the arrays, and the
+        device checks it against the schedule it computes for its own request."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
 
     def to_dict(self) -> dict[str, Any]:
         return {

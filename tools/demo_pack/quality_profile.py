@@ -108,7 +108,7 @@ class Measurer:
             states = [start(self.small, r) for r in requests]
         else:
             spec = CodecSpec(self.encoding, ratio, strategy).validate()
-            states = [resume(self.small, decode_handoff(encode_handoff(make_handoff(e, r), spec)))
+            states = [resume(self.small, decode_handoff(encode_handoff(make_handoff(e, r), spec), r, e.schedule))
                       for e, r in zip(edge_states, requests)]
         _advance_all(self.small, states, steps, self.batch)
         return _score(self.evaluator, _decode_all(self.small, states, self.batch), self.scenes, user)
