@@ -1,11 +1,11 @@
 """Hostile callers against one real edge server: do well-behaved users notice? (issue 14)
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/attack_edge.py [--pack DIR] [--seconds 15] [--clients 3]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/attack_edge.py [--pack DIR] [--seconds 8] [--rounds 3] [--clients 3]
 
 Starts an edge (the demo pack by default, tokens and --max-streams-per-user 2 on), then runs
 `--clients` well-behaved users, each sending one request after another (the pack's size and
-default steps, half of them on the edge), for `--seconds` without an attack and then during each
-attack, in one run on this machine:
+default steps, half of them on the edge), for `--seconds` without an attack and during each
+attack, the phases interleaved over `--rounds`, in one run on this machine:
 
 - control:    not an attack: the same load as odd-size at the users' size (load, not breakage);
 - odd-size:   another image size (72 px on the demo pack) at 2 requests/s, joining their batches;
@@ -14,7 +14,7 @@ attack, in one run on this machine:
 - flood:      one user opens 40 concurrent streams at a time, `user` left empty.
 
 Prints, per phase, the users' failed requests, their p99 latency and its ratio to the phase
-without an attack, what the attacker got, and the edge's RSS before and after.
+without an attack, what the attacker got, and the edge's RSS after warm-up and after all attacks.
 """
 
 from __future__ import annotations
@@ -105,7 +105,8 @@ async def phase(address: str, users: list[edge_pb2.GenerateRequest], attack, sec
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pack", type=Path, default=Path("tandem/demo_pack/large"))
-    parser.add_argument("--seconds", type=float, default=15.0, help="per phase")
+    parser.add_argument("--seconds", type=float, default=8.0, help="per phase and round")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=3)
     args = parser.parse_args()
     pack = load_pack(args.pack, device="cpu")
@@ -147,24 +148,37 @@ def main() -> None:
                 "flood (40 streams, user empty)": lambda s, u, c: flood(s, anonymous, "tok-mallory", 40, u, c),
             }
             asyncio.run(phase(edge.address, users, None, 3))  # warm-up
-            rows, reference = [], None
-            for name, attack in attacks.items():
-                before = rss(edge.proc.pid)
-                latencies, codes, attacker = asyncio.run(phase(edge.address, users, attack, args.seconds))
-                after = rss(edge.proc.pid)
-                tail = p99(latencies)
-                reference = reference or tail
-                failed = sum(n for code, n in codes.items() if code != "OK")
-                rows.append((name, sum(codes.values()), failed, tail, tail / reference, dict(attacker), before, after))
+            # Phases interleaved over rounds, so the machine's other load hits each alike.
+            latencies = {name: [] for name in attacks}
+            codes = {name: Counter() for name in attacks}
+            attacker = {name: Counter() for name in attacks}
+            first_rss = {}
+            for _ in range(args.rounds):
+                for name, attack in attacks.items():
+                    first_rss.setdefault(name, rss(edge.proc.pid))
+                    times, users_got, attacker_got = asyncio.run(phase(edge.address, users, attack, args.seconds))
+                    latencies[name] += times
+                    codes[name].update(users_got)
+                    attacker[name].update(attacker_got)
+            final_rss = rss(edge.proc.pid)
+            reference = p99(latencies["none"])
+            rows = []
+            for name in attacks:
+                failed = sum(n for code, n in codes[name].items() if code != "OK")
+                tail = p99(latencies[name])
+                rows.append((name, sum(codes[name].values()), failed, tail, tail / reference, dict(attacker[name])))
 
     print(f"### Edge under attack ({pack.name}, users at {size} px T={steps} k={steps // 2}, {args.clients} users, "
-          f"{args.seconds:g} s per phase)\n")
-    print("| attack | users' requests | users' failed | users' p99 s | p99 vs none | attacker got | RSS before → after MiB |")
-    print("|---|---|---|---|---|---|---|")
-    for name, total, failed, tail, ratio, attacker, before, after in rows:
-        got = ", ".join(f"{code} {n}" for code, n in sorted(attacker.items())) or "-"
-        print(f"| {name} | {total} | {failed} | {tail:.2f} | {ratio:.2f}× | {got} | "
-              f"{before / MIB:.0f} → {after / MIB:.0f} ({after / before - 1:+.0%}) |")
+          f"{args.rounds} rounds of {args.seconds:g} s per phase, interleaved)\n")
+    print("| attack | users' requests | users' failed | users' p99 s | p99 vs none | attacker got |")
+    print("|---|---|---|---|---|---|")
+    for name, total, failed, tail, ratio, attacker_got in rows:
+        got = ", ".join(f"{code} {n}" for code, n in sorted(attacker_got.items())) or "-"
+        print(f"| {name} | {total} | {failed} | {tail:.2f} | {ratio:.2f}× | {got} |")
+    start = first_rss["none"]
+    print(f"\nEdge RSS: {start / MIB:.0f} MiB after warm-up, {final_rss / MIB:.0f} MiB after every attack "
+          f"({final_rss / start - 1:+.1%}); at the start of each attack's first phase: "
+          + ", ".join(f"{name.split(' ')[0]} {value / MIB:.0f}" for name, value in first_rss.items()))
 
 
 def _capabilities(address: str) -> edge_pb2.GetCapabilitiesResponse:

@@ -117,6 +117,31 @@ def test_a_failing_batched_call_fails_only_the_culprit(tiny_packs):
 
 # --- 2. bounded cost per request ------------------------------------------------------------
 
+def test_a_large_request_steps_at_a_usual_requests_share():
+    """Pacing (pure): a request 4x the usual pixels steps once per 4 iterations beside usual ones,
+    1.5x twice per 3; alone, heavy requests step every iteration (no idle engine)."""
+    from dataclasses import dataclass
+
+    from services.edge_server.batching import due
+
+    @dataclass(eq=False)
+    class Item:
+        weight: float
+        credit: float = 0.0
+
+        def __post_init__(self):
+            self.credit = self.weight - 1.0  # as the engine admits it: first step at once
+
+    usual, large, odd = Item(1.0), Item(4.0), Item(1.5)
+    counts = {id(usual): 0, id(large): 0, id(odd): 0}
+    for _ in range(12):
+        for item in due([usual, large, odd]):
+            counts[id(item)] += 1
+    assert (counts[id(usual)], counts[id(large)], counts[id(odd)]) == (12, 3, 8)
+    alone = [Item(4.0), Item(3.0)]
+    assert all(due(alone) == alone for _ in range(5))
+
+
 def test_capabilities_declare_the_sizes_and_cost_served(edge):
     caps = asyncio.run(get_capabilities(edge.address, timeout=10))
     # The tiny pack's image is 32 px at 8 default steps: sides 8..64, cost max(64²·8, 32²·200).

@@ -5,6 +5,7 @@ requests leave the running set, and free slots (up to max_batch_size) go to the 
 requests. A request therefore joins a batch at any step and leaves it as soon as it is done.
 Only requests of one latent shape can share a UNet call: `buckets` splits a batch into such
 groups, and the engine runs every group at every iteration, so no shape waits for another.
+`due` paces requests larger than the usual size, so that each takes a usual request's share.
 """
 
 from __future__ import annotations
@@ -107,3 +108,27 @@ def buckets(items: list[T], key: Callable[[T], Hashable]) -> list[list[T]]:
     for item in items:
         groups.setdefault(key(item), []).append(item)
     return list(groups.values())
+
+
+class Paced(Protocol):
+    weight: float  # its cost per step relative to a request of the pack's usual size, >= 1
+    credit: float  # iterations earned towards its next step
+
+
+P = TypeVar("P", bound=Paced)
+
+
+def due(items: list[P]) -> list[P]:
+    """Those of `items` that step this iteration. A request `weight` times the usual size steps
+    once per `weight` iterations on average, so it takes a usual request's share of the engine's
+    time, not `weight` times it (every iteration it shares would otherwise be that much slower
+    for everyone). When none is due, all step: the engine never idles while it has work."""
+    chosen = []
+    for item in items:
+        item.credit += 1.0
+        if item.credit >= item.weight:
+            chosen.append(item)
+    chosen = chosen or list(items)
+    for item in chosen:
+        item.credit = max(0.0, item.credit - item.weight)
+    return chosen

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from services.edge_server.batching import BatchConfig, BatchScheduler, Closed, QueueFull, buckets
+from services.edge_server.batching import BatchConfig, BatchScheduler, Closed, QueueFull, buckets, due
 from services.edge_server.memory import release_memory
 from services.edge_server.metrics import EdgeMetrics
 from tandem.handoff import CodecSpec, encode_handoff
@@ -69,6 +69,8 @@ class EngineRequest:
     cancelled: bool = False
     done: bool = False
     position: int = -1
+    weight: float = 1.0  # pixels relative to the pack's usual image (see batching.due)
+    credit: float = 0.0
 
     @property
     def finished(self) -> bool:
@@ -102,7 +104,8 @@ class EdgeEngine:
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._stopping = False
-        # A request above the pack's own size leaves its activations in the allocator's pool.
+        # A request above the pack's own size is paced (batching.due), and leaves its
+        # activations in the allocator's pool when it goes.
         self._usual_pixels = pack.default_image_size ** 2
         self._release_pending = False
 
@@ -197,7 +200,7 @@ class EdgeEngine:
         for entry in plan.admitted:
             self._admit(entry)
         batch = [e for e in plan.batch if not e.done]
-        stepping = [e for e in batch if e.state.step < e.request.split]
+        stepping = due([e for e in batch if e.state.step < e.request.split])
         if stepping:
             self._execute(stepping)
         for entry in batch:
@@ -211,6 +214,8 @@ class EdgeEngine:
 
     def _admit(self, entry: EngineRequest) -> None:
         entry.started_at = time.monotonic()
+        entry.weight = max(1.0, entry.request.height * entry.request.width / self._usual_pixels)
+        entry.credit = entry.weight - 1.0  # its first step comes at once
         self.metrics.queue_seconds.observe(entry.started_at - entry.submitted_at)
         try:
             entry.state = start(self.pack, entry.request)
