@@ -29,6 +29,12 @@ def req(**kw) -> GenerationRequest:
     return GenerationRequest(**{**base, **kw})
 
 
+def decode(payload: bytes, request: GenerationRequest, pack):
+    from tandem.sampling.schedule import make_schedule
+
+    return decode_handoff(payload, request, make_schedule(request.sampler, request.steps, pack.sampler_config))
+
+
 def refusal(address: str, request: edge_pb2.GenerateRequest, metadata=()) -> grpc.RpcError:
     with grpc.insecure_channel(address) as channel:
         with pytest.raises(grpc.RpcError) as exc:
@@ -44,19 +50,20 @@ def edge(tiny_packs, tmp_path_factory):
 
 # --- 1. odd sizes never fail a batch; a failing call fails only its culprit --------------------
 
-def test_odd_size_requests_run_beside_others_and_nobody_fails(edge):
+def test_odd_size_requests_run_beside_others_and_nobody_fails(edge, large_pack):
     """Before: a 40x40 request joining 32x32 ones made the stacked UNet call raise, and every
     request in the batch got INTERNAL."""
     sizes = [(32, 32)] * 6 + [(40, 40), (48, 24), (40, 40)]
     before = edge.metrics()
 
+    requests = [req(seed=i, steps=12, split=10, height=h, width=w) for i, (h, w) in enumerate(sizes)]
+
     async def run_all():
-        requests = [req(seed=i, steps=12, split=10, height=h, width=w) for i, (h, w) in enumerate(sizes)]
         return await asyncio.gather(*(fetch_handoff(edge.address, r, CodecSpec("fp32"), timeout=120) for r in requests))
 
     results = asyncio.run(run_all())
-    for (h, w), result in zip(sizes, results):
-        handoff = decode_handoff(result.payload)
+    for (h, w), request, result in zip(sizes, requests, results):
+        handoff = decode(result.payload, request, large_pack)
         assert tuple(handoff.latent.shape[1:]) == (h // 4, w // 4) and handoff.step == 10
     after = edge.metrics()
     calls = metric_value(after, "tandem_edge_batch_size_count") - metric_value(before, "tandem_edge_batch_size_count")
@@ -110,7 +117,7 @@ def test_a_failing_batched_call_fails_only_the_culprit(tiny_packs):
     assert isinstance(events[2], Failed) and events[2].code == "INTERNAL" and "poisoned" in events[2].message
     for i in (0, 1):
         assert isinstance(events[i], Finished)
-        ours, reference = decode_handoff(events[i].payload), decode_handoff(alone[i].payload)
+        ours, reference = decode(events[i].payload, good[i], pack), decode(alone[i].payload, good[i], pack)
         assert (ours.latent - reference.latent).abs().max().item() <= 1e-5
     assert stats.max_batch == 3  # they did share calls until the culprit's poisoned step
 

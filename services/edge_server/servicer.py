@@ -18,7 +18,7 @@ from services.edge_server.engine import EdgeEngine, Failed, Finished, Progress, 
 from services.edge_server.limits import StreamLimiter, user_key
 from services.edge_server.metrics import record_call
 from services.tokens import bearer_token, token_user
-from tandem.handoff import ENCODINGS, MAX_MERGE_RATIO
+from tandem.codec.spec import ENCODINGS, MAX_MERGE_RATIO
 from tandem.request import MAX_PROMPT_CHARS, MAX_STEPS, RequestError
 from tandem.sampling.schedule import SAMPLERS, noise_process
 from tandem.v1 import edge_pb2, edge_pb2_grpc
