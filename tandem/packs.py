@@ -241,7 +241,7 @@ def load_pack(
         vae = vae_class.from_pretrained(dirs["vae"], **load)
         text_encoder = CLIPTextModel.from_pretrained(dirs["text_encoder"], **load)
         tokenizer = CLIPTokenizer.from_pretrained(dirs["tokenizer"])
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         raise PackError(f"pack {root}: {exc}") from exc
     for module in (unet, vae, text_encoder):
         module.to(device).eval().requires_grad_(False)

@@ -70,7 +70,7 @@ def test_help_imports_no_torch():
 def test_bad_flag_is_one_line_before_torch(tmp_path, args, expected):
     result = tandem("generate", PROMPT, "--out", str(tmp_path / "x.png"), *args, python_flags=("-X", "importtime"))
     modules = imported(result.stderr)
-    result.stderr = "\n".join(l for l in result.stderr.splitlines() if not l.startswith("import time:"))
+    result.stderr = "\n".join(x for x in result.stderr.splitlines() if not x.startswith("import time:"))
     line = one_error_line(result)
     assert expected in line and "usage:" not in result.stderr
     assert "torch" not in modules, "the flag was checked only after torch loaded"
@@ -105,7 +105,7 @@ def test_unknown_words_warn_once_and_lora_without_device_steps_is_said(tmp_path)
     result = tandem("generate", "a photo of a gray cat, a gray one", "--out", str(tmp_path / "cat.png"), "--quiet",
                     "--steps", "2", "--split", "2", "--user", "alice")
     assert result.returncode == 0, result.stderr
-    warnings = [l for l in result.stderr.splitlines() if "WARNING" in l]
+    warnings = [line for line in result.stderr.splitlines() if "WARNING" in line]
     assert len(warnings) == 1
     assert "'photo', 'of', 'gray', 'cat', 'one'" in warnings[0]  # each unknown word once, in order
     assert "Its words: a, at, the, on, background, red" in warnings[0] and "triangle" in warnings[0]
@@ -131,7 +131,7 @@ def test_unmeetable_budget_unknown_device_class_and_refused_token(tmp_path):
         assert line.startswith(f"tandem: error: --scheduler {scheduler.address} refused the token (--token) (UNAUTHENTICATED")
         result = tandem(*base, "--device-class", "cpu-demo", "--latency-budget", "0.001", "--json")
     assert result.returncode == 0, result.stderr
-    note = [l for l in result.stderr.splitlines() if "--latency-budget" in l]
+    note = [line for line in result.stderr.splitlines() if "--latency-budget" in line]
     assert len(note) == 1 and "cannot be met" in note[0] and "traded quality for speed" in note[0]
     plan = json.loads(result.stdout)
     assert f"{plan['total_steps']} steps, {plan['split']} on the edge" in note[0]
@@ -320,4 +320,5 @@ def test_thread_count_is_set_before_torch_and_overridable(monkeypatch):
         configure_threads()
     bad = subprocess.run([sys.executable, "-m", "services.scheduler", "--help"], cwd=ROOT,
                          env=dict(ENV, TANDEM_THREADS="0"), capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and bad.stderr.strip() == "tandem-scheduler: error: TANDEM_THREADS: must be a positive integer, got '0'"
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "tandem-scheduler: error: TANDEM_THREADS: must be a positive integer, got '0'"
