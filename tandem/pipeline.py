@@ -32,7 +32,9 @@ StepCallback = Callable[[str, int, int], None]
 
 @torch.no_grad()
 def encode_prompt(pack: ModelPack, prompt: str, negative_prompt: str, guidance_scale: float) -> Guidance:
-    """1. Text conditioning on `pack`'s own encoder (an unconditional row only when guided)."""
+    """1. Text conditioning on `pack`'s own encoder (an unconditional row only when guided). The
+    pack's aliases apply first (the demo pack reads "an" as "a"), for every client, not just the CLI."""
+    prompt, negative_prompt = pack.manifest.normalize_prompt(prompt), pack.manifest.normalize_prompt(negative_prompt)
     texts = [prompt, negative_prompt] if guidance_scale != 1.0 else [prompt]
     tokens = pack.tokenizer(
         texts,

@@ -101,6 +101,17 @@ def test_an_is_accepted_and_draws_what_it_says(tmp_path):
     assert prediction.matches(parse_prompt("a orange circle at the center on a black background")), prediction
 
 
+def test_every_client_gets_the_packs_aliases():
+    """The edge and the device service encode prompts themselves: "an" is "a" there too."""
+    from tandem.packs import load_pack
+    from tandem.pipeline import encode_prompt
+
+    pack = load_pack(ROOT / "tandem" / "demo_pack" / "large", device="cpu")
+    an, a = (encode_prompt(pack, f"{article} orange circle at the center on a black background", "", 4.0)
+             for article in ("An", "a"))
+    assert (an.cond == a.cond).all() and not (an.cond == encode_prompt(pack, "orange", "", 4.0).cond).all()
+
+
 def test_unknown_words_warn_once_and_lora_without_device_steps_is_said(tmp_path):
     result = tandem("generate", "a photo of a gray cat, a gray one", "--out", str(tmp_path / "cat.png"), "--quiet",
                     "--steps", "2", "--split", "2", "--user", "alice")
