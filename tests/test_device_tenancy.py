@@ -77,9 +77,9 @@ def test_bad_edge_timeouts_are_named(hostile, timeout):
 
 
 @pytest.mark.parametrize("attack, reason", [
-    ("other", "prompt differs"),
+    ("other", "answers another request"),
     ("big", "can be at most"),  # refused on the first chunk's declared size, before buffering
-    ("fewer", "steps differs"),
+    ("fewer", "answers another request"),  # its request (and schedule) had fewer steps
     ("flood", "RESOURCE_EXHAUSTED"),  # a 4 MiB chunk is over the request's whole byte cap
 ])
 def test_a_hostile_handoff_falls_back_with_the_reason(hostile, attack, reason):
@@ -178,8 +178,8 @@ def test_honest_handoffs_pass_the_checks_and_fit_the_cap(large_pack, small_pack,
     """No false alarms: a real edge's handoff for every sampler and codec, at the largest split
     with history, passes the device's checks within its byte cap; each attack's does not."""
     from fake_edge import hostile_payload, tampered
-    from services.ue_client.integrity import HandoffLimits, HandoffRejected, check_header, check_schedule
-    from tandem.codec.container import unpack_container
+    from services.ue_client.integrity import HandoffLimits, HandoffRejected, check_header, wire_codec
+    from tandem.codec.container import CodecError, unpack_container
     from tandem.handoff import CodecSpec, decode_handoff, encode_handoff
     from tandem.pipeline import make_handoff, run_steps, start
     from tandem.request import GenerationRequest
@@ -188,17 +188,17 @@ def test_honest_handoffs_pass_the_checks_and_fit_the_cap(large_pack, small_pack,
     request = GenerationRequest(PROMPT, steps=5, split=4, sampler=sampler, guidance_scale=3.3, seed=7,
                                 height=32, width=32, negative_prompt="blurry").validate()
     shape = small_pack.latent_shape(32, 32)
-    limits = HandoffLimits.for_request(request, shape)
+    device_schedule = make_schedule(sampler, 5, small_pack.sampler_config)
     state = start(large_pack, request)
     run_steps(large_pack, state, request.split)
-    for codec in (CodecSpec("fp32"), CodecSpec("int8", 0.5), CodecSpec("fp16", 0.75, "denoised", "global")):
-        payload = encode_handoff(make_handoff(state, request), codec)
-        assert len(payload) <= limits.max_bytes
+    for codec in (CodecSpec("fp32"), CodecSpec("int8", 0.5), CodecSpec("fp16", 0.3, "denoised", "global")):
+        payload = encode_handoff(make_handoff(state, request), wire_codec(codec))  # as the edge gets it
+        assert len(payload) == HandoffLimits.for_request(request, shape, codec).max_bytes  # the exact size
         check_header(unpack_container(payload)[0], request, shape)
-        check_schedule(decode_handoff(payload).schedule, make_schedule(sampler, 5, small_pack.sampler_config))
-    with pytest.raises(HandoffRejected):  # a consistent handoff whose schedule is shorter than the device's
-        check_schedule(make_schedule(sampler, 4, large_pack.sampler_config),
-                       make_schedule(sampler, 5, small_pack.sampler_config))
+        decode_handoff(payload, request, device_schedule)
+    other_noise = make_schedule(sampler, 5, {**small_pack.sampler_config, "beta_end": 0.02})
+    with pytest.raises(CodecError, match="another schedule"):  # made with another noise process
+        decode_handoff(encode_handoff(make_handoff(state, request), CodecSpec()), request, other_noise)
     for attack in ("other", "big", "fewer"):
         payload = hostile_payload(large_pack, tampered(request, attack), CodecSpec())
         with pytest.raises(HandoffRejected):

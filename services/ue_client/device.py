@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from services.security import ClientSecurity
-from services.ue_client.integrity import HandoffLimits, HandoffRejected, check_header, check_schedule
+from services.ue_client.integrity import HandoffLimits, HandoffRejected, check_header
 from services.ue_client.transport import EdgeError, EventCallback, fetch_handoff
 from tandem.codec.container import CodecError, unpack_container
 from tandem.handoff import CodecSpec, decode_handoff
@@ -105,15 +105,21 @@ def _resume_from_edge(pack: ModelPack, request: GenerationRequest, codec: CodecS
                       cancel: CancelFlag | None) -> tuple[DenoiseState, bytes]:
     """The edge's handoff, checked against `request` before anything in it is used."""
     latent_shape = pack.latent_shape(request.height, request.width)
-    limits = HandoffLimits.for_request(request, latent_shape)
+    limits = HandoffLimits.for_request(request, latent_shape, codec)
     edge = asyncio.run(_until_cancelled(fetch_handoff(address, request, codec, timeout, on_event, security, limits),
                                         cancel))
     timer.seconds.update(edge.seconds)
-    with timer.phase("handoff"):
+    # Decoding the payload is transfer (it grows with the bytes); the device's own prompt encoding
+    # inside resume is device work, so the scheduler's link model never sees text-encoder time.
+    with timer.phase("transfer"):
         meta, _ = unpack_container(edge.payload)
         check_header(meta, request, latent_shape)  # before any tensor is decoded
-        handoff = decode_handoff(edge.payload)
-        check_schedule(handoff.schedule, make_schedule(request.sampler, request.steps, pack.sampler_config))
+        schedule = make_schedule(request.sampler, request.steps, pack.sampler_config)
+        try:
+            handoff = decode_handoff(edge.payload, request, schedule)
+        except CodecError as exc:
+            raise HandoffRejected(str(exc)) from exc
+    with timer.phase("ue_steps"):
         try:
             return resume(pack, handoff), edge.payload
         except (RequestError, RuntimeError, ValueError) as exc:  # torch shape/dtype faults included
