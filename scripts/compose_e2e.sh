@@ -64,7 +64,7 @@ cleanup() {
             kill -KILL "$DOCKERD_PID" 2>/dev/null
         fi
         # a killed engine can leave its mounts behind
-        findmnt -rn -o TARGET | grep -E "^($DATA_ROOT|$STATE)/" | sort -r | xargs -r -n1 umount -l || true
+        findmnt -rn -o TARGET | grep -E "^($DATA_ROOT|$STATE)(/|\$)" | sort -r | xargs -r -n1 umount -l || true
         net_state > "$STATE/net.after"
         if ! cmp -s "$STATE/net.before" "$STATE/net.after"; then
             say "FAIL: host networking changed:"; diff "$STATE/net.before" "$STATE/net.after" >&2 || true
@@ -114,8 +114,10 @@ start_engine() {
     ensure_tool dockerd docker.io
     mkdir -p "$DATA_ROOT"
     export DOCKER_HOST="unix://$STATE/docker.sock"
-    dockerd --data-root "$DATA_ROOT" --exec-root "$STATE/exec" --pidfile "$STATE/dockerd.pid" -H "$DOCKER_HOST" \
-        --iptables=false --ip-forward=false --bridge=none >"$STATE/dockerd.log" 2>&1 &
+    # its own session: a Ctrl-C meant for this script reaches the engine only through cleanup,
+    # after the stack is down
+    setsid dockerd --data-root "$DATA_ROOT" --exec-root "$STATE/exec" --pidfile "$STATE/dockerd.pid" \
+        -H "$DOCKER_HOST" --iptables=false --ip-forward=false --bridge=none >"$STATE/dockerd.log" 2>&1 &
     DOCKERD_PID=$!
     for _ in $(seq 60); do
         timeout 5 docker info >/dev/null 2>&1 && break
@@ -124,6 +126,10 @@ start_engine() {
     done
     timeout 5 docker info >/dev/null 2>&1 || { tail -5 "$STATE/dockerd.log" >&2; fail "dockerd did not answer in 60 s"; }
     say "started dockerd $(docker info -f '{{.ServerVersion}}') (pid $DOCKERD_PID, data in $DATA_ROOT)"
+}
+
+clear_leftovers() {  # an earlier run stopped hard (power, SIGKILL) may have left its stack
+    docker compose down -v --remove-orphans --timeout 5 >/dev/null 2>&1 || true
 }
 
 extra_ca() {  # PEM text of the CAs to add in the build stage
@@ -205,6 +211,7 @@ CA="$(extra_ca)"
 check_index
 compose_plugin
 start_engine
+clear_leftovers
 local_bases
 export TANDEM_BASE_IMAGE="${TANDEM_BASE_IMAGE:-$LOCAL_PYTHON}"
 export TANDEM_PROMETHEUS_IMAGE="${TANDEM_PROMETHEUS_IMAGE:-$LOCAL_PROMETHEUS}"
@@ -273,6 +280,8 @@ tandem generate "$PROMPT" --edge "127.0.0.1:$P_EDGE" --device cpu --seed 1 --qui
     || fail "tandem generate --edge to the edge container failed"
 size="$(check_png "$OUT/edge.png")"
 figure "generate --edge (host device, edge container): $size PNG in $(since "$t0") s"
+cmp -s "$OUT/ue.png" "$OUT/edge.png" && same=identical || same=different
+figure "the two images (same seed and packs, device in a container vs on the host): $same bytes"
 mkdir -p out && cp "$OUT/ue.png" out/compose_e2e_ue.png && cp "$OUT/edge.png" out/compose_e2e_edge.png
 
 # Prometheus (container) has scraped the tandem series
