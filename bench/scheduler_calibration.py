@@ -63,7 +63,7 @@ def measured(report: dict) -> dict[str, float]:
     """The CLI's timers as the scheduler's phases, split as the scheduler splits them."""
     s = report["seconds"]
     timers = Measured(queue=s.get("queue", 0.0), edge_steps=s.get("edge_steps", 0.0),
-                      transfer=s.get("transfer", 0.0) + s.get("handoff", 0.0), device_steps=s.get("ue_steps", 0.0),
+                      transfer=s.get("transfer", 0.0), device_steps=s.get("device_steps", 0.0),
                       decode=s.get("decode", 0.0))
     predicted, split = report["plan"]["predicted_seconds"], report["edge_steps"]
     return measured_phases(timers, split, predicted["edge"] / split if split else 0.0)

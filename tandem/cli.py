@@ -302,7 +302,7 @@ def _generate(args: argparse.Namespace) -> int:
     edge_name = edge_pack.name if edge_pack is not None else f"edge {args.edge}"
     report = _report(request, codec, result, args.out, edge_name, ue_pack.name, random=bool(choice and choice.random))
     report["mode"] = "grpc" if args.edge else "in-process"
-    report["plan"] = _report_plan(args, plan, result.seconds, result.edge_steps, result.ue_steps,
+    report["plan"] = _report_plan(args, plan, result.seconds, result.edge_steps, result.device_steps,
                                   result.handoff_bytes, result.fallback)
     if result.fallback:
         print(f"tandem: NOTE: {_explain_fallback(args, result.fallback)}", file=sys.stderr)
@@ -490,13 +490,13 @@ def _apply_plan(args: argparse.Namespace):
     return plan
 
 
-def _report_plan(args, plan, seconds: dict, edge_steps: int, ue_steps: int, handoff_bytes: int, fallback) -> dict | None:
+def _report_plan(args, plan, seconds: dict, edge_steps: int, device_steps: int, handoff_bytes: int, fallback) -> dict | None:
     """Sends the measured phases for the plan (best effort); the plan as the breakdown shows it."""
     if plan is None:
         return None
     from services.scheduler.client import report
 
-    reported = report(args.scheduler, plan.plan_id, seconds, edge_steps, ue_steps, handoff_bytes, bool(fallback),
+    reported = report(args.scheduler, plan.plan_id, seconds, edge_steps, device_steps, handoff_bytes, bool(fallback),
                       timeout=min(args.timeout, 5.0), security=args.security)
     return {"id": plan.plan_id, "scheduler": args.scheduler, "predicted_seconds": dict(plan.predicted_seconds),
             "frame_size": plan.frame_size, "reported": reported}
@@ -505,8 +505,8 @@ def _report_plan(args, plan, seconds: dict, edge_steps: int, ue_steps: int, hand
 class _ProgressBars:
     """One tqdm bar per phase on stderr, opened when the phase reports its first step."""
 
-    LABELS = {"queue": "edge queue", "edge": "edge steps", "transfer": "handoff bytes", "device": "device steps",
-              "decode": "decode"}
+    LABELS = {"queue": "edge queue", "edge_steps": "edge steps", "transfer": "handoff bytes",
+              "device_steps": "device steps", "decode": "decode"}
 
     def __init__(self, request: GenerationRequest | None):
         self.request = request
@@ -557,7 +557,7 @@ def _device_service_report(args: argparse.Namespace, codec: CodecSpec, result) -
         "total_steps": steps,
         "split": args.split if args.split is not None else (None if result.fallback else result.edge_steps),
         "edge_steps": result.edge_steps,
-        "ue_steps": result.device_steps,
+        "device_steps": result.device_steps,
         "codec": codec.to_dict(),
         "handoff_bytes": result.handoff_bytes,
         "seconds": {k: round(v, 4) for k, v in result.seconds.items()},
@@ -582,7 +582,7 @@ def _report(request, codec, result, out: Path, edge_name: str, ue_name: str, ran
         "total_steps": request.steps,
         "split": request.split,
         "edge_steps": result.edge_steps,
-        "ue_steps": result.ue_steps,
+        "device_steps": result.device_steps,
         "codec": codec.to_dict(),
         "handoff_bytes": result.handoff_bytes,
         "seconds": {k: round(v, 4) for k, v in result.seconds.items()},
@@ -604,9 +604,9 @@ def _format(report: dict) -> str:
     lines += [
         f"  edge   {report['edge_pack']}: {report['edge_steps']} steps   {s.get('edge_steps', 0.0):.3f} s",
         f"  handoff {report['handoff_bytes']} bytes ({codec['encoding']}, merge ratio {codec['merge_ratio']:g})"
-        f"   {s.get('transfer', 0.0) + s.get('handoff', 0.0):.3f} s",
+        f"   {s.get('transfer', 0.0):.3f} s",
         f"  device {report['ue_pack']}{' + ' + report['user'] if report['user'] else ''}: "
-        f"{report['ue_steps']} steps   {s.get('ue_steps', 0.0):.3f} s",
+        f"{report['device_steps']} steps   {s.get('device_steps', 0.0):.3f} s",
         f"  decode {s.get('decode', 0.0):.3f} s   total {sum(s.values()):.3f} s",
     ]
     if report["plan"]:

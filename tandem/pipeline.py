@@ -22,6 +22,7 @@ import torch
 
 from tandem.handoff import CodecSpec, Handoff, decode_handoff, encode_handoff
 from tandem.packs import ModelPack, check_pair
+from tandem.phases import Phase
 from tandem.request import GenerationRequest, RequestError
 from tandem.sampling.denoise import DenoiseState, Guidance, advance, initial_latent
 from tandem.sampling.schedule import make_schedule
@@ -120,35 +121,38 @@ class GenerationResult:
     image: np.ndarray
     latent: torch.Tensor
     edge_steps: int
-    ue_steps: int
+    device_steps: int
     handoff_bytes: int
     seconds: dict[str, float] = field(default_factory=dict)
     fallback: str | None = None  # why the device finished alone, if it had to
 
 
 class PhaseTimer:
+    """Seconds per phase (keys are the phases' names, tandem.phases), summed over its intervals."""
+
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
 
     @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
+    def phase(self, phase: Phase) -> Iterator[None]:
         begin = time.perf_counter()
         try:
             yield
         finally:
+            name = Phase(phase).value
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - begin
 
 
 def finish_on_device(pack: ModelPack, state: DenoiseState, total_steps: int, timer: PhaseTimer,
                      on_step: StepCallback | None = None) -> np.ndarray:
     """The device's part after its first step: the late steps up to ``total_steps`` and the
-    decode, timed as ``ue_steps`` and ``decode``; the decode shows as one "decode" step."""
-    with timer.phase("ue_steps"):
-        run_steps(pack, state, total_steps, "device", on_step)
-    with timer.phase("decode"):
+    decode, timed as device steps and decode; the decode shows as one decode step."""
+    with timer.phase(Phase.DEVICE_STEPS):
+        run_steps(pack, state, total_steps, Phase.DEVICE_STEPS, on_step)
+    with timer.phase(Phase.DECODE):
         image = decode(pack, state.latent)
     if on_step is not None:
-        on_step("decode", 1, 1)
+        on_step(Phase.DECODE, 1, 1)
     return image
 
 
@@ -169,25 +173,25 @@ class HybridPipeline:
         payload = b""
         if request.split == 0:  # all on the device: no edge work, nothing on the wire
             self.ue.use_user(request.user)
-            with timer.phase("ue_steps"):
+            with timer.phase(Phase.DEVICE_STEPS):
                 state = start(self.ue, request)
         else:
-            with timer.phase("edge_steps"):
+            with timer.phase(Phase.EDGE_STEPS):
                 edge_state = start(self.edge, request)
-                run_steps(self.edge, edge_state, request.split, "edge", on_step)
-            with timer.phase("handoff"):
+                run_steps(self.edge, edge_state, request.split, Phase.EDGE_STEPS, on_step)
+            with timer.phase(Phase.TRANSFER):
                 payload = encode_handoff(make_handoff(edge_state, request), codec)
                 handoff = decode_handoff(payload, request, make_schedule(request.sampler, request.steps,
                                                                          self.ue.sampler_config))
             self.ue.use_user(request.user)
-            with timer.phase("ue_steps"):
+            with timer.phase(Phase.DEVICE_STEPS):
                 state = resume(self.ue, handoff)
         image = finish_on_device(self.ue, state, request.steps, timer, on_step)
         return GenerationResult(
             image=image,
             latent=state.latent.cpu(),
             edge_steps=request.split,
-            ue_steps=request.steps - request.split,
+            device_steps=request.steps - request.split,
             handoff_bytes=len(payload),
             seconds=timer.seconds,
         )

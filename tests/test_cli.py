@@ -24,10 +24,10 @@ def test_generate_writes_png_and_json_breakdown(tmp_path, packs, capsys):
     report = json.loads(capsys.readouterr().out)
     image = np.asarray(Image.open(out))
     assert image.shape == (32, 32, 3)
-    assert report["edge_steps"] == 2 and report["ue_steps"] == 4 and report["total_steps"] == 6
+    assert report["edge_steps"] == 2 and report["device_steps"] == 4 and report["total_steps"] == 6
     assert report["handoff_bytes"] > 0 and report["codec"]["encoding"] == "int8"
     assert report["codec"]["merge_ratio"] == 0.25
-    assert set(report["seconds"]) == {"edge_steps", "handoff", "ue_steps", "decode"}
+    assert set(report["seconds"]) == {"edge_steps", "transfer", "device_steps", "decode"}
 
 
 def test_generate_human_breakdown_and_progress(tmp_path, packs, capsys):

@@ -24,7 +24,7 @@ def test_cli_through_device_service_and_edge(tiny_packs, tmp_path, capsys, large
         assert cli.main(argv) == 0
         report = json.loads(capsys.readouterr().out)
         assert report["mode"] == "device-service" and report["fallback"] is None
-        assert report["edge_steps"] == 4 and report["ue_steps"] == 2 and report["handoff_bytes"] > 0
+        assert report["edge_steps"] == 4 and report["device_steps"] == 2 and report["handoff_bytes"] > 0
         request = GenerationRequest("a red circle at the left on a blue background", steps=6, split=4, seed=9,
                                     guidance_scale=3.0, height=32, width=32)
         expected = HybridPipeline(large_pack, small_pack).generate(request, CodecSpec("fp32")).image
@@ -37,7 +37,7 @@ def test_cli_through_device_service_and_edge(tiny_packs, tmp_path, capsys, large
         assert cli.main(argv) == 0
         captured = capsys.readouterr()
         report = json.loads(captured.out)
-        assert report["fallback"] and report["edge_steps"] == 0 and report["ue_steps"] == 6
+        assert report["fallback"] and report["edge_steps"] == 0 and report["device_steps"] == 6
         assert "NOTE: edge failed" in captured.err
 
         # Bad values come back as one line naming the field: the CLI's own check, and the

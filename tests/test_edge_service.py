@@ -255,7 +255,7 @@ def test_kill_9_mid_stream_every_client_finishes_locally(tiny_packs, tmp_path, s
     for result in results:
         assert result is not None and result.image.shape == (32, 32, 3)
         assert result.fallback and "edge failed" in result.fallback
-        assert result.edge_steps == 0 and result.ue_steps == 150
+        assert result.edge_steps == 0 and result.device_steps == 150
 
 
 def test_unreachable_edge_is_an_edge_error():

@@ -41,14 +41,14 @@ def test_the_deadline_holds_on_a_very_slow_link(edge, tiny_packs, tmp_path, caps
         report = generate(tiny_packs, tmp_path, capsys, "late.png", "--edge", link.address, "--split", "4",
                           "--timeout", "1")
     assert report["fallback"] and "DEADLINE_EXCEEDED" in report["fallback"]
-    assert report["edge_steps"] == 0 and report["ue_steps"] == 6
+    assert report["edge_steps"] == 0 and report["device_steps"] == 6
 
 
 def test_a_link_cut_mid_stream_falls_back_to_the_device(edge, tiny_packs, tmp_path, capsys):
     with LinkProxy(edge.address, LinkFaults(cut_after_bytes=400)) as link:
         report = generate(tiny_packs, tmp_path, capsys, "cut.png", "--edge", link.address, "--split", "4")
         assert link.cuts >= 1
-    assert report["fallback"] and report["edge_steps"] == 0 and report["ue_steps"] == 6
+    assert report["fallback"] and report["edge_steps"] == 0 and report["device_steps"] == 6
     with LinkProxy(edge.address, LinkFaults()) as link:  # the edge itself was never disturbed
         assert generate(tiny_packs, tmp_path, capsys, "fine.png", "--edge", link.address)["fallback"] is None
 

@@ -36,7 +36,7 @@ def test_same_model_both_sides_equals_single_process_for_every_split(large_pack,
     for k in range(STEPS + 1):
         result = pipeline.generate(request(sampler, k), LOSSLESS)
         assert (result.latent - whole.latent).abs().max().item() <= 1e-5, f"k={k}"
-        assert result.edge_steps == k and result.ue_steps == STEPS - k
+        assert result.edge_steps == k and result.device_steps == STEPS - k
     assert (result.image == decode(large_pack, whole.latent)).all()
 
 

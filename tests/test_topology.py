@@ -90,11 +90,11 @@ def test_topology_serves_generations_exposes_metrics_and_stops_cleanly(tmp_path,
 
         first = generate(tmp_path, capsys, "a", "--ue", ue, "--split", "2")
         assert first["mode"] == "device-service" and first["fallback"] is None
-        assert first["edge_steps"] == 2 and first["ue_steps"] == 2 and first["handoff_bytes"] > 0
+        assert first["edge_steps"] == 2 and first["device_steps"] == 2 and first["handoff_bytes"] > 0
         second = generate(tmp_path, capsys, "b", "--ue", ue, "--split", "2", "--user", "alice", "--codec", "int8")
         assert second["fallback"] is None and second["edge_steps"] == 2
         third = generate(tmp_path, capsys, "c", "--edge", edge, "--split", "3")  # device steps in this process
-        assert third["fallback"] is None and third["edge_steps"] == 3 and third["ue_steps"] == 1
+        assert third["fallback"] is None and third["edge_steps"] == 3 and third["device_steps"] == 1
 
         edge_metrics = scrape(services["edge"]["metrics_url"])
         assert metric_value(edge_metrics, "tandem_edge_requests_total", 'code="OK"') == 3
@@ -141,7 +141,7 @@ def test_then_runs_one_generation_through_the_services_and_stops(tmp_path):
     assert out.is_file()
     report = json.loads(done.stdout[done.stdout.index("{"): done.stdout.rindex("}") + 1])
     assert report["mode"] == "device-service" and report["fallback"] is None
-    assert report["edge_steps"] + report["ue_steps"] == 4
+    assert report["edge_steps"] + report["device_steps"] == 4
     if scheduler_available():
         assert report["plan"]["scheduler"] in done.stdout
     assert "all services stopped" in done.stdout

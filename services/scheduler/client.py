@@ -12,6 +12,7 @@ from typing import Callable, Mapping
 import grpc
 
 from services.security import ClientSecurity, call_metadata, sync_channel
+from tandem.phases import Phase
 from tandem.codec.spec import DEFAULT_STRATEGY
 from tandem.v1 import scheduler_pb2, scheduler_pb2_grpc
 
@@ -81,15 +82,9 @@ def request_plan(
 
 
 def measured_phases(seconds: Mapping[str, float]) -> scheduler_pb2.MeasuredPhases:
-    """The pipeline's phase timers (queue, edge_steps, transfer, handoff, ue_steps, decode) as the
-    scheduler's phases; decoding the handoff counts as transfer."""
-    return scheduler_pb2.MeasuredPhases(
-        queue=seconds.get("queue", 0.0),
-        edge_steps=seconds.get("edge_steps", 0.0),
-        transfer=seconds.get("transfer", 0.0) + seconds.get("handoff", 0.0),
-        device_steps=seconds.get("ue_steps", 0.0),
-        decode=seconds.get("decode", 0.0),
-    )
+    """The pipeline's phase timers, name for name (tandem.phases: the device's own prompt encoding
+    is already device work there, decoding the payload transfer)."""
+    return scheduler_pb2.MeasuredPhases(**{phase.value: seconds.get(phase.value, 0.0) for phase in Phase})
 
 
 def report(

@@ -196,7 +196,9 @@ def cpu_energy_j(cycles: float, freq_hz: float, kappa: float = 1e-28):
 
 
 # --- online calibration ---------------------------------------------------------------------------
-Phase = Literal["edge", "device", "decode", "transfer"]
+# What a calibration sample measures (the cost model's terms, not tandem.phases: edge compute, device
+# steps, decode, and a transfer with its round trip).
+CostTerm = Literal["edge", "device", "decode", "transfer"]
 
 
 @dataclass(frozen=True)
@@ -209,7 +211,7 @@ class PhaseObservation:
     transfer: ``seconds`` for ``nbytes`` at ``rate_bps`` (updates the RTT).
     """
 
-    phase: Phase
+    phase: CostTerm
     seconds: float
     steps: int = 0
     batch: int = 1

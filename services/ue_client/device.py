@@ -18,6 +18,7 @@ from services.ue_client.transport import EdgeError, EventCallback, fetch_handoff
 from tandem.codec.container import CodecError, unpack_container
 from tandem.handoff import CodecSpec, decode_handoff
 from tandem.packs import ModelPack
+from tandem.phases import Phase
 from tandem.pipeline import GenerationResult, PhaseTimer, StepCallback, finish_on_device, resume, start
 from tandem.request import GenerationRequest, RequestError
 from tandem.sampling.denoise import DenoiseState
@@ -85,7 +86,7 @@ def generate_via_edge(
     if cancel is not None:
         cancel.check("the device phase")
     if state is None:
-        with timer.phase("ue_steps"):
+        with timer.phase(Phase.DEVICE_STEPS):
             state = start(pack, request)
     edge_steps = 0 if fallback else request.split
     image = finish_on_device(pack, state, request.steps, timer, step)
@@ -93,7 +94,7 @@ def generate_via_edge(
         image=image,
         latent=state.latent.cpu(),
         edge_steps=edge_steps,
-        ue_steps=request.steps - edge_steps,
+        device_steps=request.steps - edge_steps,
         handoff_bytes=len(payload) if not fallback else 0,
         seconds=timer.seconds,
         fallback=fallback,
@@ -111,7 +112,7 @@ def _resume_from_edge(pack: ModelPack, request: GenerationRequest, codec: CodecS
     timer.seconds.update(edge.seconds)
     # Decoding the payload is transfer (it grows with the bytes); the device's own prompt encoding
     # inside resume is device work, so the scheduler's link model never sees text-encoder time.
-    with timer.phase("transfer"):
+    with timer.phase(Phase.TRANSFER):
         meta, _ = unpack_container(edge.payload)
         check_header(meta, request, latent_shape)  # before any tensor is decoded
         schedule = make_schedule(request.sampler, request.steps, pack.sampler_config)
@@ -119,7 +120,7 @@ def _resume_from_edge(pack: ModelPack, request: GenerationRequest, codec: CodecS
             handoff = decode_handoff(edge.payload, request, schedule)
         except CodecError as exc:
             raise HandoffRejected(str(exc)) from exc
-    with timer.phase("ue_steps"):
+    with timer.phase(Phase.DEVICE_STEPS):
         try:
             return resume(pack, handoff), edge.payload
         except (RequestError, RuntimeError, ValueError) as exc:  # torch shape/dtype faults included

@@ -31,6 +31,7 @@ from services.security import (ClientSecurity, SecurityError, add_client_args, a
 from services.ue_client.call import parse_call
 from services.ue_client.device import CancelFlag, Cancelled, generate_via_edge
 from services.ue_client.metrics import DeviceMetrics
+from tandem.phases import Phase
 from tandem.packs import ModelPack, PackError, load_pack
 from tandem.request import RequestError
 from tandem.v1 import device_pb2, device_pb2_grpc
@@ -68,7 +69,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             after_cancel = [0]  # device steps that finished once the call was cancelled
 
             def on_step(phase: str, done: int, total: int) -> None:  # called on the worker thread
-                if phase == "device" and cancel.is_set():
+                if phase == Phase.DEVICE_STEPS and cancel.is_set():
                     after_cancel[0] += 1
                 loop.call_soon_threadsafe(events.put_nowait, device_pb2.PhaseProgress(phase=phase, done=done, total=total))
 
@@ -117,7 +118,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
     def _result(self, result) -> device_pb2.DeviceResult:
         for phase, seconds in result.seconds.items():
             self.metrics.phase_seconds.labels(phase=phase).observe(seconds)
-        self.metrics.steps.inc(result.ue_steps)
+        self.metrics.steps.inc(result.device_steps)
         if result.fallback:
             self.metrics.fallbacks.inc()
         if result.handoff_bytes:
@@ -127,7 +128,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         return device_pb2.DeviceResult(
             png=png.getvalue(),
             edge_steps=result.edge_steps,
-            device_steps=result.ue_steps,
+            device_steps=result.device_steps,
             handoff_bytes=result.handoff_bytes,
             seconds=result.seconds,
             fallback=result.fallback or "",

@@ -10,12 +10,13 @@ import grpc
 
 from services.security import ClientSecurity, aio_channel, call_metadata
 from services.ue_client.integrity import HandoffLimits
+from tandem.phases import Phase
 from tandem.handoff import CodecSpec
 from tandem.wire import request_to_proto
 from tandem.request import GenerationRequest
 from tandem.v1 import edge_pb2, edge_pb2_grpc
 
-# on_event(phase, done, total): "queue" (position), "edge" (step of k), "transfer" (bytes).
+# on_event(phase, done, total): queue (position), edge_steps (step of k), transfer (bytes).
 EventCallback = Callable[[str, int, int], None]
 MAX_HANDOFF_BYTES = 64 * 1024 * 1024  # without a request's own limits (HandoffLimits)
 MESSAGE_OVERHEAD = 64 * 1024  # a chunk message's framing around its data
@@ -66,10 +67,10 @@ async def fetch_handoff(
                                                 metadata=call_metadata(security)):
                 kind = response.WhichOneof("event")
                 if kind == "queued":
-                    _notify(on_event, "queue", response.queued.position, 0)
+                    _notify(on_event, Phase.QUEUE, response.queued.position, 0)
                 elif kind == "progress":
                     marks.setdefault("edge_start", time.perf_counter())
-                    _notify(on_event, "edge", response.progress.step, response.progress.total)
+                    _notify(on_event, Phase.EDGE_STEPS, response.progress.step, response.progress.total)
                 elif kind == "handoff":
                     chunk = response.handoff
                     marks.setdefault("transfer_start", time.perf_counter())
@@ -80,7 +81,7 @@ async def fetch_handoff(
                     limits.check_chunk(chunk.index, chunk.count, chunk.total_bytes, received)
                     expected_count, expected_total = chunk.count, chunk.total_bytes
                     chunks.append(chunk.data)
-                    _notify(on_event, "transfer", received, chunk.total_bytes)
+                    _notify(on_event, Phase.TRANSFER, received, chunk.total_bytes)
         except grpc.aio.AioRpcError as exc:
             raise EdgeError(exc.code().name, exc.details() or "") from exc
     payload = b"".join(chunks)
@@ -91,7 +92,8 @@ async def fetch_handoff(
     transfer_start = marks.get("transfer_start", end)
     return EdgeHandoff(
         payload,
-        {"queue": edge_start - began, "edge_steps": transfer_start - edge_start, "transfer": end - transfer_start},
+        {Phase.QUEUE.value: edge_start - began, Phase.EDGE_STEPS.value: transfer_start - edge_start,
+         Phase.TRANSFER.value: end - transfer_start},
     )
 
 
