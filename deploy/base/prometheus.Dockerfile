@@ -11,6 +11,8 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && mkdir -p /prometheus \
     && chown prometheus:prometheus /prometheus
+# the package's system user (its uid is the package's choice, hence by name)
+# hadolint ignore=DL3066
 USER prometheus
 WORKDIR /prometheus
 EXPOSE 9090
