@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tandem.codec.spec import DEFAULT_STRATEGY, ENCODINGS, STRATEGIES, CodecSpec
+from tandem.packs import DEMO_PACK
 from tandem.request import GenerationRequest, RequestError
 from tandem.sampling.names import SAMPLERS
 
-DEMO_PACK = Path(__file__).parent / "demo_pack"
 TINY_PACK_CACHE = Path.home() / ".cache" / "tandem" / "tiny-random-v1"
 
 # Request/codec field → the flag that sets it, so errors name what the user typed.

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     import torch
 
 MANIFEST_NAME = "tandem_pack.json"
+# The embedded, trained demo pack (large/ for the edge, small/ with LoRAs for the device): every
+# command and service defaults to it.
+DEMO_PACK = Path(__file__).parent / "demo_pack"
 MANIFEST_VERSION = 1
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tandem.healthcheck import check
+from tandem.packs import DEMO_PACK
 
-DEMO_PACK = Path(__file__).parent / "demo_pack"
 PR_SET_PDEATHSIG = 1
 
 

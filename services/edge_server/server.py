@@ -49,7 +49,7 @@ def _optional_int(name: str) -> int | None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from tandem.cli import DEMO_PACK
+    from tandem.packs import DEMO_PACK
 
     parser = argparse.ArgumentParser(prog="tandem-edge", description=describe(__doc__))
     parser.add_argument("--pack", default=_env("pack", str(DEMO_PACK / "large")), help="large model pack")

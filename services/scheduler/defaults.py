@@ -11,13 +11,12 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import tandem
 from services.scheduler.costs import CostProfile
 from services.scheduler.quality import QualityProfile, load_or_synthetic
+from tandem.packs import DEMO_PACK
 
 ROOT = Path(__file__).resolve().parents[2]  # the directory holding services/ and tandem/
 DEFAULT_POLICY = Path(__file__).parent / "policies" / "default"
-DEMO_PACK = Path(tandem.__file__).parent / "demo_pack"
 DEFAULT_QUALITY = DEMO_PACK / "quality_profile.json"
 DEMO_COSTS = Path(__file__).parent / "profiles" / "demo_cpu.json"
 BUILTIN = "builtin"  # the synthetic built-in cost profile

@@ -141,7 +141,7 @@ def _env(name: str, default):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from tandem.cli import DEMO_PACK
+    from tandem.packs import DEMO_PACK
 
     parser = argparse.ArgumentParser(prog="tandem-ue", description=describe(__doc__))
     parser.add_argument("--pack", default=_env("pack", str(DEMO_PACK / "small")), help="small model pack")
