@@ -9,7 +9,6 @@ import json
 import math
 import subprocess
 import sys
-import time
 
 import grpc
 import pytest

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import struct
-import zlib
 
 import numpy as np
 import pytest

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import time
 
-import pytest
 
 import tandem.pipeline
 from service_procs import edge_server, metric_value, scheduler_service

@@ -83,7 +83,7 @@ def test_topology_serves_generations_exposes_metrics_and_stops_cleanly(tmp_path,
         services = state["services"]
         assert set(services) == ({"edge", "ue", "scheduler"} if scheduler_available() else {"edge", "ue"})
         printed = state["output"].read_text()
-        for name, service in services.items():
+        for service in services.values():
             assert service["address"] in printed and service["metrics_url"] in printed
             assert Path(service["log"]).exists() and running(service["pid"])
         ue, edge = services["ue"]["address"], services["edge"]["address"]

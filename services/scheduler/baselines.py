@@ -12,7 +12,7 @@ The exact optimum lives in :mod:`services.scheduler.exact`.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

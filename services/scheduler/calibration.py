@@ -17,7 +17,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, replace
 from statistics import fmean
-from typing import Iterable
+from collections.abc import Iterable
 
 from services.scheduler.costs import CostProfile, EdgeCoefficients, PhaseObservation
 

@@ -7,7 +7,7 @@ so they return None / False (and tell ``on_error`` why) and the caller keeps its
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import grpc
 

@@ -10,7 +10,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Sequence
+from collections.abc import Sequence
 
 from services.scheduler.calibration import RobustCalibrator
 from services.scheduler.costs import CostProfile, PhaseObservation

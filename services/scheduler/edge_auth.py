@@ -12,7 +12,8 @@ from __future__ import annotations
 import hmac
 import ipaddress
 from dataclasses import dataclass
-from typing import Collection, Iterable, Literal, Mapping
+from typing import Literal
+from collections.abc import Collection, Iterable, Mapping
 
 MAX_ADDRESS_CHARS = 255  # a DNS name (253) + ":" + a port would not fit any longer
 

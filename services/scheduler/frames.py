@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Generic, Sequence, TypeVar
+from typing import Generic, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")

@@ -6,7 +6,7 @@ plans are then exactly those of the frame without it. Pure logic, no gRPC.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from tandem.codec.spec import ENCODINGS as CODECS
 from tandem.codec.spec import MAX_MERGE_RATIO

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence, Union
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -23,7 +23,7 @@ from services.scheduler.quality import QualityProfile
 from services.scheduler.scenario import FrameContext, ObjectiveConfig, UserSpec
 
 Decider = Callable[[FrameProblem], np.ndarray]
-DeciderLike = Union[str, Decider]
+DeciderLike = str | Decider
 
 
 @dataclass(frozen=True, slots=True)  # thousands wait in the pending-plan table
@@ -91,7 +91,6 @@ def schedule_frame(users: Sequence[UserSpec], quality: QualityProfile, costs: Co
     if sel.shape != (problem.n_users,) or (problem.n_users and (sel.min() < 0 or sel.max() >= len(options))):
         raise ValueError(f"decider returned an invalid selection {sel!r}")
     ev = problem.evaluate(sel)
-    rows = np.arange(problem.n_users)
     x, y = ev.gpu_shares, ev.band_shares
     edge, tx, ok = ev.edge_seconds, ev.transfer_seconds, ~ev.violations
     alloc = None

@@ -24,7 +24,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Mapping, Sequence, TypeVar
+from typing import TypeVar
+from collections.abc import Callable, Mapping, Sequence
 
 
 from services.scheduler.costs import (CostProfile, CostProfileError, DeviceClass, EdgeCoefficients, LatentShape)

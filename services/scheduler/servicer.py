@@ -7,7 +7,7 @@ import asyncio
 import logging
 import socket
 import time
-from typing import Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import grpc
 

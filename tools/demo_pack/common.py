@@ -19,7 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from contextlib import AbstractContextManager as ContextManager
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import torch
