@@ -23,10 +23,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import grpc  # noqa: E402
-
 from service_procs import device_service, fake_edge, metric_value, rss_bytes, scheduler_service  # noqa: E402
+
+from services.cli import generate as cli  # noqa: E402
 from services.ue_client.client import generate_on_device_service  # noqa: E402
-from tandem import cli  # noqa: E402
 from tandem.v1 import device_pb2, device_pb2_grpc, edge_pb2  # noqa: E402
 
 PROMPT = "a red circle at the left on a blue background"
@@ -80,7 +80,7 @@ def cancelled_then_valid(ue, cancelled: int, steps: int, rounds: int) -> None:
         def watch(call) -> None:
             with contextlib.suppress(grpc.RpcError):
                 for response in call:
-                    if response.progress.phase == "device":
+                    if response.progress.phase == "device_steps":
                         started.set()
 
         with grpc.insecure_channel(ue.address) as channel:

@@ -32,13 +32,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import grpc  # noqa: E402
-
 from service_procs import edge_server  # noqa: E402
+
+from services.common.wire import request_to_proto  # noqa: E402
 from tandem.handoff import CodecSpec  # noqa: E402
 from tandem.packs import load_pack  # noqa: E402
 from tandem.request import GenerationRequest  # noqa: E402
 from tandem.v1 import edge_pb2, edge_pb2_grpc  # noqa: E402
-from tandem.wire import request_to_proto  # noqa: E402
 
 PROMPT = "a red circle at the left on a blue background"
 MIB = 1024 * 1024

@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
-
 from service_procs import free_port, metric_value, rss_bytes, scheduler_service  # noqa: E402
+
 from tandem.v1 import scheduler_pb2 as pb  # noqa: E402
 from tandem.v1 import scheduler_pb2_grpc  # noqa: E402
 

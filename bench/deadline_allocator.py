@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.scheduler.allocator import DeadlineAllocator, closed_form, deadline_shares  # noqa: E402
+from services.scheduler.decide.allocator import DeadlineAllocator, closed_form, deadline_shares  # noqa: E402
 
 
 def random_frame(rng: np.random.Generator):

@@ -21,8 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from PIL import Image  # noqa: E402
-
 from service_procs import edge_server  # noqa: E402
+
 from services.ue_client.device import generate_via_edge  # noqa: E402
 from services.ue_client.transport import fetch_handoff  # noqa: E402
 from tandem.handoff import CodecSpec  # noqa: E402

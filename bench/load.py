@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from service_procs import edge_server, scheduler_service  # noqa: E402
+
 from services.scheduler.client import report, request_plan  # noqa: E402
 from services.ue_client.transport import EdgeError, fetch_handoff  # noqa: E402
 from tandem.codec.container import unpack_container  # noqa: E402

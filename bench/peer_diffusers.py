@@ -160,8 +160,8 @@ def main() -> int:
     lines = []
     if parts & {"batch", "staggered"}:
         import torch
-
         from service_procs import edge_server
+
         from tandem.packs import PackManifest
 
         torch.set_num_threads(1)

@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from service_procs import edge_server, metric_value, scheduler_service, wait_edges_live  # noqa: E402
+
 from services.scheduler.core import Measured, measured_phases  # noqa: E402
 
 PROMPTS = [f"a {c} {s} at the {p} on a {b} background" for c, s, p, b in [
@@ -70,7 +71,7 @@ def measured(report: dict) -> dict[str, float]:
 
 
 def generate(index: int, scheduler: str, args: argparse.Namespace, out_dir: Path) -> Generation:
-    from tandem.cli import main as cli
+    from services.cli.generate import main as cli
 
     argv = ["generate", PROMPTS[index % len(PROMPTS)], "--seed", str(index), "--out", str(out_dir / f"{index}.png"),
             "--large", str(args.large), "--small", str(args.small), "--device", "cpu", "--scheduler", scheduler,
@@ -89,7 +90,7 @@ def generate(index: int, scheduler: str, args: argparse.Namespace, out_dir: Path
 
 
 def warm_up(index: int, edge: str, args: argparse.Namespace, out_dir: Path) -> None:
-    from tandem.cli import main as cli
+    from services.cli.generate import main as cli
 
     argv = ["generate", PROMPTS[0], "--out", str(out_dir / f"warm{index}.png"), "--small", str(args.small),
             "--device", "cpu", "--edge", edge, "--quiet"]

@@ -27,16 +27,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.scheduler.baselines import BASELINES, polished  # noqa: E402
-from services.scheduler.exact import exact_optimum  # noqa: E402
-from services.scheduler.options import DEFAULT_OPTIONS  # noqa: E402
-from services.scheduler import planner  # noqa: E402
-from services.scheduler.planner import schedule_frame  # noqa: E402
-from services.scheduler.policy import SchedulerPolicy  # noqa: E402
-from services.scheduler.problem import FrameProblem  # noqa: E402
-from services.scheduler.defaults import (BUILTIN, DEFAULT_QUALITY, POLISH_MAX_USERS, POLISH_SWEEPS,  # noqa: E402
-                                         default_cost_profile, display_path, load_profiles)
-from services.scheduler.scenario import DEFAULT_SCENARIO, sample_frame, scenario_for  # noqa: E402
+from services.scheduler.decide import planner  # noqa: E402
+from services.scheduler.decide.baselines import BASELINES, polished  # noqa: E402
+from services.scheduler.decide.exact import exact_optimum  # noqa: E402
+from services.scheduler.decide.options import DEFAULT_OPTIONS  # noqa: E402
+from services.scheduler.decide.planner import schedule_frame  # noqa: E402
+from services.scheduler.decide.policy import SchedulerPolicy  # noqa: E402
+from services.scheduler.decide.problem import FrameProblem  # noqa: E402
+from services.scheduler.decide.scenario import DEFAULT_SCENARIO, sample_frame, scenario_for  # noqa: E402
+from services.scheduler.defaults import BUILTIN, DEFAULT_QUALITY, POLISH_MAX_USERS, POLISH_SWEEPS, default_cost_profile, display_path, load_profiles  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIO = DEFAULT_SCENARIO  # set in main() from the profiles

@@ -46,5 +46,5 @@ USER 10001:10001
 EXPOSE 50051 9101
 # SERVING only once the model is loaded; a big pack from a volume takes a while.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=300s --retries=3 \
-    CMD ["sh", "-c", "python -m tandem.healthcheck 127.0.0.1:${TANDEM_EDGE_PORT} tandem.v1.EdgeService"]
+    CMD ["sh", "-c", "python -m services.cli.healthcheck 127.0.0.1:${TANDEM_EDGE_PORT} tandem.v1.EdgeService"]
 ENTRYPOINT ["python", "-m", "services.edge_server"]

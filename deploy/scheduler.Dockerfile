@@ -41,5 +41,5 @@ ENV TANDEM_SCHEDULER_HOST=0.0.0.0 \
 USER 10001:10001
 EXPOSE 50071 9103
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["sh", "-c", "python -m tandem.healthcheck 127.0.0.1:${TANDEM_SCHEDULER_PORT}"]
+    CMD ["sh", "-c", "python -m services.cli.healthcheck 127.0.0.1:${TANDEM_SCHEDULER_PORT}"]
 ENTRYPOINT ["python", "-m", "services.scheduler"]

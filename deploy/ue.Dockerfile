@@ -43,5 +43,5 @@ ENV TANDEM_UE_HOST=0.0.0.0 \
 USER 10001:10001
 EXPOSE 50061 9102
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["sh", "-c", "python -m tandem.healthcheck 127.0.0.1:${TANDEM_UE_PORT} tandem.v1.DeviceService"]
+    CMD ["sh", "-c", "python -m services.cli.healthcheck 127.0.0.1:${TANDEM_UE_PORT} tandem.v1.DeviceService"]
 ENTRYPOINT ["python", "-m", "services.ue_client"]

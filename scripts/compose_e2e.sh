@@ -267,7 +267,7 @@ docker compose up -d --no-build --wait --wait-timeout 300 >"$STATE/up.log" 2>&1 
 figure "up -> all healthy ($(docker compose ps --format '{{.Service}}' | sort | tr '\n' ' ')): $(since "$t0") s"
 
 # one image through the device container, one through the edge container
-tandem() { "$PYTHON" -m tandem.cli "$@"; }
+tandem() { "$PYTHON" -m services.cli.generate "$@"; }
 PROMPT="a red circle at the left on a blue background"
 OUT="$STATE/out"; mkdir -p "$OUT"
 check_png() {  # check_png FILE: a real PNG of the demo pack's size

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job, offline on the embedded demo pack: scheduler, edge server and device service come
-# up on loopback (python -m tandem.topology), one image goes through the split pipeline (the
+# up on loopback (python -m services.cli.topology), one image goes through the split pipeline (the
 # scheduler plans T, k and the codec; the edge runs the first k steps, the device the rest), then
 # everything stops. Logs in out/logs/.
 #   scripts/demo.sh                                   the demo prompt → out/demo.png
@@ -16,6 +16,6 @@ fi
 scripts/bootstrap.sh all
 mkdir -p out
 export HF_HUB_OFFLINE=1
-exec .venv/bin/python -m tandem.topology --free-ports --log-dir out/logs \
+exec .venv/bin/python -m services.cli.topology --free-ports --log-dir out/logs \
     --then generate "$prompt" --out out/demo.png \
     --device-class cpu-demo "$@"  # the device class profiled on a CPU (services/scheduler/profiles)

@@ -238,16 +238,15 @@ def load_pack(
     sampler_config = _read_json(dirs["scheduler"] / "scheduler_config.json")
     vae_config = _read_json(dirs["vae"] / "config.json")
     vae_class = AutoencoderTiny if vae_config.get("_class_name") == "AutoencoderTiny" else AutoencoderKL
-    load = {"torch_dtype": dtype, "use_safetensors": True}
     try:
-        unet = UNet2DConditionModel.from_pretrained(dirs["unet"], **load)
-        vae = vae_class.from_pretrained(dirs["vae"], **load)
-        text_encoder = CLIPTextModel.from_pretrained(dirs["text_encoder"], **load)
+        unet = UNet2DConditionModel.from_pretrained(dirs["unet"], torch_dtype=dtype, use_safetensors=True)
+        vae = vae_class.from_pretrained(dirs["vae"], torch_dtype=dtype, use_safetensors=True)
+        text_encoder = CLIPTextModel.from_pretrained(dirs["text_encoder"], torch_dtype=dtype, use_safetensors=True)
         tokenizer = CLIPTokenizer.from_pretrained(dirs["tokenizer"])
     except (OSError, ValueError) as exc:
         raise PackError(f"pack {root}: {exc}") from exc
     for module in (unet, vae, text_encoder):
-        module.to(device).eval().requires_grad_(False)
+        module.to(device).eval().requires_grad_(False)  # type: ignore[arg-type]  # transformers' stub of .to
     pack = ModelPack(
         name=manifest.name,
         root=root,

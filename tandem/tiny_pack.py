@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -87,7 +88,7 @@ def build_tiny_pack(
             norm_num_groups=8,
             sample_size=image_size,
         )
-        vae.save_pretrained(out / "vae")
+        vae.save_pretrained(out / "vae")  # type: ignore[attr-defined]  # ModelMixin method, not in the stub
         (out / "scheduler").mkdir(exist_ok=True)
         (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(sampler_config or SD_SAMPLER_CONFIG))
     else:
@@ -106,7 +107,7 @@ def build_tiny_pack(
         attention_head_dim=8,
         norm_num_groups=8,
     )
-    unet.save_pretrained(out / "unet")
+    unet.save_pretrained(out / "unet")  # type: ignore[attr-defined]  # ModelMixin method, not in the stub
     (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
     return out
 
@@ -117,7 +118,7 @@ def build_sd_geometry_pair(out_dir: str | Path, seed: int = 0) -> tuple[Path, Pa
     stays cheap. For systems measurement only (bytes, links, batching): its images are noise, so
     its quality is measured as fidelity, never accuracy. Named "sd-geometry-random-*"."""
     out = Path(out_dir)
-    common = dict(image_size=512, vae_channels=(8, 8, 8, 8), text_dim=32, attention_levels=1)
+    common: dict[str, Any] = dict(image_size=512, vae_channels=(8, 8, 8, 8), text_dim=32, attention_levels=1)
     large = build_tiny_pack(out / "large", seed=seed + 1, unet_channels=(16, 32, 64), role="large",
                             name="sd-geometry-random-large", **common)
     small = build_tiny_pack(out / "small", seed=seed + 2, unet_channels=(8, 16, 32), role="small",

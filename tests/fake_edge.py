@@ -26,12 +26,12 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
+from services.common.wire import request_from_proto
 from tandem.handoff import CodecSpec, encode_handoff
 from tandem.packs import ModelPack, load_pack
 from tandem.pipeline import make_handoff, start
 from tandem.request import GenerationRequest
 from tandem.v1 import edge_pb2, edge_pb2_grpc
-from tandem.wire import request_from_proto
 
 CHUNK_BYTES = 32 * 1024  # under the device's message cap: the declared sizes are what it must check
 FLOOD_CHUNK = bytes(4 * 1024 * 1024)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tandem import cli
+from services.cli import generate as cli
 
 
 @pytest.fixture

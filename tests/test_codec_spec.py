@@ -45,7 +45,7 @@ def test_first_step_handoff_carries_one_tensor():
 
 
 def test_spec_and_scheduler_cost_model_import_no_torch():
-    code = ("import sys, tandem.codec.spec, tandem.request, services.scheduler.costs, services.scheduler.options; "
+    code = ("import sys, tandem.codec.spec, tandem.request, services.scheduler.decide.costs, services.scheduler.decide.options; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

@@ -9,7 +9,14 @@ import pytest
 
 from tandem.demo.grammar import COLORS, POSITIONS, SHAPES, STYLES, Scene, parse_prompt
 from tandem.demo.world import (
-    IMAGE_SIZE, RGB, STRIPE_PX, Jitter, make_batch, render, sample_arrays, sample_scenes,
+    IMAGE_SIZE,
+    RGB,
+    STRIPE_PX,
+    Jitter,
+    make_batch,
+    render,
+    sample_arrays,
+    sample_scenes,
 )
 
 # sha256 of make_batch(64, 123)'s images: the same seed must give the same pixels everywhere.

@@ -95,7 +95,7 @@ def test_compose_topology():
     assert services["grafana"]["depends_on"].keys() == {"prometheus"}
     for name, prefix in TANDEM_SERVICES.items():
         test = services[name]["healthcheck"]["test"]
-        assert test[:4] == ["CMD", "python", "-m", "tandem.healthcheck"], name
+        assert test[:4] == ["CMD", "python", "-m", "services.cli.healthcheck"], name
         assert test[4] == f"127.0.0.1:{services[name]['environment'][prefix + '_PORT']}"
         assert services[name]["environment"][prefix + "_HOST"] == "0.0.0.0"
     # start_period covers loading the model (compose normalizes it to a duration string)
@@ -154,7 +154,7 @@ def test_dockerfile_essentials(name, extra):
     assert "COPY --from=build /opt/venv /opt/venv" in final
     user = re.findall(r"^USER (\S+)", text, re.M)
     assert user and user[-1].split(":")[0] not in ("0", "root"), "runs as root"
-    assert re.search(r"^HEALTHCHECK .*\n\s+CMD .*python -m tandem\.healthcheck", text, re.M)
+    assert re.search(r"^HEALTHCHECK .*\n\s+CMD .*python -m services\.cli\.healthcheck", text, re.M)
     if name != "scheduler":
         assert f"TANDEM_{name.upper()}_PACK=/app/tandem/demo_pack/" in text
 

@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 from PIL import Image
-
 from service_procs import device_service, edge_server, free_port, metric_value
-from tandem import cli
+
+from services.cli import generate as cli
 from tandem.handoff import CodecSpec
 from tandem.pipeline import HybridPipeline
 from tandem.request import GenerationRequest

@@ -13,10 +13,10 @@ import time
 import grpc
 import pytest
 from PIL import Image
-
 from service_procs import device_service, fake_edge, metric_value, rss_bytes, scheduler_service
+
+from services.cli import generate as cli
 from services.ue_client.client import generate_on_device_service
-from tandem import cli
 from tandem.v1 import device_pb2, device_pb2_grpc, edge_pb2
 
 PROMPT = "a red circle at the left on a blue background"
@@ -109,7 +109,7 @@ def test_cancelled_calls_stop_at_the_next_step(hostile):
         for _ in range(12):
             call = stub.Generate(message, timeout=120)
             for response in call:
-                if response.WhichOneof("event") == "progress" and response.progress.phase == "device":
+                if response.WhichOneof("event") == "progress" and response.progress.phase == "device_steps":
                     call.cancel()
                     break
             else:
@@ -178,6 +178,7 @@ def test_honest_handoffs_pass_the_checks_and_fit_the_cap(large_pack, small_pack,
     """No false alarms: a real edge's handoff for every sampler and codec, at the largest split
     with history, passes the device's checks within its byte cap; each attack's does not."""
     from fake_edge import hostile_payload, tampered
+
     from services.ue_client.integrity import HandoffLimits, HandoffRejected, check_header, wire_codec
     from tandem.codec.container import CodecError, unpack_container
     from tandem.handoff import CodecSpec, decode_handoff, encode_handoff

@@ -11,9 +11,9 @@ import grpc
 import numpy as np
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
 from service_procs import edge_server, metric_value
-from tandem.wire import request_to_proto
+
+from services.common.wire import request_to_proto
 from services.ue_client.device import generate_via_edge
 from services.ue_client.transport import EdgeError, fetch_handoff, get_capabilities
 from tandem.handoff import CodecSpec

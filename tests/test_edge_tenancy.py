@@ -12,13 +12,13 @@ import sys
 
 import grpc
 import pytest
-
 from service_procs import ROOT, device_service, edge_server, free_port, metric_value, scheduler_service
+
+from services.common.wire import request_to_proto
 from services.ue_client.transport import fetch_handoff, get_capabilities
 from tandem.handoff import CodecSpec, decode_handoff
 from tandem.request import GenerationRequest
 from tandem.v1 import edge_pb2, edge_pb2_grpc
-from tandem.wire import request_to_proto
 
 PROMPT = "a red circle at the left on a blue background"
 
@@ -103,7 +103,7 @@ def test_a_failing_batched_call_fails_only_the_culprit(tiny_packs):
         pack.unet = unet
         for i, request in enumerate(requests):
             engine.submit(request, CodecSpec("fp32"), lambda e, i=i: events.__setitem__(i, e))
-        while not engine.scheduler.idle:
+        while not engine.batcher.idle:
             engine.step()
         return events, engine.stats
 

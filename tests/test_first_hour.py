@@ -16,8 +16,8 @@ import grpc
 import numpy as np
 import pytest
 from PIL import Image
-
 from service_procs import ROOT, device_service, edge_server, free_port, metric_value, scheduler_service
+
 from services.ue_client.transport import fetch_handoff
 from tandem.codec.spec import CodecSpec
 from tandem.request import GenerationRequest
@@ -28,7 +28,7 @@ ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED
 
 
 def tandem(*args: str, env: dict | None = None, python_flags: tuple[str, ...] = (), timeout: float = 300):
-    return subprocess.run([sys.executable, *python_flags, "-m", "tandem.cli", *args], cwd=ROOT, env=env or ENV,
+    return subprocess.run([sys.executable, *python_flags, "-m", "services.cli.generate", *args], cwd=ROOT, env=env or ENV,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -219,7 +219,7 @@ def test_topology_with_busy_port_is_one_line_and_never_up(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = subprocess.run([sys.executable, "-m", "tandem.topology", "--no-scheduler", "--edge-port", str(port),
+        result = subprocess.run([sys.executable, "-m", "services.cli.topology", "--no-scheduler", "--edge-port", str(port),
                                  "--log-dir", str(tmp_path / "logs")], cwd=ROOT, env=ENV, capture_output=True,
                                 text=True, timeout=120)
     assert result.returncode == 2
@@ -229,7 +229,7 @@ def test_topology_with_busy_port_is_one_line_and_never_up(tmp_path):
 
 
 def test_healthcheck_rejects_an_address_without_port():
-    result = subprocess.run([sys.executable, "-m", "tandem.healthcheck", "127.0.0.1"], cwd=ROOT, env=ENV,
+    result = subprocess.run([sys.executable, "-m", "services.cli.healthcheck", "127.0.0.1"], cwd=ROOT, env=ENV,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert result.stdout.strip() == "error: address: '127.0.0.1' is not HOST:PORT (e.g. 127.0.0.1:50051)"
@@ -238,7 +238,7 @@ def test_healthcheck_rejects_an_address_without_port():
 # --- item 3: `tandem` is not on PATH until the virtualenv is activated ------------------------------
 
 def test_topology_names_a_tandem_command_that_runs():
-    code = "from tandem.topology import _tandem_command; print(_tandem_command())"
+    code = "from services.cli.topology import _tandem_command; print(_tandem_command())"
     bin_dir = str(Path(sys.executable).parent)
     without = ":".join(p for p in os.environ.get("PATH", "").split(":") if p and Path(p).resolve() != Path(bin_dir).resolve())
     shown = {}

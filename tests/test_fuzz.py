@@ -10,12 +10,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from service_procs import edge_server
+from test_handoff import make_handoff
+
 from tandem.codec.container import CodecError, pack_container, unpack_container
 from tandem.handoff import CodecSpec, decode_handoff, encode_handoff
 from tandem.v1 import edge_pb2, edge_pb2_grpc
-from test_handoff import make_handoff
 
 HANDOFF = make_handoff()
 VALID = {

@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import pytest
-
 from service_procs import ROOT, edge_server, free_port
-from tandem import healthcheck
+
+from services.cli import healthcheck
 
 
 def test_probe_says_serving_only_for_a_serving_service(tiny_packs, tmp_path, capsys):
@@ -23,7 +23,7 @@ def test_probe_says_serving_only_for_a_serving_service(tiny_packs, tmp_path, cap
         assert len(out) == 1 and out[0].startswith("UNKNOWN_SERVICE: ") and "NoSuchService" in out[0]
 
         # The way a HEALTHCHECK runs it: a fresh interpreter, judged by its exit status.
-        probe = [sys.executable, "-m", "tandem.healthcheck", edge.address, "tandem.v1.EdgeService"]
+        probe = [sys.executable, "-m", "services.cli.healthcheck", edge.address, "tandem.v1.EdgeService"]
         done = subprocess.run(probe, cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0 and done.stdout.startswith("SERVING: "), done.stdout + done.stderr
 

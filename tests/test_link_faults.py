@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from link_proxy import LinkFaults, LinkProxy
 from service_procs import edge_server, metric_value, scheduler_service
-from tandem import cli
+
+from services.cli import generate as cli
 
 PROMPT = "a red circle at the left on a blue background"
 

@@ -10,9 +10,9 @@ import sys
 
 import grpc
 import pytest
-
 from service_procs import scheduler_service
-from services.scheduler.quality import QualityProfile
+
+from services.scheduler.decide.quality import QualityProfile
 from tandem.v1 import scheduler_pb2 as pb
 from tandem.v1 import scheduler_pb2_grpc
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 import time
 
+from service_procs import edge_server, metric_value, scheduler_service
 
 import tandem.pipeline
-from service_procs import edge_server, metric_value, scheduler_service
-from tandem import cli
+from services.cli import generate as cli
 
 PROMPT = "a red circle at the left on a blue background"
 SLOW_ENCODER_S = 1.0

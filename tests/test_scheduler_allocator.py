@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.scheduler.allocator import DeadlineAllocator, allocate, closed_form, deadline_shares, meets_deadlines
+from services.scheduler.decide.allocator import DeadlineAllocator, allocate, closed_form, deadline_shares, meets_deadlines
 
 
 @pytest.fixture(scope="module")

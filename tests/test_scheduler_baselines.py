@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.scheduler.baselines import BASELINES, greedy_ls
-from services.scheduler.costs import CostProfile
-from services.scheduler.exact import brute_force, exact_optimum, undominated
-from services.scheduler.options import DEFAULT_OPTIONS, build_option_table
-from services.scheduler.problem import FrameProblem
-from services.scheduler.quality import synthetic_profile
-from services.scheduler.scenario import sample_frame
+from services.scheduler.decide.baselines import BASELINES, greedy_ls
+from services.scheduler.decide.costs import CostProfile
+from services.scheduler.decide.exact import brute_force, exact_optimum, undominated
+from services.scheduler.decide.options import DEFAULT_OPTIONS, build_option_table
+from services.scheduler.decide.problem import FrameProblem
+from services.scheduler.decide.quality import synthetic_profile
+from services.scheduler.decide.scenario import sample_frame
 
 QUALITY = synthetic_profile()
 COSTS = CostProfile()
@@ -69,7 +69,7 @@ def test_greedy_ls_is_close_to_the_optimum_on_small_frames():
 
 
 def test_a_polished_decider_repairs_a_bad_decision_in_one_sweep():
-    from services.scheduler.baselines import all_device, polished
+    from services.scheduler.decide.baselines import all_device, polished
 
     for seed in range(5):
         p = _problem(100 + seed, 6)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from services.scheduler.core import LinkInput, Measured, PlanInput, PlanReport, SchedulerCore
-from services.scheduler.costs import CostProfile
+from services.scheduler.decide.costs import CostProfile
+from services.scheduler.decide.options import DEFAULT_OPTIONS
+from services.scheduler.decide.quality import synthetic_profile
 from services.scheduler.edges import EdgeLoad, EdgeRegistry
-from services.scheduler.options import DEFAULT_OPTIONS
-from services.scheduler.quality import synthetic_profile
 
 
 @pytest.mark.parametrize("overhead", [0.0, 0.05])

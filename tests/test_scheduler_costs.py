@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
-from services.scheduler.costs import (
+from services.scheduler.decide.costs import (
     ChannelConfig,
     CostProfile,
     CostProfileError,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 from gymnasium.utils.env_checker import check_env
 
-from services.scheduler.env import SchedulerEnv
-from services.scheduler.features import OBS_DIM
-from services.scheduler.scenario import ScenarioConfig
+from services.scheduler.decide.features import OBS_DIM
+from services.scheduler.decide.scenario import ScenarioConfig
+from services.scheduler.learn.env import SchedulerEnv
 
 
 def _rollout(env: SchedulerEnv, seed: int, policy_seed: int = 0):

@@ -18,10 +18,10 @@ from services.scheduler.core import (
     SchedulerCore,
     UnknownPlan,
 )
-from services.scheduler.costs import CostProfile
+from services.scheduler.decide.costs import CostProfile
+from services.scheduler.decide.quality import synthetic_profile
 from services.scheduler.edges import EdgeLoad, EdgeRegistry
 from services.scheduler.frames import FrameCollector, FrameConfig
-from services.scheduler.quality import synthetic_profile
 from tandem.codec.spec import DEFAULT_STRATEGY
 
 

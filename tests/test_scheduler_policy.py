@@ -9,16 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.scheduler.costs import CostProfile
+from services.scheduler.decide.costs import CostProfile
+from services.scheduler.decide.features import OBS_DIM
+from services.scheduler.decide.options import DEFAULT_OPTIONS, build_option_table
+from services.scheduler.decide.planner import Plan, plan_frame, schedule_frame
+from services.scheduler.decide.policy import PolicyFormatError, SchedulerPolicy
+from services.scheduler.decide.problem import FrameProblem
+from services.scheduler.decide.quality import synthetic_profile
+from services.scheduler.decide.scenario import UserSpec, sample_frame, scenario_for
 from services.scheduler.defaults import DEFAULT_QUALITY, DEMO_COSTS, load_profiles, profile_ids
-from services.scheduler.features import OBS_DIM
-from services.scheduler.lagrangian import PIDLagrangian
-from services.scheduler.options import DEFAULT_OPTIONS, build_option_table
-from services.scheduler.planner import Plan, plan_frame, schedule_frame
-from services.scheduler.policy import PolicyFormatError, SchedulerPolicy
-from services.scheduler.problem import FrameProblem
-from services.scheduler.quality import synthetic_profile
-from services.scheduler.scenario import UserSpec, sample_frame, scenario_for
+from services.scheduler.learn.lagrangian import PIDLagrangian
 
 SHIPPED = Path(__file__).resolve().parents[1] / "services" / "scheduler" / "policies" / "default"
 QUALITY = synthetic_profile()
@@ -33,7 +33,7 @@ def test_policy_round_trip(tmp_path):
     obs = np.random.default_rng(0).standard_normal((5, OBS_DIM)).astype(np.float32)
     np.testing.assert_array_equal(back.logits(obs), policy.logits(obs))
     torch = pytest.importorskip("torch")
-    from services.scheduler.torch_bridge import policy_to_torch
+    from services.scheduler.learn.torch_bridge import policy_to_torch
 
     with torch.no_grad():
         np.testing.assert_allclose(policy_to_torch(back)(torch.from_numpy(obs)).numpy(), policy.logits(obs), atol=1e-5)
@@ -94,9 +94,9 @@ def test_fast_inference_decides_like_the_reference_loop(hidden):
 def test_the_service_decider_plans_a_lone_user_optimally(device_class):
     """The service's default decider (shipped policy + one sweep for small frames) on the default
     profiles: a frame of one user, base or personalized, gets the exact optimum."""
-    from services.scheduler.baselines import polished
+    from services.scheduler.decide.baselines import polished
+    from services.scheduler.decide.exact import exact_optimum
     from services.scheduler.defaults import POLISH_MAX_USERS, POLISH_SWEEPS
-    from services.scheduler.exact import exact_optimum
 
     quality, costs = load_profiles(DEFAULT_QUALITY, DEMO_COSTS)
     decider = polished(SchedulerPolicy.load(SHIPPED, DEFAULT_OPTIONS), POLISH_SWEEPS, POLISH_MAX_USERS)
@@ -166,7 +166,7 @@ def test_plan_frame_rejects_unknown_deciders():
 
 def test_training_smoke_saves_a_loadable_policy(tmp_path):
     pytest.importorskip("sb3_contrib")
-    from services.scheduler.train import train
+    from services.scheduler.learn.train import train
 
     meta = train(steps=256, seed=0, out=tmp_path, n_envs=2, n_steps=128, hidden=16, quiet=True)
     assert meta["mode"] == "lagrangian" and meta["cost_limit"] == 0.02

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from services.scheduler.costs import CostProfile, fit_linear
-from services.scheduler.profiling import main
+from services.scheduler.decide.costs import CostProfile, fit_linear
+from services.scheduler.learn.profiling import main
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from services.scheduler.quality import (
+from services.scheduler.decide.quality import (
     QualityPoint,
     QualityProfile,
     QualityProfileError,
-    synthetic_accuracy,
     load_or_synthetic,
+    synthetic_accuracy,
     synthetic_profile,
 )
 

@@ -10,9 +10,9 @@ import time
 import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
 from service_procs import edge_server, free_port, metric_value, scheduler_service, wait_edges_live
-from tandem import cli
+
+from services.cli import generate as cli
 from tandem.codec.spec import DEFAULT_STRATEGY
 from tandem.v1 import scheduler_pb2 as pb
 from tandem.v1 import scheduler_pb2_grpc

@@ -9,10 +9,10 @@ import json
 
 import grpc
 import pytest
-
 from service_procs import edge_server, metric_value, scheduler_service, wait_edges_live
+
+from services.common.security import SecurityError
 from services.scheduler.server import edge_credentials, parse_args
-from services.security import SecurityError
 from tandem.v1 import scheduler_pb2 as pb
 from tandem.v1 import scheduler_pb2_grpc
 

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 from service_procs import ROOT, edge_server, scheduler_service
+
+from services.cli import generate as cli
+from services.common.security import ClientSecurity, SecurityError, client_security, read_pem, server_tls
+from services.common.tokens import bearer_token, check_access, claimed_users, load_tokens
 from services.scheduler.client import request_plan
-from services.security import ClientSecurity, SecurityError, client_security, read_pem, server_tls
-from services.tokens import bearer_token, check_access, claimed_users, load_tokens
 from services.ue_client.transport import EdgeError, fetch_handoff, get_capabilities
-from tandem import cli
 from tandem.handoff import CodecSpec
 from tandem.request import GenerationRequest
 from tandem.v1 import edge_pb2, scheduler_pb2

@@ -1,4 +1,4 @@
-"""End to end: `python -m tandem.topology` (scripts/up.sh) on loopback with the demo pack, driven by
+"""End to end: `python -m services.cli.topology` (scripts/up.sh) on loopback with the demo pack, driven by
 the CLI; every /metrics endpoint scraped; stopped by SIGTERM (and by SIGKILL) with no child left."""
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from service_procs import ROOT, metric_value
-from tandem import cli
-from tandem.topology import scheduler_available, terminate
+
+from services.cli import generate as cli
+from services.cli.topology import scheduler_available, terminate
 
 PROMPT = "a red circle at the left on a blue background"
 
@@ -44,7 +45,7 @@ def topology(tmp_path: Path, *args: str):
     """Starts the topology; yields (process, its topology.json); stops it if the test did not."""
     log_dir = tmp_path / "logs"
     output = tmp_path / "topology.out"
-    command = [sys.executable, "-m", "tandem.topology", "--free-ports", "--device", "cpu", "--log-dir", str(log_dir),
+    command = [sys.executable, "-m", "services.cli.topology", "--free-ports", "--device", "cpu", "--log-dir", str(log_dir),
                "--grace", "20", *args]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     with open(output, "w") as out:
@@ -133,7 +134,7 @@ def test_killed_topology_leaves_no_children(tmp_path):
 def test_then_runs_one_generation_through_the_services_and_stops(tmp_path):
     """`--then` (the README's main job): up, one image via device service + scheduler, all down."""
     log_dir, out = tmp_path / "logs", tmp_path / "then.png"
-    command = [sys.executable, "-m", "tandem.topology", "--free-ports", "--device", "cpu", "--log-dir", str(log_dir),
+    command = [sys.executable, "-m", "services.cli.topology", "--free-ports", "--device", "cpu", "--log-dir", str(log_dir),
                "--grace", "20", "--then", "generate", PROMPT, "--out", str(out), "--steps", "4", "--json", "--quiet"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)

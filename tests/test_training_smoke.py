@@ -12,7 +12,13 @@ import torch
 from safetensors import safe_open
 
 from tools.demo_pack import (
-    assemble_pack, pack_quality, quality_profile, train_evaluator, train_lora, train_small, train_text_unet,
+    assemble_pack,
+    pack_quality,
+    quality_profile,
+    train_evaluator,
+    train_lora,
+    train_small,
+    train_text_unet,
     train_vae,
 )
 
@@ -153,7 +159,7 @@ def test_pack_quality_runs_and_tunes_guidance(pack: Path, tmp_path: Path) -> Non
 
 
 def test_quality_profile_feeds_the_scheduler(pack: Path, tmp_path: Path) -> None:
-    from services.scheduler.quality import QualityProfile
+    from services.scheduler.decide.quality import QualityProfile
 
     profile_path, table_path = tmp_path / "profile.json", tmp_path / "table.md"
     assert quality_profile.main([str(pack), "--n", "2", "--steps", "2,4", "--fractions", "0,0.5,1",

@@ -11,8 +11,8 @@ groups, and the engine runs every group at every iteration, so no shape waits fo
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
 
@@ -56,27 +56,53 @@ class Iteration(Generic[T]):
     queue_changed: bool = False
 
 
-class BatchScheduler(Generic[T]):
+class Batcher(Generic[T]):
+    """The edge's admission and batch selection (vLLM calls its counterpart a scheduler; ours is
+    the batcher, the scheduler being the planning service). The engine talks to it only through
+    these methods."""
+
     def __init__(self, config: BatchConfig = BatchConfig()):
         self.config = config
-        self.waiting: deque[T] = deque()
-        self.running: list[T] = []
-        self.closed = False
+        self._waiting: deque[T] = deque()
+        self._running: list[T] = []
+        self._closed = False
+
+    @property
+    def waiting_count(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running_count(self) -> int:
+        return len(self._running)
+
+    def close(self) -> None:
+        """No new requests from now on; queued and running ones still finish."""
+        self._closed = True
+
+    def take_all(self) -> list[T]:
+        """Closes and empties the batcher; returns everything it held (queued first)."""
+        self._closed = True
+        leftovers = list(self._waiting) + self._running
+        self._waiting.clear()
+        self._running.clear()
+        return leftovers
 
     def submit(self, item: T) -> int:
         """Queues `item`; returns its position (0 = next). Raises QueueFull or Closed."""
-        if self.closed:
+        if self._closed:
             raise Closed("server is shutting down")
-        if len(self.waiting) >= self.config.max_queue:
+        if len(self._waiting) >= self.config.max_queue:
             raise QueueFull(f"queue full ({self.config.max_queue} waiting); retry later")
-        self.waiting.append(item)
-        return len(self.waiting) - 1
+        self._waiting.append(item)
+        return len(self._waiting) - 1
 
-    def schedule(self, now: float) -> Iteration[T]:
+    def next_iteration(self, now: float) -> Iteration[T]:
+        """Drops finished, cancelled and expired requests, admits the oldest waiting ones into free
+        slots, and returns the batch to run."""
         step: Iteration[T] = Iteration()
-        before = len(self.waiting)
-        self.running = [r for r in self.running if not r.finished]
-        for pool in (self.running, self.waiting):
+        before = len(self._waiting)
+        self._running = [r for r in self._running if not r.finished]
+        for pool in (self._running, self._waiting):
             for item in list(pool):
                 if item.cancelled:
                     step.cancelled.append(item)
@@ -85,20 +111,20 @@ class BatchScheduler(Generic[T]):
                 else:
                     continue
                 pool.remove(item)
-        while self.waiting and len(self.running) < self.config.max_batch_size:
-            item = self.waiting.popleft()
-            self.running.append(item)
+        while self._waiting and len(self._running) < self.config.max_batch_size:
+            item = self._waiting.popleft()
+            self._running.append(item)
             step.admitted.append(item)
-        step.batch = list(self.running)
-        step.queue_changed = len(self.waiting) != before
+        step.batch = list(self._running)
+        step.queue_changed = len(self._waiting) != before
         return step
 
     def positions(self) -> list[tuple[T, int]]:
-        return [(item, i) for i, item in enumerate(self.waiting)]
+        return [(item, i) for i, item in enumerate(self._waiting)]
 
     @property
     def idle(self) -> bool:
-        return not self.waiting and not self.running
+        return not self._waiting and not self._running
 
 
 def buckets(items: list[T], key: Callable[[T], Hashable]) -> list[list[T]]:

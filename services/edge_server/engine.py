@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from services.edge_server.batching import BatchConfig, BatchScheduler, Closed, QueueFull, buckets, due
+from services.edge_server.batching import BatchConfig, Batcher, Closed, QueueFull, buckets, due
 from services.edge_server.memory import release_memory
 from services.edge_server.metrics import EdgeMetrics
 from tandem.handoff import CodecSpec, encode_handoff
@@ -96,7 +96,7 @@ class EngineLoad:
 class EdgeEngine:
     def __init__(self, pack: ModelPack, config: BatchConfig = BatchConfig(), metrics: EdgeMetrics | None = None):
         self.pack = pack
-        self.scheduler: BatchScheduler[EngineRequest] = BatchScheduler(config)
+        self.batcher: Batcher[EngineRequest] = Batcher(config)
         self.metrics = metrics or EdgeMetrics()
         self.stats = EngineStats()
         self._ids = itertools.count(1)
@@ -123,8 +123,8 @@ class EdgeEngine:
             submitted_at=now,
         )
         with self._wake:
-            entry.position = self.scheduler.submit(entry)
-            self.metrics.queue_depth.set(len(self.scheduler.waiting))
+            entry.position = self.batcher.submit(entry)
+            self.metrics.queue_depth.set(self.batcher.waiting_count)
             self._wake.notify()
         sink(Queued(entry.position))
         return entry
@@ -138,18 +138,18 @@ class EdgeEngine:
     def close(self) -> None:
         """Stops taking new requests; queued and running ones still finish (drain)."""
         with self._wake:
-            self.scheduler.closed = True
+            self.batcher.close()
             self._wake.notify()
 
     def load(self) -> EngineLoad:
         """What the scheduler's heartbeat reports."""
         with self._lock:
-            return EngineLoad(len(self.scheduler.waiting), len(self.scheduler.running), self.stats.steps)
+            return EngineLoad(self.batcher.waiting_count, self.batcher.running_count, self.stats.steps)
 
     @property
     def busy(self) -> bool:
         with self._lock:
-            return not self.scheduler.idle
+            return not self.batcher.idle
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -160,21 +160,19 @@ class EdgeEngine:
     def stop(self, timeout: float = 5.0) -> None:
         with self._wake:
             self._stopping = True
-            self.scheduler.closed = True
+            self.batcher.close()
             self._wake.notify()
         if self._thread is not None:
             self._thread.join(timeout)
         with self._lock:
-            leftovers = list(self.scheduler.waiting) + self.scheduler.running
-            self.scheduler.waiting.clear()
-            self.scheduler.running.clear()
+            leftovers = self.batcher.take_all()
         for entry in leftovers:
             self._fail(entry, "UNAVAILABLE", "edge server stopped")
 
     def _run(self) -> None:
         while True:
             with self._wake:
-                while self.scheduler.idle and not self._stopping:
+                while self.batcher.idle and not self._stopping:
                     self._wake.wait(timeout=0.5)
                 if self._stopping:
                     return
@@ -186,27 +184,27 @@ class EdgeEngine:
     def step(self) -> int:
         """One iteration: schedule → execute → update. Returns the batch size (0 = idle)."""
         with self._lock:
-            plan = self.scheduler.schedule(time.monotonic())
-            positions = self.scheduler.positions() if plan.queue_changed else []
-            self.metrics.queue_depth.set(len(self.scheduler.waiting))
-        for entry in plan.cancelled:
+            iteration = self.batcher.next_iteration(time.monotonic())
+            positions = self.batcher.positions() if iteration.queue_changed else []
+            self.metrics.queue_depth.set(self.batcher.waiting_count)
+        for entry in iteration.cancelled:
             self._fail(entry, "CANCELLED", "cancelled by the client")
-        for entry in plan.expired:
+        for entry in iteration.expired:
             self._fail(entry, "DEADLINE_EXCEEDED", "deadline passed on the edge")
         for entry, position in positions:
             if position != entry.position:
                 entry.position = position
                 entry.sink(Queued(position))
-        for entry in plan.admitted:
+        for entry in iteration.admitted:
             self._admit(entry)
-        batch = [e for e in plan.batch if not e.done]
+        batch = [e for e in iteration.batch if not e.done]
         stepping = due([e for e in batch if e.state.step < e.request.split])
         if stepping:
             self._execute(stepping)
         for entry in batch:
             if not entry.done and entry.state.step >= entry.request.split:
                 self._finish(entry)
-        self.metrics.running.set(len(self.scheduler.running))
+        self.metrics.running.set(self.batcher.running_count)
         if self._release_pending:
             self._release_pending = False
             release_memory()

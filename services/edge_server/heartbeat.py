@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 import grpc
 
+from services.common.security import ClientSecurity, aio_channel, call_metadata
 from services.edge_server.engine import EngineLoad
-from services.security import ClientSecurity, aio_channel, call_metadata
 from tandem.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger("tandem.edge")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -19,16 +18,16 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from services.common.decoding import DecodeErrorInterceptor
+from services.common.lifecycle import NO_REUSEPORT, describe, enable_reflection, run_server, set_health, until_signalled
+from services.common.security import SecurityError, add_client_args, add_port, add_server_tls_args, client_security, env_lookup, server_tls
+from services.common.tokens import add_tokens_arg, interceptors, load_tokens
 from services.edge_server.admission import EdgeLimits, LimitError
 from services.edge_server.batching import BatchConfig
 from services.edge_server.engine import EdgeEngine
 from services.edge_server.heartbeat import send_heartbeats
 from services.edge_server.metrics import EdgeMetrics
 from services.edge_server.servicer import EdgeServicer
-from services.lifecycle import NO_REUSEPORT, describe, enable_reflection, run_server, set_health, until_signalled
-from services.security import SecurityError, add_client_args, add_port, add_server_tls_args, client_security, server_tls
-from services.decoding import DecodeErrorInterceptor
-from services.tokens import add_tokens_arg, interceptors, load_tokens
 from tandem.packs import PackError, load_pack
 from tandem.v1 import edge_pb2, edge_pb2_grpc
 
@@ -39,8 +38,7 @@ MAX_RECEIVE_BYTES = 64 * 1024
 MAX_SEND_BYTES = 4 * 1024 * 1024
 
 
-def _env(name: str, default):
-    return os.environ.get(f"TANDEM_EDGE_{name.upper()}", default)
+_env = env_lookup("edge")
 
 
 def _optional_int(name: str) -> int | None:

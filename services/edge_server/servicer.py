@@ -6,18 +6,17 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-
 from collections.abc import Mapping
 
 import grpc
 
+from services.common.tokens import bearer_token, token_user
+from services.common.wire import request_from_proto
 from services.edge_server.admission import EdgeLimits
 from services.edge_server.batching import Closed, QueueFull
-from tandem.wire import request_from_proto
 from services.edge_server.engine import EdgeEngine, Failed, Finished, Progress, Queued
 from services.edge_server.limits import StreamLimiter, user_key
 from services.edge_server.metrics import record_call
-from services.tokens import bearer_token, token_user
 from tandem.codec.spec import ENCODINGS, MAX_MERGE_RATIO
 from tandem.request import MAX_PROMPT_CHARS, MAX_STEPS, RequestError
 from tandem.sampling.schedule import SAMPLERS, noise_process
@@ -57,7 +56,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
 
     async def GetCapabilities(self, request, context):
         await self._require_engine(context)
-        config = self.engine.scheduler.config
+        config = self.engine.batcher.config
         return edge_pb2.GetCapabilitiesResponse(
             pack_name=self.pack.name,
             latent_channels=self.pack.latent_channels,

@@ -3,7 +3,7 @@
     tandem-onboard LARGE SMALL --out DIR [--users alice,bob] [--device-class NAME] [--quick]
 
 1. checks the pair (latent channels, VAE, noise process);
-2. measures the cost profile on this hardware (services.scheduler.profiling: the edge step
+2. measures the cost profile on this hardware (services.scheduler.learn.profiling: the edge step
    a + b·n on the large pack, the small pack's step and decode as device class NAME);
 3. measures a quality profile with a pack-agnostic measure (services/onboard/quality.py: SSIM to
    the large pack's image of the same seed; LoRA users: to their all-device image);
@@ -21,21 +21,13 @@ import sys
 import time
 from pathlib import Path
 
+from services.scheduler.learn.profiling import positive_ints
+
 PROG = "tandem-onboard"
 
 
 class OnboardError(Exception):
     """A bad flag, pack or pair: one line, exit 2."""
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(sorted({int(v) for v in text.split(",") if v.strip()}))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or values[0] < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="a small grid (T=4, k/T 0, 0.5, 1, r 0, 0.5, 2 prompts) and 2 timing repeats: minutes")
     parser.add_argument("--n", type=int, help="prompts per quality point (16; --quick: 2)")
-    parser.add_argument("--steps", type=_ints, help="total steps T of the quality grid (10,20; --quick: 4)")
+    parser.add_argument("--steps", type=positive_ints, help="total steps T of the quality grid (10,20; --quick: 4)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: as the services pick)")
     parser.add_argument("--force", action="store_true", help="measure the cost profile again even if DIR has one")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -94,7 +86,7 @@ def _users(requested: str | None, available: list[str]) -> list[str]:
 
 
 def _cost_profile(args: argparse.Namespace, out: Path) -> None:
-    from services.scheduler import profiling
+    from services.scheduler.learn import profiling
 
     if out.is_file() and not args.force:
         _log(f"cost profile: keeping {out} (--force measures again)")
@@ -118,7 +110,7 @@ def _quality_profile(args: argparse.Namespace, large, small, users: list[str], o
 
     from services.onboard.prompts import load_prompts
     from services.onboard.quality import FULL_GRID, QUICK_GRID, PointStore, QualityMeasurer, measure, profile_json
-    from services.scheduler.quality import BASE_USER, QualityProfile
+    from services.scheduler.decide.quality import BASE_USER, QualityProfile
 
     grid = QUICK_GRID if args.quick else FULL_GRID
     grid = replace(grid, n_prompts=args.n or grid.n_prompts, steps=args.steps or grid.steps)

@@ -11,7 +11,7 @@ each image is scored by its fidelity (SSIM) to a reference image of the same pro
   LoRA, which runs only on the device).
 
 Points are appended to a JSON-lines file as they are measured, so an interrupted run resumes where
-it stopped; the profile is written in the scheduler's format (services/scheduler/quality.py).
+it stopped; the profile is written in the scheduler's format (services/scheduler/decide/quality.py).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from services.onboard.fidelity import psnr, ssim
-from services.scheduler.options import split_for
-from services.scheduler.quality import BASE_USER
+from services.scheduler.decide.options import split_for
+from services.scheduler.decide.quality import BASE_USER
 from tandem.handoff import CodecSpec, decode_handoff, encode_handoff
 from tandem.packs import ModelPack
 from tandem.pipeline import decode_batch, make_handoff, resume, start

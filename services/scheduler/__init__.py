@@ -18,7 +18,7 @@ Modules, one job each:
   env         gymnasium environment (one episode = one frame, one step = one user)
   lagrangian  PID Lagrangian multiplier
   policy      the trained actor: safetensors + JSON, numpy inference
-  train       `python -m services.scheduler.train` (MaskablePPO + PID-Lagrangian)
+  train       `python -m services.scheduler.learn.train` (MaskablePPO + PID-Lagrangian)
   planner     plan_frame(users, quality, costs, decider) -> list[Plan]
 
 The service (only servicer, server and client import grpc):

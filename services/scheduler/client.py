@@ -6,14 +6,14 @@ so they return None / False (and tell ``on_error`` why) and the caller keeps its
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import grpc
 
-from services.security import ClientSecurity, call_metadata, sync_channel
-from tandem.phases import Phase
+from services.common.security import ClientSecurity, call_metadata, sync_channel
 from tandem.codec.spec import DEFAULT_STRATEGY
+from tandem.phases import Phase
 from tandem.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 DEFAULT_TIMEOUT = 2.0

@@ -9,18 +9,18 @@ import math
 import threading
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
-from services.scheduler.calibration import RobustCalibrator
-from services.scheduler.costs import CostProfile, PhaseObservation
+from services.scheduler.decide.calibration import RobustCalibrator
+from services.scheduler.decide.costs import CostProfile, PhaseObservation
+from services.scheduler.decide.isolation import best_effort_plan, split_infeasible
+from services.scheduler.decide.planner import DeciderLike, Plan, plan_frame
+from services.scheduler.decide.quality import BASE_USER, PERSONALIZED_USER, QualityProfile
+from services.scheduler.decide.scenario import FrameContext, UserSpec
 from services.scheduler.edge_auth import MAX_ADDRESS_CHARS
 from services.scheduler.edges import EdgeLoad, EdgeRegistry
-from services.scheduler.isolation import best_effort_plan, split_infeasible
 from services.scheduler.pending import PendingPlans
-from services.scheduler.planner import DeciderLike, Plan, plan_frame
-from services.scheduler.quality import BASE_USER, PERSONALIZED_USER, QualityProfile
-from services.scheduler.scenario import FrameContext, UserSpec
 from tandem.codec.spec import DEFAULT_STRATEGY
 
 MAX_PROMPT_CHARS = 1000

@@ -2,7 +2,7 @@
 service, the training command and the benchmarks (no gRPC here).
 
 The defaults are the demo pack's measured profiles: its quality profile and the cost profile
-measured on it by ``python -m services.scheduler.profiling`` (CPU, one thread); the measured cost
+measured on it by ``python -m services.scheduler.learn.profiling`` (CPU, one thread); the measured cost
 profile is the default only while the demo pack is installed, otherwise the synthetic built-in one.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from services.scheduler.costs import CostProfile
-from services.scheduler.quality import QualityProfile, load_or_synthetic
+from services.scheduler.decide.costs import CostProfile
+from services.scheduler.decide.quality import QualityProfile, load_or_synthetic
 from tandem.packs import DEMO_PACK
 
 ROOT = Path(__file__).resolve().parents[2]  # the directory holding services/ and tandem/

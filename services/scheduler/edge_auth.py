@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
-from collections.abc import Collection, Iterable, Mapping
 
 MAX_ADDRESS_CHARS = 255  # a DNS name (253) + ":" + a port would not fit any longer
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 import threading
 import time
-from dataclasses import dataclass
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)

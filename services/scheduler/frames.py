@@ -9,9 +9,9 @@ frames are decided one at a time, in order, so ``decide`` may keep state. No gRP
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
-from collections.abc import Awaitable, Callable, Sequence
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")

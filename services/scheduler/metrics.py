@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from services.scheduler.costs import CostProfile
-from services.scheduler.planner import Plan
+from services.scheduler.decide.costs import CostProfile
+from services.scheduler.decide.planner import Plan
 
 # A frame is decided in milliseconds (policy + closed form), tens of ms when cvxpy re-solves.
 DECISION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)

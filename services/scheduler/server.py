@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -21,23 +20,32 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from services.common.decoding import DecodeErrorInterceptor
+from services.common.lifecycle import NO_REUSEPORT, describe, enable_reflection, run_server, set_health, until_signalled
+from services.common.security import SecurityError, add_port, add_server_tls_args, env_lookup, server_tls
+from services.common.tokens import add_tokens_arg, interceptors, load_tokens
 from services.scheduler.core import MAX_PENDING_PER_USER, SchedulerCore
-from services.scheduler.costs import CostProfileError
-from services.scheduler.defaults import (BUILTIN, DEFAULT_POLICY, DEFAULT_QUALITY, DEMO_COSTS, POLISH_MAX_USERS,
-                                         POLISH_SWEEPS, default_cost_profile, display_path, load_profiles,
-                                         profile_ids)
+from services.scheduler.decide.baselines import BASELINES, polished
+from services.scheduler.decide.costs import CostProfileError
+from services.scheduler.decide.planner import DeciderLike, warmup
+from services.scheduler.decide.policy import PolicyFormatError, SchedulerPolicy
+from services.scheduler.decide.quality import QualityProfileError
+from services.scheduler.decide.scenario import FrameContext
+from services.scheduler.defaults import (
+    BUILTIN,
+    DEFAULT_POLICY,
+    DEFAULT_QUALITY,
+    DEMO_COSTS,
+    POLISH_MAX_USERS,
+    POLISH_SWEEPS,
+    default_cost_profile,
+    display_path,
+    load_profiles,
+    profile_ids,
+)
 from services.scheduler.edges import MAX_EDGES, EdgeRegistry
 from services.scheduler.frames import FrameConfig
 from services.scheduler.metrics import SchedulerMetrics
-from services.lifecycle import NO_REUSEPORT, describe, enable_reflection, run_server, set_health, until_signalled
-from services.security import SecurityError, add_port, add_server_tls_args, server_tls
-from services.decoding import DecodeErrorInterceptor
-from services.tokens import add_tokens_arg, interceptors, load_tokens
-from services.scheduler.baselines import BASELINES, polished
-from services.scheduler.planner import DeciderLike, warmup
-from services.scheduler.policy import PolicyFormatError, SchedulerPolicy
-from services.scheduler.quality import QualityProfileError
-from services.scheduler.scenario import FrameContext
 from services.scheduler.servicer import SchedulerServicer
 from tandem.v1 import scheduler_pb2, scheduler_pb2_grpc
 
@@ -47,8 +55,7 @@ MAX_RECEIVE_BYTES = 16 * 1024  # every message is a handful of numbers
 STARTUP_ERRORS = (OSError, ValueError, json.JSONDecodeError, CostProfileError, QualityProfileError, PolicyFormatError)
 
 
-def _env(name: str, default):
-    return os.environ.get(f"TANDEM_SCHEDULER_{name.upper()}", default)
+_env = env_lookup("scheduler")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -117,7 +124,7 @@ def warn_if_trained_elsewhere(meta: dict, running: tuple[str, str]) -> None:
     trained = (meta.get("quality_profile_id"), meta.get("cost_profile_id"))
     if trained != running:
         log.warning("the policy was trained on other profiles (quality %s, costs %s; running with %s, %s): "
-                    "its plans may be poor; retrain it (python -m services.scheduler.train) or use "
+                    "its plans may be poor; retrain it (python -m services.scheduler.learn.train) or use "
                     "--polish-sweeps/--polish-max-users to refine its decisions",
                     meta.get("quality_profile", "?"), meta.get("cost_profile", "?"), *running)
 

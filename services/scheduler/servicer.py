@@ -11,6 +11,7 @@ from collections.abc import Collection, Mapping, Sequence
 
 import grpc
 
+from services.common.tokens import bearer_token, caller_user
 from services.scheduler.core import (
     AlreadyReported,
     AssignedPlan,
@@ -28,7 +29,6 @@ from services.scheduler.edge_auth import address_host, check_edge, literal_ip, p
 from services.scheduler.edges import EdgeLoad, TooManyEdges
 from services.scheduler.frames import FrameCollector, FrameConfig
 from services.scheduler.metrics import SchedulerMetrics
-from services.tokens import bearer_token, caller_user
 from tandem.v1 import edge_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger("tandem.scheduler")

@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from services.common.wire import request_from_proto
 from services.ue_client.device import DEFAULT_TIMEOUT
 from tandem.handoff import CodecSpec
 from tandem.packs import ModelPack
 from tandem.request import GenerationRequest, RequestError
 from tandem.v1 import device_pb2
-from tandem.wire import request_from_proto
 
 MAX_EDGE_TIMEOUT = 3600.0
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from services.security import ClientSecurity, call_metadata, sync_channel
+from services.common.security import ClientSecurity, call_metadata, sync_channel
 from services.ue_client.transport import EdgeError, EventCallback
 from tandem.v1 import device_pb2, device_pb2_grpc, edge_pb2
 

@@ -12,7 +12,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from services.security import ClientSecurity
+from services.common.security import ClientSecurity
 from services.ue_client.integrity import HandoffLimits, HandoffRejected, check_header
 from services.ue_client.transport import EdgeError, EventCallback, fetch_handoff
 from tandem.codec.container import CodecError, unpack_container

@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import io
 import logging
-import os
 import time
 from collections.abc import Sequence
 
@@ -23,16 +22,15 @@ from grpc_reflection.v1alpha import reflection
 from PIL import Image
 from prometheus_client import start_http_server
 
-from services.decoding import DecodeErrorInterceptor
+from services.common.decoding import DecodeErrorInterceptor
+from services.common.lifecycle import NO_REUSEPORT, describe, enable_reflection, run_server, set_health, until_signalled
+from services.common.security import ClientSecurity, SecurityError, add_client_args, add_port, add_server_tls_args, client_security, env_lookup, server_tls
 from services.edge_server.metrics import record_call
-from services.lifecycle import NO_REUSEPORT, describe, enable_reflection, run_server, set_health, until_signalled
-from services.security import (ClientSecurity, SecurityError, add_client_args, add_port, add_server_tls_args,
-                               client_security, server_tls)
 from services.ue_client.call import parse_call
 from services.ue_client.device import CancelFlag, Cancelled, generate_via_edge
 from services.ue_client.metrics import DeviceMetrics
-from tandem.phases import Phase
 from tandem.packs import ModelPack, PackError, load_pack
+from tandem.phases import Phase
 from tandem.request import RequestError
 from tandem.v1 import device_pb2, device_pb2_grpc
 
@@ -136,8 +134,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         )
 
 
-def _env(name: str, default):
-    return os.environ.get(f"TANDEM_UE_{name.upper()}", default)
+_env = env_lookup("ue")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from services.security import ClientSecurity, aio_channel, call_metadata
+from services.common.security import ClientSecurity, aio_channel, call_metadata
+from services.common.wire import request_to_proto
 from services.ue_client.integrity import HandoffLimits
-from tandem.phases import Phase
 from tandem.handoff import CodecSpec
-from tandem.wire import request_to_proto
+from tandem.phases import Phase
 from tandem.request import GenerationRequest
 from tandem.v1 import edge_pb2, edge_pb2_grpc
 

@@ -16,7 +16,7 @@ from typing import TypeVar
 
 TRUSTED_EDGES_ENV = "TANDEM_TRUSTED_EDGES"
 
-Security = TypeVar("Security")  # services.security.ClientSecurity (kept import-free: pure logic)
+Security = TypeVar("Security")  # services.common.security.ClientSecurity (kept import-free: pure logic)
 
 
 def trusted_edges(*named: str | None, env: Mapping[str, str] = os.environ) -> frozenset[str]:

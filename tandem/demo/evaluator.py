@@ -11,9 +11,9 @@ Used to score generated images against their prompts. Stored as `model.safetenso
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Sequence
 
 import numpy as np
 import torch

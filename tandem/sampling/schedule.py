@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from tandem.sampling.names import SAMPLERS
+
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction")
 
 # Keys of a sampler config that define the noise process itself; two packs whose configs agree on

@@ -15,21 +15,21 @@ import random
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager as ContextManager
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from contextlib import AbstractContextManager as ContextManager
 from typing import Any
-from collections.abc import Callable
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from tandem.demo.grammar import COLORS, POSITIONS, SHAPES, Scene
-from tandem.demo.world import SceneArrays, render_arrays, sample_arrays
 from tandem.demo.tokenizer import MAX_LENGTH
+from tandem.demo.world import SceneArrays, render_arrays, sample_arrays
 from tools.demo_pack.models import LATENT_CHANNELS, LATENT_SIZE, SCHEDULER_CONFIG
 
 LossFn = Callable[[int], tuple[torch.Tensor, dict[str, torch.Tensor]]]

@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from services.scheduler.decide.options import split_for
+from services.scheduler.decide.quality import BASE_USER
 from tandem.demo.evaluator import Evaluator
 from tandem.demo.grammar import USER_STYLES, Scene
 from tandem.demo.world import sample_scenes
@@ -37,8 +39,6 @@ from tandem.packs import ModelPack, check_pair, load_pack
 from tandem.pipeline import decode_batch, make_handoff, resume, start
 from tandem.request import GenerationRequest
 from tandem.sampling.denoise import DenoiseState, advance
-
-BASE_USER = "base"
 
 
 @dataclass(frozen=True)
@@ -53,11 +53,6 @@ class Point:
     @property
     def split_fraction(self) -> float:
         return self.edge_steps / self.steps
-
-
-def split_for(steps: int, fraction: float) -> int:
-    """k for a split fraction, rounding half up (the scheduler's own rule)."""
-    return int(np.floor(fraction * steps + 0.5))
 
 
 def _advance_all(pack: ModelPack, states: list[DenoiseState], until: int, batch: int) -> None:
@@ -140,7 +135,7 @@ def _find(points: list[Point], steps: int, k: int, ratio: float, user: str, stra
 
 
 def profile_json(points: list[Point], pair: str, strategy: str, ratios: list[float], n: int) -> dict[str, Any]:
-    """The scheduler's quality-profile format (services/scheduler/quality.py). k = 0 sends
+    """The scheduler's quality-profile format (services/scheduler/decide/quality.py). k = 0 sends
     nothing, so its accuracy stands for every merge ratio."""
     users: dict[str, Any] = {}
     for p in points:

@@ -16,7 +16,13 @@ import torch.nn.functional as F
 
 from tandem.demo.evaluator import HEADS, Evaluator, EvaluatorNet
 from tools.demo_pack.common import (
-    Run, Trainer, add_common_args, autocast, render_bank, resolve_args, trainable,
+    Run,
+    Trainer,
+    add_common_args,
+    autocast,
+    render_bank,
+    resolve_args,
+    trainable,
 )
 
 STAGE = "evaluator"

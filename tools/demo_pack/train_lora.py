@@ -20,8 +20,20 @@ import torch.nn.functional as F
 from tandem.demo.grammar import USER_STYLES
 from tandem.demo.tokenizer import MAX_LENGTH
 from tools.demo_pack.common import (
-    EpsModel, NoiseSchedule, Run, Trainer, add_common_args, autocast, eps_sample_args,
-    graphed_for_training, latent_bank, load_text, require, resolve_args, trainable, add_denoising_args,
+    EpsModel,
+    NoiseSchedule,
+    Run,
+    Trainer,
+    add_common_args,
+    add_denoising_args,
+    autocast,
+    eps_sample_args,
+    graphed_for_training,
+    latent_bank,
+    load_text,
+    require,
+    resolve_args,
+    trainable,
 )
 
 STAGE = "lora"

@@ -16,9 +16,21 @@ import torch
 import torch.nn.functional as F
 
 from tools.demo_pack.common import (
-    EpsModel, NoiseSchedule, Run, Trainer, add_common_args, autocast, captured_for_inference,
-    eps_sample_args, graphed_for_training, latent_bank, load_text, require, resolve_args,
-    trainable, add_denoising_args,
+    EpsModel,
+    NoiseSchedule,
+    Run,
+    Trainer,
+    add_common_args,
+    add_denoising_args,
+    autocast,
+    captured_for_inference,
+    eps_sample_args,
+    graphed_for_training,
+    latent_bank,
+    load_text,
+    require,
+    resolve_args,
+    trainable,
 )
 from tools.demo_pack.models import small_unet_config
 

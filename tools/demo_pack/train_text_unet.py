@@ -17,8 +17,19 @@ import torch.nn.functional as F
 
 from tandem.demo.tokenizer import build_tokenizer
 from tools.demo_pack.common import (
-    EpsModel, NoiseSchedule, Run, Trainer, add_common_args, autocast, eps_sample_args,
-    graphed_for_training, latent_bank, require, resolve_args, trainable, add_denoising_args,
+    EpsModel,
+    NoiseSchedule,
+    Run,
+    Trainer,
+    add_common_args,
+    add_denoising_args,
+    autocast,
+    eps_sample_args,
+    graphed_for_training,
+    latent_bank,
+    require,
+    resolve_args,
+    trainable,
     write_scheduler,
 )
 from tools.demo_pack.models import large_unet_config, text_encoder_config

@@ -14,8 +14,16 @@ import argparse
 import torch
 
 from tools.demo_pack.common import (
-    Run, Trainer, add_common_args, autocast, encode_latents, graphed_for_training, render_bank,
-    resolve_args, to_model_images, trainable,
+    Run,
+    Trainer,
+    add_common_args,
+    autocast,
+    encode_latents,
+    graphed_for_training,
+    render_bank,
+    resolve_args,
+    to_model_images,
+    trainable,
 )
 from tools.demo_pack.models import LATENT_CHANNELS, LATENT_SIZE, vae_config
 

@@ -12,13 +12,13 @@ import argparse
 import contextvars
 import hmac
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterable, Mapping
 
 import grpc
 
-from services.security import EnvLookup, SecurityError
+from services.common.security import EnvLookup, SecurityError
 
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 USER_FIELDS = ("user", "personalized_user", "user_id")

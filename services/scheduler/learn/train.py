@@ -1,8 +1,8 @@
 """Train the scheduling policy: MaskablePPO (sb3-contrib) on :class:`SchedulerEnv` with a PID
 Lagrangian on the latency-budget violations, then save the actor without pickle.
 
-    OMP_NUM_THREADS=1 python -m services.scheduler.train --steps 2500000 --seed 0 --out services/scheduler/policies/default/
-    OMP_NUM_THREADS=1 python -m services.scheduler.train --mode unconstrained --steps 600000 --seed 0 \
+    OMP_NUM_THREADS=1 python -m services.scheduler.learn.train --steps 2500000 --seed 0 --out services/scheduler/policies/default/
+    OMP_NUM_THREADS=1 python -m services.scheduler.learn.train --mode unconstrained --steps 600000 --seed 0 \
         --out services/scheduler/policies/default-unconstrained/    # plain PPO reward (λ = 0)
     ... --quality-profile synthetic --cost-profile builtin --steps 800000 --out .../policies/synthetic/
 
@@ -25,15 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-from services.scheduler.costs import CostProfile
-from services.scheduler.defaults import (BUILTIN, DEFAULT_QUALITY, default_cost_profile, display_path, load_profiles,
-                                         profile_ids)
-from services.scheduler.env import SchedulerEnv
-from services.scheduler.lagrangian import PIDLagrangian
-from services.scheduler.options import DEFAULT_OPTIONS
-from services.scheduler.torch_bridge import policy_from_sb3
-from services.scheduler.quality import QualityProfile, synthetic_profile
-from services.scheduler.scenario import ScenarioConfig, scenario_for
+from services.scheduler.decide.costs import CostProfile
+from services.scheduler.decide.options import DEFAULT_OPTIONS
+from services.scheduler.decide.quality import QualityProfile, synthetic_profile
+from services.scheduler.decide.scenario import ScenarioConfig, scenario_for
+from services.scheduler.defaults import BUILTIN, DEFAULT_QUALITY, default_cost_profile, display_path, load_profiles, profile_ids
+from services.scheduler.learn.env import SchedulerEnv
+from services.scheduler.learn.lagrangian import PIDLagrangian
+from services.scheduler.learn.torch_bridge import policy_from_sb3
 
 MODES = ("lagrangian", "unconstrained", "penalized")
 
@@ -133,7 +132,7 @@ def train(steps: int, seed: int, out: Path, mode: str = "lagrangian", cost_limit
             "seed": seed, "cost_limit": cost_limit if pid else None, "lambda": holder.lam,
             "final_violation_rate": float(np.mean([r["violation_rate"] for r in last])) if last else None,
             "final_utility_per_user": float(np.mean([r["utility_per_user"] for r in last])) if last else None,
-            "scenario": {"base": "services.scheduler.scenario.DEFAULT_SCENARIO",
+            "scenario": {"base": "services.scheduler.decide.scenario.DEFAULT_SCENARIO",
                          "device_mix": [list(m) for m in scenario.device_mix],
                          "personalized_profiles": list(scenario.personalized_profiles)},
             "quality_profile": profile_names[0], "cost_profile": profile_names[1],
@@ -147,7 +146,7 @@ def train(steps: int, seed: int, out: Path, mode: str = "lagrangian", cost_limit
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.scheduler.train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m services.scheduler.learn.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=300_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/scheduler-policy"),

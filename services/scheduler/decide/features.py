@@ -15,8 +15,8 @@ import math
 
 import numpy as np
 
-from services.scheduler.baselines import best_alone
-from services.scheduler.problem import FrameProblem
+from services.scheduler.decide.baselines import best_alone
+from services.scheduler.decide.problem import FrameProblem
 
 FEATURE_VERSION = 1
 USER_FEATURES = ("log_step", "log_power", "log_se", "personalized", "log_deadline", "has_deadline",

@@ -9,18 +9,18 @@ convex allocator. Every user gets a :class:`Plan`; one whose budget still can't 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-from services.scheduler.allocator import Allocation, DeadlineAllocator, default_solver
-from services.scheduler.baselines import BASELINES
-from services.scheduler.costs import CostProfile
-from services.scheduler.options import DEFAULT_OPTIONS, OptionTable
-from services.scheduler.problem import FrameEval, FrameProblem
-from services.scheduler.quality import QualityProfile
-from services.scheduler.scenario import FrameContext, ObjectiveConfig, UserSpec
+from services.scheduler.decide.allocator import Allocation, DeadlineAllocator, default_solver
+from services.scheduler.decide.baselines import BASELINES
+from services.scheduler.decide.costs import CostProfile
+from services.scheduler.decide.options import DEFAULT_OPTIONS, OptionTable
+from services.scheduler.decide.problem import FrameEval, FrameProblem
+from services.scheduler.decide.quality import QualityProfile
+from services.scheduler.decide.scenario import FrameContext, ObjectiveConfig, UserSpec
 
 Decider = Callable[[FrameProblem], np.ndarray]
 DeciderLike = str | Decider
@@ -66,7 +66,7 @@ def resolve_decider(decider: DeciderLike) -> Decider:
     if callable(decider):
         return decider
     if decider == "exact":
-        from services.scheduler.exact import exact_optimum
+        from services.scheduler.decide.exact import exact_optimum
 
         return lambda p: exact_optimum(p)[0]
     if decider in BASELINES:

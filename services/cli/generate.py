@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device-class", default="laptop-gpu", help="this device's class, for the scheduler (laptop-gpu)")
     gen.add_argument("--link-mbps", type=float, default=100.0, help="this device's downlink estimate, for the scheduler (100)")
     gen.add_argument("--latency-budget", type=float, default=0.0, help="seconds the image may take, for the scheduler (0: none)")
-    from services.security import add_client_args, tandem_env
+    from services.common.security import add_client_args, tandem_env
 
     add_client_args(gen, tandem_env, what="the edge, device service and scheduler")
     gen.add_argument("--json", action="store_true", help="print the breakdown as JSON on stdout")
@@ -315,10 +315,10 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _generate_on_device_service(args: argparse.Namespace, codec: CodecSpec, plan) -> int:
     """--ue: the device service holds the packs; unset options take its pack's defaults."""
+    from services.common.wire import codec_to_proto
     from services.ue_client.client import generate_on_device_service
     from services.ue_client.transport import EdgeError
     from tandem.v1 import edge_pb2
-    from tandem.wire import codec_to_proto
 
     message = edge_pb2.GenerateRequest(
         prompt=args.prompt,
@@ -361,7 +361,7 @@ def _generate_on_device_service(args: argparse.Namespace, codec: CodecSpec, plan
 
 def _client_security(args: argparse.Namespace):
     """--tls-ca/--tls-cert/--tls-key/--token for every connection this command makes."""
-    from services.security import SecurityError, client_security
+    from services.common.security import SecurityError, client_security
 
     try:
         return client_security(args)
@@ -468,7 +468,7 @@ def _note_budget(args: argparse.Namespace, plan) -> None:
 def _apply_plan(args: argparse.Namespace):
     """--scheduler: options the user did not set come from the plan; without one, the defaults."""
     from services.scheduler.client import request_plan
-    from services.scheduler.options import split_for
+    from services.scheduler.decide.options import split_for
 
     errors: list[str] = []
     plan = request_plan(args.scheduler, args.device_class, bandwidth_bps=args.link_mbps * 1e6, personalized_user=args.user,

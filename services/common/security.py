@@ -10,18 +10,27 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 
 import grpc
 
 EnvLookup = Callable[[str, object], object]  # each service's _env(name, default)
 
 
-def tandem_env(name: str, default: object) -> object:
-    """``TANDEM_<NAME>``: the EnvLookup of commands that are not one service (CLI, healthcheck)."""
-    return os.environ.get(f"TANDEM_{name.upper()}", default)
+def env_lookup(service: str = "") -> EnvLookup:
+    """The ``TANDEM_<SERVICE>_<NAME>`` lookup every flag of a server falls back to (``TANDEM_<NAME>``
+    for commands that are not one service: the CLI, the healthcheck)."""
+    prefix = f"TANDEM_{service.upper()}_" if service else "TANDEM_"
+
+    def lookup(name: str, default: object) -> object:
+        return os.environ.get(prefix + name.upper(), default)
+
+    return lookup
+
+
+tandem_env = env_lookup()
 
 
 class SecurityError(ValueError):

@@ -10,12 +10,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from services.scheduler.costs import CostProfile
-from services.scheduler.options import DEFAULT_OPTIONS
-from services.scheduler.planner import Plan, plan_frame
-from services.scheduler.problem import FrameProblem
-from services.scheduler.quality import QualityProfile
-from services.scheduler.scenario import FrameContext, UserSpec
+from services.scheduler.decide.costs import CostProfile
+from services.scheduler.decide.options import DEFAULT_OPTIONS
+from services.scheduler.decide.planner import Plan, plan_frame
+from services.scheduler.decide.problem import FrameProblem
+from services.scheduler.decide.quality import QualityProfile
+from services.scheduler.decide.scenario import FrameContext, UserSpec
 
 
 def _alone(users: Sequence[UserSpec], quality: QualityProfile, costs: CostProfile,

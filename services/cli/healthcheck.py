@@ -1,6 +1,6 @@
 """A tiny gRPC health probe (grpc.health.v1) for container HEALTHCHECKs and scripts.
 
-    python -m tandem.healthcheck HOST:PORT [SERVICE] [--timeout SECONDS] [--tls-ca PEM [--tls-cert PEM --tls-key PEM]]
+    python -m services.cli.healthcheck HOST:PORT [SERVICE] [--timeout SECONDS] [--tls-ca PEM [--tls-cert PEM --tls-key PEM]]
 
 Exits 0 only when the server answers SERVING for SERVICE ("" = the server as a whole), 1 when it
 answers anything else or cannot be reached within the timeout, 2 on bad usage. Prints one line.
@@ -14,8 +14,8 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.security import ClientSecurity, SecurityError, add_client_args, client_security, sync_channel, tandem_env
-from tandem.cli import CliError, check_address
+from services.cli.generate import CliError, check_address
+from services.common.security import ClientSecurity, SecurityError, add_client_args, client_security, sync_channel, tandem_env
 
 DEFAULT_TIMEOUT = 3.0
 
@@ -40,7 +40,7 @@ def check(address: str, service: str = "", timeout: float = DEFAULT_TIMEOUT,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tandem.healthcheck", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m services.cli.healthcheck", description=__doc__.splitlines()[0])
     parser.add_argument("address", metavar="HOST:PORT")
     parser.add_argument("service", nargs="?", default="", help='service name (default "": the whole server)')
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help=f"seconds ({DEFAULT_TIMEOUT:g})")

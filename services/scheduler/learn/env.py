@@ -1,6 +1,6 @@
 """Gymnasium environment: one episode = one frame; one step = one user's option.
 
-Observation: :data:`services.scheduler.features.FEATURES`; action: Discrete(K) over the option
+Observation: :data:`services.scheduler.decide.features.FEATURES`; action: Discrete(K) over the option
 table; ``action_masks()`` marks the options that can meet the user's budgets alone (for
 MaskablePPO). Rewards are shaped by telescoping: after each step the reward is the change in the
 utility Σu of the users decided so far (closed-form shares among them), so the episode's return is
@@ -17,12 +17,12 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from services.scheduler.costs import CostProfile
-from services.scheduler.features import OBS_CLIP, OBS_DIM, SequentialState
-from services.scheduler.options import DEFAULT_OPTIONS, OptionTable
-from services.scheduler.problem import FrameProblem
-from services.scheduler.quality import QualityProfile, synthetic_profile
-from services.scheduler.scenario import DEFAULT_SCENARIO, ObjectiveConfig, ScenarioConfig, sample_frame
+from services.scheduler.decide.costs import CostProfile
+from services.scheduler.decide.features import OBS_CLIP, OBS_DIM, SequentialState
+from services.scheduler.decide.options import DEFAULT_OPTIONS, OptionTable
+from services.scheduler.decide.problem import FrameProblem
+from services.scheduler.decide.quality import QualityProfile, synthetic_profile
+from services.scheduler.decide.scenario import DEFAULT_SCENARIO, ObjectiveConfig, ScenarioConfig, sample_frame
 
 REWARD_MODES = ("utility", "penalized")
 

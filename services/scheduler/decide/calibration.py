@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from statistics import fmean
-from collections.abc import Iterable
 
-from services.scheduler.costs import CostProfile, EdgeCoefficients, PhaseObservation
+from services.scheduler.decide.costs import CostProfile, EdgeCoefficients, PhaseObservation
 
 PRIOR_WEIGHT = 2  # the profile's value as this many samples: a lone sample is always trimmed
 WINDOW = 32

@@ -1,7 +1,7 @@
 """The docker-compose topology without Docker: edge server, device (UE) service and, when present,
 the scheduler, as child processes on one host (loopback by default) with the demo pack.
 
-    python -m tandem.topology [--free-ports] [--no-scheduler] [--log-dir out/logs]   (scripts/up.sh)
+    python -m services.cli.topology [--free-ports] [--no-scheduler] [--log-dir out/logs]   (scripts/up.sh)
 
 Waits until every service's grpc.health.v1 says SERVING, prints the addresses and metrics URLs,
 writes each service's output to LOG_DIR/NAME.log and LOG_DIR/topology.json (addresses, pids),
@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tandem.healthcheck import check
+from services.cli.healthcheck import check
 from tandem.packs import DEMO_PACK
 
 PR_SET_PDEATHSIG = 1
@@ -69,8 +69,8 @@ def free_port(host: str) -> int:
 
 def busy_ports(services: list[Service]) -> list[str]:
     """"NAME port N" for each port of `services` that something on this host already listens on."""
-    from services.lifecycle import check_port_free
-    from services.security import PortInUse
+    from services.common.lifecycle import check_port_free
+    from services.common.security import PortInUse
 
     busy = []
     for s in services:
@@ -162,7 +162,7 @@ class Topology:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m tandem.topology", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m services.cli.topology", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="address every service binds (127.0.0.1)")
     parser.add_argument("--edge-port", type=int, default=50051)
     parser.add_argument("--edge-metrics-port", type=int, default=9101)
@@ -227,7 +227,7 @@ def _tandem_command() -> str:
 def run_against(topology: Topology, tandem_args: list[str]) -> int:
     """Runs one `tandem` command through the running services: the device service does the
     work, the scheduler (when up) plans it."""
-    from tandem import cli
+    from services.cli import generate as cli
 
     by_name = {s.name: s for s in topology.services}
     argv = [*tandem_args, "--ue", by_name["ue"].address]

@@ -7,7 +7,7 @@
   turn moves to its best option given the others) until no move helps;
 * ``random_choice``: a uniformly random allowed option per user.
 Where a uniform option is not allowed for a user (its budgets), that user takes its best option alone.
-The exact optimum lives in :mod:`services.scheduler.exact`.
+The exact optimum lives in :mod:`services.scheduler.decide.exact`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from services.scheduler.problem import FrameProblem
+from services.scheduler.decide.problem import FrameProblem
 
 Decider = Callable[[FrameProblem], np.ndarray]
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.scheduler.costs import CostProfile
-from services.scheduler.options import OptionTable
-from services.scheduler.quality import QualityProfile
-from services.scheduler.scenario import FrameContext, ObjectiveConfig, UserSpec
+from services.scheduler.decide.costs import CostProfile
+from services.scheduler.decide.options import OptionTable
+from services.scheduler.decide.quality import QualityProfile
+from services.scheduler.decide.scenario import FrameContext, ObjectiveConfig, UserSpec
 
 
 @dataclass(frozen=True, eq=False)

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from services.scheduler.channel import ChannelConfig, sample_spectral_efficiency
-from services.scheduler.quality import BASE_USER, PERSONALIZED_USER
+from services.scheduler.decide.channel import ChannelConfig, sample_spectral_efficiency
+from services.scheduler.decide.quality import BASE_USER, PERSONALIZED_USER
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +93,7 @@ def _log_uniform(rng: np.random.Generator, lo: float, hi: float, n: int) -> np.n
 def sample_frame(rng: np.random.Generator, cfg: ScenarioConfig = DEFAULT_SCENARIO,
                  n_users: int | None = None, costs=None) -> tuple[list[UserSpec], FrameContext]:
     """A random frame; ``costs`` (default: the synthetic CostProfile) sets the budget floors."""
-    from services.scheduler.costs import CostProfile
+    from services.scheduler.decide.costs import CostProfile
 
     costs = costs or CostProfile()
     if n_users is not None:

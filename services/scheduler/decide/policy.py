@@ -1,6 +1,6 @@
 """The trained scheduling policy as plain data: an MLP actor (safetensors weights, no pickle) and
 a JSON config (observation features, action count, option table). Inference is a few small matrix
-products per user (numpy only; services/scheduler/torch_bridge.py converts to and from torch modules).
+products per user (numpy only; services/scheduler/learn/torch_bridge.py converts to and from torch modules).
 
     policy = SchedulerPolicy.load("services/scheduler/policies/default")
     selection = policy(problem)          # one option index per user, masked, greedy
@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from services.scheduler.features import FEATURE_VERSION, FEATURES, OBS_DIM, SequentialState
-from services.scheduler.options import OptionTable
-from services.scheduler.problem import FrameProblem
+from services.scheduler.decide.features import FEATURE_VERSION, FEATURES, OBS_DIM, SequentialState
+from services.scheduler.decide.options import OptionTable
+from services.scheduler.decide.problem import FrameProblem
 
 POLICY_FORMAT = "tandem.scheduler.policy"
 POLICY_VERSION = 1

@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.scheduler.features import FEATURE_VERSION, FEATURES, OBS_DIM
-from services.scheduler.options import OptionTable
-from services.scheduler.policy import PolicyConfig, SchedulerPolicy
+from services.scheduler.decide.features import FEATURE_VERSION, FEATURES, OBS_DIM
+from services.scheduler.decide.options import OptionTable
+from services.scheduler.decide.policy import PolicyConfig, SchedulerPolicy
 
 
 def policy_from_sb3(model, options: OptionTable, meta: dict[str, Any] | None = None) -> SchedulerPolicy:

@@ -9,9 +9,9 @@ k = 0 runs everything on the device (nothing is sent, the merge ratio is irrelev
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
-from collections.abc import Sequence
 
 from tandem.codec.spec import ENCODINGS as CODECS
 from tandem.codec.spec import MAX_MERGE_RATIO

@@ -12,8 +12,8 @@ import itertools
 
 import numpy as np
 
-from services.scheduler.baselines import greedy_ls
-from services.scheduler.problem import FrameProblem
+from services.scheduler.decide.baselines import greedy_ls
+from services.scheduler.decide.problem import FrameProblem
 
 
 def undominated(problem: FrameProblem, user: int) -> np.ndarray:

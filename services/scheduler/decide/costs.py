@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
-from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from tandem.codec.spec import ENCODINGS, CodecSpec, handoff_size
-
-from services.scheduler.channel import (  # noqa: F401  (re-exported: the channel is a cost model too)
+from services.scheduler.decide.channel import (  # noqa: F401  (re-exported: the channel is a cost model too)
     ChannelConfig,
     path_loss_db,
     sample_spectral_efficiency,
@@ -27,6 +25,7 @@ from services.scheduler.channel import (  # noqa: F401  (re-exported: the channe
     snr_linear,
     spectral_efficiency,
 )
+from tandem.codec.spec import ENCODINGS, CodecSpec, handoff_size
 
 COST_FORMAT = "tandem.scheduler.costs"
 COST_VERSION = 1

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from services.security import PortInUse
+from services.common.security import PortInUse
 
 # gRPC sets SO_REUSEPORT by default: a second server on a busy port then starts "ready" and the
 # kernel splits connections between the two. Every Tandem server turns it off.

@@ -1,7 +1,7 @@
 """Measure the cost models on this machine and write a CostProfile JSON (needs torch; the pure
 cost logic in ``costs.py`` stays torch-free).
 
-    python -m services.scheduler.profiling --large tandem/demo_pack/large --small tandem/demo_pack/small \
+    python -m services.scheduler.learn.profiling --large tandem/demo_pack/large --small tandem/demo_pack/small \
         --device-class cpu-demo --out services/scheduler/profiles/demo_cpu.json [--device cpu] [--repeats 7]
 
 * edge: seconds of one ``advance`` (one batched UNet call, CFG) of the large pack for batch sizes
@@ -22,13 +22,12 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TypeVar
-from collections.abc import Callable, Mapping, Sequence
 
-
-from services.scheduler.costs import (CostProfile, CostProfileError, DeviceClass, EdgeCoefficients, LatentShape)
+from services.scheduler.decide.costs import CostProfile, CostProfileError, DeviceClass, EdgeCoefficients, LatentShape
 
 PROMPT = "a red circle at the left on a blue background"
 DEFAULT_BATCHES = (1, 2, 4, 8, 16)
@@ -256,18 +255,19 @@ def write(profile_: CostProfile, measurement: Measurement, out: Path) -> None:
     out.write_text(json.dumps(data, indent=1) + "\n")
 
 
-def _batches(text: str) -> tuple[int, ...]:
+def positive_ints(text: str) -> tuple[int, ...]:
+    """An argparse type: "1,2,4" -> (1, 2, 4), sorted and deduplicated, every value >= 1."""
     try:
         values = tuple(sorted({int(v) for v in text.split(",") if v.strip()}))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated batch sizes, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not values or values[0] < 1:
-        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m services.scheduler.profiling", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m services.scheduler.learn.profiling", description=__doc__.splitlines()[0])
     parser.add_argument("--large", type=Path, required=True, help="edge (large) pack directory")
     parser.add_argument("--small", type=Path, required=True, help="device (small) pack directory")
     parser.add_argument("--device-class", required=True, help="name of the device class the small pack's figures go to")
@@ -275,7 +275,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), help="torch device (default: cuda if present)")
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per figure; the median is kept (7)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs first (2)")
-    parser.add_argument("--batches", type=_batches, default=DEFAULT_BATCHES, help="edge batch sizes (1,2,4,8,16)")
+    parser.add_argument("--batches", type=positive_ints, default=DEFAULT_BATCHES, help="edge batch sizes (1,2,4,8,16)")
     parser.add_argument("--power-w", type=float, help="device power while computing (default: the base profile's, else 30)")
     parser.add_argument("--rtt", action="store_true", help="also measure the loopback gRPC round trip")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; use what the services get)")

@@ -1,0 +1,1 @@
+"""The commands: `tandem generate` (generate.py), the healthcheck, and the topology launcher."""
