@@ -234,7 +234,7 @@ def test_kill_9_mid_stream_every_client_finishes_locally(tiny_packs, tmp_path, s
         progressed = threading.Event()
 
         def on_step(phase, done, total):
-            if phase == "edge":
+            if phase == "edge_steps":
                 progressed.set()
 
         def client(i: int) -> None:
