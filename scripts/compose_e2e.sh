@@ -206,10 +206,11 @@ local_bases() {
 
 T_START=$(now)
 # inputs first: a bad one fails here, in one line, before anything is started
-export TANDEM_TORCH_SOURCE
-TANDEM_TORCH_SOURCE="$(torch_source)"
+# (the cheap checks before the torch wheel, which may be downloaded into wheelhouse/)
 CA="$(extra_ca)"
 check_index
+export TANDEM_TORCH_SOURCE
+TANDEM_TORCH_SOURCE="$(torch_source)"
 compose_plugin
 start_engine
 clear_leftovers
