@@ -425,7 +425,7 @@ def test_kubernetes_deployments_probe_grpc_health_and_reserve_the_gpu():
         docs = list(yaml.safe_load_all((ROOT / "deploy" / "k8s" / f"{name}.yaml").read_text()))
         deployment = next(d for d in docs if d["kind"] == "Deployment")
         (container,) = deployment["spec"]["template"]["spec"]["containers"]
-        env = {e["name"]: e["value"] for e in container["env"]}
+        env = {e["name"]: e.get("value") for e in container["env"]}  # valueFrom entries: None
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert container[probe]["grpc"]["port"] == int(env[prefix + "_PORT"]), (name, probe)
         assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
