@@ -121,18 +121,23 @@ configure_threads(1)
 from tandem.packs import load_pack
 from tandem.pipeline import decode, run_steps, start
 from tandem.request import GenerationRequest
-floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel  # what load_pack imports: the import floor
+from transformers import CLIPTextModel, CLIPTokenizer
+def rss_kib():  # resident now (ru_maxrss is a peak: import-time spikes would hide the load)
+    return int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1])
+floor = rss_kib()
 p = load_pack(pack + ("/small" if role == "device" else "/large"), device="cpu")
 size = p.default_image_size
 r = GenerationRequest("a red circle at the left on a blue background", steps=steps, split=steps // 2,
                       guidance_scale=4.0, height=size, width=size)
 s = start(p, r)
-if role == "device":
-    s.step = steps // 2  # the handoff's place: what the device runs is steps [k, T) and the decode
+if role == "device":  # from the handoff's place: steps [k, T) and the decode (x0-history as a handoff carries it)
+    s.step, s.prev_denoised = steps // 2, torch.zeros_like(s.latent)
 run_steps(p, s, steps)
 decode(p, s.latent)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({{"floor_kib": floor, "peak_kib": peak}}))
+print(json.dumps({{"floor_kib": floor, "peak_kib": peak, "end_kib": rss_kib()}}))
 """
 
 
