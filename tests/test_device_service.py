@@ -74,3 +74,41 @@ def test_device_service_reconnects_to_a_restarted_edge(tiny_packs, tmp_path, cap
         with edge_server(tiny_packs["large"], tmp_path, port=port):
             again = generate(ue, "after.png")
         assert again["fallback"] is None and again["edge_steps"] == 2
+
+
+def test_the_device_service_answers_health_while_its_pack_loads(tiny_packs, tmp_path):
+    """Listening comes first: health says NOT_SERVING (and Generate UNAVAILABLE) until the pack
+    is loaded, then SERVING; a deployment's probe never sees a closed port during a long load."""
+    import subprocess
+    import sys
+    import time
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from service_procs import ROOT, free_port
+
+    port = free_port()
+    slow = ("import time, tandem.packs as p; load = p.load_pack; "
+            "p.load_pack = lambda *a, **k: (time.sleep(3), load(*a, **k))[1]; "
+            "import services.ue_client.service as s; s.load_pack = p.load_pack; "
+            f"raise SystemExit(s.main(['--pack', {str(tiny_packs['small'])!r}, '--device', 'cpu', "
+            f"'--port', '{port}', '--metrics-port', '0']))")
+    proc = subprocess.Popen([sys.executable, "-c", slow], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    seen = []
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            for _ in range(300):
+                try:
+                    status = stub.Check(health_pb2.HealthCheckRequest(service="tandem.v1.DeviceService"), timeout=1).status
+                except grpc.RpcError:
+                    status = None  # not listening yet
+                if status is not None and (not seen or seen[-1] != status):
+                    seen.append(status)
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+                time.sleep(0.05)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert seen == [health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.HealthCheckResponse.SERVING]

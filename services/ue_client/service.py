@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 
 import grpc
-from grpc_health.v1 import health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from PIL import Image
@@ -39,21 +39,31 @@ SERVICE_NAME = device_pb2.DESCRIPTOR.services_by_name["DeviceService"].full_name
 
 
 class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
-    def __init__(self, pack: ModelPack, metrics: DeviceMetrics, edges: Sequence[str] = (),
-                 edge_security: ClientSecurity | None = None):
+    """Registered before the pack loads (so health answers NOT_SERVING meanwhile); calls get
+    UNAVAILABLE until `attach` hands it the pack."""
+
+    def __init__(self, metrics: DeviceMetrics, edges: Sequence[str] = (),
+                 edge_security: ClientSecurity | None = None, pack: ModelPack | None = None):
         """`edges`: the only edges this service uses (the first is the default); its
         `edge_security` (e.g. --edge-token) goes to them and nowhere else."""
-        self.pack = pack
+        self.pack: ModelPack | None = pack
         self.edge_security = edge_security
         self.metrics = metrics
         self.edges = tuple(edges)
         self._turn = asyncio.Lock()
+
+    def attach(self, pack: ModelPack) -> None:
+        self.pack = pack
 
     async def Generate(self, request, context):
         began = time.perf_counter()
         code = grpc.StatusCode.OK
         recorded = delivered = False  # see record_call
         try:
+            if self.pack is None:
+                code = grpc.StatusCode.UNAVAILABLE
+                recorded = record_call(self.metrics, code.name, began)
+                await context.abort(code, "the device's model pack is still loading; retry shortly")
             try:
                 call = parse_call(request, self.pack, self.edges)
             except RequestError as exc:
@@ -163,15 +173,23 @@ async def serve(args: argparse.Namespace) -> None:
     server = grpc.aio.server(interceptors=[DecodeErrorInterceptor()],
                              options=[("grpc.max_receive_message_length", 64 * 1024), NO_REUSEPORT])
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    enable_reflection((SERVICE_NAME, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)
-    pack = await asyncio.to_thread(load_pack, args.pack, args.device)
-    for user in pack.users:  # warm every user's LoRA now, not on their first request
-        pack.use_user(user)
-    pack.use_user(None)
+    enable_reflection((SERVICE_NAME, reflection.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
+                      server)
     metrics = DeviceMetrics()
-    device_pb2_grpc.add_DeviceServiceServicer_to_server(DeviceServicer(pack, metrics, args.edge, edge_security), server)
+    servicer = DeviceServicer(metrics, args.edge, edge_security)
+    device_pb2_grpc.add_DeviceServiceServicer_to_server(servicer, server)
     port = add_port(server, f"{args.host}:{args.port}", tls)
-    await server.start()
+    await set_health(health, SERVICE_NAME, serving=False)
+    await server.start()  # health answers NOT_SERVING while the pack loads
+    try:
+        pack = await asyncio.to_thread(load_pack, args.pack, args.device)
+        for user in pack.users:  # warm every user's LoRA now, not on their first request
+            pack.use_user(user)
+        pack.use_user(None)
+    except PackError:
+        await server.stop(grace=None)  # else its finalizer complains after the one-line error
+        raise
+    servicer.attach(pack)
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.host, registry=metrics.registry)
     await set_health(health, SERVICE_NAME, serving=True)
