@@ -12,8 +12,6 @@ from services.scheduler.decide.costs import (
     DeviceClass,
     EdgeCoefficients,
     LatentShape,
-    PhaseObservation,
-    calibrate,
     cpu_energy_j,
     device_energy_j,
     handoff_bytes,
@@ -97,41 +95,3 @@ def test_cost_profile_json_round_trip(tmp_path):
         CostProfile.from_dict(bad)
     with pytest.raises(CostProfileError, match="no device class"):
         profile.device("toaster")
-
-
-def test_calibration_moves_edge_coefficients_toward_observations():
-    profile = CostProfile(edge={"large": EdgeCoefficients(0.05, 0.02)})
-    truth = EdgeCoefficients(0.02, 0.005)
-    obs = [PhaseObservation("edge", seconds=float(truth.step_seconds(b)) * 10, steps=10, batch=b, pack="large")
-           for b in (1, 4, 16)]
-    one = calibrate(profile, obs, alpha=0.3).edge["large"]
-    assert abs(one.a_s - truth.a_s) < abs(0.05 - truth.a_s)
-    assert abs(one.b_s - truth.b_s) < abs(0.02 - truth.b_s)
-    current = profile
-    for _ in range(30):
-        current = calibrate(current, obs, alpha=0.3)
-    assert current.edge["large"].a_s == pytest.approx(truth.a_s, rel=1e-3)
-    assert current.edge["large"].b_s == pytest.approx(truth.b_s, rel=1e-3)
-
-
-def test_calibration_with_one_batch_size_scales_the_prediction():
-    profile = CostProfile(edge={"large": EdgeCoefficients(0.02, 0.01)})
-    obs = [PhaseObservation("edge", seconds=0.06 * 5, steps=5, batch=2)]  # predicted 0.04 per step
-    new = calibrate(profile, obs, alpha=0.5).edge["large"]
-    assert float(new.step_seconds(2)) == pytest.approx(0.05)  # halfway from 0.04 to 0.06
-
-
-def test_calibration_of_devices_and_rtt():
-    profile = CostProfile()
-    phone = profile.device("phone")
-    obs = [PhaseObservation("device", seconds=10 * 0.25, steps=10, device_class="phone"),
-           PhaseObservation("decode", seconds=0.4, device_class="phone"),
-           PhaseObservation("transfer", seconds=0.1 + 125_000 * 8 / 1e7, nbytes=125_000, rate_bps=1e7)]
-    new = calibrate(profile, obs, alpha=0.5)
-    assert new.device("phone").step_s == pytest.approx((phone.step_s + 0.25) / 2)
-    assert new.device("phone").decode_s == pytest.approx((phone.decode_s + 0.4) / 2)
-    assert new.device("cpu") == profile.device("cpu")
-    assert new.rtt_s == pytest.approx((profile.rtt_s + 0.1) / 2)
-    assert profile.device("phone") == phone  # profiles are immutable
-    with pytest.raises(ValueError):
-        calibrate(profile, obs, alpha=0.0)

@@ -9,9 +9,8 @@ The defaults are synthetic, Stable-Diffusion-scale planning figures (marked ``sy
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -228,45 +227,3 @@ def fit_linear(x: Sequence[float], y: Sequence[float]) -> tuple[float, float, fl
     residual = float(((ys - a - b * xs) ** 2).sum())
     total = float(((ys - ys.mean()) ** 2).sum())
     return float(a), float(b), 1.0 - residual / total if total > 0 else 1.0
-
-
-def calibrate(profile: CostProfile, observations: Iterable[PhaseObservation], alpha: float = 0.3) -> CostProfile:
-    """A new profile moved toward ``observations`` (exponential moving average, weight ``alpha``).
-
-    Edge: with two or more distinct batch sizes per pack the coefficients (a, b) are refitted by
-    least squares on per-step times and blended in; with one batch size both are scaled by the
-    observed/predicted ratio. Device step, decode time and RTT are EMAs of the observed values.
-    """
-    if not 0.0 < alpha <= 1.0:
-        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
-    obs = [o for o in observations if o.seconds > 0 and math.isfinite(o.seconds)]
-    edge = dict(profile.edge)
-    for pack in {o.pack or next(iter(profile.edge)) for o in obs if o.phase == "edge" and o.steps > 0}:
-        rows = [o for o in obs if o.phase == "edge" and o.steps > 0 and (o.pack or next(iter(profile.edge))) == pack]
-        old = profile.edge_coefficients(pack)
-        batch = np.array([o.batch for o in rows], float)
-        per_step = np.array([o.seconds / o.steps for o in rows])
-        if len(set(batch.tolist())) >= 2:
-            fit, _ = EdgeCoefficients.fit(batch.tolist(), per_step.tolist())
-            new = EdgeCoefficients((1 - alpha) * old.a_s + alpha * fit.a_s, (1 - alpha) * old.b_s + alpha * fit.b_s)
-        else:
-            ratio = float(np.mean(per_step / old.step_seconds(batch)))
-            scale = (1 - alpha) + alpha * ratio
-            new = EdgeCoefficients(old.a_s * scale, old.b_s * scale)
-        edge[pack] = new
-    devices = dict(profile.devices)
-    for name in {o.device_class for o in obs if o.phase in ("device", "decode") and o.device_class}:
-        dev = profile.device(name)
-        steps = [o.seconds / o.steps for o in obs if o.phase == "device" and o.device_class == name and o.steps > 0]
-        decodes = [o.seconds for o in obs if o.phase == "decode" and o.device_class == name]
-        step_s = _ema(dev.step_s, steps, alpha)
-        decode_s = _ema(dev.decode_s, decodes, alpha)
-        devices[name] = replace(dev, step_s=step_s, decode_s=decode_s)
-    rtts = [max(0.0, o.seconds - o.nbytes * 8.0 / o.rate_bps) for o in obs if o.phase == "transfer" and o.rate_bps > 0]
-    return replace(profile, edge=edge, devices=devices, rtt_s=_ema(profile.rtt_s, rtts, alpha))
-
-
-def _ema(value: float, samples: list[float], alpha: float) -> float:
-    for s in samples:
-        value = (1 - alpha) * value + alpha * s
-    return value
