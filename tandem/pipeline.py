@@ -68,6 +68,21 @@ def run_steps(
             on_step(phase, done, total)
 
 
+def run_in_batches(pack: ModelPack, states: list[DenoiseState], until: int, batch: int) -> None:
+    """Advances many requests (all at the same step) to step `until`, `batch` per UNet call:
+    offline measurement (quality profiles), where every request starts together."""
+    for lo in range(0, len(states), batch):
+        chunk = states[lo : lo + batch]
+        while chunk and chunk[0].step < until:
+            advance(pack.unet, chunk)
+
+
+def decode_in_batches(pack: ModelPack, states: list[DenoiseState], batch: int) -> np.ndarray:
+    """The final latents of `states` as RGB images, `batch` per VAE call."""
+    return np.concatenate([decode_batch(pack, torch.stack([s.latent for s in states[lo : lo + batch]]))
+                           for lo in range(0, len(states), batch)])
+
+
 def make_handoff(state: DenoiseState, request: GenerationRequest) -> Handoff:
     """4a. What the device needs to continue exactly where this side stopped."""
     prev = state.prev_denoised

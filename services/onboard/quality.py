@@ -24,16 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from services.onboard.fidelity import psnr, ssim
 from services.scheduler.decide.options import split_for
 from services.scheduler.decide.quality import BASE_USER
 from tandem.handoff import CodecSpec, decode_handoff, encode_handoff
 from tandem.packs import ModelPack
-from tandem.pipeline import decode_batch, make_handoff, resume, start
+from tandem.pipeline import decode_in_batches, make_handoff, resume, run_in_batches, start
 from tandem.request import GenerationRequest
-from tandem.sampling.denoise import DenoiseState, advance
+from tandem.sampling.denoise import DenoiseState
 
 
 @dataclass(frozen=True)
@@ -113,34 +112,24 @@ class QualityMeasurer:
                                   user=None if user == BASE_USER else user).validate()
                 for i, p in enumerate(self.prompts)]
 
-    def _run(self, pack: ModelPack, states: list[DenoiseState], until: int) -> None:
-        for lo in range(0, len(states), self.grid.batch):
-            chunk = states[lo : lo + self.grid.batch]
-            while chunk and chunk[0].step < until:
-                advance(pack.unet, chunk)
-
-    def _decode(self, pack: ModelPack, states: list[DenoiseState]) -> np.ndarray:
-        return np.concatenate([decode_batch(pack, torch.stack([s.latent for s in states[lo : lo + self.grid.batch]]))
-                               for lo in range(0, len(states), self.grid.batch)])
-
     def reference(self, user: str) -> np.ndarray:
         """The images a point of `user` is compared with (computed once)."""
         if user not in self._references:
             t = self.grid.reference_steps
             if user == BASE_USER:
                 states = [start(self.large, r) for r in self._requests(t, t, user)]
-                self._run(self.large, states, t)
-                self._references[user] = self._decode(self.large, states)
+                run_in_batches(self.large, states, t, self.grid.batch)
+                self._references[user] = decode_in_batches(self.large, states, self.grid.batch)
             else:
                 self.small.use_user(user)
                 states = [start(self.small, r) for r in self._requests(t, 0, user)]
-                self._run(self.small, states, t)
-                self._references[user] = self._decode(self.small, states)
+                run_in_batches(self.small, states, t, self.grid.batch)
+                self._references[user] = decode_in_batches(self.small, states, self.grid.batch)
         return self._references[user]
 
     def edge_states(self, steps: int, split: int) -> list[DenoiseState]:
         states = [start(self.large, r) for r in self._requests(steps, split, BASE_USER)]
-        self._run(self.large, states, split)
+        run_in_batches(self.large, states, split, self.grid.batch)
         return states
 
     def finish(self, steps: int, split: int, edge: list[DenoiseState] | None, ratio: float,
@@ -153,8 +142,8 @@ class QualityMeasurer:
             spec = CodecSpec(self.grid.encoding, ratio).validate()
             states = [resume(self.small, decode_handoff(encode_handoff(make_handoff(e, r), spec), r, e.schedule))
                       for e, r in zip(edge, requests)]
-        self._run(self.small, states, steps)
-        images, reference = self._decode(self.small, states), self.reference(user)
+        run_in_batches(self.small, states, steps, self.grid.batch)
+        images, reference = decode_in_batches(self.small, states, self.grid.batch), self.reference(user)
         return QualityPointResult(steps, split, ratio, user,
                                   float(np.mean([ssim(a, b) for a, b in zip(images, reference)])),
                                   float(np.mean([min(psnr(a, b), 99.0) for a, b in zip(images, reference)])))

@@ -36,9 +36,9 @@ from tandem.demo.grammar import USER_STYLES, Scene
 from tandem.demo.world import sample_scenes
 from tandem.handoff import DEFAULT_STRATEGY, CodecSpec, decode_handoff, encode_handoff
 from tandem.packs import ModelPack, check_pair, load_pack
-from tandem.pipeline import decode_batch, make_handoff, resume, start
+from tandem.pipeline import decode_in_batches, make_handoff, resume, run_in_batches, start
 from tandem.request import GenerationRequest
-from tandem.sampling.denoise import DenoiseState, advance
+from tandem.sampling.denoise import DenoiseState
 
 
 @dataclass(frozen=True)
@@ -53,18 +53,6 @@ class Point:
     @property
     def split_fraction(self) -> float:
         return self.edge_steps / self.steps
-
-
-def _advance_all(pack: ModelPack, states: list[DenoiseState], until: int, batch: int) -> None:
-    for lo in range(0, len(states), batch):
-        chunk = states[lo : lo + batch]
-        while chunk[0].step < until:
-            advance(pack.unet, chunk)
-
-
-def _decode_all(pack: ModelPack, states: list[DenoiseState], batch: int) -> np.ndarray:
-    return np.concatenate([decode_batch(pack, torch.stack([s.latent for s in states[lo : lo + batch]]))
-                           for lo in range(0, len(states), batch)])
 
 
 def _score(evaluator: Evaluator, images: np.ndarray, scenes: list[Scene], user: str) -> dict[str, float]:
@@ -92,7 +80,7 @@ class Measurer:
 
     def edge_states(self, steps: int, edge_steps: int) -> list[DenoiseState]:
         states = [start(self.large, r) for r in self.requests(steps, edge_steps, BASE_USER)]
-        _advance_all(self.large, states, edge_steps, self.batch)
+        run_in_batches(self.large, states, edge_steps, self.batch)
         return states
 
     def finish(self, steps: int, edge_states: list[DenoiseState] | None, edge_steps: int, ratio: float,
@@ -105,8 +93,8 @@ class Measurer:
             spec = CodecSpec(self.encoding, ratio, strategy).validate()
             states = [resume(self.small, decode_handoff(encode_handoff(make_handoff(e, r), spec), r, e.schedule))
                       for e, r in zip(edge_states, requests)]
-        _advance_all(self.small, states, steps, self.batch)
-        return _score(self.evaluator, _decode_all(self.small, states, self.batch), self.scenes, user)
+        run_in_batches(self.small, states, steps, self.batch)
+        return _score(self.evaluator, decode_in_batches(self.small, states, self.batch), self.scenes, user)
 
 
 def measure(m: Measurer, *, steps_list: list[int], fractions: list[float], ratios: list[float],
