@@ -73,7 +73,7 @@ class GenerationRequest:
         that the latent answers its own request. The guidance scale crosses the wire as float32,
         so it is compared at float32 precision."""
         fields = self.to_dict()
-        fields["guidance_scale"] = struct.unpack("<f", struct.pack("<f", float(self.guidance_scale)))[0]
+        fields["guidance_scale"] = as_float32(self.guidance_scale)
         canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -84,6 +84,11 @@ class GenerationRequest:
         if unknown:
             raise RequestError(sorted(unknown)[0], "unknown request field")
         return cls(**data).validate()
+
+
+def as_float32(value: float) -> float:
+    """`value` as it arrives after crossing the wire in a proto float field (float32)."""
+    return struct.unpack("<f", struct.pack("<f", float(value)))[0]
 
 
 def _is_int(value: Any) -> bool:

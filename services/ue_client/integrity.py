@@ -13,12 +13,11 @@ Pure logic: no gRPC, no model.
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass, replace
 from typing import Any
 
 from tandem.codec.spec import CodecSpec, handoff_size
-from tandem.request import GenerationRequest
+from tandem.request import GenerationRequest, as_float32
 
 MAX_CHUNKS = 1024  # the edge sends 256 KiB chunks: a 2048 px handoff is a few of them
 
@@ -53,8 +52,7 @@ class HandoffLimits:
 
 def wire_codec(codec: CodecSpec) -> CodecSpec:
     """The codec as the edge receives it: the merge ratio crosses the wire as a float32."""
-    ratio = struct.unpack("<f", struct.pack("<f", float(codec.merge_ratio)))[0]
-    return replace(codec, merge_ratio=ratio)
+    return replace(codec, merge_ratio=as_float32(codec.merge_ratio))
 
 
 def check_header(meta: dict[str, Any], request: GenerationRequest, latent_shape: tuple[int, int, int]) -> None:
