@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from services.scheduler.decide.calibration import RobustCalibrator
+from services.scheduler.decide.calibration import MAX_RTT_S, RobustCalibrator
 from services.scheduler.decide.costs import CostProfile, PhaseObservation
 from services.scheduler.decide.isolation import best_effort_plan, split_infeasible
 from services.scheduler.decide.planner import DeciderLike, Plan, plan_frame
@@ -30,7 +30,6 @@ PHASES = ("edge", "transfer", "device", "total")
 MAX_ID_CHARS = 128  # user_id, device_class, plan_id
 # Physical bounds of what a device may claim or measure: beyond them a value is a bug or an attack.
 MAX_BANDWIDTH_BPS = 1e12
-MAX_RTT_S = 10.0
 MAX_SPECTRAL_EFFICIENCY = 100.0  # b/s/Hz; real links stay under ~30
 MAX_BUDGET_S = 86_400.0
 MAX_BUDGET_J = 1e7

@@ -24,7 +24,7 @@ from services.scheduler.decide.costs import CostProfile, EdgeCoefficients, Phase
 PRIOR_WEIGHT = 2  # the profile's value as this many samples: a lone sample is always trimmed
 WINDOW = 32
 OUTLIER_FACTOR = 100.0
-MAX_RTT_S = 10.0
+MAX_RTT_S = 10.0  # the longest round trip a device may claim or a report may teach
 
 
 @dataclass
