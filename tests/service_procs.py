@@ -65,19 +65,16 @@ def _service(module: str, pack: Path, tmp_path: Path, *args: str, credentials=No
                     port=port)
 
 
+PORT_ATTEMPTS = 3
+
+
 @contextmanager
 def _process(module: str, tmp_path: Path, *args: str, credentials: grpc.ChannelCredentials | None = None,
              port: int | None = None):
     """`port`: a fixed one (to restart a server where its clients expect it), else a free one."""
-    port, metrics_port = port or free_port(), free_port()
-    log_path = tmp_path / f"{module.rsplit('.', 1)[-1]}-{port}.log"
-    command = [sys.executable, "-m", module, "--port", str(port), "--metrics-port", str(metrics_port), *args]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-    service = ServiceProcess(proc, f"127.0.0.1:{port}", metrics_port, log_path)
+    service = _start(module, tmp_path, args, credentials, port)
+    proc = service.proc
     try:
-        wait_healthy(service.address, proc, credentials=credentials)
         yield service
     finally:
         if proc.poll() is None:
@@ -87,6 +84,32 @@ def _process(module: str, tmp_path: Path, *args: str, credentials: grpc.ChannelC
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def _start(module: str, tmp_path: Path, args: tuple[str, ...], credentials: grpc.ChannelCredentials | None,
+           fixed_port: int | None) -> ServiceProcess:
+    """A healthy server. A port free_port() found can be taken before the server binds it (an
+    outgoing connection's ephemeral port, say); servers refuse a busy port (exit 2, "already in
+    use"), so such a start is tried again on new ports."""
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        port, metrics_port = fixed_port or free_port(), free_port()
+        log_path = tmp_path / f"{module.rsplit('.', 1)[-1]}-{port}.log"
+        command = [sys.executable, "-m", module, "--port", str(port), "--metrics-port", str(metrics_port), *args]
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+        service = ServiceProcess(proc, f"127.0.0.1:{port}", metrics_port, log_path)
+        try:
+            wait_healthy(service.address, proc, credentials=credentials)
+            return service
+        except RuntimeError:  # exited before becoming healthy
+            if attempt == PORT_ATTEMPTS or proc.returncode != 2 or "already in use" not in service.log():
+                raise
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    raise AssertionError("unreachable")
 
 
 def edge_server(pack: Path, tmp_path: Path, *args: str, credentials: grpc.ChannelCredentials | None = None,
