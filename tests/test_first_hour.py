@@ -333,3 +333,20 @@ def test_thread_count_is_set_before_torch_and_overridable(monkeypatch):
                          env=dict(ENV, TANDEM_THREADS="0"), capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2
     assert bad.stderr.strip() == "tandem-scheduler: error: TANDEM_THREADS: must be a positive integer, got '0'"
+
+
+def test_a_metrics_port_taken_while_the_server_starts_is_one_line_naming_it():
+    """The port was free at the check and taken before the metrics server bound it (here: the check
+    is skipped and the port held): still one line naming the flag, exit 2, for a server whose own
+    startup errors include OSError (the scheduler)."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        taken = held.getsockname()[1]
+        code = ("import services.common.lifecycle as life; life.check_port_free = lambda *a: None; "
+                "import services.scheduler.server as s; "
+                f"raise SystemExit(s.main(['--port', '0', '--metrics-port', '{taken}']))")
+        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                              timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"tandem-scheduler: error: --metrics-port: port {taken} on 127.0.0.1 is already in use" in done.stdout

@@ -82,13 +82,16 @@ def run_server(serve: Callable[[argparse.Namespace], Awaitable[None]], args: arg
         check_port_free(args.host, args.port, "--port")
         check_port_free(args.host, getattr(args, "metrics_port", 0), "--metrics-port")
         asyncio.run(serve(args))
-    except (PortInUse, *startup_errors) as exc:
-        print(f"{prog}: error: {exc}", flush=True)
-        return 2
-    except OSError as exc:  # the metrics port taken between the check and the model loaded
-        if exc.errno != errno.EADDRINUSE:
+    except Exception as exc:
+        if isinstance(exc, OSError) and not isinstance(exc, PortInUse) and exc.errno == errno.EADDRINUSE:
+            # the metrics port taken between the check and the model loaded (checked first: a
+            # service whose startup errors include OSError would otherwise print errno's words)
+            message = f"--metrics-port: port {args.metrics_port} on {args.host} is already in use"
+        elif isinstance(exc, (PortInUse, *startup_errors)):
+            message = str(exc)
+        else:
             raise
-        print(f"{prog}: error: --metrics-port: port {args.metrics_port} on {args.host} is already in use", flush=True)
+        print(f"{prog}: error: {message}", flush=True)
         return 2
     return 0
 
