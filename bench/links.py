@@ -1,0 +1,628 @@
+"""Real links: the scheduler's plans against fixed strategies on shaped links between separate hosts.
+
+    .venv/bin/python bench/links.py [--quick] [--devices 2] [--rounds 6]
+
+A testbed (tools/testbed: network namespaces) with an edge host, a scheduler host and device hosts
+per link class; every device link is a veth pair shaped with tbf, with propagation delay added by
+tools/testbed/delay_proxy.py in the edge host (half the class's RTT each way: no netem here). The
+pack is the SD-geometry systems pack (512 px, 4x64x64 latents, tiny random UNets: real SD handoff
+bytes), built into a temp dir and profiled with `tandem-onboard --quick`, so the scheduler plans
+for it. Each device host runs a long-running device service and a driver (this file, `drive`
+mode) that asks the scheduler for plans, runs generations on its device service and reports back.
+
+Arms, interleaved request by request: `adaptive` (the scheduler's plan), `fp16 r=0` and `int8 r=0.5`
+(T=10, k=5), and `best fixed` (the one fp16 r=0 split best for all classes by the scheduler's own
+model). Every request carries a latency budget. Per class: end-to-end latency p50/p95 (the device
+service's Generate call, as the driver times it), fidelity (PSNR of the image against the fp32
+unmerged handoff's image of the same request, computed here afterwards), the scheduler's objective
+with measured latency, its prediction error, the plans it gave. Then a link whose rate drops from
+50 to 2 Mbit/s mid-run, and how many requests the link estimate needs to follow. Targets of issue 17
+are checked last; exit status 1 when one fails. Skips (exit 0) when namespaces cannot be made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+DEVICE_CLASS = "sd-cpu"
+EDGE_PORT, DEVICE_PORT, SCHEDULER_PORT, PROXY_PORT = 50051, 50061, 50071, 7000
+PROMPTS = ("a cat on a sofa", "a red car in the rain", "a lighthouse at dusk", "a bowl of fruit")
+SIZE = 512
+
+
+@dataclass(frozen=True)
+class LinkClass:
+    name: str
+    rate_mbit: float
+    rtt_ms: float
+
+
+CLASSES = (LinkClass("fiber", 200, 5), LinkClass("5G", 50, 20), LinkClass("LTE", 10, 40),
+           LinkClass("congested", 2, 80))
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    steps: int = 0  # 0: the scheduler's plan
+    split: int = 0
+    encoding: str = "fp16"
+    merge_ratio: float = 0.0
+
+    @property
+    def adaptive(self) -> bool:
+        return self.steps == 0
+
+
+@dataclass
+class Outcome:
+    """One request as a driver saw it."""
+
+    host: str
+    link: str
+    arm: str
+    index: int
+    prompt: str
+    seed: int
+    steps: int
+    split: int
+    encoding: str
+    merge_ratio: float
+    seconds: float  # end to end by the device's timers: request sent -> image decoded (what the scheduler models)
+    wall: float  # the Generate call as the driver timed it (+ the PNG and the local call)
+    phases: dict[str, float]
+    handoff_bytes: int
+    fallback: str
+    png: str
+    predicted: float | None = None  # the plan's total
+    link_sent_bps: float = 0.0  # what the Plan request carried
+    psnr: float | None = None
+    objective: float | None = None
+
+
+# --- the driver: runs inside a device host -----------------------------------------------------
+
+def drive(argv: list[str]) -> int:
+    """One JSON job a line on stdin, one JSON Outcome a line on stdout."""
+    parser = argparse.ArgumentParser(prog="links.py drive")
+    for flag in ("--device", "--scheduler", "--edge", "--host", "--link"):
+        parser.add_argument(flag, required=True)
+    parser.add_argument("--oracle-bps", type=float, default=0.0)
+    parser.add_argument("--oracle-rtt", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(ROOT / "tests"))
+    from service_procs import wait_healthy
+
+    for address in (args.device, args.scheduler, args.edge):  # the edge through the link and its proxy
+        wait_healthy(address, _NotAProcess(), timeout=300)
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        job = json.loads(line)
+        outcome = _run_job(job, args)
+        print(json.dumps(asdict(outcome)), flush=True)
+    return 0
+
+
+class _NotAProcess:
+    """wait_healthy watches a process it started; these run in other hosts, started elsewhere."""
+
+    def poll(self) -> None:
+        return None
+
+
+def _run_job(job: dict, args: argparse.Namespace) -> Outcome:
+    from services.common.wire import request_to_proto
+    from services.scheduler.client import report, request_plan
+    from services.ue_client.client import generate_on_device_service
+    from tandem.codec.spec import CodecSpec
+    from tandem.request import GenerationRequest
+
+    plan, arm = None, Arm(**job["arm"])
+    steps, split, encoding, ratio = arm.steps, arm.split, arm.encoding, arm.merge_ratio
+    if arm.adaptive:
+        plan = request_plan(args.scheduler, DEVICE_CLASS, bandwidth_bps=args.oracle_bps, rtt_s=args.oracle_rtt,
+                            latency_budget_s=job["budget"], user_id=args.host, timeout=10)
+        if plan is None:
+            raise SystemExit(f"links.py drive: {args.host}: the scheduler gave no plan")
+        steps, split, encoding, ratio = plan.steps, plan.split, plan.encoding, plan.merge_ratio
+    request = GenerationRequest(job["prompt"], steps=steps, split=split, seed=job["seed"], height=SIZE, width=SIZE,
+                                guidance_scale=job["guidance"], sampler=job["sampler"])
+    began = time.perf_counter()
+    result = generate_on_device_service(args.device, request_to_proto(request, CodecSpec(encoding, ratio)), None, 120)
+    wall = time.perf_counter() - began
+    if plan is not None:
+        report(args.scheduler, plan.plan_id, dict(result.seconds), result.edge_steps, result.device_steps,
+               result.handoff_bytes, bool(result.fallback), timeout=10)
+    png = Path(job["out"])
+    png.write_bytes(result.png)
+    return Outcome(args.host, args.link, arm.name, job["index"], job["prompt"], job["seed"], steps, split, encoding,
+                   ratio, sum(result.seconds.values()), wall, dict(result.seconds), result.handoff_bytes, result.fallback, str(png),
+                   predicted=plan.predicted_seconds["total"] if plan else None,
+                   link_sent_bps=args.oracle_bps if plan else 0.0)
+
+
+# --- the testbed -------------------------------------------------------------------------------
+
+@dataclass
+class Packs:
+    large: Path
+    small: Path
+    cost_profile: Path
+    quality_profile: Path
+    guidance: float
+    sampler: str
+
+
+@dataclass
+class DeviceHost:
+    label: str
+    link_class: LinkClass
+    link: object  # tools.testbed.netns.Link to the edge (shaped)
+    driver: subprocess.Popen | None = None
+    processes: list[subprocess.Popen] = field(default_factory=list)  # its proxy, device service, driver
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def run(self, job: dict) -> Outcome:
+        assert self.driver is not None and self.driver.stdin and self.driver.stdout
+        with self.lock:
+            self.driver.stdin.write(json.dumps(job) + "\n")
+            self.driver.stdin.flush()
+            line = self.driver.stdout.readline()
+        if not line:
+            raise SystemExit(f"links.py: error: the driver of {self.label} died (see its log)")
+        return Outcome(**json.loads(line))
+
+
+def log(line: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
+
+
+def prepare_packs(work: Path) -> Packs:
+    """The SD-geometry pair, profiled on this machine (tandem-onboard --quick, T 10 and 20)."""
+    from tandem.tiny_pack import build_sd_geometry_pair
+
+    large, small = build_sd_geometry_pair(work / "pack")
+    profiles = work / "profiles"
+    command = [sys.executable, "-m", "services.onboard", str(large), str(small), "--out", str(profiles), "--quick",
+               "--steps", "10,20", "--n", "2", "--users", "none", "--device-class", DEVICE_CLASS, "--device", "cpu",
+               "--threads", "1", "--quiet"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"links.py: error: tandem-onboard failed: {done.stderr.strip().splitlines()[-1:]}")
+    manifest = json.loads((large / "tandem_pack.json").read_text())
+    return Packs(large, small, profiles / "cost_profile.json", profiles / "quality_profile.json",
+                 float(manifest["default_guidance"]), manifest["default_sampler"])
+
+
+class Topology:
+    """An edge host, a scheduler host and device hosts, each with its device service and driver."""
+
+    def __init__(self, bed, packs: Packs, logs: Path):
+        self.bed, self.packs, self.logs = bed, packs, logs
+        self.edge = bed.host("edge")
+        self.scheduler = bed.host("sched")
+        self.devices: list[DeviceHost] = []
+        self._started = False
+
+    def _popen(self, host, label: str, argv: list[str], **kwargs) -> subprocess.Popen:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+        out = open(self.logs / f"{label}.log", "w")
+        return self.bed.popen(host, argv, cwd=ROOT, env=env, stderr=out, stdout=kwargs.pop("stdout", out), **kwargs)
+
+    def add_device(self, label: str, link_class: LinkClass) -> DeviceHost:
+        host = self.bed.host(label)
+        link = self.bed.link(self.edge, host, rate_mbit=link_class.rate_mbit)
+        control = self.bed.link(self.scheduler, host)  # plans and reports: not the data link
+        if not self._started:
+            self._start_servers(link)
+        proxy = f"{link.a_ip}:{PROXY_PORT}"
+        device = DeviceHost(label, link_class, link)
+        device.processes.append(self._popen(self.edge, f"proxy-{label}", [sys.executable, "-m", "tools.testbed.delay_proxy", "--listen", proxy,
+                                                   "--target", f"127.0.0.1:{EDGE_PORT}",
+                                                   "--delay-ms", str(link_class.rtt_ms / 2)]))
+        device.processes.append(self._popen(host, f"device-{label}", [sys.executable, "-m", "services.ue_client", "--pack",
+                                               str(self.packs.small), "--port", str(DEVICE_PORT), "--metrics-port", "0",
+                                               "--device", "cpu", "--edge", proxy]))
+        device.driver = self._popen(
+            host, f"driver-{label}",
+            [sys.executable, str(Path(__file__).resolve()), "drive", "--device", f"127.0.0.1:{DEVICE_PORT}",
+             "--scheduler", f"{control.a_ip}:{SCHEDULER_PORT}", "--edge", proxy, "--host", label,
+             "--link", link_class.name, "--oracle-bps", str(link_class.rate_mbit * 1e6),
+             "--oracle-rtt", str(link_class.rtt_ms / 1e3)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        device.processes.append(device.driver)
+        self.devices.append(device)
+        return device
+
+    def remove(self, device: DeviceHost) -> None:
+        """Stops a device host's processes (its namespace goes at teardown)."""
+        for proc in reversed(device.processes):
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self.devices.remove(device)
+
+    def _start_servers(self, first_link) -> None:
+        self._started = True
+        self._popen(self.edge, "edge", [sys.executable, "-m", "services.edge_server", "--pack", str(self.packs.large),
+                                        "--host", "0.0.0.0", "--port", str(EDGE_PORT), "--metrics-port", "0",
+                                        "--device", "cpu"])
+        # --policy exact: the shipped policies were trained on other packs' profiles; --frame-ms 0:
+        # each device has its own link here, not a share of one band.
+        self._popen(self.scheduler, "scheduler",
+                    [sys.executable, "-m", "services.scheduler", "--host", "0.0.0.0", "--port", str(SCHEDULER_PORT),
+                     "--metrics-port", "0", "--policy", "exact", "--frame-ms", "0",
+                     "--cost-profile", str(self.packs.cost_profile), "--quality-profile",
+                     str(self.packs.quality_profile), "--edge", f"{first_link.a_ip}:{PROXY_PORT}"])
+
+    def wait_ready(self) -> None:
+        for device in self.devices:
+            self.wait_ready_one(device)
+
+    def wait_ready_one(self, device: DeviceHost) -> None:
+        assert device.driver and device.driver.stdout
+        if not device.driver.stdout.readline().startswith('{"ready"'):
+            raise SystemExit(f"links.py: error: {device.label} never became ready (logs in {self.logs})")
+
+
+# --- the scheduler's own model (its objective, with measured latency) -------------------------------
+
+class SchedulerModel:
+    """Single-user frames of the scheduler's decision library, one per link class: the objective
+    utility = quality (the profile's) − λ·latency − λ_E·energy − a penalty over the budget, as the
+    scheduler scores a plan, here with the measured latency in place of the predicted one."""
+
+    def __init__(self, packs: Packs, budget_s: float, extra: tuple[Arm, ...]):
+        from services.scheduler.decide.costs import CostProfile
+        from services.scheduler.decide.options import DEFAULT_OPTIONS, Option, OptionTable
+        from services.scheduler.decide.quality import QualityProfile
+
+        self.costs = CostProfile.load(packs.cost_profile)
+        self.quality = QualityProfile.load(packs.quality_profile)
+        options = list(DEFAULT_OPTIONS)
+        for arm in extra:  # e.g. int8: the scheduler's table has fp16 only; its profile no codec axis
+            option = Option(arm.steps, arm.split, arm.merge_ratio, arm.encoding)
+            if option not in options:
+                options.append(option)
+        self.options = OptionTable(tuple(options))
+        self.budget_s = budget_s
+        self._problems: dict[str, object] = {}
+
+    def problem(self, link: LinkClass):
+        from services.scheduler.decide.problem import FrameProblem
+        from services.scheduler.decide.scenario import FrameContext, UserSpec
+
+        if link.name not in self._problems:
+            ctx = FrameContext()
+            user = UserSpec(link.name, DEVICE_CLASS, link.rate_mbit * 1e6 / ctx.bandwidth_hz,
+                            latency_budget_s=self.budget_s, rtt_s=link.rtt_ms / 1e3)
+            self._problems[link.name] = FrameProblem.build([user], self.quality, self.costs, self.options, ctx)
+        return self._problems[link.name]
+
+    def index(self, steps: int, split: int, ratio: float, encoding: str) -> int:
+        from services.scheduler.decide.options import Option
+
+        return self.options.index(Option(steps, split, 0.0 if split == 0 else ratio, encoding if split else "fp16"))
+
+    def measured_objective(self, link: LinkClass, o: Outcome) -> float:
+        p = self.problem(link)
+        i = self.index(o.steps, o.split, o.merge_ratio, o.encoding)
+        cfg = p.objective_cfg
+        utility = p.quality[0, i] - cfg.latency_weight * o.seconds - cfg.energy_weight * p.energy[0, i]
+        over = o.seconds / self.budget_s - 1.0
+        return float(utility - (cfg.violation_penalty + over if over > 0 else 0.0))
+
+    def predicted_alone(self, link: LinkClass, arm: Arm) -> float:
+        """The model's latency of an option for one user alone on this link."""
+        p = self.problem(link)
+        i = self.index(arm.steps, arm.split, arm.merge_ratio, arm.encoding)
+        return float(p.evaluate([i]).latency[0])
+
+    def best_fixed_split(self, links: tuple[LinkClass, ...]) -> Arm:
+        """The fp16 r=0 option with the best mean predicted objective over all link classes."""
+        import numpy as np
+
+        candidates = [i for i, o in enumerate(self.options) if o.codec == "fp16" and o.merge_ratio == 0.0]
+        scores = np.mean([self.problem(link).evaluate_batch(np.array(candidates)[:, None]) for link in links], axis=0)
+        best = self.options[candidates[int(np.argmax(scores))]]
+        return Arm(f"best fixed T={best.steps} k={best.split}", best.steps, best.split)
+
+
+# --- the experiment ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Settings:
+    rounds: int
+    budget_s: float
+    out: Path
+    packs: Packs
+
+
+def job(arm: Arm, index: int, settings: Settings, label: str) -> dict:
+    return {"arm": asdict(arm), "index": index, "prompt": PROMPTS[index % len(PROMPTS)], "seed": index,
+            "budget": settings.budget_s, "guidance": settings.packs.guidance, "sampler": settings.packs.sampler,
+            "out": str(settings.out / f"{label}-{index}-{arm.name.replace(' ', '_')}.png")}
+
+
+def run_arms(devices: list[DeviceHost], arms: tuple[Arm, ...], settings: Settings) -> list[Outcome]:
+    """Every device at once, each its requests one after another, the arms' order rotating by round."""
+    outcomes: list[Outcome] = []
+
+    def one_device(device: DeviceHost) -> None:
+        for round_ in range(settings.rounds):
+            for j in range(len(arms)):
+                arm = arms[(round_ + j) % len(arms)]
+                outcomes.append(device.run(job(arm, round_, settings, device.label)))
+
+    threads = [threading.Thread(target=one_device, args=(d,), daemon=True) for d in devices]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return outcomes
+
+
+def warm_up(devices: list[DeviceHost], settings: Settings, requests: int) -> None:
+    """Not counted: a fresh process's first UNet calls are several times slower, and the device's
+    link estimate needs a few handoffs before it claims anything (adaptive: planned and reported)."""
+    def one_device(device: DeviceHost) -> None:
+        for i in range(requests):
+            device.run(job(Arm("adaptive"), 1000 + i, settings, device.label))
+
+    threads = [threading.Thread(target=one_device, args=(d,), daemon=True) for d in devices]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+@dataclass(frozen=True)
+class RateChange:
+    sent_mbit: list[float]  # the link estimate each adaptive Plan request carried
+    before: int  # requests at the first rate
+    to_mbit: float
+    requests_to_follow: int | None  # after the change, until the estimate is within 20% and stays
+
+
+def rate_change(topology: Topology, settings: Settings, before: int, after: int) -> RateChange:
+    """A 5G device whose link drops to 2 Mbit/s: adaptive requests one after another."""
+    link_class = LinkClass("5G->2", 50, 20)
+    device = topology.add_device("change", link_class)
+    topology.wait_ready_one(device)
+    warm_up([device], settings, WARM_UP)
+    adaptive = Arm("adaptive")
+    sent = []
+    for i in range(before + after):
+        if i == before:
+            topology.bed.reshape(device.link, rate_mbit=2)
+        sent.append(device.run(job(adaptive, 2000 + i, settings, device.label)).link_sent_bps / 1e6)
+    follow = None
+    for n in range(after):
+        if all(abs(s / 2 - 1) <= 0.2 for s in sent[before + n:]):
+            follow = n + 1
+            break
+    return RateChange(sent, before, 2.0, follow)
+
+
+# --- fidelity, summary, targets --------------------------------------------------------------------
+
+def add_fidelity(outcomes: list[Outcome], packs: Packs) -> None:
+    """PSNR of each image against the fp32, unmerged handoff's image of the same request."""
+    import numpy as np
+    from PIL import Image
+
+    from services.onboard.fidelity import psnr
+    from tandem.codec.spec import CodecSpec
+    from tandem.packs import load_pack
+    from tandem.pipeline import HybridPipeline
+    from tandem.request import GenerationRequest
+
+    pipeline = HybridPipeline(load_pack(packs.large, device="cpu"), load_pack(packs.small, device="cpu"))
+    references: dict[tuple, np.ndarray] = {}
+    for o in outcomes:
+        key = (o.prompt, o.seed, o.steps, o.split)
+        if key not in references:
+            request = GenerationRequest(o.prompt, steps=o.steps, split=o.split, seed=o.seed, height=SIZE, width=SIZE,
+                                        guidance_scale=packs.guidance, sampler=packs.sampler)
+            references[key] = pipeline.generate(request, CodecSpec("fp32", 0.0)).image
+        o.psnr = psnr(np.asarray(Image.open(o.png).convert("RGB")), references[key])
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+@dataclass(frozen=True)
+class ArmResult:
+    link: str
+    arm: str
+    n: int
+    p50_s: float
+    p95_s: float
+    wall_p50_s: float
+    psnr_db: float  # median
+    objective: float  # mean
+    error_median: float | None  # |predicted − measured| / measured, adaptive only
+    error_p90: float | None
+    plans: Counter
+
+    @classmethod
+    def of(cls, link: str, arm: str, outcomes: list[Outcome]) -> "ArmResult":
+        seconds = [o.seconds for o in outcomes]
+        errors = [abs(o.predicted - o.seconds) / o.seconds for o in outcomes if o.predicted is not None]
+        plans = Counter(f"{o.encoding} r={o.merge_ratio:g} k={o.split} T={o.steps}" if o.split else f"k=0 T={o.steps}"
+                        for o in outcomes)
+        return cls(link, arm, len(outcomes), statistics.median(seconds), percentile(seconds, 0.95),
+                   statistics.median(o.wall for o in outcomes),
+                   statistics.median(o.psnr for o in outcomes if o.psnr is not None),
+                   statistics.fmean(o.objective for o in outcomes if o.objective is not None),
+                   statistics.median(errors) if errors else None, percentile(errors, 0.9) if errors else None, plans)
+
+    def row(self) -> str:
+        error = (f"{self.error_median:6.1%} | {self.error_p90:6.1%}" if self.error_median is not None
+                 else f"{'-':>6} | {'-':>6}")
+        return (f"| {self.link:<9} | {self.arm:<22} | {self.n:>3} | {self.p50_s:6.3f} | {self.p95_s:6.3f} | "
+                f"{self.wall_p50_s:6.3f} | {self.psnr_db:6.1f} | {self.objective:7.4f} | {error} |")
+
+
+def summarize(outcomes: list[Outcome], links: tuple[LinkClass, ...], arms: tuple[Arm, ...]) -> list[ArmResult]:
+    return [ArmResult.of(link.name, arm.name, [o for o in outcomes if o.link == link.name and o.arm == arm.name])
+            for link in links for arm in arms]
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    met: bool
+    figure: str
+
+
+def check_targets(results: list[ArmResult], change: RateChange, oracle: bool) -> list[Target]:
+    by = {(r.link, r.arm): r for r in results}
+    links = list(dict.fromkeys(r.link for r in results))
+    fixed = [r.arm for r in results if r.arm != "adaptive" and r.link == links[0]]
+    targets = []
+    if "congested" in links:
+        ratio = by["congested", "adaptive"].p50_s / by["congested", "fp16 r=0"].p50_s
+        targets.append(Target("congested: adaptive p50 <= 0.6x fixed fp16 r=0", ratio <= 0.6, f"{ratio:.2f}x"))
+    for link in links:
+        worst = max(fixed, key=lambda a: by[link, a].objective)
+        gap = by[link, "adaptive"].objective - by[link, worst].objective
+        targets.append(Target(f"{link}: adaptive objective >= every fixed arm's", gap >= 0,
+                              f"{by[link, 'adaptive'].objective:.4f} vs best fixed {worst} {by[link, worst].objective:.4f}"))
+        adaptive = by[link, "adaptive"]
+        if adaptive.error_median is not None and adaptive.error_p90 is not None:
+            targets.append(Target(f"{link}: predicted vs measured latency, median <= 10%, p90 <= 20%",
+                                  adaptive.error_median <= 0.10 and adaptive.error_p90 <= 0.20,
+                                  f"median {adaptive.error_median:.1%}, p90 {adaptive.error_p90:.1%}"))
+    plans = Counter()
+    for link in links:
+        plans.update(by[link, "adaptive"].plans)
+    ratios = {p.split(" r=")[1].split()[0] for p in plans if " r=" in p}
+    codecs = {p.split()[0] for p in plans if " r=" in p}
+    targets.append(Target("merge ratio varies with the link", len(ratios) > 1, f"merge ratios planned: {sorted(ratios)}"))
+    targets.append(Target("codec varies with the link", len(codecs) > 1, f"codecs planned: {sorted(codecs)}"))
+    followed = change.requests_to_follow
+    targets.append(Target(f"rate change 50 -> {change.to_mbit:g} Mbit/s followed within 5 requests",
+                          not oracle and followed is not None and followed <= 5,
+                          "n/a: oracle link rates (no measured estimate)" if oracle else
+                          f"{followed} requests" if followed else "not followed"))
+    return targets
+
+
+def print_report(results: list[ArmResult], change: RateChange, targets: list[Target], settings: Settings,
+                 oracle: bool) -> None:
+    print(f"# latency budget {settings.budget_s:.3f} s per request; link estimate: "
+          f"{'oracle (the shaped rate and RTT)' if oracle else 'measured by the device'}")
+    print("| link | arm | n | p50 s | p95 s | call p50 s | PSNR dB | objective | pred err med | p90 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(r.row())
+    print("\n# plans the scheduler gave (adaptive), per link class")
+    for r in results:
+        if r.arm == "adaptive":
+            print(f"  {r.link:<9} " + ", ".join(f"{plan} x{n}" for plan, n in r.plans.most_common()))
+    print(f"\n# rate change: estimate sent per request (Mbit/s), {change.before} at 50 then {change.to_mbit:g}: "
+          + " ".join(f"{s:.1f}" for s in change.sent_mbit))
+    print("\n# targets (issue 17)")
+    for t in targets:
+        print(f"  {'MET ' if t.met else 'MISS'} {t.name}: {t.figure}")
+
+
+# --- main --------------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="CI size: LTE and congested, 1 device each, 2 rounds")
+    parser.add_argument("--devices", type=int, help="device hosts per link class (2; --quick: 1)")
+    parser.add_argument("--rounds", type=int, help="requests per arm and device (5; --quick: 2)")
+    parser.add_argument("--budget", type=float, default=0.0,
+                        help="latency budget per request in seconds (0: what the profile predicts for fixed fp16 "
+                             "r=0 on 5G, +15%%: edge plans fit on fast links, not on slow ones)")
+    parser.add_argument("--json", type=Path, help="write every request's outcome here")
+    args = parser.parse_args(argv)
+    args.devices = args.devices or (1 if args.quick else 2)
+    args.rounds = args.rounds or (2 if args.quick else 5)
+    if args.devices < 1 or args.rounds < 1 or args.budget < 0:
+        parser.error("--devices and --rounds must be >= 1, --budget >= 0")
+    return args
+
+
+BUDGET_SLACK = 1.15
+WARM_UP = 3  # requests per device host, not counted
+FIXED = (Arm("fp16 r=0", 10, 5), Arm("int8 r=0.5", 10, 5, "int8", 0.5))
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["drive"]:
+        return drive(argv[1:])
+    args = parse_args(argv)
+    from tools.testbed.netns import Testbed
+
+    reason = Testbed.available()
+    if reason is not None:
+        print(f"links.py: skipped: {reason}")
+        return 0
+    links = (CLASSES[2], CLASSES[3]) if args.quick else CLASSES
+    with tempfile.TemporaryDirectory(prefix="tandem-links-") as tmp:
+        work = Path(tmp)
+        (work / "logs").mkdir()
+        (work / "images").mkdir()
+        log("building the SD-geometry pack and profiling it (tandem-onboard --quick)")
+        packs = prepare_packs(work)
+        budget = args.budget or BUDGET_SLACK * SchedulerModel(packs, math.inf, FIXED).predicted_alone(CLASSES[1], FIXED[0])
+        model = SchedulerModel(packs, budget, FIXED)
+        arms = (Arm("adaptive"), *FIXED, model.best_fixed_split(links))
+        settings = Settings(args.rounds, budget, work / "images", packs)
+        outcomes: list[Outcome] = []
+        with Testbed() as bed:
+            topology = Topology(bed, packs, work / "logs")
+            for link in links:  # one class at a time: its device hosts at once
+                devices = [topology.add_device(f"{link.name[:4]}{i}", link) for i in range(args.devices)]
+                log(f"{link.name}: {len(devices)} device hosts; arms {', '.join(a.name for a in arms)}")
+                topology.wait_ready()
+                warm_up(devices, settings, WARM_UP)
+                outcomes += run_arms(devices, arms, settings)
+                for device in devices:
+                    topology.remove(device)
+            log("rate change")
+            change = rate_change(topology, settings, before=2 if args.quick else 4, after=5 if args.quick else 8)
+        log("fidelity references (fp32, unmerged)")
+        add_fidelity(outcomes, packs)
+        by_name = {link.name: link for link in links}
+        for o in outcomes:
+            o.objective = model.measured_objective(by_name[o.link], o)
+        if args.json:
+            args.json.write_text(json.dumps([asdict(o) for o in outcomes], indent=1))
+        oracle = True
+        results = summarize(outcomes, links, arms)
+        targets = check_targets(results, change, oracle)
+        print_report(results, change, targets, settings, oracle)
+    return 0 if all(t.met for t in targets) else 1
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except KeyboardInterrupt:
+        print("links.py: interrupted; the testbed is torn down", file=sys.stderr)
+        sys.exit(130)
