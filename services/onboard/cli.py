@@ -6,7 +6,9 @@
 2. measures the cost profile on this hardware (services.scheduler.learn.profiling: the edge step
    a + b·n on the large pack, the small pack's step and decode as device class NAME);
 3. measures a quality profile with a pack-agnostic measure (services/onboard/quality.py: SSIM to
-   the large pack's image of the same seed; LoRA users: to their all-device image);
+   the large pack's image of the same seed; LoRA users: to their all-device image), or, where the
+   pack ships an evaluator (the demo pack), with the evaluator's accuracy (--evaluator DIR to name
+   one, --no-evaluator for fidelity anyway);
 4. writes DIR/cost_profile.json and DIR/quality_profile.json and prints the scheduler command.
 
 Both stages resume: a cost profile already in DIR is kept (--force measures again), quality points
@@ -52,6 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--n", type=int, help="prompts per quality point (16; --quick: 2)")
     parser.add_argument("--steps", type=positive_ints, help="total steps T of the quality grid (10,20; --quick: 4)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: as the services pick)")
+    parser.add_argument("--evaluator", type=Path, help="score quality with this evaluator directory (default: the "
+                                                       "one shipped beside LARGE, if any: the demo pack's)")
+    parser.add_argument("--no-evaluator", action="store_true", help="score fidelity even if the pack ships an evaluator")
     parser.add_argument("--force", action="store_true", help="measure the cost profile again even if DIR has one")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -61,6 +66,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--threads: must be >= 1, got {args.threads}")
     if not args.device_class.strip():
         parser.error("--device-class: must not be empty")
+    if args.evaluator is not None:
+        from services.onboard.evaluator import EVALUATOR_FILES, is_evaluator
+
+        if args.no_evaluator:
+            parser.error("--evaluator and --no-evaluator: give one")
+        if not is_evaluator(args.evaluator):
+            parser.error(f"--evaluator: no evaluator at {args.evaluator} (needs {' and '.join(EVALUATOR_FILES)})")
     for name in ("large", "small"):
         path: Path = getattr(args, name)
         if not path.is_dir():
@@ -108,6 +120,7 @@ def _quality_profile(args: argparse.Namespace, large, small, users: list[str], o
 
     from tqdm import tqdm
 
+    from services.onboard.evaluator import EvaluatorScore, find_evaluator
     from services.onboard.prompts import load_prompts
     from services.onboard.quality import FULL_GRID, QUICK_GRID, PointStore, QualityMeasurer, measure, profile_json
     from services.scheduler.decide.quality import BASE_USER, QualityProfile
@@ -115,23 +128,34 @@ def _quality_profile(args: argparse.Namespace, large, small, users: list[str], o
     grid = QUICK_GRID if args.quick else FULL_GRID
     grid = replace(grid, n_prompts=args.n or grid.n_prompts, steps=args.steps or grid.steps)
     everyone = [BASE_USER, *users]
-    prompts = load_prompts(args.large, grid.n_prompts)
+    evaluator = None if args.no_evaluator else args.evaluator or find_evaluator(args.large)
+    scorer = metric = None
+    if evaluator is not None:
+        try:
+            scorer = EvaluatorScore(evaluator, grid.n_prompts, large.device)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise OnboardError(f"--evaluator: cannot load {evaluator}: {exc}") from None
+        prompts, metric = scorer.prompts, scorer.metric(grid.n_prompts, grid.encoding)
+        _log(f"quality: scored by the pack's evaluator {evaluator} (accuracy; --no-evaluator for fidelity)")
+    else:
+        prompts = load_prompts(args.large, grid.n_prompts)
     guidance = float(large.manifest.default_guidance or 7.5)
     sampler = large.manifest.default_sampler or "dpmpp_2m"
-    store = PointStore(out_dir / "quality_points.jsonl")
-    measurer = QualityMeasurer(large, small, prompts, grid, guidance, sampler)
+    # one file per measure, so a resumed run never mixes fidelity and accuracy points
+    store = PointStore(out_dir / ("quality_points_evaluator.jsonl" if scorer else "quality_points.jsonl"))
+    measurer = QualityMeasurer(large, small, prompts, grid, guidance, sampler, scorer)
     total = grid.size(len(everyone))
     _log(f"quality: {total} points (T {', '.join(map(str, grid.steps))}; users {', '.join(everyone)}; "
          f"{grid.n_prompts} prompts each), {len(store.points)} already measured")
     with tqdm(total=total, desc="quality points", unit="pt", disable=args.quiet, file=sys.stderr) as bar:
         def tick(point) -> None:
             if point is not None:
-                bar.set_postfix_str(f"T={point.steps} k={point.split} r={point.merge_ratio:g} {point.user}: "
-                                    f"SSIM {point.ssim:.3f}")
+                score = f"accuracy {point.accuracy:.3f}" if point.accuracy is not None else f"SSIM {point.ssim:.3f}"
+                bar.set_postfix_str(f"T={point.steps} k={point.split} r={point.merge_ratio:g} {point.user}: {score}")
             bar.update(1)
 
         measure(measurer, everyone, store, tick)
-    profile = profile_json(store, grid, f"{large.name}+{small.name}", everyone)
+    profile = profile_json(store, grid, f"{large.name}+{small.name}", everyone, metric)
     QualityProfile.from_dict(profile)  # the scheduler must be able to read what we write
     path = out_dir / "quality_profile.json"
     path.write_text(json.dumps(profile, indent=1) + "\n")

@@ -10,6 +10,9 @@ each image is scored by its fidelity (SSIM) to a reference image of the same pro
 * a LoRA user: the small pack with the user's LoRA alone at the largest T (their style lives in the
   LoRA, which runs only on the device).
 
+Where the pack ships an evaluator (services/onboard/evaluator.py), a point's accuracy is the
+evaluator's instead (its SSIM is still recorded).
+
 Points are appended to a JSON-lines file as they are measured, so an interrupted run resumes where
 it stopped; the profile is written in the scheduler's format (services/scheduler/decide/quality.py).
 """
@@ -70,6 +73,7 @@ class QualityPointResult:
     user: str
     ssim: float
     psnr_db: float
+    accuracy: float | None = None  # the pack's evaluator, where it ships one
 
     @property
     def key(self) -> tuple[int, int, float, str]:
@@ -100,9 +104,10 @@ class PointStore:
 
 class QualityMeasurer:
     def __init__(self, large: ModelPack, small: ModelPack, prompts: list[str], grid: QualityGrid,
-                 guidance: float, sampler: str):
+                 guidance: float, sampler: str, scorer: Callable[[np.ndarray, str], float] | None = None):
+        """``scorer(images, user)``: the pack's own quality measure (an evaluator), if it has one."""
         self.large, self.small, self.prompts, self.grid = large, small, prompts, grid
-        self.guidance, self.sampler = guidance, sampler
+        self.guidance, self.sampler, self.scorer = guidance, sampler, scorer
         self._references: dict[str, np.ndarray] = {}
 
     def _requests(self, steps: int, split: int, user: str) -> list[GenerationRequest]:
@@ -146,7 +151,8 @@ class QualityMeasurer:
         images, reference = decode_in_batches(self.small, states, self.grid.batch), self.reference(user)
         return QualityPointResult(steps, split, ratio, user,
                                   float(np.mean([ssim(a, b) for a, b in zip(images, reference)])),
-                                  float(np.mean([min(psnr(a, b), 99.0) for a, b in zip(images, reference)])))
+                                  float(np.mean([min(psnr(a, b), 99.0) for a, b in zip(images, reference)])),
+                                  self.scorer(images, user) if self.scorer else None)
 
 
 def measure(m: QualityMeasurer, users: list[str], store: PointStore,
@@ -175,13 +181,15 @@ def _points(store: PointStore, grid: QualityGrid, user: str) -> Iterator[dict[st
         # k = 0 sends nothing: its score stands for every merge ratio of the grid.
         for ratio in grid.ratios if p.split == 0 else (p.merge_ratio,):
             yield {"steps": p.steps, "split_fraction": round(p.split / p.steps, 6), "merge_ratio": ratio,
-                   "accuracy": round(p.ssim, 4)}
+                   "accuracy": round(p.ssim if p.accuracy is None else p.accuracy, 4)}
 
 
-def profile_json(store: PointStore, grid: QualityGrid, pair: str, users: list[str]) -> dict[str, Any]:
+def profile_json(store: PointStore, grid: QualityGrid, pair: str, users: list[str],
+                 metric: str | None = None) -> dict[str, Any]:
+    """``metric``: what the points' accuracy is (default: the SSIM fidelity)."""
     return {
         "synthetic": False,
-        "metric": (f"fidelity (SSIM, pixel space) to the large pack's image at T={grid.reference_steps} "
-                   f"(LoRA users: the small pack + LoRA alone), {grid.n_prompts} prompts, codec {grid.encoding}"),
+        "metric": metric or (f"fidelity (SSIM, pixel space) to the large pack's image at T={grid.reference_steps} "
+                             f"(LoRA users: the small pack + LoRA alone), {grid.n_prompts} prompts, codec {grid.encoding}"),
         "pairs": {pair: {"users": {u: {"points": list(_points(store, grid, u))} for u in users}}},
     }

@@ -129,6 +129,14 @@ class Evaluator:
             for i in range(len(labels["shape"]))
         ]
 
+    def accuracy(self, images: np.ndarray | torch.Tensor, scenes: Sequence[Scene]) -> float:
+        """Share of images with all four prompt attributes *and* the scene's style right (the
+        demo quality profile's measure)."""
+        predictions = self.predict(images)
+        if len(predictions) != len(scenes):
+            raise ValueError(f"{len(predictions)} images but {len(scenes)} scenes")
+        return sum(p.matches(s) and p.style == s.style for p, s in zip(predictions, scenes)) / max(1, len(scenes))
+
     def score(self, images: np.ndarray | torch.Tensor, scenes: Sequence[Scene]) -> dict[str, float]:
         """Per-attribute accuracy, `all_four` (shape, colour, position and background all
         right) and `style` accuracy against each scene's style."""

@@ -59,8 +59,7 @@ def _score(evaluator: Evaluator, images: np.ndarray, scenes: list[Scene], user: 
     style = USER_STYLES.get(user, "filled")
     styled = [dataclasses.replace(s, style=style) for s in scenes]
     scores = evaluator.score(images, styled)
-    predictions = evaluator.predict(images)
-    scores["accuracy"] = sum(p.matches(s) and p.style == s.style for p, s in zip(predictions, styled)) / len(styled)
+    scores["accuracy"] = evaluator.accuracy(images, styled)
     return scores
 
 
