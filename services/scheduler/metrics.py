@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.scheduler.decide.costs import CostProfile
 from services.scheduler.decide.planner import Plan
+from services.scheduler.guard import GuardStatus
 
 # A frame is decided in milliseconds (policy + closed form), tens of ms when cvxpy re-solves.
 DECISION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -52,6 +53,16 @@ class SchedulerMetrics:
         self.infeasible_plans = Counter("tandem_scheduler_infeasible_plans_total",
                                         "Requests no plan could serve within budget (planned alone, best effort)",
                                         registry=r)
+
+    def watch_guard(self, status: Callable[[], GuardStatus]) -> None:
+        """The policy guard's verdict (services/scheduler/guard.py), read at scrape time."""
+        r = self.registry
+        Gauge("tandem_scheduler_guard_fallback", "1 once the policy fell behind greedy + local search and "
+              "the service serves that instead (until restart)", registry=r).set_function(lambda: float(status().fallback))
+        Gauge("tandem_scheduler_guard_checked_frames", "Live frames checked against greedy + local search",
+              registry=r).set_function(lambda: status().checked)
+        Gauge("tandem_scheduler_guard_ratio", "Policy objective / greedy + local search's over the guard's window "
+              "(NaN before the first check)", registry=r).set_function(lambda: status().ratio)
 
     def watch_edges(self, count: Callable[[], int]) -> None:
         self.edges_live.set_function(count)  # evaluated at scrape time: expiry needs no timer

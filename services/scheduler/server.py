@@ -45,6 +45,7 @@ from services.scheduler.defaults import (
 )
 from services.scheduler.edges import MAX_EDGES, EdgeRegistry
 from services.scheduler.frames import FrameConfig
+from services.scheduler.guard import GuardConfig, PolicyGuard
 from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.servicer import SchedulerServicer
 from tandem.v1 import scheduler_pb2, scheduler_pb2_grpc
@@ -81,6 +82,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--polish-max-users", type=int, default=int(_env("polish_max_users", POLISH_MAX_USERS)),
                         help=f"largest frame that gets the sweeps ({POLISH_MAX_USERS}; a sweep costs "
                              "O(N²·options): ~5 ms at 32 users, ~30 ms at 100)")
+    parser.add_argument("--guard-every", type=int, default=int(_env("guard_every", 10)),
+                        help="check the policy against greedy + local search on one frame in this many, in the "
+                             "background, and serve that instead once the policy falls >2%% behind (10; 0 = off)")
+    parser.add_argument("--guard-window", type=int, default=int(_env("guard_window", 10)),
+                        help="checked frames the guard's verdict sums over (10)")
     parser.add_argument("--frame-ms", type=float, default=float(_env("frame_ms", 20.0)),
                         help="plan requests arriving within this window are decided together (20)")
     parser.add_argument("--max-frame", type=int, default=int(_env("max_frame", 64)), help="largest frame (64)")
@@ -103,6 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag, ok in (("--frame-ms", args.frame_ms >= 0), ("--max-frame", args.max_frame >= 1),
                      ("--edge-ttl", args.edge_ttl > 0), ("--bandwidth-hz", args.bandwidth_hz > 0),
                      ("--polish-sweeps", args.polish_sweeps >= 0), ("--polish-max-users", args.polish_max_users >= 0),
+                     ("--guard-every", args.guard_every >= 0), ("--guard-window", args.guard_window >= 1),
                      ("--max-edges", args.max_edges >= 1), ("--max-pending-per-user", args.max_pending_per_user >= 1)):
         if not ok:
             parser.error(f"{flag}: out of range, got {getattr(args, flag[2:].replace('-', '_'))}")
@@ -110,19 +117,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_decider(args: argparse.Namespace) -> DeciderLike:
-    """The policy (polished in small frames) or a baseline's name; warns when the policy was
-    trained on other profiles than the service runs with."""
+    """The policy (polished in small frames, guarded) or a baseline's name; warns when the policy
+    was trained on other profiles than the service runs with."""
     if args.policy in BASELINES or args.policy == "exact":
         return args.policy
     policy = SchedulerPolicy.load(args.policy)
     warn_if_trained_elsewhere(policy.config.meta, profile_ids(args.quality_profile, args.cost_profile))
-    return polished(policy, args.polish_sweeps, args.polish_max_users) if args.polish_sweeps > 0 else policy
+    decider = polished(policy, args.polish_sweeps, args.polish_max_users) if args.polish_sweeps > 0 else policy
+    return PolicyGuard(decider, GuardConfig(args.guard_every, args.guard_window)) if args.guard_every else decider
 
 
 def warn_if_trained_elsewhere(meta: dict, running: tuple[str, str]) -> None:
-    """A policy is only as good as the profiles it was trained on: say so when they differ."""
+    """A policy is only as good as the profiles it was trained on: say so when they differ (a
+    general policy, trained on randomized profile families, is meant for profiles it never saw)."""
     trained = (meta.get("quality_profile_id"), meta.get("cost_profile_id"))
-    if trained != running:
+    if trained != running and not meta.get("families"):
         log.warning("the policy was trained on other profiles (quality %s, costs %s; running with %s, %s): "
                     "its plans may be poor; retrain it (python -m services.scheduler.learn.train) or use "
                     "--polish-sweeps/--polish-max-users to refine its decisions",
@@ -167,6 +176,8 @@ async def serve(args: argparse.Namespace) -> None:
     metrics = SchedulerMetrics()
     metrics.watch_edges(lambda: len(core.edges.live()))
     metrics.watch_pending(lambda: core.pending_reports)
+    if isinstance(core.decider, PolicyGuard):
+        metrics.watch_guard(core.decider.status)
     servicer = SchedulerServicer(core, metrics, FrameConfig(args.frame_ms / 1000.0, args.max_frame),
                                  edge_tokens=edge_tokens, static_edges=args.edge)
     scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, server)
