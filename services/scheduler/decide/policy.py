@@ -6,7 +6,9 @@ products per user (numpy only; services/scheduler/learn/torch_bridge.py converts
     selection = policy(problem)          # one option index per user, masked, greedy
 
 Loading a file whose config does not match this code (features, option table, shapes) raises
-:class:`PolicyFormatError` saying what differs.
+:class:`PolicyFormatError` saying what differs. A policy of an older feature version (one whose
+static features are a subset of today's, by name, with the same dynamic features) still loads:
+it reads its own columns of the observation.
 """
 
 from __future__ import annotations
@@ -18,7 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from services.scheduler.decide.features import FEATURE_VERSION, FEATURES, OBS_DIM, SequentialState
+from services.scheduler.decide.features import (
+    DYNAMIC_FEATURES,
+    FEATURE_VERSION,
+    FEATURES,
+    OBS_DIM,
+    STATIC_FEATURES,
+    SUPPORTED_FEATURE_VERSIONS,
+    SequentialState,
+)
 from services.scheduler.decide.options import OptionTable
 from services.scheduler.decide.problem import FrameProblem
 
@@ -66,11 +76,16 @@ class PolicyConfig:
     def check(self, options: OptionTable | None = None) -> None:
         """Raise PolicyFormatError unless this config fits the current code (and ``options``)."""
         problems = []
-        if self.features != FEATURES or self.feature_version != FEATURE_VERSION:
-            problems.append(f"features (v{self.feature_version}, {len(self.features)}) differ from this code's "
-                            f"(v{FEATURE_VERSION}, {len(FEATURES)})")
-        if self.obs_dim != OBS_DIM:
-            problems.append(f"obs_dim {self.obs_dim} != {OBS_DIM}")
+        static, dynamic = self.features[:-len(DYNAMIC_FEATURES)], self.features[-len(DYNAMIC_FEATURES):]
+        unknown = sorted(set(static) - set(STATIC_FEATURES))
+        if (self.feature_version not in SUPPORTED_FEATURE_VERSIONS or dynamic != DYNAMIC_FEATURES or unknown
+                or len(set(static)) != len(static)):
+            problems.append(f"features (v{self.feature_version}, {len(self.features)}"
+                            + (f"; unknown: {', '.join(unknown[:5])}" if unknown else "")
+                            + f") differ from this code's (v{FEATURE_VERSION}, {len(FEATURES)}; "
+                            f"it reads versions {', '.join(map(str, SUPPORTED_FEATURE_VERSIONS))}): retrain the policy")
+        if self.obs_dim != len(self.features):
+            problems.append(f"obs_dim {self.obs_dim} != {len(self.features)} features")
         if self.n_actions != len(self.options):
             problems.append(f"n_actions {self.n_actions} != {len(self.options)} options in its table")
         if options is not None and options != self.options:
@@ -83,7 +98,13 @@ class PolicyConfig:
 
 class SchedulerPolicy:
     def __init__(self, config: PolicyConfig, weights: dict[str, np.ndarray]) -> None:
+        config.check()
         self.config = config
+        # Which columns of today's observation this policy reads (all of them, in order, for a
+        # policy of the current feature version).
+        static = config.features[:-len(DYNAMIC_FEATURES)]
+        self.static_columns = np.array([STATIC_FEATURES.index(f) for f in static], dtype=int)
+        self.columns = np.concatenate([self.static_columns, np.arange(len(STATIC_FEATURES), OBS_DIM)])
         sizes = (config.obs_dim, *config.hidden, config.n_actions)
         self.layers: list[tuple[np.ndarray, np.ndarray]] = []
         for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
@@ -108,7 +129,8 @@ class SchedulerPolicy:
         return w @ h + b if h.ndim == 1 else h @ w.T + b
 
     def act(self, obs: np.ndarray, mask: np.ndarray | None = None) -> int:
-        logits = self.logits(obs)
+        """The greedy action for one observation of today's features (:data:`FEATURES`)."""
+        logits = self.logits(np.asarray(obs)[..., self.columns])
         if mask is not None:
             logits = np.where(mask, logits, -np.inf)
         return int(np.argmax(logits))
@@ -129,8 +151,9 @@ class SchedulerPolicy:
         if state.done:
             return state.sel
         (w1, b1), rest = self.layers[0], self.layers[1:]
-        n_static = state.static_obs.shape[1]
-        first = state.static_obs.astype(np.float32) @ w1[:, :n_static].T + b1  # [N, hidden]
+        n_static = len(self.static_columns)
+        static = state.static_obs[:, self.static_columns].astype(np.float32)
+        first = static @ w1[:, :n_static].T + b1  # [N, hidden]
         w1_dynamic = np.ascontiguousarray(w1[:, n_static:])
         masked_out = np.where(problem.mask, np.float32(0), np.float32(-np.inf))  # added to the logits
         act = self._act

@@ -11,7 +11,8 @@ frame objective J instead. The last step's info holds the frame's objective, uti
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 import numpy as np
@@ -24,6 +25,9 @@ from services.scheduler.decide.problem import FrameProblem
 from services.scheduler.decide.quality import QualityProfile, synthetic_profile
 from services.scheduler.decide.scenario import DEFAULT_SCENARIO, ObjectiveConfig, ScenarioConfig, sample_frame
 
+if TYPE_CHECKING:
+    from services.scheduler.learn.families import ProfileDraw
+
 REWARD_MODES = ("utility", "penalized")
 
 
@@ -32,7 +36,10 @@ class SchedulerEnv(gym.Env):
 
     def __init__(self, scenario: ScenarioConfig = DEFAULT_SCENARIO, quality: QualityProfile | None = None,
                  costs: CostProfile | None = None, options: OptionTable = DEFAULT_OPTIONS,
-                 objective: ObjectiveConfig = ObjectiveConfig(), reward_mode: str = "utility") -> None:
+                 objective: ObjectiveConfig = ObjectiveConfig(), reward_mode: str = "utility",
+                 profiles: Sequence["ProfileDraw"] = ()) -> None:
+        """``profiles``: when given, every episode draws one of them (its quality, costs and
+        scenario) instead of using ``scenario``/``quality``/``costs``."""
         if reward_mode not in REWARD_MODES:
             raise ValueError(f"reward_mode must be one of {REWARD_MODES}, got {reward_mode!r}")
         self.scenario = scenario
@@ -41,6 +48,7 @@ class SchedulerEnv(gym.Env):
         self.options = options
         self.objective = objective
         self.reward_mode = reward_mode
+        self.profiles = tuple(profiles)
         self.observation_space = spaces.Box(-OBS_CLIP, OBS_CLIP, (OBS_DIM,), np.float32)
         self.action_space = spaces.Discrete(len(options))
         self.state: SequentialState | None = None
@@ -48,12 +56,16 @@ class SchedulerEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
+        scenario, quality, costs = self.scenario, self.quality, self.costs
+        if self.profiles:
+            draw = self.profiles[int(self.np_random.integers(len(self.profiles)))]
+            scenario, quality, costs = draw.scenario, draw.quality, draw.costs
         users = (options or {}).get("users")
         if users is None:
-            users, ctx = sample_frame(self.np_random, self.scenario, costs=self.costs)
+            users, ctx = sample_frame(self.np_random, scenario, costs=costs)
         else:
             ctx = options["ctx"]
-        problem = FrameProblem.build(users, self.quality, self.costs, self.options, ctx, self.objective)
+        problem = FrameProblem.build(users, quality, costs, self.options, ctx, self.objective)
         self.state = SequentialState(problem)
         self._last = (0.0, 0, 0.0)
         return self.state.observation(), {"n_users": problem.n_users}

@@ -5,10 +5,13 @@ Lagrangian on the latency-budget violations, then save the actor without pickle.
     OMP_NUM_THREADS=1 python -m services.scheduler.learn.train --mode unconstrained --steps 600000 --seed 0 \
         --out services/scheduler/policies/default-unconstrained/    # plain PPO reward (λ = 0)
     ... --quality-profile synthetic --cost-profile builtin --steps 800000 --out .../policies/synthetic/
+    ... --families 512 --steps 1500000 --out .../policies/general/   # one policy for any profile
 
 It trains on the profiles the service runs with by default (the demo pack's measured quality and
 cost profiles; ``--quality-profile``/``--cost-profile`` for others): frames of the default scenario
-with every device class of the cost profile and the quality profile's personalized users.
+with every device class of the cost profile and the quality profile's personalized users. With
+``--families N`` it trains on N randomized profiles drawn around the demo and synthetic ones
+(:mod:`services.scheduler.learn.families`), one per episode, for a policy that needs no retraining.
 
 Rewards are (r − λ·c) / (1 + λ) with r the change in utility and c the change in violations per
 step; λ is updated once per rollout from the rollout's violations per user (cost limit, default
@@ -31,6 +34,7 @@ from services.scheduler.decide.quality import QualityProfile, synthetic_profile
 from services.scheduler.decide.scenario import ScenarioConfig, scenario_for
 from services.scheduler.defaults import BUILTIN, DEFAULT_QUALITY, default_cost_profile, display_path, load_profiles, profile_ids
 from services.scheduler.learn.env import SchedulerEnv
+from services.scheduler.learn.families import ProfileDraw, ProfileFamily
 from services.scheduler.learn.lagrangian import PIDLagrangian
 from services.scheduler.learn.torch_bridge import policy_from_sb3
 
@@ -43,7 +47,7 @@ class _LambdaHolder:
 
 
 def _make_env(seed: int, mode: str, holder: _LambdaHolder, scenario: ScenarioConfig, quality: QualityProfile,
-              costs: CostProfile):
+              costs: CostProfile, profiles: tuple[ProfileDraw, ...] = ()):
     import gymnasium as gym
 
     class LagrangianReward(gym.Wrapper):
@@ -59,7 +63,8 @@ def _make_env(seed: int, mode: str, holder: _LambdaHolder, scenario: ScenarioCon
 
     def thunk():
         env = LagrangianReward(SchedulerEnv(scenario, quality, costs,
-                                            reward_mode="penalized" if mode == "penalized" else "utility"))
+                                            reward_mode="penalized" if mode == "penalized" else "utility",
+                                            profiles=profiles))
         env.reset(seed=seed)
         return env
 
@@ -70,7 +75,10 @@ def train(steps: int, seed: int, out: Path, mode: str = "lagrangian", cost_limit
           n_envs: int = 8, n_steps: int = 256, lr: float = 3e-4, hidden: int = 128, quiet: bool = False,
           quality: QualityProfile | None = None, costs: CostProfile | None = None,
           profile_names: tuple[str, str] = ("synthetic", "builtin"),
-          ids: tuple[str, str] = ("synthetic", "builtin")) -> dict:
+          ids: tuple[str, str] = ("synthetic", "builtin"), profiles: tuple[ProfileDraw, ...] = (),
+          checkpoint_every: int = 0) -> dict:
+    """Train and save to ``out``; with ``profiles``, every episode draws one of them. With
+    ``checkpoint_every``, the actor so far is saved to ``out``/checkpoint every that many steps."""
     import torch
     from sb3_contrib import MaskablePPO
     from stable_baselines3.common.callbacks import BaseCallback
@@ -82,13 +90,15 @@ def train(steps: int, seed: int, out: Path, mode: str = "lagrangian", cost_limit
     quality = quality or synthetic_profile()
     costs = costs or CostProfile()
     scenario = scenario_for(quality, costs)
-    venv = DummyVecEnv([_make_env(seed * 1000 + i, mode, holder, scenario, quality, costs) for i in range(n_envs)])
+    venv = DummyVecEnv([_make_env(seed * 1000 + i, mode, holder, scenario, quality, costs, profiles)
+                        for i in range(n_envs)])
     model = MaskablePPO(
         "MlpPolicy", venv, n_steps=n_steps, batch_size=256, n_epochs=10, learning_rate=lr, gamma=1.0,
         gae_lambda=0.95, ent_coef=0.01, seed=seed, device="cpu", verbose=0,
         policy_kwargs={"net_arch": {"pi": [hidden, hidden], "vf": [hidden, hidden]}, "activation_fn": torch.nn.Tanh},
     )
     history: list[dict] = []
+    next_checkpoint = [checkpoint_every]
 
     class Progress(BaseCallback):
         def _on_training_start(self) -> None:
@@ -119,6 +129,10 @@ def train(steps: int, seed: int, out: Path, mode: str = "lagrangian", cost_limit
                    "objective_per_user": float(f[:, 3].sum() / max(f[:, 2].sum(), 1)),
                    "violation_rate": float(f[:, 1].sum() / max(f[:, 2].sum(), 1)), "lambda": holder.lam}
             history.append(row)
+            if checkpoint_every and row["steps"] >= next_checkpoint[0]:
+                next_checkpoint[0] += checkpoint_every
+                policy_from_sb3(self.model, DEFAULT_OPTIONS, {"checkpoint_steps": row["steps"], "mode": mode}).save(
+                    Path(out) / "checkpoint")
             if not quiet:
                 fps = row["steps"] / max(row["seconds"], 1e-9)
                 print(f"[{mode}] steps {row['steps']:>8} ({fps:,.0f}/s)  utility/user {row['utility_per_user']:.3f}  "
@@ -137,6 +151,8 @@ def train(steps: int, seed: int, out: Path, mode: str = "lagrangian", cost_limit
                          "personalized_profiles": list(scenario.personalized_profiles)},
             "quality_profile": profile_names[0], "cost_profile": profile_names[1],
             "quality_profile_id": ids[0], "cost_profile_id": ids[1]}
+    if profiles:
+        meta["families"] = {"profiles": len(profiles), "family": "services.scheduler.learn.families.ProfileFamily.around_defaults"}
     policy = policy_from_sb3(model, DEFAULT_OPTIONS, meta)
     policy.save(out)
     (Path(out) / "train_log.json").write_text(json.dumps({"meta": meta, "history": history}, indent=0))
@@ -158,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="quality profile JSON or 'synthetic' (default: the demo pack's)")
     parser.add_argument("--cost-profile", default=default_cost_profile(),
                         help=f"cost profile JSON or {BUILTIN!r} (default: the demo pack's measured one)")
+    parser.add_argument("--families", type=int, default=0, metavar="N",
+                        help="train on N randomized profiles around the demo and synthetic ones (a general policy)")
+    parser.add_argument("--family-seed", type=int, default=1, help="seed of the randomized profiles")
+    parser.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
+                        help="save the actor so far to OUT/checkpoint every STEPS steps")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -172,11 +193,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     names = ("synthetic" if quality.synthetic else display_path(args.quality_profile),
              "builtin" if costs.synthetic else display_path(args.cost_profile))
+    ids = profile_ids(args.quality_profile, args.cost_profile)
+    profiles: tuple[ProfileDraw, ...] = ()
+    if args.families < 0:
+        print(f"--families must be >= 0, got {args.families}", file=sys.stderr)
+        return 2
+    if args.families:
+        profiles = tuple(ProfileFamily.around_defaults().pool(args.family_seed, args.families))
+        label = f"families({args.families}, seed {args.family_seed})"
+        names = ids = (label, label)
     if not args.quiet:
         print(f"quality profile: {names[0]}; cost profile: {names[1]}", flush=True)
     train(args.steps, args.seed, args.out, args.mode, args.cost_limit, args.n_envs, quiet=args.quiet,
-          quality=quality, costs=costs, profile_names=names,
-          ids=profile_ids(args.quality_profile, args.cost_profile))
+          quality=quality, costs=costs, profile_names=names, ids=ids, profiles=profiles,
+          checkpoint_every=args.checkpoint_every)
     return 0
 
 
