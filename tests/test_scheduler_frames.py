@@ -173,7 +173,6 @@ def test_a_frame_gets_one_plan_each_with_an_edge_when_it_splits(core):
     "change,field",
     [
         (dict(device_class="toaster"), "device_class"),
-        (dict(link=LinkInput()), "link"),
         (dict(link=LinkInput(bandwidth_bps=-1.0)), "link.bandwidth_bps"),
         (dict(link=LinkInput(bandwidth_bps=1e6, rtt_s=math.nan)), "link.rtt_seconds"),
         (dict(link=LinkInput(spectral_efficiency=math.inf)), "link.spectral_efficiency"),

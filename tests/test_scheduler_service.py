@@ -109,7 +109,6 @@ def test_report_recalibrates_and_records_the_prediction_error(scheduler):
     [
         ("Plan", plan_request(device_class="toaster"), "device_class"),
         ("Plan", plan_request(device_class=""), "device_class"),
-        ("Plan", plan_request(link=pb.LinkEstimate()), "link"),
         ("Plan", plan_request(link=pb.LinkEstimate(bandwidth_bps=-5)), "link.bandwidth_bps"),
         ("Plan", plan_request(link=pb.LinkEstimate(spectral_efficiency=float("nan"))), "link.spectral_efficiency"),
         ("Plan", plan_request(personalized_user="no such name!"), "personalized_user"),

@@ -33,6 +33,10 @@ class ReceivedPlan:
     predicted_quality: float
     meets_budget: bool
     frame_size: int
+    predicted_handoff_bytes: int = 0
+    link_bps: float = 0.0  # the link the prediction used (0: an older scheduler did not say)
+    link_rtt_s: float = 0.0
+    link_sources: str = ""  # e.g. "rate: device, rtt: reports"
 
 
 def request_plan(
@@ -78,6 +82,10 @@ def request_plan(
         predicted_quality=response.predicted_quality,
         meets_budget=response.meets_budget,
         frame_size=response.frame_size,
+        predicted_handoff_bytes=response.predicted_handoff_bytes,
+        link_bps=response.planned_link.bandwidth_bps,
+        link_rtt_s=response.planned_link.rtt_seconds,
+        link_sources=f"rate: {response.rate_source}, rtt: {response.rtt_source}" if response.rate_source else "",
     )
 
 

@@ -10,9 +10,9 @@ import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from services.scheduler.decide.calibration import MAX_RTT_S, RobustCalibrator
+from services.scheduler.decide.calibration import MAX_RTT_S, RobustCalibrator, UserLinks
 from services.scheduler.decide.costs import CostProfile, PhaseObservation
 from services.scheduler.decide.isolation import best_effort_plan, split_infeasible
 from services.scheduler.decide.planner import DeciderLike, Plan, plan_frame
@@ -37,6 +37,9 @@ MAX_PHASE_S = 3600.0
 MAX_STEPS = 1000
 MAX_HANDOFF_BYTES = 1 << 30
 MAX_STEPS_PER_SECOND = 1e6
+# A device that knows nothing of its link yet (no bandwidth, no spectral efficiency) and has no
+# reports of its own is planned at this rate (the CLI's old default estimate).
+PRIOR_BANDWIDTH_BPS = 100e6
 
 
 class PlanInputError(ValueError):
@@ -67,6 +70,18 @@ class LinkInput:
     spectral_efficiency: float = 0.0  # used when bandwidth_bps is 0
 
 
+@dataclass(frozen=True, slots=True)
+class PlannedLink:
+    """The link a plan was predicted for, and where each figure came from: "device" (the plan
+    request's estimate), "reports" (the user's own reports) or "profile" (the scheduler's prior
+    rate, or its calibrated cost profile's round trip)."""
+
+    rate_bps: float
+    rtt_s: float | None  # None: the cost profile's (its value when the frame is decided)
+    rate_source: str
+    rtt_source: str
+
+
 @dataclass(frozen=True)
 class PlanInput:
     """One plan request as the device sends it (budgets of 0 mean none)."""
@@ -88,6 +103,7 @@ class AssignedPlan:
     merge_strategy: str
     frame_size: int
     infeasible_reason: str = ""  # non-empty: no plan meets the budget; this one was planned alone
+    link: PlannedLink | None = None  # rtt_s filled in: the link the prediction used
 
     @property
     def budget_infeasible(self) -> bool:
@@ -145,16 +161,22 @@ class SchedulerCore:
     merge_strategy: str = DEFAULT_STRATEGY  # the planner does not choose it: the measured best
     max_records: int = MAX_RECORDS
     max_pending_per_user: int = MAX_PENDING_PER_USER
+    prior_bandwidth_bps: float = PRIOR_BANDWIDTH_BPS
 
     def __post_init__(self) -> None:
         self._pending: PendingPlans[_Record] = PendingPlans(self.max_records, self.max_pending_per_user)
         self._reported: OrderedDict[str, None] = OrderedDict()  # recently reported ids: a repeat is refused
         self._calibrator = RobustCalibrator(self.costs)
+        self._links = UserLinks()  # each user's own rate and round trip, from its own reports
         self._lock = threading.Lock()  # frames are decided on a worker thread, reports on the loop
 
     # --- plans ------------------------------------------------------------------------------
-    def user_spec(self, request: PlanInput) -> UserSpec:
-        """The planner's view of a request; raises PlanInputError naming the bad field."""
+    def user_spec(self, request: PlanInput, owner: str | None = None) -> UserSpec:
+        """The planner's view of a request; raises PlanInputError naming the bad field.
+        ``owner``: whose reports calibrated the link (default: its user_id), see :meth:`link_for`."""
+        return self._spec(request, owner)[0]
+
+    def _spec(self, request: PlanInput, owner: str | None) -> tuple[UserSpec, PlannedLink]:
         for field_name, text in (("user_id", request.user_id), ("device_class", request.device_class)):
             _require(len(text) <= MAX_ID_CHARS, field_name, f"longer than {MAX_ID_CHARS} characters ({len(text)})")
         if request.device_class not in self.costs.devices:
@@ -165,8 +187,6 @@ class SchedulerCore:
                                          ("rtt_seconds", link.rtt_s, MAX_RTT_S),
                                          ("spectral_efficiency", link.spectral_efficiency, MAX_SPECTRAL_EFFICIENCY)):
             _require_range(number, f"link.{link_field}", most)
-        _require(link.bandwidth_bps > 0 or link.spectral_efficiency > 0, "link",
-                 "give bandwidth_bps or spectral_efficiency")
         name = request.personalized_user
         _require(not name or (name.isidentifier() and len(name) <= 64), "personalized_user", f"invalid user name {name!r}")
         for field_name, budget, most in (("latency_budget_seconds", request.latency_budget_s, MAX_BUDGET_S),
@@ -175,19 +195,39 @@ class SchedulerCore:
         if request.prompt_chars is not None:
             _require(0 <= request.prompt_chars <= MAX_PROMPT_CHARS, "prompt_chars",
                      f"must be in 0..{MAX_PROMPT_CHARS}, got {request.prompt_chars}")
+        planned = self.link_for(request, owner)
         return UserSpec(
             user_id=request.user_id,
             device_class=request.device_class,
-            spectral_efficiency=self._rate_bps(link) / self.ctx.bandwidth_hz,
+            spectral_efficiency=planned.rate_bps / self.ctx.bandwidth_hz,
             personalized=bool(name),
             profile_user=self._profile_user(name),
             latency_budget_s=request.latency_budget_s or math.inf,
             energy_budget_j=request.energy_budget_j or math.inf,
-            rtt_s=link.rtt_s or None,  # the device's own RTT shapes its own plan, nobody else's
-        )
+            rtt_s=planned.rtt_s,  # a user's own RTT shapes its own plan, nobody else's
+        ), planned
 
-    def _rate_bps(self, link: LinkInput) -> float:
-        return link.bandwidth_bps if link.bandwidth_bps > 0 else link.spectral_efficiency * self.ctx.bandwidth_hz
+    def link_for(self, request: PlanInput, owner: str | None = None) -> PlannedLink:
+        """The rate and round trip a request is planned with, each on its own: the device's
+        estimate when the request gives one (it measured every handoff itself, or its user typed
+        it: --link-mbps), else the owner's own reports (two or more), else the scheduler's prior
+        rate / calibrated profile RTT. Only the owner's own reports count, so no other user's
+        measurement can move this user's plan."""
+        link = request.link
+        with self._lock:  # reports update the map on another thread
+            own = self._links.get(owner if owner is not None else request.user_id)
+        if link.bandwidth_bps > 0 or link.spectral_efficiency > 0:
+            rate = link.bandwidth_bps or link.spectral_efficiency * self.ctx.bandwidth_hz
+            rate_source = "device"
+        else:
+            rate, rate_source = ((own.bandwidth_bps, "reports") if own.bandwidth_bps > 0
+                                 else (self.prior_bandwidth_bps, "profile"))
+        rtt: float | None
+        if link.rtt_s > 0:
+            rtt, rtt_source = link.rtt_s, "device"
+        else:
+            rtt, rtt_source = (own.rtt_s, "reports") if own.rtt_s > 0 else (None, "profile")
+        return PlannedLink(rate, rtt, rate_source, rtt_source)
 
     def _profile_user(self, name: str) -> str:
         """The quality profile's entry for a user: its own if measured, else the generic
@@ -203,7 +243,8 @@ class SchedulerCore:
         meets even alone is planned alone, best effort, so it never moves the others' plans."""
         owners = list(owners) if owners is not None else [r.user_id for r in requests]
         costs = self.costs  # one snapshot for the whole frame
-        users = [self.user_spec(r) for r in requests]
+        specs = [self._spec(r, owner) for r, owner in zip(requests, owners)]
+        users, links = [u for u, _ in specs], [link for _, link in specs]
         reasons = split_infeasible(users, self.quality, costs, self.ctx)
         # In a canonical order: the frame's plans must not depend on which request arrived first.
         joint = sorted((i for i in range(len(users)) if i not in reasons), key=lambda i: _canonical(users[i]))
@@ -217,13 +258,13 @@ class SchedulerCore:
             per_edge[address] = per_edge.get(address, 0) + 1
         out = []
         with self._lock:
-            for i, (request, user, owner) in enumerate(zip(requests, users, owners)):
+            for i, (link, user, owner) in enumerate(zip(links, users, owners)):
                 address = addresses.get(i, "")
+                used = replace(link, rtt_s=costs.rtt_s if link.rtt_s is None else link.rtt_s)
                 assigned = AssignedPlan(uuid.uuid4().hex, plans[i], address, self.merge_strategy,
-                                        1 if i in reasons else len(joint), reasons.get(i, ""))
+                                        1 if i in reasons else len(joint), reasons.get(i, ""), used)
                 batch = per_edge.get(address, 1) if address else len(remote)
-                self._pending.add(assigned.plan_id, owner,
-                                  _Record(user, assigned, self._rate_bps(request.link), batch, owner))
+                self._pending.add(assigned.plan_id, owner, _Record(user, assigned, link.rate_bps, batch, owner))
                 out.append(assigned)
         return out
 
@@ -263,6 +304,10 @@ class SchedulerCore:
                          "device": plan.device_seconds, "total": plan.latency_seconds}
             errors = {p: abs(measured[p] - predicted[p]) / predicted[p] for p in PHASES if predicted[p] > 0}
         self._calibrate(self._observations(record, report, edge_steps, device_steps, edge_compute, round_overhead))
+        if edge_steps > 0 and not report.fallback and report.handoff_bytes > 0:
+            with self._lock:
+                self._links.observe(record.owner, report.handoff_bytes, m.transfer,
+                                    round_overhead if m.queue > 0 else None)
         return ReportOutcome(errors, m.total > record.user.latency_budget_s, m.total)
 
     def _observations(self, record: _Record, report: PlanReport, edge_steps: int, device_steps: int,

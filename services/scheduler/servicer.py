@@ -64,6 +64,10 @@ def plan_to_proto(a: AssignedPlan) -> scheduler_pb2.PlanResponse:
         frame_size=a.frame_size,
         budget_infeasible=a.budget_infeasible,
         infeasible_reason=a.infeasible_reason,
+        planned_link=scheduler_pb2.LinkEstimate(bandwidth_bps=a.link.rate_bps, rtt_seconds=a.link.rtt_s or 0.0)
+        if a.link else None,
+        rate_source=a.link.rate_source if a.link else "",
+        rtt_source=a.link.rtt_source if a.link else "",
     )
 
 

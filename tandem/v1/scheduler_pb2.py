@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tandem.v1 import edge_pb2 as tandem_dot_v1_dot_edge__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tandem/v1/scheduler.proto\x12\ttandem.v1\x1a\x14tandem/v1/edge.proto\"W\n\x0cLinkEstimate\x12\x15\n\rbandwidth_bps\x18\x01 \x01(\x01\x12\x13\n\x0brtt_seconds\x18\x02 \x01(\x01\x12\x1b\n\x13spectral_efficiency\x18\x03 \x01(\x01\"\xe0\x01\n\x0bPlanRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65vice_class\x18\x02 \x01(\t\x12%\n\x04link\x18\x03 \x01(\x0b\x32\x17.tandem.v1.LinkEstimate\x12\x19\n\x11personalized_user\x18\x04 \x01(\t\x12\x1e\n\x16latency_budget_seconds\x18\x05 \x01(\x01\x12\x1c\n\x14\x65nergy_budget_joules\x18\x06 \x01(\x01\x12\x19\n\x0cprompt_chars\x18\x07 \x01(\rH\x00\x88\x01\x01\x42\x0f\n\r_prompt_chars\"M\n\x0cPhaseSeconds\x12\x0c\n\x04\x65\x64ge\x18\x01 \x01(\x01\x12\x10\n\x08transfer\x18\x02 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\x01\x12\r\n\x05total\x18\x04 \x01(\x01\"\xdd\x02\n\x0cPlanResponse\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x01(\r\x12\r\n\x05split\x18\x03 \x01(\r\x12\x1f\n\x05\x63odec\x18\x04 \x01(\x0b\x32\x10.tandem.v1.Codec\x12\x14\n\x0c\x65\x64ge_address\x18\x05 \x01(\t\x12*\n\tpredicted\x18\x06 \x01(\x0b\x32\x17.tandem.v1.PhaseSeconds\x12\x19\n\x11predicted_quality\x18\x07 \x01(\x01\x12\x1f\n\x17predicted_energy_joules\x18\x08 \x01(\x01\x12\x1f\n\x17predicted_handoff_bytes\x18\t \x01(\x04\x12\x14\n\x0cmeets_budget\x18\n \x01(\x08\x12\x12\n\nframe_size\x18\x0b \x01(\r\x12\x19\n\x11\x62udget_infeasible\x18\x0c \x01(\x08\x12\x19\n\x11infeasible_reason\x18\r \x01(\t\"k\n\x0eMeasuredPhases\x12\r\n\x05queue\x18\x01 \x01(\x01\x12\x12\n\nedge_steps\x18\x02 \x01(\x01\x12\x10\n\x08transfer\x18\x03 \x01(\x01\x12\x14\n\x0c\x64\x65vice_steps\x18\x04 \x01(\x01\x12\x0e\n\x06\x64\x65\x63ode\x18\x05 \x01(\x01\"\xa0\x01\n\rReportRequest\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12+\n\x08measured\x18\x02 \x01(\x0b\x32\x19.tandem.v1.MeasuredPhases\x12\x12\n\nedge_steps\x18\x03 \x01(\r\x12\x14\n\x0c\x64\x65vice_steps\x18\x04 \x01(\r\x12\x15\n\rhandoff_bytes\x18\x05 \x01(\x04\x12\x10\n\x08\x66\x61llback\x18\x06 \x01(\x08\"G\n\x0eReportResponse\x12\x1c\n\x14total_relative_error\x18\x01 \x01(\x01\x12\x17\n\x0f\x62udget_violated\x18\x02 \x01(\x08\"q\n\x15ReportEdgeLoadRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x02 \x01(\r\x12\x18\n\x10running_requests\x18\x03 \x01(\r\x12\x18\n\x10steps_per_second\x18\x04 \x01(\x01\"A\n\x16ReportEdgeLoadResponse\x12\x12\n\nlive_edges\x18\x01 \x01(\r\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x01\x32\xe1\x01\n\x10SchedulerService\x12\x37\n\x04Plan\x12\x16.tandem.v1.PlanRequest\x1a\x17.tandem.v1.PlanResponse\x12=\n\x06Report\x12\x18.tandem.v1.ReportRequest\x1a\x19.tandem.v1.ReportResponse\x12U\n\x0eReportEdgeLoad\x12 .tandem.v1.ReportEdgeLoadRequest\x1a!.tandem.v1.ReportEdgeLoadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tandem/v1/scheduler.proto\x12\ttandem.v1\x1a\x14tandem/v1/edge.proto\"W\n\x0cLinkEstimate\x12\x15\n\rbandwidth_bps\x18\x01 \x01(\x01\x12\x13\n\x0brtt_seconds\x18\x02 \x01(\x01\x12\x1b\n\x13spectral_efficiency\x18\x03 \x01(\x01\"\xe0\x01\n\x0bPlanRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65vice_class\x18\x02 \x01(\t\x12%\n\x04link\x18\x03 \x01(\x0b\x32\x17.tandem.v1.LinkEstimate\x12\x19\n\x11personalized_user\x18\x04 \x01(\t\x12\x1e\n\x16latency_budget_seconds\x18\x05 \x01(\x01\x12\x1c\n\x14\x65nergy_budget_joules\x18\x06 \x01(\x01\x12\x19\n\x0cprompt_chars\x18\x07 \x01(\rH\x00\x88\x01\x01\x42\x0f\n\r_prompt_chars\"M\n\x0cPhaseSeconds\x12\x0c\n\x04\x65\x64ge\x18\x01 \x01(\x01\x12\x10\n\x08transfer\x18\x02 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\x01\x12\r\n\x05total\x18\x04 \x01(\x01\"\xb5\x03\n\x0cPlanResponse\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x01(\r\x12\r\n\x05split\x18\x03 \x01(\r\x12\x1f\n\x05\x63odec\x18\x04 \x01(\x0b\x32\x10.tandem.v1.Codec\x12\x14\n\x0c\x65\x64ge_address\x18\x05 \x01(\t\x12*\n\tpredicted\x18\x06 \x01(\x0b\x32\x17.tandem.v1.PhaseSeconds\x12\x19\n\x11predicted_quality\x18\x07 \x01(\x01\x12\x1f\n\x17predicted_energy_joules\x18\x08 \x01(\x01\x12\x1f\n\x17predicted_handoff_bytes\x18\t \x01(\x04\x12\x14\n\x0cmeets_budget\x18\n \x01(\x08\x12\x12\n\nframe_size\x18\x0b \x01(\r\x12\x19\n\x11\x62udget_infeasible\x18\x0c \x01(\x08\x12\x19\n\x11infeasible_reason\x18\r \x01(\t\x12-\n\x0cplanned_link\x18\x0e \x01(\x0b\x32\x17.tandem.v1.LinkEstimate\x12\x13\n\x0brate_source\x18\x0f \x01(\t\x12\x12\n\nrtt_source\x18\x10 \x01(\t\"k\n\x0eMeasuredPhases\x12\r\n\x05queue\x18\x01 \x01(\x01\x12\x12\n\nedge_steps\x18\x02 \x01(\x01\x12\x10\n\x08transfer\x18\x03 \x01(\x01\x12\x14\n\x0c\x64\x65vice_steps\x18\x04 \x01(\x01\x12\x0e\n\x06\x64\x65\x63ode\x18\x05 \x01(\x01\"\xa0\x01\n\rReportRequest\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12+\n\x08measured\x18\x02 \x01(\x0b\x32\x19.tandem.v1.MeasuredPhases\x12\x12\n\nedge_steps\x18\x03 \x01(\r\x12\x14\n\x0c\x64\x65vice_steps\x18\x04 \x01(\r\x12\x15\n\rhandoff_bytes\x18\x05 \x01(\x04\x12\x10\n\x08\x66\x61llback\x18\x06 \x01(\x08\"G\n\x0eReportResponse\x12\x1c\n\x14total_relative_error\x18\x01 \x01(\x01\x12\x17\n\x0f\x62udget_violated\x18\x02 \x01(\x08\"q\n\x15ReportEdgeLoadRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x02 \x01(\r\x12\x18\n\x10running_requests\x18\x03 \x01(\r\x12\x18\n\x10steps_per_second\x18\x04 \x01(\x01\"A\n\x16ReportEdgeLoadResponse\x12\x12\n\nlive_edges\x18\x01 \x01(\r\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x01\x32\xe1\x01\n\x10SchedulerService\x12\x37\n\x04Plan\x12\x16.tandem.v1.PlanRequest\x1a\x17.tandem.v1.PlanResponse\x12=\n\x06Report\x12\x18.tandem.v1.ReportRequest\x1a\x19.tandem.v1.ReportResponse\x12U\n\x0eReportEdgeLoad\x12 .tandem.v1.ReportEdgeLoadRequest\x1a!.tandem.v1.ReportEdgeLoadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,17 +39,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PHASESECONDS']._serialized_start=378
   _globals['_PHASESECONDS']._serialized_end=455
   _globals['_PLANRESPONSE']._serialized_start=458
-  _globals['_PLANRESPONSE']._serialized_end=807
-  _globals['_MEASUREDPHASES']._serialized_start=809
-  _globals['_MEASUREDPHASES']._serialized_end=916
-  _globals['_REPORTREQUEST']._serialized_start=919
-  _globals['_REPORTREQUEST']._serialized_end=1079
-  _globals['_REPORTRESPONSE']._serialized_start=1081
-  _globals['_REPORTRESPONSE']._serialized_end=1152
-  _globals['_REPORTEDGELOADREQUEST']._serialized_start=1154
-  _globals['_REPORTEDGELOADREQUEST']._serialized_end=1267
-  _globals['_REPORTEDGELOADRESPONSE']._serialized_start=1269
-  _globals['_REPORTEDGELOADRESPONSE']._serialized_end=1334
-  _globals['_SCHEDULERSERVICE']._serialized_start=1337
-  _globals['_SCHEDULERSERVICE']._serialized_end=1562
+  _globals['_PLANRESPONSE']._serialized_end=895
+  _globals['_MEASUREDPHASES']._serialized_start=897
+  _globals['_MEASUREDPHASES']._serialized_end=1004
+  _globals['_REPORTREQUEST']._serialized_start=1007
+  _globals['_REPORTREQUEST']._serialized_end=1167
+  _globals['_REPORTRESPONSE']._serialized_start=1169
+  _globals['_REPORTRESPONSE']._serialized_end=1240
+  _globals['_REPORTEDGELOADREQUEST']._serialized_start=1242
+  _globals['_REPORTEDGELOADREQUEST']._serialized_end=1355
+  _globals['_REPORTEDGELOADRESPONSE']._serialized_start=1357
+  _globals['_REPORTEDGELOADRESPONSE']._serialized_end=1422
+  _globals['_SCHEDULERSERVICE']._serialized_start=1425
+  _globals['_SCHEDULERSERVICE']._serialized_end=1650
 # @@protoc_insertion_point(module_scope)

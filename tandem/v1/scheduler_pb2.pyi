@@ -47,7 +47,7 @@ class PhaseSeconds(_message.Message):
     def __init__(self, edge: _Optional[float] = ..., transfer: _Optional[float] = ..., device: _Optional[float] = ..., total: _Optional[float] = ...) -> None: ...
 
 class PlanResponse(_message.Message):
-    __slots__ = ("plan_id", "steps", "split", "codec", "edge_address", "predicted", "predicted_quality", "predicted_energy_joules", "predicted_handoff_bytes", "meets_budget", "frame_size", "budget_infeasible", "infeasible_reason")
+    __slots__ = ("plan_id", "steps", "split", "codec", "edge_address", "predicted", "predicted_quality", "predicted_energy_joules", "predicted_handoff_bytes", "meets_budget", "frame_size", "budget_infeasible", "infeasible_reason", "planned_link", "rate_source", "rtt_source")
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,9 @@ class PlanResponse(_message.Message):
     FRAME_SIZE_FIELD_NUMBER: _ClassVar[int]
     BUDGET_INFEASIBLE_FIELD_NUMBER: _ClassVar[int]
     INFEASIBLE_REASON_FIELD_NUMBER: _ClassVar[int]
+    PLANNED_LINK_FIELD_NUMBER: _ClassVar[int]
+    RATE_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    RTT_SOURCE_FIELD_NUMBER: _ClassVar[int]
     plan_id: str
     steps: int
     split: int
@@ -74,7 +77,10 @@ class PlanResponse(_message.Message):
     frame_size: int
     budget_infeasible: bool
     infeasible_reason: str
-    def __init__(self, plan_id: _Optional[str] = ..., steps: _Optional[int] = ..., split: _Optional[int] = ..., codec: _Optional[_Union[_edge_pb2.Codec, _Mapping]] = ..., edge_address: _Optional[str] = ..., predicted: _Optional[_Union[PhaseSeconds, _Mapping]] = ..., predicted_quality: _Optional[float] = ..., predicted_energy_joules: _Optional[float] = ..., predicted_handoff_bytes: _Optional[int] = ..., meets_budget: _Optional[bool] = ..., frame_size: _Optional[int] = ..., budget_infeasible: _Optional[bool] = ..., infeasible_reason: _Optional[str] = ...) -> None: ...
+    planned_link: LinkEstimate
+    rate_source: str
+    rtt_source: str
+    def __init__(self, plan_id: _Optional[str] = ..., steps: _Optional[int] = ..., split: _Optional[int] = ..., codec: _Optional[_Union[_edge_pb2.Codec, _Mapping]] = ..., edge_address: _Optional[str] = ..., predicted: _Optional[_Union[PhaseSeconds, _Mapping]] = ..., predicted_quality: _Optional[float] = ..., predicted_energy_joules: _Optional[float] = ..., predicted_handoff_bytes: _Optional[int] = ..., meets_budget: _Optional[bool] = ..., frame_size: _Optional[int] = ..., budget_infeasible: _Optional[bool] = ..., infeasible_reason: _Optional[str] = ..., planned_link: _Optional[_Union[LinkEstimate, _Mapping]] = ..., rate_source: _Optional[str] = ..., rtt_source: _Optional[str] = ...) -> None: ...
 
 class MeasuredPhases(_message.Message):
     __slots__ = ("queue", "edge_steps", "transfer", "device_steps", "decode")

@@ -9,22 +9,27 @@ new measurements move it within a couple of reports. A compute-time sample more 
 ``outlier_factor`` away from the current estimate is rejected outright (no hardware drifts that
 much between two reports); a round trip only beyond ``max_rtt_s`` (a profile measured on loopback
 says little about a WAN's). Pure logic; the caller serializes calls.
+
+:class:`UserLinks` is the other half: each user's own downlink (rate and round trip) from that
+user's own reports, so a link is never one shared number and a bad measurement moves only the
+plans of the user who sent it.
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from statistics import fmean
 
 from services.scheduler.decide.costs import CostProfile, EdgeCoefficients, PhaseObservation
+from tandem.link import MAX_RTT_S, LinkEstimate, LinkWindow
 
 PRIOR_WEIGHT = 2  # the profile's value as this many samples: a lone sample is always trimmed
 WINDOW = 32
 OUTLIER_FACTOR = 100.0
-MAX_RTT_S = 10.0  # the longest round trip a device may claim or a report may teach
+MAX_LINK_USERS = 10_000  # users whose links are remembered; the least recently reporting one goes
 
 
 @dataclass
@@ -114,3 +119,33 @@ class RobustCalibrator:
             else:
                 rtt = value
         return replace(p, edge=edge, devices=devices, rtt_s=rtt)
+
+
+
+class UserLinks:
+    """Per user: a window of its own rates (handoff bits over the measured transfer seconds) and
+    round trips (the round's fixed cost: what the edge's first step does not explain of the time
+    before it, see ``core.measured_phases``), as tandem/link.py estimates a link. At most
+    ``max_users`` users are kept (the least recently reporting forgotten), so a flood of
+    identities bounds its own memory. Pure logic; the caller serializes calls."""
+
+    def __init__(self, max_users: int = MAX_LINK_USERS):
+        self.max_users = max_users
+        self._users: OrderedDict[str, LinkWindow] = OrderedDict()
+        self.rejected = 0  # impossible samples dropped
+
+    def __len__(self) -> int:
+        return len(self._users)
+
+    def observe(self, user: str, nbytes: int, transfer_s: float, rtt_s: float | None) -> None:
+        """One report of ``user``: ``nbytes`` arrived in ``transfer_s``; ``rtt_s`` the round's fixed
+        cost (None: not measured)."""
+        window = self._users.pop(user, None) or LinkWindow()
+        self._users[user] = window  # most recent last
+        while len(self._users) > self.max_users:
+            self._users.popitem(last=False)
+        self.rejected += window.add(nbytes, transfer_s, rtt_s)
+
+    def get(self, user: str) -> LinkEstimate:
+        window = self._users.get(user)
+        return window.estimate() if window is not None else LinkEstimate()
