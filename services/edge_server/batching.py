@@ -6,6 +6,10 @@ requests. A request therefore joins a batch at any step and leaves it as soon as
 Only requests of one latent shape can share a UNet call: `buckets` splits a batch into such
 groups, and the engine runs every group at every iteration, so no shape waits for another.
 `due` paces requests larger than the usual size, so that each takes a usual request's share.
+
+Two admission rules keep batches full without making anyone wait long (see `Batcher.next_iteration`):
+an idle engine holds its first arrival for a short coalescing window so that requests arriving
+together start together, and a running batch grows by a bounded step cost per iteration.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Generic, Protocol, TypeVar
 class Schedulable(Protocol):
     cancelled: bool
     deadline: float | None  # monotonic seconds; None = no deadline
+    submitted_at: float  # monotonic seconds
 
     @property
     def finished(self) -> bool: ...
@@ -39,10 +44,30 @@ class Closed(Exception):
 class BatchConfig:
     max_batch_size: int = 16
     max_queue: int = 64
+    # An idle engine waits at most this long after a request arrives for others to join its first
+    # step (0 = start at once). A few ms: requests sent together reach the server that far apart.
+    coalesce_s: float = 0.01
+    # Per iteration, the running batch's predicted step cost a + b·n may grow by this fraction at
+    # most (0 = no cap); `fixed_cost` is a/b, the step's fixed cost in requests' worth.
+    max_growth: float = 0.5
+    fixed_cost: float = 8.0
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.max_queue < 0:
+        if self.max_batch_size < 1 or self.max_queue < 0 or self.coalesce_s < 0 or self.max_growth < 0 \
+                or self.fixed_cost < 0:
             raise ValueError(f"invalid batch config {self}")
+
+    def admissible(self, running: int) -> int:
+        """How many newcomers may join a batch of `running` this iteration (free slots permitting).
+
+        The rule: with the step costing a + b·n, admitting k more slows every running request's
+        step by the factor 1 + k / (a/b + n); that factor is kept at or below 1 + max_growth, and
+        at least one newcomer is always admitted, so nobody waits for a free slot forever. An
+        empty batch has nobody to slow down: all may start (the coalescing window gathered them).
+        """
+        if running == 0 or self.max_growth == 0:
+            return self.max_batch_size
+        return max(1, int(self.max_growth * (self.fixed_cost + running)))
 
 
 @dataclass
@@ -54,6 +79,7 @@ class Iteration(Generic[T]):
     cancelled: list[T] = field(default_factory=list)
     expired: list[T] = field(default_factory=list)
     queue_changed: bool = False
+    hold_until: float | None = None  # idle engine in its coalescing window: look again then
 
 
 class Batcher(Generic[T]):
@@ -98,7 +124,12 @@ class Batcher(Generic[T]):
 
     def next_iteration(self, now: float) -> Iteration[T]:
         """Drops finished, cancelled and expired requests, admits the oldest waiting ones into free
-        slots, and returns the batch to run."""
+        slots (as many as `BatchConfig.admissible` allows), and returns the batch to run.
+
+        When nothing runs, the oldest waiting request arrived less than `coalesce_s` ago and
+        the batch is not full yet, nothing starts: `hold_until` says when to start anyway. So a
+        request never waits more than `coalesce_s` for company, and a burst starts as one batch
+        (one prompt-encoder call, one first step) instead of a lone request and the rest."""
         step: Iteration[T] = Iteration()
         before = len(self._waiting)
         self._running = [r for r in self._running if not r.finished]
@@ -111,13 +142,22 @@ class Batcher(Generic[T]):
                 else:
                     continue
                 pool.remove(item)
-        while self._waiting and len(self._running) < self.config.max_batch_size:
+        hold = self._hold_until(now)
+        limit = 0 if hold is not None else self.config.admissible(len(self._running))
+        while self._waiting and len(self._running) < self.config.max_batch_size and len(step.admitted) < limit:
             item = self._waiting.popleft()
             self._running.append(item)
             step.admitted.append(item)
         step.batch = list(self._running)
         step.queue_changed = len(self._waiting) != before
+        step.hold_until = hold
         return step
+
+    def _hold_until(self, now: float) -> float | None:
+        if self._running or not self._waiting or self._closed or len(self._waiting) >= self.config.max_batch_size:
+            return None
+        until = self._waiting[0].submitted_at + self.config.coalesce_s
+        return until if now < until else None
 
     def positions(self) -> list[tuple[T, int]]:
         return [(item, i) for i, item in enumerate(self._waiting)]

@@ -3,6 +3,9 @@
 `EdgeEngine.step()` is schedule → execute → update (as vLLM's EngineCore.step): the batching
 policy picks the batch, one `advance` call per latent shape moves every request in it one step
 (each at its own step, CFG included), and requests that reached their split point are handed off.
+Per-iteration work outside the UNet call is kept small: the requests admitted together start
+together (one text-encoder call, cached schedules: conditioning.Starter), and progress events are
+thinned to one per `progress_interval_s` per request (the first and the last always go).
 A call that raises is retried member by member, so only the request at fault fails. The loop runs
 in its own thread; results go to each request's `sink` (a thread-safe callback) as events.
 """
@@ -13,15 +16,17 @@ import itertools
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from services.edge_server.batching import BatchConfig, Batcher, Closed, QueueFull, buckets, due
+from services.edge_server.conditioning import Starter
 from services.edge_server.memory import release_memory
 from services.edge_server.metrics import EdgeMetrics
 from tandem.handoff import CodecSpec, encode_handoff
 from tandem.packs import ModelPack
-from tandem.pipeline import make_handoff, start
+from tandem.pipeline import make_handoff
 from tandem.request import GenerationRequest
 from tandem.sampling.denoise import DenoiseState, advance
 
@@ -71,6 +76,7 @@ class EngineRequest:
     position: int = -1
     weight: float = 1.0  # pixels relative to the pack's usual image (see batching.due)
     credit: float = 0.0
+    reported_at: float = float("-inf")  # when its last Progress event went out
 
     @property
     def finished(self) -> bool:
@@ -82,7 +88,7 @@ class EngineStats:
     iterations: int = 0
     unet_calls: int = 0
     max_batch: int = 0
-    batch_sizes: list[int] = field(default_factory=list)
+    batch_sizes: Counter[int] = field(default_factory=Counter)  # UNet calls by batch size
     steps: int = 0  # request-steps run (a batch of n is n steps)
 
 
@@ -94,9 +100,15 @@ class EngineLoad:
 
 
 class EdgeEngine:
-    def __init__(self, pack: ModelPack, config: BatchConfig = BatchConfig(), metrics: EdgeMetrics | None = None):
+    def __init__(self, pack: ModelPack, config: BatchConfig = BatchConfig(), metrics: EdgeMetrics | None = None,
+                 progress_interval_s: float = 0.1):
         self.pack = pack
         self.batcher: Batcher[EngineRequest] = Batcher(config)
+        self.starter = Starter(pack)
+        # A client shows progress to a person (a bar) or times the edge phase from the first
+        # event: ten events a second are plenty, and each costs the serving process a message.
+        self.progress_interval_s = progress_interval_s
+        self._hold_until: float | None = None
         self.metrics = metrics or EdgeMetrics()
         self.stats = EngineStats()
         self._ids = itertools.count(1)
@@ -174,6 +186,8 @@ class EdgeEngine:
             with self._wake:
                 while self.batcher.idle and not self._stopping:
                     self._wake.wait(timeout=0.5)
+                if self._hold_until is not None and not self._stopping:  # coalescing: a submit wakes it early
+                    self._wake.wait(timeout=max(0.0, self._hold_until - time.monotonic()))
                 if self._stopping:
                     return
             try:
@@ -185,6 +199,7 @@ class EdgeEngine:
         """One iteration: schedule → execute → update. Returns the batch size (0 = idle)."""
         with self._lock:
             iteration = self.batcher.next_iteration(time.monotonic())
+            self._hold_until = iteration.hold_until
             positions = self.batcher.positions() if iteration.queue_changed else []
             self.metrics.queue_depth.set(self.batcher.waiting_count)
         for entry in iteration.cancelled:
@@ -195,8 +210,7 @@ class EdgeEngine:
             if position != entry.position:
                 entry.position = position
                 entry.sink(Queued(position))
-        for entry in iteration.admitted:
-            self._admit(entry)
+        self._admit(iteration.admitted)
         batch = [e for e in iteration.batch if not e.done]
         stepping = due([e for e in batch if e.state.step < e.request.split])
         if stepping:
@@ -210,16 +224,18 @@ class EdgeEngine:
             release_memory()
         return len(stepping)
 
-    def _admit(self, entry: EngineRequest) -> None:
-        entry.started_at = time.monotonic()
-        entry.weight = max(1.0, entry.request.height * entry.request.width / self._usual_pixels)
-        entry.credit = entry.weight - 1.0  # its first step comes at once
-        self.metrics.queue_seconds.observe(entry.started_at - entry.submitted_at)
-        try:
-            entry.state = start(self.pack, entry.request)
-        except Exception as exc:  # noqa: BLE001 - one bad request must not stop the others
-            log.exception("could not start request %s", entry.id)
-            self._fail(entry, "INTERNAL", f"could not start: {exc}")
+    def _admit(self, entries: list[EngineRequest]) -> None:
+        now = time.monotonic()
+        for entry in entries:
+            entry.started_at = now
+            entry.weight = max(1.0, entry.request.height * entry.request.width / self._usual_pixels)
+            entry.credit = entry.weight - 1.0  # its first step comes at once
+            self.metrics.queue_seconds.observe(now - entry.submitted_at)
+        for entry, started in zip(entries, self.starter.start([e.request for e in entries])):
+            entry.state = started.state
+            if started.error is not None:
+                log.error("could not start request %s: %s", entry.id, started.error)
+                self._fail(entry, "INTERNAL", f"could not start: {started.error}")
 
     def _execute(self, batch: list[EngineRequest]) -> None:
         for group in buckets(batch, key=lambda e: (tuple(e.state.latent.shape), e.state.latent.dtype)):
@@ -239,18 +255,28 @@ class EdgeEngine:
         self.stats.iterations += 1
         self.stats.unet_calls += 1
         self.stats.max_batch = max(self.stats.max_batch, len(group))
+        self.stats.batch_sizes[len(group)] += 1
         self.stats.steps += len(group)
         self.metrics.observe_batch(len(group), time.perf_counter() - began)
         for entry in group:
-            entry.sink(Progress(entry.state.step, entry.request.split))
+            self._progress(entry)
         return None
+
+    def _progress(self, entry: EngineRequest) -> None:
+        """A Progress event after step 1, after the last edge step, and otherwise at most one per
+        `progress_interval_s` (the device times the edge phase from the first one)."""
+        now = time.monotonic()
+        step = entry.state.step
+        if step == 1 or step >= entry.request.split or now - entry.reported_at >= self.progress_interval_s:
+            entry.reported_at = now
+            entry.sink(Progress(step, entry.request.split))
 
     def _isolate(self, group: list[EngineRequest], steps: list[int], error: Exception) -> None:
         """After a failed call, each member alone, once: only one that fails again is at fault.
         (`advance` may have moved some members before it raised; those are not run twice.)"""
         for entry, step in zip(group, steps):
             if entry.state.step != step:
-                entry.sink(Progress(entry.state.step, entry.request.split))
+                self._progress(entry)
                 continue
             if len(group) > 1:
                 error = self._call([entry])

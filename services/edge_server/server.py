@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -65,6 +66,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-request-cost", type=int, default=_optional_int("max_request_cost"),
                         help="cap on height x width x split per request, pixel-steps; 0 = none "
                              "(default: the largest image at the pack's default steps)")
+    parser.add_argument("--coalesce-ms", type=float, default=float(_env("coalesce_ms", 10)),
+                        help="an idle engine waits up to this long for requests arriving together to start "
+                             "together; 0 = start at once")
+    parser.add_argument("--max-growth", type=float, default=float(_env("max_growth", 0.5)),
+                        help="per iteration, a running batch's step cost grows by this fraction at most "
+                             "(newcomers wait a step beyond it); 0 = no cap")
+    parser.add_argument("--progress-interval", type=float, default=float(_env("progress_interval", 0.1)),
+                        help="seconds between a request's progress events (the first and last always go)")
     parser.add_argument("--drain-seconds", type=float, default=float(_env("drain_seconds", 30)))
     parser.add_argument("--device", default=_env("device", None))
     parser.add_argument("--scheduler", default=_env("scheduler", None), metavar="HOST:PORT",
@@ -77,6 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.max_streams_per_user < 0:
         parser.error(f"--max-streams-per-user: must be >= 0, got {args.max_streams_per_user}")
+    for flag in ("coalesce_ms", "max_growth", "progress_interval"):
+        value = getattr(args, flag)
+        if not math.isfinite(value) or value < 0:
+            parser.error(f"--{flag.replace('_', '-')}: must be a number >= 0, got {value}")
     return args
 
 
@@ -108,7 +121,9 @@ async def serve(args: argparse.Namespace) -> None:
         await server.stop(grace=None)  # else its finalizer complains after the one-line error
         raise
     metrics = EdgeMetrics()
-    engine = EdgeEngine(pack, BatchConfig(args.max_batch, args.max_queue), metrics)
+    config = BatchConfig(args.max_batch, args.max_queue, coalesce_s=args.coalesce_ms / 1000,
+                         max_growth=args.max_growth)
+    engine = EdgeEngine(pack, config, metrics, progress_interval_s=args.progress_interval)
     servicer.attach(engine, limits)
     engine.start()
     if args.metrics_port:
