@@ -33,3 +33,10 @@ def small_pack(tiny_packs):
     from tandem.packs import load_pack
 
     return load_pack(tiny_packs["small"], device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def _link_state(tmp_path_factory, monkeypatch):
+    """The CLI keeps the link it measured in $TANDEM_LINK_STATE: every test its own file, never the
+    user's cache, so no test plans with a link another test measured."""
+    monkeypatch.setenv("TANDEM_LINK_STATE", str(tmp_path_factory.mktemp("link-state") / "links.json"))

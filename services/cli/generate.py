@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.ue_client.link import LinkBook, LinkEstimate, LinkSample, load_book, save_book, state_path
 from tandem.codec.spec import DEFAULT_STRATEGY, ENCODINGS, STRATEGIES, CodecSpec
 from tandem.packs import DEMO_PACK
 from tandem.request import GenerationRequest, RequestError
@@ -109,7 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--timeout", type=float, default=120.0, help="deadline for the edge call in seconds (120)")
     gen.add_argument("--scheduler", metavar="HOST:PORT", help="ask this scheduler for T, k, r, codec and the edge")
     gen.add_argument("--device-class", default="laptop-gpu", help="this device's class, for the scheduler (laptop-gpu)")
-    gen.add_argument("--link-mbps", type=float, default=100.0, help="this device's downlink estimate, for the scheduler (100)")
+    gen.add_argument("--link-mbps", type=float,
+                     help="override this device's downlink for the scheduler, Mbit/s (default: measured from the "
+                          "earlier handoffs, see --link-state; before any, the scheduler's own estimate)")
+    gen.add_argument("--link-state", type=Path,
+                     help="JSON file keeping the measured link between runs (default: $TANDEM_LINK_STATE, else "
+                          "$XDG_CACHE_HOME/tandem/links.json)")
     gen.add_argument("--latency-budget", type=float, default=0.0, help="seconds the image may take, for the scheduler (0: none)")
     from services.common.security import add_client_args, tandem_env
 
@@ -200,6 +207,8 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise CliError("--require-edge needs --edge, --ue or --scheduler (there is no edge to require)")
     if args.latency_budget < 0:
         raise CliError(f"--latency-budget: must be >= 0, got {args.latency_budget:g}")
+    if args.link_mbps is not None and not (math.isfinite(args.link_mbps) and 0 < args.link_mbps <= 1e6):
+        raise CliError(f"--link-mbps: must be a positive number of Mbit/s up to 1e6, got {args.link_mbps:g}")
     CodecSpec(encoding=args.codec or "fp16", merge_ratio=args.merge_ratio or 0.0,
               strategy=args.merge_strategy or DEFAULT_STRATEGY).validate()
 
@@ -234,7 +243,8 @@ def _generate(args: argparse.Namespace) -> int:
     pack_dir = small if choice is None or not choice.random else None
     _check_request_early(args, large if large is not None and not args.ue else pack_dir, pack_dir)
     args.prompt = _check_prompt(args.prompt, pack_dir)
-    plan = _apply_plan(args) if args.scheduler else None
+    links = _LinkState.open(args)
+    plan = _apply_plan(args, links) if args.scheduler else None
     codec = CodecSpec(encoding=args.codec or "fp16", merge_ratio=args.merge_ratio or 0.0,
                       strategy=args.merge_strategy or DEFAULT_STRATEGY).validate()
     if args.require_edge and not args.edge and not args.ue:
@@ -292,7 +302,7 @@ def _generate(args: argparse.Namespace) -> int:
             if note:
                 print(f"tandem: NOTE: {note}", file=sys.stderr)
             result = generate_via_edge(ue_pack, request, codec, args.edge, args.timeout, on_step=progress,
-                                       security=security)
+                                       security=security, on_link=links.recorder(args.edge))
     finally:
         if progress is not None:
             progress.close()
@@ -304,6 +314,8 @@ def _generate(args: argparse.Namespace) -> int:
     report["mode"] = "grpc" if args.edge else "in-process"
     report["plan"] = _report_plan(args, plan, result.seconds, result.edge_steps, result.device_steps,
                                   result.handoff_bytes, result.fallback)
+    report["link"] = links.report()
+    links.save()
     if result.fallback:
         print(f"tandem: NOTE: {_explain_fallback(args, result.fallback)}", file=sys.stderr)
     if args.json:
@@ -465,15 +477,17 @@ def _note_budget(args: argparse.Namespace, plan) -> None:
           f"{plan.merge_ratio:g} (predicted quality {plan.predicted_quality:.2f})", file=sys.stderr)
 
 
-def _apply_plan(args: argparse.Namespace):
+def _apply_plan(args: argparse.Namespace, links: _LinkState):
     """--scheduler: options the user did not set come from the plan; without one, the defaults."""
     from services.scheduler.client import request_plan
     from services.scheduler.decide.options import split_for
 
     errors: list[str] = []
-    plan = request_plan(args.scheduler, args.device_class, bandwidth_bps=args.link_mbps * 1e6, personalized_user=args.user,
-                        latency_budget_s=args.latency_budget, prompt_chars=len(args.prompt),
-                        timeout=min(args.timeout, 5.0), on_error=errors.append, security=args.security)
+    bandwidth_bps, rtt_s = links.for_plan()
+    plan = request_plan(args.scheduler, args.device_class, bandwidth_bps=bandwidth_bps, rtt_s=rtt_s,
+                        personalized_user=args.user, latency_budget_s=args.latency_budget,
+                        prompt_chars=len(args.prompt), timeout=min(args.timeout, 5.0), on_error=errors.append,
+                        security=args.security)
     if plan is None:
         reason = errors[0] if errors else "no answer"
         _plan_error(args, reason)
@@ -490,6 +504,71 @@ def _apply_plan(args: argparse.Namespace):
     return plan
 
 
+@dataclass
+class _LinkState:
+    """The measured link (services/ue_client/link.py) across CLI runs: read before the plan,
+    this run's handoff recorded, written back after the image. Without an edge or a scheduler
+    nothing is measured or kept; with --ue the device service measures its own link."""
+
+    path: Path | None
+    book: LinkBook
+    edge: str | None  # the edge the user named (None: the scheduler's plan picks one)
+    override_bps: float | None  # --link-mbps
+    sent: dict | None = None  # the link the Plan request carried
+    sample: LinkSample | None = None  # this run's measurement
+
+    @classmethod
+    def open(cls, args: argparse.Namespace) -> _LinkState:
+        override = args.link_mbps * 1e6 if args.link_mbps is not None else None
+        if args.ue or not (args.edge or args.scheduler):
+            return cls(None, LinkBook(), args.edge, override)
+        path = args.link_state or state_path()
+        book, warning = load_book(path)
+        if warning:
+            print(f"tandem: WARNING: {warning}", file=sys.stderr)
+        return cls(path, book, args.edge, override)
+
+    def for_plan(self) -> tuple[float, float]:
+        """(bandwidth b/s, RTT s) for the Plan request; 0 = unknown (the scheduler's own then)."""
+        estimate = self.book.estimate(self.edge) if self.path is not None else LinkEstimate()
+        source = "override" if self.override_bps else "measured" if estimate.known else "unknown"
+        bandwidth = self.override_bps or estimate.bandwidth_bps
+        self.sent = {"bandwidth_bps": bandwidth, "rtt_s": estimate.rtt_s, "source": source,
+                     "rate_samples": estimate.rate_samples, "rtt_samples": estimate.rtt_samples,
+                     "text": _describe_link(bandwidth, estimate, source)}
+        return bandwidth, estimate.rtt_s
+
+    def recorder(self, edge: str | None):
+        def record(sample: LinkSample) -> None:
+            self.sample = sample
+            if self.path is not None and edge:
+                self.book.record(edge, sample)
+        return record
+
+    def save(self) -> None:
+        if self.path is None or self.sample is None:
+            return
+        try:
+            save_book(self.book, self.path)
+        except OSError as exc:
+            print(f"tandem: WARNING: could not keep the measured link in {self.path} ({exc})", file=sys.stderr)
+
+    def report(self) -> dict | None:
+        if self.sent is None and self.sample is None:
+            return None
+        s = self.sample
+        measured = None if s is None else {"handoff_bytes": s.nbytes, "transfer_s": round(s.transfer_s, 6),
+                                           "rtt_s": round(s.rtt_s, 6), "rate_bps": s.rate_bps}
+        return {"sent": self.sent, "measured": measured, "state": str(self.path) if self.path else None}
+
+
+def _describe_link(bandwidth_bps: float, estimate: LinkEstimate, source: str) -> str:
+    if source == "override":
+        rtt = f", rtt {estimate.rtt_s * 1e3:.0f} ms (measured)" if estimate.rtt_s > 0 else ""
+        return f"{bandwidth_bps / 1e6:.3g} Mbit/s (--link-mbps){rtt}"
+    return estimate.describe() if source == "measured" else "unknown (no measured handoffs yet): the scheduler's own"
+
+
 def _report_plan(args, plan, seconds: dict, edge_steps: int, device_steps: int, handoff_bytes: int, fallback) -> dict | None:
     """Sends the measured phases for the plan (best effort); the plan as the breakdown shows it."""
     if plan is None:
@@ -499,7 +578,8 @@ def _report_plan(args, plan, seconds: dict, edge_steps: int, device_steps: int, 
     reported = report(args.scheduler, plan.plan_id, seconds, edge_steps, device_steps, handoff_bytes, bool(fallback),
                       timeout=min(args.timeout, 5.0), security=args.security)
     return {"id": plan.plan_id, "scheduler": args.scheduler, "predicted_seconds": dict(plan.predicted_seconds),
-            "frame_size": plan.frame_size, "reported": reported}
+            "frame_size": plan.frame_size, "reported": reported, "predicted_handoff_bytes": plan.predicted_handoff_bytes,
+            "link": {"bandwidth_bps": plan.link_bps, "rtt_s": plan.link_rtt_s, "sources": plan.link_sources}}
 
 
 class _ProgressBars:
@@ -613,6 +693,8 @@ def _format(report: dict) -> str:
         plan = report["plan"]
         lines.append(f"  plan   {plan['id'][:8]} from {plan['scheduler']} (frame of {plan['frame_size']}): "
                      f"predicted {plan['predicted_seconds']['total']:.3f} s")
+    if report.get("link") and report["link"]["sent"]:
+        lines.append(f"  link   {report['link']['sent']['text']}")
     if report["fallback"]:
         lines.append(f"  FALLBACK: {report['fallback']}")
     if report["random_pack"]:

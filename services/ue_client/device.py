@@ -14,7 +14,7 @@ from typing import TypeVar
 
 from services.common.security import ClientSecurity
 from services.ue_client.integrity import HandoffLimits, HandoffRejected, check_header
-from services.ue_client.transport import EdgeError, EventCallback, fetch_handoff
+from services.ue_client.transport import EdgeError, EventCallback, LinkCallback, fetch_handoff
 from tandem.codec.container import CodecError, unpack_container
 from tandem.handoff import CodecSpec, decode_handoff
 from tandem.packs import ModelPack
@@ -60,9 +60,11 @@ def generate_via_edge(
     on_step: StepCallback | None = None,
     security: ClientSecurity | None = None,
     cancel: CancelFlag | None = None,
+    on_link: LinkCallback | None = None,
 ) -> GenerationResult:
     """Steps [0, k) on the edge at `edge_address`, [k, T) here; all here when k = 0 or no edge.
-    With `cancel`, raises Cancelled at the next step after it is set."""
+    With `cancel`, raises Cancelled at the next step after it is set. `on_link` gets what the
+    edge round measured of the link (services/ue_client/link.py)."""
     request.validate()
     codec.validate()
     if cancel is not None:
@@ -74,7 +76,7 @@ def generate_via_edge(
     if request.split > 0 and edge_address:
         try:
             state, payload = _resume_from_edge(pack, request, codec, edge_address, timeout, step, security, timer,
-                                               cancel)
+                                               cancel, on_link)
         except (EdgeError, CodecError) as exc:
             fallback = f"edge failed ({exc}); finished locally on the device model"
         except HandoffRejected as exc:
@@ -103,11 +105,11 @@ def generate_via_edge(
 
 def _resume_from_edge(pack: ModelPack, request: GenerationRequest, codec: CodecSpec, address: str, timeout: float,
                       on_event: EventCallback | None, security: ClientSecurity | None, timer: PhaseTimer,
-                      cancel: CancelFlag | None) -> tuple[DenoiseState, bytes]:
+                      cancel: CancelFlag | None, on_link: LinkCallback | None = None) -> tuple[DenoiseState, bytes]:
     """The edge's handoff, checked against `request` before anything in it is used."""
     latent_shape = pack.latent_shape(request.height, request.width)
     limits = HandoffLimits.for_request(request, latent_shape, codec)
-    edge = asyncio.run(_until_cancelled(fetch_handoff(address, request, codec, timeout, on_event, security, limits),
+    edge = asyncio.run(_until_cancelled(fetch_handoff(address, request, codec, timeout, on_event, security, limits, on_link),
                                         cancel))
     timer.seconds.update(edge.seconds)
     # Decoding the payload is transfer (it grows with the bytes); the device's own prompt encoding

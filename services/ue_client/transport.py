@@ -11,6 +11,7 @@ import grpc
 from services.common.security import ClientSecurity, aio_channel, call_metadata
 from services.common.wire import request_to_proto
 from services.ue_client.integrity import HandoffLimits
+from services.ue_client.link import LinkSample
 from tandem.handoff import CodecSpec
 from tandem.phases import Phase
 from tandem.request import GenerationRequest
@@ -18,6 +19,7 @@ from tandem.v1 import edge_pb2, edge_pb2_grpc
 
 # on_event(phase, done, total): queue (position), edge_steps (step of k), transfer (bytes).
 EventCallback = Callable[[str, int, int], None]
+LinkCallback = Callable[[LinkSample], None]  # what one round measured of the link (services/ue_client/link.py)
 MAX_HANDOFF_BYTES = 64 * 1024 * 1024  # without a request's own limits (HandoffLimits)
 MESSAGE_OVERHEAD = 64 * 1024  # a chunk message's framing around its data
 
@@ -35,6 +37,7 @@ class EdgeError(Exception):
 class EdgeHandoff:
     payload: bytes
     seconds: dict[str, float] = field(default_factory=dict)  # queue, edge_steps, transfer
+    link: LinkSample | None = None
 
 
 def channel_options(max_message: int = 8 * 1024 * 1024) -> list[tuple[str, int]]:
@@ -49,9 +52,16 @@ async def fetch_handoff(
     on_event: EventCallback | None = None,
     security: ClientSecurity | None = None,
     limits: HandoffLimits | None = None,
+    on_link: LinkCallback | None = None,
 ) -> EdgeHandoff:
     """Runs steps [0, k) on the edge and returns the handoff payload; raises EdgeError, or
-    HandoffRejected when the stream goes past `limits` (the request's largest possible handoff)."""
+    HandoffRejected when the stream goes past `limits` (the request's largest possible handoff).
+    A complete handoff's link measurement also goes to `on_link`.
+
+    Timers: queue = call opened -> first progress (connecting, admission, step 1, waiting);
+    edge_steps = first -> last progress (steps 2..k); transfer = last progress -> last handoff
+    byte (the edge's encoding and the bytes on the wire: on a slow link the wire time is the
+    link's, never the edge's steps')."""
     limits = limits or HandoffLimits(MAX_HANDOFF_BYTES)
     began = time.perf_counter()
     marks: dict[str, float] = {}
@@ -66,10 +76,13 @@ async def fetch_handoff(
             async for response in stub.Generate(request_to_proto(request, codec), timeout=timeout,
                                                 metadata=call_metadata(security)):
                 kind = response.WhichOneof("event")
+                marks.setdefault("first_event", time.perf_counter())
                 if kind == "queued":
                     _notify(on_event, Phase.QUEUE, response.queued.position, 0)
                 elif kind == "progress":
                     marks.setdefault("edge_start", time.perf_counter())
+                    if "transfer_start" not in marks:
+                        marks["last_progress"] = time.perf_counter()
                     _notify(on_event, Phase.EDGE_STEPS, response.progress.step, response.progress.total)
                 elif kind == "handoff":
                     chunk = response.handoff
@@ -88,12 +101,17 @@ async def fetch_handoff(
     if expected_count is None or len(chunks) != expected_count or len(payload) != expected_total:
         raise EdgeError("DATA_LOSS", f"stream ended after {len(chunks)} of {expected_count or '?'} handoff chunks")
     end = time.perf_counter()
-    edge_start = marks.get("edge_start", marks.get("transfer_start", end))
-    transfer_start = marks.get("transfer_start", end)
+    transfer_start = marks.get("last_progress", marks.get("transfer_start", end))
+    edge_start = marks.get("edge_start", transfer_start)
+    link = LinkSample(len(payload), end - marks["last_progress"] if "last_progress" in marks else 0.0,
+                      marks.get("first_event", end) - began)
+    if on_link is not None:
+        on_link(link)
     return EdgeHandoff(
         payload,
         {Phase.QUEUE.value: edge_start - began, Phase.EDGE_STEPS.value: transfer_start - edge_start,
          Phase.TRANSFER.value: end - transfer_start},
+        link,
     )
 
 

@@ -1,0 +1,135 @@
+"""The device's estimate of its link to each edge, measured from the handoffs it receives.
+
+Every edge round gives one :class:`LinkSample` (services/ue_client/transport.py measures it):
+
+- **round trip**: from opening the call to the edge's first answer (its "queued" event, sent as
+  soon as the request is admitted). It includes connecting, as every round does: it is the fixed
+  cost of a round that the scheduler's cost model calls the RTT.
+- **throughput**: the handoff's bytes over the time from the edge's last progress event (a tiny
+  message sent just before the handoff, on the same stream) to the handoff's last byte. The edge
+  sends SD-sized handoffs (11-67 KB) as one 256 KB chunk, so first-to-last chunk would time
+  nothing; timed from the last progress event the one-way delay cancels and what is left is the
+  bytes on the wire (plus the edge's encoding, which makes it an effective rate). A handoff under
+  ``MIN_RATE_BYTES`` gives a round trip only: its arrival time is the stacks', not the link's.
+
+A :class:`LinkBook` keeps, per edge, a window of each quantity (tandem/link.py: medians, bounds,
+a minimum sample count) for the last ``MAX_EDGES`` edges used.
+
+The device service keeps its book in memory; the CLI (one image per process) persists it as JSON
+(:func:`state_path`: ``$TANDEM_LINK_STATE``, else ``$XDG_CACHE_HOME/tandem/links.json``), written
+atomically; a corrupt file is ignored with one warning. Pure logic, no gRPC.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from tandem.link import WINDOW, LinkEstimate, LinkWindow, is_number, rate_bps
+
+MAX_EDGES = 64  # edges remembered; the least recently used is forgotten
+STATE_ENV = "TANDEM_LINK_STATE"
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LinkSample:
+    """One edge round as the device measured it."""
+
+    nbytes: int  # the handoff's bytes
+    transfer_s: float  # last progress event -> last handoff byte (0: not timed)
+    rtt_s: float  # call opened -> the edge's first event
+
+    @property
+    def rate_bps(self) -> float | None:
+        """Throughput in bit/s, or None when this handoff cannot tell (too small, not timed)."""
+        return rate_bps(self.nbytes, self.transfer_s)
+
+
+class LinkBook:
+    """Per-edge link estimates, at most ``max_edges`` (least recently used forgotten)."""
+
+    def __init__(self, max_edges: int = MAX_EDGES):
+        self.max_edges = max_edges
+        self._edges: OrderedDict[str, LinkWindow] = OrderedDict()
+
+    def record(self, edge: str, sample: LinkSample) -> None:
+        window = self._edges.pop(edge, None) or LinkWindow()
+        window.add(sample.nbytes, sample.transfer_s, sample.rtt_s)
+        self._edges[edge] = window  # most recent last
+        while len(self._edges) > self.max_edges:
+            self._edges.popitem(last=False)
+
+    def estimate(self, edge: str | None = None) -> LinkEstimate:
+        """The estimate for ``edge``; for None, the edge measured last (before a plan names one,
+        the CLI does not know which edge it will get: the last one is the best guess)."""
+        if edge is None:
+            edge = next(reversed(self._edges), None)
+        window = self._edges.get(edge) if edge is not None else None
+        return window.estimate() if window is not None else LinkEstimate()
+
+    def to_dict(self) -> dict:
+        return {"version": STATE_VERSION,
+                "edges": {edge: {"rates_bps": list(w.rates), "rtts_s": list(w.rtts)} for edge, w in self._edges.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> LinkBook:
+        """Raises ValueError when ``data`` is not a link state this version wrote; samples out of
+        bounds are dropped."""
+        if not isinstance(data, Mapping) or data.get("version") != STATE_VERSION \
+                or not isinstance(data.get("edges"), Mapping):
+            raise ValueError(f"not a version-{STATE_VERSION} link state")
+        book = cls()
+        for edge, windows in data["edges"].items():
+            if not isinstance(edge, str) or not isinstance(windows, Mapping):
+                raise ValueError(f"bad entry for edge {edge!r}")
+            rates, rtts = windows.get("rates_bps", []), windows.get("rtts_s", [])
+            if not isinstance(rates, list) or not isinstance(rtts, list) \
+                    or not all(is_number(v) for v in (*rates, *rtts)):
+                raise ValueError(f"samples of edge {edge!r} are not lists of numbers")
+            book._edges[edge] = LinkWindow(rates[-WINDOW:], rtts[-WINDOW:])
+        while len(book._edges) > book.max_edges:
+            book._edges.popitem(last=False)
+        return book
+
+
+def state_path(env: Mapping[str, str] = os.environ) -> Path:
+    """``$TANDEM_LINK_STATE``, else ``$XDG_CACHE_HOME/tandem/links.json`` (~/.cache by default)."""
+    if env.get(STATE_ENV):
+        return Path(env[STATE_ENV]).expanduser()
+    cache = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "tandem" / "links.json"
+
+
+def load_book(path: Path) -> tuple[LinkBook, str | None]:
+    """The persisted book, or an empty one; the second item is a warning when the file was there
+    but unusable (it is then ignored and overwritten by the next save)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return LinkBook(), None
+    except OSError as exc:
+        return LinkBook(), f"link state {path} unreadable ({exc.strerror}); starting without a link estimate"
+    try:
+        return LinkBook.from_dict(json.loads(text)), None
+    except (ValueError, TypeError, AttributeError) as exc:  # json.JSONDecodeError is a ValueError
+        return LinkBook(), f"link state {path} is corrupt ({exc}); ignoring it"
+
+
+def save_book(book: LinkBook, path: Path) -> None:
+    """Atomically (a temporary file renamed over ``path``): a crash never leaves half a file.
+    Raises OSError when the directory cannot be written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".links-", suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as out:
+            json.dump(book.to_dict(), out)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
