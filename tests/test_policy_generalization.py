@@ -112,3 +112,32 @@ def test_training_on_families_saves_a_general_policy(tmp_path, family):
     assert SchedulerPolicy.load(tmp_path / "checkpoint", DEFAULT_OPTIONS).config.features == FEATURES
     p = frame(family.pool(9, 1)[0], n=10)
     np.testing.assert_array_equal(policy(p), policy.decide_reference(p))
+
+
+def _local_search_by_enumeration(problem: FrameProblem, sel: np.ndarray) -> np.ndarray:
+    """1-opt as it was written before the utility bound: every allowed option of every user
+    evaluated on the whole frame."""
+    sel = np.array(sel, dtype=int)
+    current = float(problem.evaluate_batch(sel[None])[0])
+    allowed = [np.flatnonzero(m) for m in problem.mask]
+    while True:
+        improved = False
+        for i in range(problem.n_users):
+            cand = np.repeat(sel[None], len(allowed[i]), 0)
+            cand[:, i] = allowed[i]
+            values = problem.evaluate_batch(cand)
+            best = int(np.argmax(values))
+            if values[best] > current + 1e-12 * max(1.0, abs(current)):
+                sel[i], current, improved = allowed[i][best], float(values[best]), True
+        if not improved:
+            return sel
+
+
+def test_local_search_with_the_utility_bound_moves_exactly_as_enumeration(family):
+    from services.scheduler.decide.baselines import best_alone, local_search, random_choice
+
+    draws = family.pool(10, 4)
+    for seed, draw in enumerate(draws * 3):
+        p = frame(draw, seed)
+        for start in (best_alone(p), random_choice(p, seed)):
+            np.testing.assert_array_equal(local_search(p, start), _local_search_by_enumeration(p, start))

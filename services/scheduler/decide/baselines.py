@@ -63,19 +63,56 @@ def random_choice(problem: FrameProblem, seed: int = 0) -> np.ndarray:
 
 def local_search(problem: FrameProblem, sel: np.ndarray, max_sweeps: int = 50) -> np.ndarray:
     """1-opt: each user in turn takes its best allowed option given the others; stop when a
-    whole sweep changes nothing."""
+    whole sweep changes nothing.
+
+    A user's move changes the frame's sums (Σ√k, Σ√c, edge users), so every user's latency and
+    penalty; the utility part of J is O(1) per option from the sums. Penalties are >= 0, so an
+    option's utility bounds its J: only options whose utility beats the current J need the O(N)
+    penalty check (a handful per user in a frame without violations, not all K).
+    """
+    p = problem
     sel = np.array(sel, dtype=int)
-    current = float(problem.evaluate_batch(sel[None])[0])
-    allowed = [np.flatnonzero(m) for m in problem.mask]
+    n = p.n_users
+    if n == 0:
+        return sel
+    rows = np.arange(n)
+    lam, penalty = p.objective_cfg.latency_weight, p.objective_cfg.violation_penalty
+    limit = p.deadline * (1 + 1e-9)
+    inv_deadline = np.where(np.isfinite(p.deadline), 1.0 / p.deadline, 0.0)
+    has_deadline = bool(np.isfinite(p.deadline).any())
+    allowed = [np.flatnonzero(m) for m in p.mask]
+    current = float(p.evaluate_batch(sel[None])[0])
     for _ in range(max_sweeps):
         improved = False
-        for i in range(problem.n_users):
-            cand = np.repeat(sel[None], len(allowed[i]), 0)
-            cand[:, i] = allowed[i]
-            values = problem.evaluate_batch(cand)
+        sk, sc, local = p.sqrt_k[sel].astype(float), p.sqrt_c[rows, sel], p.local[rows, sel]
+        s_k, s_c, base = sk.sum(), sc.sum(), float(p.base_value[rows, sel].sum())
+        n_edge = int(p.uses_edge[sel].sum())
+        for i in range(n):
+            opts, cur = allowed[i], sel[i]
+            sk_o, sc_o = p.sqrt_k[opts], p.sqrt_c[i, opts]
+            s_k2, s_c2 = s_k - sk[i] + sk_o, s_c - sc[i] + sc_o
+            g2 = p.edge_step_seconds(n_edge - int(p.uses_edge[cur]) + p.uses_edge[opts])
+            util = base - p.base_value[i, cur] + p.base_value[i, opts] - lam * (g2 * s_k2**2 + s_c2**2)
+            tol = 1e-12 * max(1.0, abs(current))
+            if has_deadline:
+                values = np.full(len(opts), -np.inf)
+                cand = np.flatnonzero(util > current + tol)
+                if cand.size == 0:
+                    continue
+                a, b = g2[cand] * s_k2[cand], s_c2[cand]  # L_j = a·√k_j + b·√c_j + local_j
+                lat = a[:, None] * sk[None, :] + b[:, None] * sc[None, :] + local[None, :]
+                lat[:, i] = a * sk_o[cand] + b * sc_o[cand] + p.local[i, opts[cand]]
+                values[cand] = util[cand] - np.where(lat > limit, penalty + lat * inv_deadline - 1.0, 0.0).sum(1)
+            else:
+                values = util
             best = int(np.argmax(values))
-            if values[best] > current + 1e-12 * max(1.0, abs(current)):
-                sel[i], current, improved = allowed[i][best], float(values[best]), True
+            if values[best] > current + tol:
+                o = opts[best]
+                s_k, s_c = s_k2[best], s_c2[best]
+                base += p.base_value[i, o] - p.base_value[i, cur]
+                n_edge += int(p.uses_edge[o]) - int(p.uses_edge[cur])
+                sel[i], sk[i], sc[i], local[i] = o, p.sqrt_k[o], p.sqrt_c[i, o], p.local[i, o]
+                current, improved = float(values[best]), True
         if not improved:
             break
     return sel
