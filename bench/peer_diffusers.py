@@ -11,7 +11,9 @@
    with the requests that arrived while the previous one ran) vs the edge; mean latency and
    throughput.
 3. memory: peak RSS of a fresh process that runs the device's part (small pack, late T/2 steps and
-   the decode) vs one that makes the whole image on the large pack, and the import floor of each.
+   the decode) vs one that makes the whole image on the large pack, and the import floor of each;
+   the device twice: encoding its prompt itself (today) and given the prompt embeddings (as if the
+   handoff carried them: no text encoder loads).
 
 Both sides run one torch thread per process (the services' setting on a 2-core machine).
 """
@@ -121,35 +123,85 @@ configure_threads(1)
 from tandem.packs import load_pack
 from tandem.pipeline import decode, run_steps, start
 from tandem.request import GenerationRequest
+from tandem.sampling.denoise import DenoiseState, Guidance, initial_latent
+from tandem.sampling.schedule import make_schedule
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel  # what load_pack imports: the import floor
-from transformers import CLIPTextModel, CLIPTokenizer
-def rss_kib():  # resident now (ru_maxrss is a peak: import-time spikes would hide the load)
-    return int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1])
-floor = rss_kib()
-p = load_pack(pack + ("/small" if role == "device" else "/large"), device="cpu")
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel  # what load_pack imports: the import floor
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+def rss_kib(kind="VmRSS"):  # resident now (ru_maxrss is a peak: import-time spikes would hide the load)
+    return int(next(line for line in open("/proc/self/status") if line.startswith(kind)).split()[1])
+floor, heap_floor = rss_kib(), rss_kib("RssAnon")  # the heap: RSS less the code pages (file-backed)
+p = load_pack(pack + ("/large" if role == "large" else "/small"), device="cpu")
 size = p.default_image_size
 r = GenerationRequest("a red circle at the left on a blue background", steps=steps, split=steps // 2,
                       guidance_scale=4.0, height=size, width=size)
-s = start(p, r)
-if role == "device":  # from the handoff's place: steps [k, T) and the decode (x0-history as a handoff carries it)
+if role == "device-given-embedding":  # the prompt embeddings arrive with the handoff (their shape, zeros here):
+    hidden = json.load(open(p.text_dirs[0] / "config.json"))["hidden_size"]  # no text encoder loads
+    tokens = json.load(open(p.text_dirs[1] / "tokenizer_config.json")).get("model_max_length", 77)
+    schedule = make_schedule(r.sampler, steps, p.sampler_config)
+    s = DenoiseState(schedule=schedule, step=0, latent=initial_latent(r.seed, p.latent_shape(size, size), schedule),
+                     guidance=Guidance(cond=torch.zeros(tokens, hidden), uncond=torch.zeros(tokens, hidden), scale=4.0))
+else:
+    s = start(p, r)
+if role != "large":  # from the handoff's place: steps [k, T) and the decode (x0-history as a handoff carries it)
     s.step, s.prev_denoised = steps // 2, torch.zeros_like(s.latent)
 run_steps(p, s, steps)
 decode(p, s.latent)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({{"floor_kib": floor, "peak_kib": peak, "end_kib": rss_kib()}}))
+print(json.dumps({{"floor_kib": floor, "peak_kib": peak, "end_kib": rss_kib(), "heap_floor_kib": heap_floor,
+                  "heap_end_kib": rss_kib("RssAnon")}}))
 """
+MEMORY_ROLES = ("device", "device-given-embedding", "large")
+# The import floor alone, in fresh processes: what load_pack imported before issue 18 (diffusers'
+# and transformers' top levels) and what it imports now (the model classes' own modules).
+FLOOR_IMPORTS = {
+    "before": "from diffusers import AutoencoderKL, UNet2DConditionModel\n"
+              "from transformers import CLIPTextModel, CLIPTokenizer",
+    "now": "from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel\n"
+           "from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL",
+}
+FLOOR_SCRIPT = """
+import torch
+{imports}
+print(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1])
+"""
+
+
+def fresh_python(script: str, *args: str) -> str:
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, check=True,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    return done.stdout.strip().splitlines()[-1]
 
 
 def memory(pack: Path, steps: int) -> dict[str, dict[str, int]]:
     script = MEMORY_SCRIPT.format(root=str(ROOT))
-    out = {}
-    for role in ("device", "large"):
-        done = subprocess.run([sys.executable, "-c", script, role, str(pack), str(steps)], capture_output=True,
-                              text=True, check=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
-                                                          "HF_HUB_OFFLINE": "1"})
-        out[role] = json.loads(done.stdout.strip().splitlines()[-1])
-    return out
+    return {role: json.loads(fresh_python(script, role, str(pack), str(steps))) for role in MEMORY_ROLES}
+
+
+def import_floors(rounds: int) -> dict[str, float]:
+    """Median RSS (KiB) after each import set, in interleaved fresh processes."""
+    seen: dict[str, list[int]] = {name: [] for name in FLOOR_IMPORTS}
+    for _ in range(rounds):
+        for name, imports in FLOOR_IMPORTS.items():
+            seen[name].append(int(fresh_python(FLOOR_SCRIPT.format(imports=imports))))
+    return {name: statistics.median(values) for name, values in seen.items()}
+
+
+def memory_lines(m: dict[str, dict[str, int]], steps: int) -> list[str]:
+    large = m["large"]
+    lines = []
+    for role, what in (("device", "its own text encoder"), ("device-given-embedding", "prompt embeddings given")):
+        d = m[role]
+        above = (d["peak_kib"] - d["floor_kib"]) / max(1, large["peak_kib"] - large["floor_kib"])
+        lines.append(f"device process (small pack, {what}, late {steps // 2} of {steps} steps + decode): peak "
+                     f"{d['peak_kib'] / 1024:.0f} MiB vs large pack whole image {large['peak_kib'] / 1024:.0f} MiB "
+                     f"-> {d['peak_kib'] / large['peak_kib']:.2f}x; above the import floor "
+                     f"({d['floor_kib'] / 1024:.0f} MiB; large {large['floor_kib'] / 1024:.0f} MiB) {above:.2f}x")
+    heap = {role: (m[role]["heap_end_kib"] - m[role]["heap_floor_kib"]) / 1024 for role in m}
+    lines.append(f"heap (RssAnon) above the floor after the image: device {heap['device']:.0f} MiB, given the "
+                 f"embeddings {heap['device-given-embedding']:.0f} MiB, large {heap['large']:.0f} MiB -> "
+                 f"{heap['device'] / heap['large']:.2f}x, {heap['device-given-embedding'] / heap['large']:.2f}x")
+    return lines
 
 
 def main() -> int:
@@ -209,13 +261,11 @@ def main() -> int:
                              f"is waiting' {tl:.2f} s -> {ol / tl:.2f}x; throughput {otp:.2f} vs {ttp:.2f} img/s "
                              f"-> {otp / ttp:.2f}x")
     if "memory" in parts:
-        m = memory(args.pack, args.steps)
-        d, large = m["device"], m["large"]
-        above = (d["peak_kib"] - d["floor_kib"]) / max(1, large["peak_kib"] - large["floor_kib"])
-        lines.append(f"device process (small pack, late {args.steps // 2} of {args.steps} steps + decode): peak "
-                     f"{d['peak_kib'] / 1024:.0f} MiB vs large pack whole image {large['peak_kib'] / 1024:.0f} MiB "
-                     f"-> {d['peak_kib'] / large['peak_kib']:.2f}x; above the import floor "
-                     f"({d['floor_kib'] / 1024:.0f} MiB) {above:.2f}x")
+        lines += memory_lines(memory(args.pack, args.steps), args.steps)
+        floors = import_floors(args.rounds)
+        lines.append(f"import floor (torch + model classes, median of {args.rounds} fresh processes): before "
+                     f"{floors['before'] / 1024:.1f} MiB, now {floors['now'] / 1024:.1f} MiB -> "
+                     f"{floors['now'] / floors['before']:.3f}x")
     print("\n".join(lines))
     return 0
 

@@ -7,13 +7,16 @@ online, a hub id. Two packs can share a trajectory only when their latent space 
 agree: `check_pair` refuses any other pair, naming the mismatch.
 
 torch and the model classes load only inside load_pack, so reading a manifest stays cheap: the
-CLI checks flags and prompts before any model code loads.
+CLI checks flags and prompts before any model code loads. A pack loads only what runs: the VAE's
+decoder (nothing encodes images), and the text encoder on its first use (a process that is given
+its prompt embeddings never loads it).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +96,14 @@ class PackManifest:
 
 
 @dataclass
+class TextModel:
+    """A pack's prompt encoder: its tokenizer and text encoder, loaded together."""
+
+    tokenizer: Any
+    encoder: Any
+
+
+@dataclass
 class ModelPack:
     """Loaded components of one pack, on one device."""
 
@@ -100,13 +111,30 @@ class ModelPack:
     root: Path
     manifest: PackManifest
     unet: Any
-    vae: Any
-    text_encoder: Any
-    tokenizer: Any
+    vae: Any  # the decoder half only (see _load_vae)
     sampler_config: dict[str, Any]
     device: torch.device
     dtype: torch.dtype
+    text_dirs: tuple[Path, Path]  # (text_encoder, tokenizer), loaded by text_model() on first use
+    offload: bool = False
     active_user: str | None = None
+    text: TextModel | None = None
+    _text_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def text_model(self) -> TextModel:
+        """The tokenizer and text encoder, loaded on first use (once, whichever thread asks)."""
+        with self._text_lock:
+            if self.text is None:
+                self.text = _load_text(self.root, *self.text_dirs, self.device, self.dtype, self.offload)
+            return self.text
+
+    @property
+    def text_encoder(self) -> Any:
+        return self.text_model().encoder
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.text_model().tokenizer
 
     @property
     def latent_channels(self) -> int:
@@ -219,49 +247,114 @@ def load_pack(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     user: str | None = None,
+    offload: bool = False,
 ) -> ModelPack:
-    """Loads a pack for inference (eval mode, no grad), weights safetensors-only."""
+    """Loads a pack for inference (eval mode, no grad), weights safetensors-only. With `offload`
+    (a CUDA device smaller than the pack), the weights stay in CPU memory and accelerate moves
+    each layer to the GPU only while it runs."""
     import torch
 
-    # Importing each class from its own submodule is no faster (measured: 1.05x the CPU time of
-    # the top level, BENCHMARKS.md "First hour"): diffusers' package __init__s load every UNet and
-    # transformer model either way, and torch._dynamo and peft with them.
-    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    # Each class from its own module: diffusers' package __init__s still load every model class
+    # (and torch._dynamo, peft, transformers with them), but the CLIP model classes load only
+    # when the text encoder does.
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
     quiet_loading()
     root = resolve_source(source)
     manifest = PackManifest.read(root)
     device = torch.device(device) if device is not None else default_device()
+    if offload and not (device.type == "cuda" and torch.cuda.is_available()):
+        where = "this machine has no CUDA GPU" if device.type == "cuda" else f"the device is {device}"
+        raise PackError(f"--offload needs a CUDA GPU (it keeps the weights in CPU memory and moves each layer "
+                        f"to the GPU as it runs); {where}")
     dtype = dtype or default_dtype(device)
     dirs = {c: _component_dir(root, manifest, c) for c in COMPONENTS}
     sampler_config = _read_json(dirs["scheduler"] / "scheduler_config.json")
-    vae_config = _read_json(dirs["vae"] / "config.json")
-    vae_class = AutoencoderTiny if vae_config.get("_class_name") == "AutoencoderTiny" else AutoencoderKL
     try:
         unet = UNet2DConditionModel.from_pretrained(dirs["unet"], torch_dtype=dtype, use_safetensors=True)
-        vae = vae_class.from_pretrained(dirs["vae"], torch_dtype=dtype, use_safetensors=True)
-        text_encoder = CLIPTextModel.from_pretrained(dirs["text_encoder"], torch_dtype=dtype, use_safetensors=True)
-        tokenizer = CLIPTokenizer.from_pretrained(dirs["tokenizer"])
+        vae = _load_vae(dirs["vae"], dtype)
     except (OSError, ValueError) as exc:
         raise PackError(f"pack {root}: {exc}") from exc
-    for module in (unet, vae, text_encoder):
-        module.to(device).eval().requires_grad_(False)  # type: ignore[arg-type]  # transformers' stub of .to
+    for module in (unet, vae):
+        _place(module, device, offload)
     pack = ModelPack(
         name=manifest.name,
         root=root,
         manifest=manifest,
         unet=unet,
         vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
         sampler_config=sampler_config,
         device=device,
         dtype=dtype,
+        text_dirs=(dirs["text_encoder"], dirs["tokenizer"]),
+        offload=offload,
     )
     if user is not None:
         pack.use_user(user)
     return pack
+
+
+# The VAE's decoder half: what decode() runs. The encoder (a third of an SD VAE: 34M parameters)
+# is never built; AutoencoderTiny has no post_quant_conv.
+VAE_DECODER_PREFIXES = ("decoder.", "post_quant_conv.")
+VAE_ENCODER_MODULES = ("encoder", "quant_conv")
+
+
+def _load_vae(directory: Path, dtype: torch.dtype) -> Any:
+    """The VAE with its decoder's weights only, read from the safetensors file: the model is built
+    on the meta device (accelerate), the encoder removed before any weight is materialized. A
+    layout this cannot read exactly (old key names, sharded files) loads in full through diffusers
+    and drops the encoder after: the same decoder, only a higher peak while loading."""
+    from accelerate import init_empty_weights
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.autoencoders.autoencoder_tiny import AutoencoderTiny
+    from safetensors import safe_open
+
+    config = _read_json(directory / "config.json")
+    vae_class = AutoencoderTiny if config.get("_class_name") == "AutoencoderTiny" else AutoencoderKL
+    weights = directory / "diffusion_pytorch_model.safetensors"
+    if weights.is_file():
+        with init_empty_weights():
+            vae = _drop_encoder(vae_class.from_config(config))
+        with safe_open(str(weights), framework="pt") as f:
+            state = {k: f.get_tensor(k).to(dtype) for k in f.keys() if k.startswith(VAE_DECODER_PREFIXES)}
+        try:
+            vae.load_state_dict(state, strict=True, assign=True)
+            return vae
+        except RuntimeError:  # keys in another layout: diffusers' own loader converts them
+            pass
+    return _drop_encoder(vae_class.from_pretrained(directory, torch_dtype=dtype, use_safetensors=True))
+
+
+def _drop_encoder(vae: Any) -> Any:
+    for name in VAE_ENCODER_MODULES:
+        if name in vae._modules:
+            delattr(vae, name)
+    return vae
+
+
+def _load_text(root: Path, encoder_dir: Path, tokenizer_dir: Path, device: torch.device, dtype: torch.dtype,
+               offload: bool) -> TextModel:
+    from transformers.models.clip.modeling_clip import CLIPTextModel
+    from transformers.models.clip.tokenization_clip import CLIPTokenizer
+
+    try:
+        encoder = CLIPTextModel.from_pretrained(encoder_dir, torch_dtype=dtype, use_safetensors=True)
+        tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    except (OSError, ValueError) as exc:
+        raise PackError(f"pack {root}: {exc}") from exc
+    _place(encoder, device, offload)
+    return TextModel(tokenizer=tokenizer, encoder=encoder)
+
+
+def _place(module: Any, device: torch.device, offload: bool) -> None:
+    module.eval().requires_grad_(False)
+    if offload:
+        from accelerate import cpu_offload
+
+        cpu_offload(module, execution_device=device)
+    else:
+        module.to(device)
 
 
 def quiet_loading() -> None:

@@ -37,14 +37,15 @@ def encode_prompt(pack: ModelPack, prompt: str, negative_prompt: str, guidance_s
     pack's aliases apply first (the demo pack reads "an" as "a"), for every client, not just the CLI."""
     prompt, negative_prompt = pack.manifest.normalize_prompt(prompt), pack.manifest.normalize_prompt(negative_prompt)
     texts = [prompt, negative_prompt] if guidance_scale != 1.0 else [prompt]
-    tokens = pack.tokenizer(
+    text = pack.text_model()  # loaded on the first prompt this pack encodes
+    tokens = text.tokenizer(
         texts,
         padding="max_length",
-        max_length=pack.tokenizer.model_max_length,
+        max_length=text.tokenizer.model_max_length,
         truncation=True,
         return_tensors="pt",
     )
-    hidden = pack.text_encoder(tokens.input_ids.to(pack.device))[0].float()
+    hidden = text.encoder(tokens.input_ids.to(pack.device))[0].float()
     return Guidance(cond=hidden[0], uncond=hidden[1] if len(texts) == 2 else None, scale=float(guidance_scale))
 
 

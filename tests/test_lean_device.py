@@ -1,0 +1,92 @@
+"""A device that loads only what it runs (issue 18): the VAE's decoder without its encoder, the
+text encoder only when a prompt is encoded, the same images as a pack loaded in full, and
+--offload refused in one line where there is no CUDA GPU."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tandem.packs import DEMO_PACK, PackError, load_pack
+from tandem.pipeline import HybridPipeline, PhaseTimer, encode_prompt, finish_on_device
+from tandem.request import GenerationRequest
+from tandem.sampling.denoise import DenoiseState, initial_latent
+from tandem.sampling.schedule import make_schedule
+
+PROMPT = "a red circle at the left on a blue background"
+VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def full_vae(pack):
+    """The VAE as diffusers loads it whole (encoder included): the reference for the lean one."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(pack.root / pack.manifest.components.get("vae", "vae"),
+                                         torch_dtype=pack.dtype).eval()
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_pack(DEMO_PACK / "large", device="cpu"), load_pack(DEMO_PACK / "small", device="cpu")
+
+
+def test_the_device_holds_no_vae_encoder_and_no_text_encoder_until_it_encodes_a_prompt(demo):
+    _, small = demo
+    names = [name for name, _ in small.vae.named_parameters()]
+    assert names and all(name.startswith(("decoder.", "post_quant_conv.")) for name in names)
+    assert not hasattr(small.vae, "encoder") and small.vae.config.latent_channels == 4
+    assert small.vae_scale_factor == 8 and small.latent_shape(64, 64) == (4, 8, 8)
+    full = sum(p.numel() for p in full_vae(small).parameters())
+    assert sum(p.numel() for p in small.vae.parameters()) < 0.7 * full  # the encoder was ~38% of it
+
+    fresh = load_pack(DEMO_PACK / "small", device="cpu")
+    assert fresh.text is None  # nothing loaded it yet
+    request = GenerationRequest(PROMPT, steps=6, split=3, guidance_scale=4.0, height=64, width=64)
+    guidance = encode_prompt(demo[1], request.prompt, request.negative_prompt, request.guidance_scale)
+    schedule = make_schedule(request.sampler, request.steps, fresh.sampler_config)
+    state = DenoiseState(schedule=schedule, step=0, latent=initial_latent(request.seed, (4, 8, 8), schedule),
+                         guidance=guidance)
+    image = finish_on_device(fresh, state, request.steps, PhaseTimer())  # embeddings given: steps + decode
+    assert image.shape == (64, 64, 3) and fresh.text is None
+    again = encode_prompt(fresh, request.prompt, request.negative_prompt, request.guidance_scale)
+    assert fresh.text is not None and torch.equal(again.cond, guidance.cond)
+
+
+@pytest.mark.parametrize("split, user", [(10, "alice"), (0, "bob"), (20, None)])
+def test_lean_packs_make_the_same_images_bit_for_bit_as_packs_loaded_in_full(demo, split, user):
+    large, small = demo
+    request = GenerationRequest(PROMPT, steps=20, split=split, seed=7, guidance_scale=4.0, height=64, width=64,
+                                user=user)
+    lean = HybridPipeline(large, small).generate(request).image
+    whole = HybridPipeline(dataclasses.replace(large, vae=full_vae(large)),
+                           dataclasses.replace(small, vae=full_vae(small))).generate(request).image
+    assert lean.dtype == np.uint8 and np.array_equal(lean, whole)
+
+
+def test_a_vae_file_the_lean_reader_cannot_match_loads_in_full_and_still_drops_the_encoder(tmp_path, tiny_packs):
+    """An extra tensor in the file (as an older layout's key names would be) fails the strict
+    decoder load; diffusers' own loader then reads it, and the encoder is dropped after."""
+    pack = tmp_path / "pack"
+    shutil.copytree(tiny_packs["large"], pack)
+    weights = pack / "vae" / VAE_WEIGHTS
+    state = load_file(weights)
+    save_file({**state, "decoder.unused_by_the_model": torch.zeros(2)}, weights)
+    odd = load_pack(pack, device="cpu")
+    plain = load_pack(tiny_packs["large"], device="cpu")
+    assert not hasattr(odd.vae, "encoder")
+    assert odd.vae.state_dict().keys() == plain.vae.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(odd.vae.state_dict().values(), plain.vae.state_dict().values()))
+
+
+def test_offload_without_a_cuda_gpu_is_one_clear_error(tiny_packs):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU: offload is allowed here")
+    with pytest.raises(PackError, match="--offload needs a CUDA GPU .*the device is cpu"):
+        load_pack(tiny_packs["small"], device="cpu", offload=True)
+    with pytest.raises(PackError, match="--offload needs a CUDA GPU .*this machine has no CUDA GPU"):
+        load_pack(tiny_packs["small"], device="cuda", offload=True)
