@@ -8,14 +8,16 @@ from __future__ import annotations
 import json
 import math
 
+import grpc
 import pytest
 from link_proxy import LinkFaults, LinkProxy
-from service_procs import edge_server, scheduler_service
+from service_procs import device_service, edge_server, scheduler_service
 
 from services.cli import generate as cli
 from services.ue_client.link import LinkBook, LinkSample, load_book, save_book, state_path
 from tandem.link import MIN_RATE_BYTES, MIN_SAMPLES, WINDOW, LinkEstimate
 from tandem.tiny_pack import build_sd_geometry_pair
+from tandem.v1 import device_pb2, device_pb2_grpc
 
 SD_FP16 = 67_000  # bytes of an SD-sized fp16 handoff
 
@@ -136,22 +138,31 @@ def test_a_bad_link_override_is_one_line(tmp_path, capsys, value):
 
 # --- end to end: a device's successive images over a slowed link --------------------------------
 
-def test_successive_images_send_the_measured_link_and_the_scheduler_plans_with_it(tmp_path_factory, capsys,
-                                                                                 monkeypatch):
+@pytest.fixture(scope="module")
+def sd_packs(tmp_path_factory):
+    """SD-sized handoffs (67 KB at fp16): large enough to time on a slowed loopback link."""
+    return build_sd_geometry_pair(tmp_path_factory.mktemp("sd-packs"))
+
+
+SLOW = LinkFaults(delay_s=0.004)  # every 4 KB read waits 4 ms
+PLAN_ARGS = ("--steps", "3", "--split", "2", "--codec", "fp16", "--merge-ratio", "0", "--device-class", "cpu")
+
+
+def test_successive_images_send_the_measured_link_and_the_scheduler_plans_with_it(sd_packs, tmp_path_factory,
+                                                                                 capsys, monkeypatch):
     """Real edge and scheduler processes, the CLI as the device, the edge behind a delaying proxy
     (every 4 KB read waits, so an SD-sized 67 KB handoff takes measurably long on loopback). From the
     second measured handoff on, each Plan request carries the device's estimate and the plan is
     predicted from exactly it; --link-mbps overrides the rate; a device without a state file of its
     own is planned from its own reports; a corrupt state file is ignored with one warning."""
     tmp = tmp_path_factory.mktemp("e2e-links")
-    large, small = build_sd_geometry_pair(tmp / "packs")
+    large, small = sd_packs
     state = tmp / "links.json"
     monkeypatch.setenv("TANDEM_LINK_STATE", str(state))
 
     def generate(name: str, *args: str) -> dict:
-        argv = ["generate", "a cat", "--small", str(small), "--device", "cpu", "--steps", "3", "--split", "2",
-                "--codec", "fp16", "--merge-ratio", "0", "--device-class", "cpu", "--scheduler", sched.address, "--edge", proxy.address,
-                "--out", str(tmp / name), "--json", "--quiet", *args]
+        argv = ["generate", "a cat", "--small", str(small), "--device", "cpu", *PLAN_ARGS, "--scheduler", sched.address,
+                "--edge", proxy.address, "--out", str(tmp / name), "--json", "--quiet", *args]
         assert cli.main(argv) == 0
         out, err = capsys.readouterr()
         report = json.loads(out)
@@ -159,7 +170,7 @@ def test_successive_images_send_the_measured_link_and_the_scheduler_plans_with_i
         return {**report, "stderr": err}
 
     with scheduler_service(tmp) as sched, edge_server(large, tmp) as edge, \
-            LinkProxy(edge.address, LinkFaults(delay_s=0.004)) as proxy:
+            LinkProxy(edge.address, SLOW) as proxy:
         first = generate("1.png")
         second = generate("2.png")
         third = generate("3.png")
@@ -199,3 +210,39 @@ def test_successive_images_send_the_measured_link_and_the_scheduler_plans_with_i
         [f"tandem: WARNING: link state {state} is corrupt (Expecting property name enclosed in double quotes: "
          "line 1 column 2 (char 1)); ignoring it"]
     assert json.loads(state.read_text())["version"] == 1
+
+
+def test_the_device_service_measures_its_link_and_the_cli_sends_it_along(sd_packs, tmp_path_factory, capsys):
+    """--ue: the long-running device service keeps the link per edge in memory, answers
+    GetLinkEstimate, and the CLI sends that estimate with its plan request."""
+    tmp = tmp_path_factory.mktemp("e2e-ue-links")
+    large, small = sd_packs
+
+    def generate(name: str) -> dict:
+        argv = ["generate", "a cat", "--ue", ue.address, *PLAN_ARGS, "--scheduler", sched.address,
+                "--out", str(tmp / name), "--json", "--quiet"]
+        assert cli.main(argv) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["fallback"] is None and report["plan"]["reported"]
+        return report
+
+    with scheduler_service(tmp) as sched, edge_server(large, tmp) as edge, LinkProxy(edge.address, SLOW) as proxy, \
+            device_service(small, tmp, "--edge", proxy.address) as ue, grpc.insecure_channel(ue.address) as channel:
+        stub = device_pb2_grpc.DeviceServiceStub(channel)
+        before = stub.GetLinkEstimate(device_pb2.GetLinkEstimateRequest(), timeout=30)
+        with pytest.raises(grpc.RpcError) as exc:
+            stub.GetLinkEstimate(device_pb2.GetLinkEstimateRequest(edge_address="10.9.9.9:1"), timeout=30)
+        reports = [generate(f"{i}.png") for i in range(3)]
+        after = stub.GetLinkEstimate(device_pb2.GetLinkEstimateRequest(edge_address=proxy.address), timeout=30)
+
+    assert (before.edge_address, before.rate_samples, before.bandwidth_bps) == (proxy.address, 0, 0.0)
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "edge_address" in exc.value.details()
+    assert after.rate_samples == after.rtt_samples == 3 and after.bandwidth_bps > 0 and after.rtt_seconds > 0
+    for report in reports:
+        assert report["link"]["measured"]["rate_bps"] > 0
+    assert [r["link"]["sent"]["source"] for r in reports] == ["unknown", "unknown", "measured"]
+    sent, plan = reports[2]["link"]["sent"], reports[2]["plan"]
+    rates = sorted(r["link"]["measured"]["rate_bps"] for r in reports[:2])
+    assert math.isclose(sent["bandwidth_bps"], sum(rates) / 2, rel_tol=1e-9)
+    assert (plan["link"]["bandwidth_bps"], plan["link"]["rtt_s"]) == (sent["bandwidth_bps"], sent["rtt_s"])
+    assert plan["link"]["sources"] == "rate: device, rtt: device"

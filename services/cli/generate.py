@@ -250,7 +250,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.require_edge and not args.edge and not args.ue:
         raise EdgeRequired("--require-edge: the scheduler's plan names no edge for this request")
     if args.ue:
-        return _generate_on_device_service(args, codec, plan)
+        return _generate_on_device_service(args, codec, plan, links)
     if small is None or (large is None and not args.edge):
         raise CliError("--small alone needs an edge: --edge HOST:PORT, or a --scheduler that names one")
     from tandem.packs import PackError, load_pack
@@ -325,7 +325,7 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate_on_device_service(args: argparse.Namespace, codec: CodecSpec, plan) -> int:
+def _generate_on_device_service(args: argparse.Namespace, codec: CodecSpec, plan, links: _LinkState) -> int:
     """--ue: the device service holds the packs; unset options take its pack's defaults."""
     from services.common.wire import codec_to_proto
     from services.ue_client.client import generate_on_device_service
@@ -365,6 +365,9 @@ def _generate_on_device_service(args: argparse.Namespace, codec: CodecSpec, plan
     report = _device_service_report(args, codec, result)
     report["plan"] = _report_plan(args, plan, dict(result.seconds), result.edge_steps, result.device_steps,
                                   result.handoff_bytes, result.fallback)
+    if result.link_rtt_seconds > 0:
+        links.sample = LinkSample(result.handoff_bytes, result.link_transfer_seconds, result.link_rtt_seconds)
+    report["link"] = links.report()
     if result.fallback:
         print(f"tandem: NOTE: {_explain_fallback(args, result.fallback)}", file=sys.stderr)
     print(json.dumps(report, indent=2) if args.json else _format(report))
@@ -508,19 +511,23 @@ def _apply_plan(args: argparse.Namespace, links: _LinkState):
 class _LinkState:
     """The measured link (services/ue_client/link.py) across CLI runs: read before the plan,
     this run's handoff recorded, written back after the image. Without an edge or a scheduler
-    nothing is measured or kept; with --ue the device service measures its own link."""
+    nothing is measured or kept; with --ue the device service measures and keeps its own link,
+    and the plan request carries the service's estimate (GetLinkEstimate)."""
 
     path: Path | None
     book: LinkBook
     edge: str | None  # the edge the user named (None: the scheduler's plan picks one)
     override_bps: float | None  # --link-mbps
+    remote: LinkEstimate | None = None  # --ue: the device service's estimate
     sent: dict | None = None  # the link the Plan request carried
     sample: LinkSample | None = None  # this run's measurement
 
     @classmethod
     def open(cls, args: argparse.Namespace) -> _LinkState:
         override = args.link_mbps * 1e6 if args.link_mbps is not None else None
-        if args.ue or not (args.edge or args.scheduler):
+        if args.ue:
+            return cls(None, LinkBook(), args.edge, override, _device_service_link(args) if args.scheduler else None)
+        if not (args.edge or args.scheduler):
             return cls(None, LinkBook(), args.edge, override)
         path = args.link_state or state_path()
         book, warning = load_book(path)
@@ -530,7 +537,7 @@ class _LinkState:
 
     def for_plan(self) -> tuple[float, float]:
         """(bandwidth b/s, RTT s) for the Plan request; 0 = unknown (the scheduler's own then)."""
-        estimate = self.book.estimate(self.edge) if self.path is not None else LinkEstimate()
+        estimate = self.remote or (self.book.estimate(self.edge) if self.path is not None else LinkEstimate())
         source = "override" if self.override_bps else "measured" if estimate.known else "unknown"
         bandwidth = self.override_bps or estimate.bandwidth_bps
         self.sent = {"bandwidth_bps": bandwidth, "rtt_s": estimate.rtt_s, "source": source,
@@ -560,6 +567,18 @@ class _LinkState:
         measured = None if s is None else {"handoff_bytes": s.nbytes, "transfer_s": round(s.transfer_s, 6),
                                            "rtt_s": round(s.rtt_s, 6), "rate_bps": s.rate_bps}
         return {"sent": self.sent, "measured": measured, "state": str(self.path) if self.path else None}
+
+
+def _device_service_link(args: argparse.Namespace) -> LinkEstimate:
+    """--ue: the device service's measured link to the edge it will use (unknown when it can't
+    say: the generation itself then reports what is wrong with the service)."""
+    from services.ue_client.client import get_link_estimate
+    from services.ue_client.transport import EdgeError
+
+    try:
+        return get_link_estimate(args.ue, args.edge, min(args.timeout, 5.0), args.security)
+    except EdgeError:
+        return LinkEstimate()
 
 
 def _describe_link(bandwidth_bps: float, estimate: LinkEstimate, source: str) -> str:

@@ -6,6 +6,7 @@ import grpc
 
 from services.common.security import ClientSecurity, call_metadata, sync_channel
 from services.ue_client.transport import EdgeError, EventCallback
+from tandem.link import LinkEstimate
 from tandem.v1 import device_pb2, device_pb2_grpc, edge_pb2
 
 
@@ -33,3 +34,17 @@ def generate_on_device_service(
         except grpc.RpcError as exc:
             raise EdgeError(exc.code().name, exc.details() or "") from exc
     raise EdgeError("DATA_LOSS", "device service ended the stream without a result")
+
+
+def get_link_estimate(address: str, edge_address: str | None, timeout: float,
+                      security: ClientSecurity | None = None) -> LinkEstimate:
+    """The device service's measured link to `edge_address` (None: its default edge); raises
+    EdgeError (named status)."""
+    with sync_channel(address, security) as channel:
+        try:
+            r = device_pb2_grpc.DeviceServiceStub(channel).GetLinkEstimate(
+                device_pb2.GetLinkEstimateRequest(edge_address=edge_address or ""), timeout=timeout,
+                metadata=call_metadata(security))
+        except grpc.RpcError as exc:
+            raise EdgeError(exc.code().name, exc.details() or "") from exc
+    return LinkEstimate(r.bandwidth_bps, r.rtt_seconds, r.rate_samples, r.rtt_samples)

@@ -26,8 +26,9 @@ from services.common.decoding import DecodeErrorInterceptor
 from services.common.lifecycle import NO_REUSEPORT, describe, enable_reflection, run_server, set_health, until_signalled
 from services.common.security import ClientSecurity, SecurityError, add_client_args, add_port, add_server_tls_args, client_security, env_lookup, server_tls
 from services.edge_server.metrics import record_call
-from services.ue_client.call import parse_call
+from services.ue_client.call import choose_edge, parse_call
 from services.ue_client.device import CancelFlag, Cancelled, generate_via_edge
+from services.ue_client.link import LinkBook, LinkSample
 from services.ue_client.metrics import DeviceMetrics
 from tandem.packs import ModelPack, PackError, load_pack
 from tandem.phases import Phase
@@ -50,6 +51,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         self.edge_security = edge_security
         self.metrics = metrics
         self.edges = tuple(edges)
+        self.links = LinkBook()  # per edge, measured from every handoff received (services/ue_client/link.py)
         self._turn = asyncio.Lock()
 
     def attach(self, pack: ModelPack) -> None:
@@ -75,6 +77,12 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
 
             cancel = CancelFlag()
             after_cancel = [0]  # device steps that finished once the call was cancelled
+            measured: list[LinkSample] = []
+
+            def on_link(sample: LinkSample) -> None:  # on the worker thread, while this call holds the turn
+                measured.append(sample)
+                if call.edge:
+                    self.links.record(call.edge, sample)
 
             def on_step(phase: str, done: int, total: int) -> None:  # called on the worker thread
                 if phase == Phase.DEVICE_STEPS and cancel.is_set():
@@ -84,7 +92,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             async with self._turn:
                 job = asyncio.ensure_future(
                     asyncio.to_thread(generate_via_edge, self.pack, call.request, call.codec, call.edge,
-                                      call.edge_timeout, on_step, self.edge_security, cancel)
+                                      call.edge_timeout, on_step, self.edge_security, cancel, on_link)
                 )
                 try:
                     while not job.done() or not events.empty():
@@ -102,7 +110,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                         self.metrics.steps_after_cancel.inc(after_cancel[0])
                 result = job.result()
             delivered = True  # a client that stops reading after the result has not cancelled it
-            yield device_pb2.DeviceServiceGenerateResponse(result=self._result(result))
+            yield device_pb2.DeviceServiceGenerateResponse(result=self._result(result, measured[-1] if measured else None))
         except (asyncio.CancelledError, GeneratorExit):
             if not delivered:
                 code = grpc.StatusCode.CANCELLED
@@ -123,7 +131,19 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         if not job.cancelled() and job.exception() is not None and not isinstance(job.exception(), Cancelled):
             log.warning("cancelled generation ended with %r", job.exception())
 
-    def _result(self, result) -> device_pb2.DeviceResult:
+    async def GetLinkEstimate(self, request, context):
+        try:
+            edge = choose_edge(request.edge_address, self.edges)
+        except RequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        estimate = self.links.estimate(edge) if edge else None
+        if estimate is None:
+            return device_pb2.GetLinkEstimateResponse()
+        return device_pb2.GetLinkEstimateResponse(
+            edge_address=edge, bandwidth_bps=estimate.bandwidth_bps, rtt_seconds=estimate.rtt_s,
+            rate_samples=estimate.rate_samples, rtt_samples=estimate.rtt_samples)
+
+    def _result(self, result, link: LinkSample | None = None) -> device_pb2.DeviceResult:
         for phase, seconds in result.seconds.items():
             self.metrics.phase_seconds.labels(phase=phase).observe(seconds)
         self.metrics.steps.inc(result.device_steps)
@@ -141,6 +161,8 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             seconds=result.seconds,
             fallback=result.fallback or "",
             device_pack=self.pack.name,
+            link_transfer_seconds=link.transfer_s if link and not result.fallback else 0.0,
+            link_rtt_seconds=link.rtt_s if link and not result.fallback else 0.0,
         )
 
 

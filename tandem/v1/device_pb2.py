@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tandem.v1 import edge_pb2 as tandem_dot_v1_dot_edge__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/device.proto\x12\ttandem.v1\x1a\x14tandem/v1/edge.proto\"\x7f\n\x1c\x44\x65viceServiceGenerateRequest\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x1a.tandem.v1.GenerateRequest\x12\x14\n\x0c\x65\x64ge_address\x18\x02 \x01(\t\x12\x1c\n\x14\x65\x64ge_timeout_seconds\x18\x03 \x01(\x02\"\x81\x01\n\x1d\x44\x65viceServiceGenerateResponse\x12,\n\x08progress\x18\x01 \x01(\x0b\x32\x18.tandem.v1.PhaseProgressH\x00\x12)\n\x06result\x18\x02 \x01(\x0b\x32\x17.tandem.v1.DeviceResultH\x00\x42\x07\n\x05\x65vent\";\n\rPhaseProgress\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x04\x12\r\n\x05total\x18\x03 \x01(\x04\"\xea\x01\n\x0c\x44\x65viceResult\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12\x12\n\nedge_steps\x18\x02 \x01(\r\x12\x14\n\x0c\x64\x65vice_steps\x18\x03 \x01(\r\x12\x15\n\rhandoff_bytes\x18\x04 \x01(\x04\x12\x35\n\x07seconds\x18\x05 \x03(\x0b\x32$.tandem.v1.DeviceResult.SecondsEntry\x12\x10\n\x08\x66\x61llback\x18\x06 \x01(\t\x12\x13\n\x0b\x64\x65vice_pack\x18\x07 \x01(\t\x1a.\n\x0cSecondsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32p\n\rDeviceService\x12_\n\x08Generate\x12\'.tandem.v1.DeviceServiceGenerateRequest\x1a(.tandem.v1.DeviceServiceGenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/device.proto\x12\ttandem.v1\x1a\x14tandem/v1/edge.proto\".\n\x16GetLinkEstimateRequest\x12\x14\n\x0c\x65\x64ge_address\x18\x01 \x01(\t\"\x86\x01\n\x17GetLinkEstimateResponse\x12\x14\n\x0c\x65\x64ge_address\x18\x01 \x01(\t\x12\x15\n\rbandwidth_bps\x18\x02 \x01(\x01\x12\x13\n\x0brtt_seconds\x18\x03 \x01(\x01\x12\x14\n\x0crate_samples\x18\x04 \x01(\r\x12\x13\n\x0brtt_samples\x18\x05 \x01(\r\"\x7f\n\x1c\x44\x65viceServiceGenerateRequest\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x1a.tandem.v1.GenerateRequest\x12\x14\n\x0c\x65\x64ge_address\x18\x02 \x01(\t\x12\x1c\n\x14\x65\x64ge_timeout_seconds\x18\x03 \x01(\x02\"\x81\x01\n\x1d\x44\x65viceServiceGenerateResponse\x12,\n\x08progress\x18\x01 \x01(\x0b\x32\x18.tandem.v1.PhaseProgressH\x00\x12)\n\x06result\x18\x02 \x01(\x0b\x32\x17.tandem.v1.DeviceResultH\x00\x42\x07\n\x05\x65vent\";\n\rPhaseProgress\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x04\x12\r\n\x05total\x18\x03 \x01(\x04\"\xa3\x02\n\x0c\x44\x65viceResult\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12\x12\n\nedge_steps\x18\x02 \x01(\r\x12\x14\n\x0c\x64\x65vice_steps\x18\x03 \x01(\r\x12\x15\n\rhandoff_bytes\x18\x04 \x01(\x04\x12\x35\n\x07seconds\x18\x05 \x03(\x0b\x32$.tandem.v1.DeviceResult.SecondsEntry\x12\x10\n\x08\x66\x61llback\x18\x06 \x01(\t\x12\x13\n\x0b\x64\x65vice_pack\x18\x07 \x01(\t\x12\x1d\n\x15link_transfer_seconds\x18\x08 \x01(\x01\x12\x18\n\x10link_rtt_seconds\x18\t \x01(\x01\x1a.\n\x0cSecondsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xca\x01\n\rDeviceService\x12_\n\x08Generate\x12\'.tandem.v1.DeviceServiceGenerateRequest\x1a(.tandem.v1.DeviceServiceGenerateResponse0\x01\x12X\n\x0fGetLinkEstimate\x12!.tandem.v1.GetLinkEstimateRequest\x1a\".tandem.v1.GetLinkEstimateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,16 +34,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DEVICERESULT_SECONDSENTRY']._loaded_options = None
   _globals['_DEVICERESULT_SECONDSENTRY']._serialized_options = b'8\001'
-  _globals['_DEVICESERVICEGENERATEREQUEST']._serialized_start=59
-  _globals['_DEVICESERVICEGENERATEREQUEST']._serialized_end=186
-  _globals['_DEVICESERVICEGENERATERESPONSE']._serialized_start=189
-  _globals['_DEVICESERVICEGENERATERESPONSE']._serialized_end=318
-  _globals['_PHASEPROGRESS']._serialized_start=320
-  _globals['_PHASEPROGRESS']._serialized_end=379
-  _globals['_DEVICERESULT']._serialized_start=382
-  _globals['_DEVICERESULT']._serialized_end=616
-  _globals['_DEVICERESULT_SECONDSENTRY']._serialized_start=570
-  _globals['_DEVICERESULT_SECONDSENTRY']._serialized_end=616
-  _globals['_DEVICESERVICE']._serialized_start=618
-  _globals['_DEVICESERVICE']._serialized_end=730
+  _globals['_GETLINKESTIMATEREQUEST']._serialized_start=59
+  _globals['_GETLINKESTIMATEREQUEST']._serialized_end=105
+  _globals['_GETLINKESTIMATERESPONSE']._serialized_start=108
+  _globals['_GETLINKESTIMATERESPONSE']._serialized_end=242
+  _globals['_DEVICESERVICEGENERATEREQUEST']._serialized_start=244
+  _globals['_DEVICESERVICEGENERATEREQUEST']._serialized_end=371
+  _globals['_DEVICESERVICEGENERATERESPONSE']._serialized_start=374
+  _globals['_DEVICESERVICEGENERATERESPONSE']._serialized_end=503
+  _globals['_PHASEPROGRESS']._serialized_start=505
+  _globals['_PHASEPROGRESS']._serialized_end=564
+  _globals['_DEVICERESULT']._serialized_start=567
+  _globals['_DEVICERESULT']._serialized_end=858
+  _globals['_DEVICERESULT_SECONDSENTRY']._serialized_start=812
+  _globals['_DEVICERESULT_SECONDSENTRY']._serialized_end=858
+  _globals['_DEVICESERVICE']._serialized_start=861
+  _globals['_DEVICESERVICE']._serialized_end=1063
 # @@protoc_insertion_point(module_scope)

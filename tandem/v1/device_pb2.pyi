@@ -7,6 +7,26 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class GetLinkEstimateRequest(_message.Message):
+    __slots__ = ("edge_address",)
+    EDGE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    edge_address: str
+    def __init__(self, edge_address: _Optional[str] = ...) -> None: ...
+
+class GetLinkEstimateResponse(_message.Message):
+    __slots__ = ("edge_address", "bandwidth_bps", "rtt_seconds", "rate_samples", "rtt_samples")
+    EDGE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    BANDWIDTH_BPS_FIELD_NUMBER: _ClassVar[int]
+    RTT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RATE_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    RTT_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    edge_address: str
+    bandwidth_bps: float
+    rtt_seconds: float
+    rate_samples: int
+    rtt_samples: int
+    def __init__(self, edge_address: _Optional[str] = ..., bandwidth_bps: _Optional[float] = ..., rtt_seconds: _Optional[float] = ..., rate_samples: _Optional[int] = ..., rtt_samples: _Optional[int] = ...) -> None: ...
+
 class DeviceServiceGenerateRequest(_message.Message):
     __slots__ = ("request", "edge_address", "edge_timeout_seconds")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
@@ -36,7 +56,7 @@ class PhaseProgress(_message.Message):
     def __init__(self, phase: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
 
 class DeviceResult(_message.Message):
-    __slots__ = ("png", "edge_steps", "device_steps", "handoff_bytes", "seconds", "fallback", "device_pack")
+    __slots__ = ("png", "edge_steps", "device_steps", "handoff_bytes", "seconds", "fallback", "device_pack", "link_transfer_seconds", "link_rtt_seconds")
     class SecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +71,8 @@ class DeviceResult(_message.Message):
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     FALLBACK_FIELD_NUMBER: _ClassVar[int]
     DEVICE_PACK_FIELD_NUMBER: _ClassVar[int]
+    LINK_TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LINK_RTT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     png: bytes
     edge_steps: int
     device_steps: int
@@ -58,4 +80,6 @@ class DeviceResult(_message.Message):
     seconds: _containers.ScalarMap[str, float]
     fallback: str
     device_pack: str
-    def __init__(self, png: _Optional[bytes] = ..., edge_steps: _Optional[int] = ..., device_steps: _Optional[int] = ..., handoff_bytes: _Optional[int] = ..., seconds: _Optional[_Mapping[str, float]] = ..., fallback: _Optional[str] = ..., device_pack: _Optional[str] = ...) -> None: ...
+    link_transfer_seconds: float
+    link_rtt_seconds: float
+    def __init__(self, png: _Optional[bytes] = ..., edge_steps: _Optional[int] = ..., device_steps: _Optional[int] = ..., handoff_bytes: _Optional[int] = ..., seconds: _Optional[_Mapping[str, float]] = ..., fallback: _Optional[str] = ..., device_pack: _Optional[str] = ..., link_transfer_seconds: _Optional[float] = ..., link_rtt_seconds: _Optional[float] = ...) -> None: ...

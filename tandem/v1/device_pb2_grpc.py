@@ -41,6 +41,11 @@ class DeviceServiceStub:
                 request_serializer=tandem_dot_v1_dot_device__pb2.DeviceServiceGenerateRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_device__pb2.DeviceServiceGenerateResponse.FromString,
                 _registered_method=True)
+        self.GetLinkEstimate = channel.unary_unary(
+                '/tandem.v1.DeviceService/GetLinkEstimate',
+                request_serializer=tandem_dot_v1_dot_device__pb2.GetLinkEstimateRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_device__pb2.GetLinkEstimateResponse.FromString,
+                _registered_method=True)
 
 
 class DeviceServiceServicer:
@@ -55,6 +60,14 @@ class DeviceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetLinkEstimate(self, request, context):
+        """The service's measured link to one of its edges (from the handoffs it received), to send with
+        a plan request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeviceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -62,6 +75,11 @@ def add_DeviceServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=tandem_dot_v1_dot_device__pb2.DeviceServiceGenerateRequest.FromString,
                     response_serializer=tandem_dot_v1_dot_device__pb2.DeviceServiceGenerateResponse.SerializeToString,
+            ),
+            'GetLinkEstimate': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLinkEstimate,
+                    request_deserializer=tandem_dot_v1_dot_device__pb2.GetLinkEstimateRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_device__pb2.GetLinkEstimateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -93,6 +111,33 @@ class DeviceService:
             '/tandem.v1.DeviceService/Generate',
             tandem_dot_v1_dot_device__pb2.DeviceServiceGenerateRequest.SerializeToString,
             tandem_dot_v1_dot_device__pb2.DeviceServiceGenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLinkEstimate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.DeviceService/GetLinkEstimate',
+            tandem_dot_v1_dot_device__pb2.GetLinkEstimateRequest.SerializeToString,
+            tandem_dot_v1_dot_device__pb2.GetLinkEstimateResponse.FromString,
             options,
             channel_credentials,
             insecure,
