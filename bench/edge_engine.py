@@ -35,8 +35,10 @@ from peer_diffusers import (  # noqa: E402
 SETTINGS = {"plain": dict(coalesce_s=0.0, max_growth=0.0), "default": {}}
 
 
-def run_engine(pack, config, requests, gap: float) -> tuple[list[float], float, dict[int, int]]:
-    """Latencies, wall seconds and the batch-size histogram of `requests` arriving every `gap` s."""
+def run_engine(pack, config, requests, gap: float, payloads: dict | None = None
+               ) -> tuple[list[float], float, dict[int, int]]:
+    """Latencies, wall seconds and the batch-size histogram of `requests` arriving every `gap` s
+    (their fp32 handoffs into `payloads`, by index, if given)."""
     from services.edge_server.engine import EdgeEngine, Failed, Finished
     from tandem.handoff import CodecSpec
 
@@ -44,24 +46,42 @@ def run_engine(pack, config, requests, gap: float) -> tuple[list[float], float, 
     engine.start()
     done = threading.Semaphore(0)
     latencies: list[float] = []
+    codec = CodecSpec("fp32" if payloads is not None else "fp16")
     began = time.perf_counter()
     try:
         for i, request in enumerate(requests):
             time.sleep(max(0.0, began + i * gap - time.perf_counter()))
 
-            def sink(event, arrived=time.perf_counter()):
+            def sink(event, arrived=time.perf_counter(), i=i):
                 if isinstance(event, (Finished, Failed)):
                     assert isinstance(event, Finished), event
                     latencies.append(time.perf_counter() - arrived)
+                    if payloads is not None:
+                        payloads[i] = event.payload
                     done.release()
 
-            engine.submit(request, CodecSpec("fp16"), sink)
+            engine.submit(request, codec, sink)
         for _ in requests:
             done.acquire()
         wall = time.perf_counter() - began
     finally:
         engine.stop()
     return latencies, wall, dict(sorted(engine.stats.batch_sizes.items()))
+
+
+def agreement(pack, pipe, requests, payloads: dict[int, bytes], steps: int, guidance: float, size: int) -> float:
+    """Largest |difference| between the engine's final latents and diffusers' for the same batch."""
+    import torch
+
+    from tandem.handoff import decode_handoff
+    from tandem.sampling.schedule import make_schedule
+
+    generators = [torch.Generator().manual_seed(r.seed) for r in requests]
+    theirs = pipe([r.prompt for r in requests], num_inference_steps=steps, guidance_scale=guidance,
+                  generator=generators, height=size, width=size, output_type="latent").images
+    schedule = make_schedule(requests[0].sampler, steps, pack.sampler_config)
+    ours = torch.stack([decode_handoff(payloads[i], r, schedule).latent for i, r in enumerate(requests)])
+    return float((ours - theirs.float()).abs().max())
 
 
 def main() -> int:
@@ -86,6 +106,11 @@ def main() -> int:
     run_diffusers(pipe, ["a", "b"], [0, 1], args.steps, guidance, size)  # warm-up both
     run_engine(pack, configs["default"], edge_requests(2, args.steps, guidance, size), 0.0)
 
+    payloads: dict[int, bytes] = {}
+    same = edge_requests(args.users, args.steps, guidance, size, offset=10_000)
+    run_engine(pack, configs["default"], same, 0.0, payloads)
+    diff = agreement(pack, pipe, same, payloads, args.steps, guidance, size)
+    print(f"final latents of {args.users} requests run together, engine vs diffusers: max |difference| {diff:.2e}")
     together: dict[str, list[float]] = {name: [] for name in [*configs, "diffusers"]}
     stag_lat: dict[str, list[float]] = {name: [] for name in together}
     stag_tp: dict[str, list[float]] = {name: [] for name in together}
