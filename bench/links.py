@@ -33,7 +33,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,7 +91,9 @@ class Outcome:
     fallback: str
     png: str
     predicted: float | None = None  # the plan's total
-    link_sent_bps: float = 0.0  # what the Plan request carried
+    link_bps: float = 0.0  # the rate the plan was predicted for
+    link_rtt_s: float = 0.0
+    link_source: str = ""  # where the scheduler took it from (device / reports / profile)
     psnr: float | None = None
     objective: float | None = None
 
@@ -103,8 +105,8 @@ def drive(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="links.py drive")
     for flag in ("--device", "--scheduler", "--edge", "--host", "--link"):
         parser.add_argument(flag, required=True)
-    parser.add_argument("--oracle-bps", type=float, default=0.0)
-    parser.add_argument("--oracle-rtt", type=float, default=0.0)
+    parser.add_argument("--oracle-bps", type=float, default=0.0, help="the shaped rate (0: send no estimate)")
+    parser.add_argument("--oracle-rtt", type=float, default=0.0, help="the class's RTT (0: send no estimate)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT / "tests"))
     from service_procs import wait_healthy
@@ -133,28 +135,29 @@ def _run_job(job: dict, args: argparse.Namespace) -> Outcome:
     from tandem.codec.spec import CodecSpec
     from tandem.request import GenerationRequest
 
-    plan, arm = None, Arm(**job["arm"])
+    # Every request is planned and reported (a fixed arm's as an override of its plan, as `tandem
+    # generate --scheduler --split ...` does), so the scheduler calibrates on all of this device's traffic.
+    arm = Arm(**job["arm"])
+    plan = request_plan(args.scheduler, DEVICE_CLASS, bandwidth_bps=args.oracle_bps, rtt_s=args.oracle_rtt,
+                        latency_budget_s=job["budget"], user_id=args.host, timeout=10)
+    if plan is None:
+        raise SystemExit(f"links.py drive: {args.host}: the scheduler gave no plan")
     steps, split, encoding, ratio = arm.steps, arm.split, arm.encoding, arm.merge_ratio
     if arm.adaptive:
-        plan = request_plan(args.scheduler, DEVICE_CLASS, bandwidth_bps=args.oracle_bps, rtt_s=args.oracle_rtt,
-                            latency_budget_s=job["budget"], user_id=args.host, timeout=10)
-        if plan is None:
-            raise SystemExit(f"links.py drive: {args.host}: the scheduler gave no plan")
         steps, split, encoding, ratio = plan.steps, plan.split, plan.encoding, plan.merge_ratio
     request = GenerationRequest(job["prompt"], steps=steps, split=split, seed=job["seed"], height=SIZE, width=SIZE,
                                 guidance_scale=job["guidance"], sampler=job["sampler"])
     began = time.perf_counter()
     result = generate_on_device_service(args.device, request_to_proto(request, CodecSpec(encoding, ratio)), None, 120)
     wall = time.perf_counter() - began
-    if plan is not None:
-        report(args.scheduler, plan.plan_id, dict(result.seconds), result.edge_steps, result.device_steps,
-               result.handoff_bytes, bool(result.fallback), timeout=10)
+    report(args.scheduler, plan.plan_id, dict(result.seconds), result.edge_steps, result.device_steps,
+           result.handoff_bytes, bool(result.fallback), timeout=10)
     png = Path(job["out"])
     png.write_bytes(result.png)
     return Outcome(args.host, args.link, arm.name, job["index"], job["prompt"], job["seed"], steps, split, encoding,
                    ratio, sum(result.seconds.values()), wall, dict(result.seconds), result.handoff_bytes, result.fallback, str(png),
-                   predicted=plan.predicted_seconds["total"] if plan else None,
-                   link_sent_bps=args.oracle_bps if plan else 0.0)
+                   predicted=plan.predicted_seconds["total"] if arm.adaptive else None,
+                   link_bps=plan.link_bps, link_rtt_s=plan.link_rtt_s, link_source=plan.link_sources)
 
 
 # --- the testbed -------------------------------------------------------------------------------
@@ -213,8 +216,8 @@ def prepare_packs(work: Path) -> Packs:
 class Topology:
     """An edge host, a scheduler host and device hosts, each with its device service and driver."""
 
-    def __init__(self, bed, packs: Packs, logs: Path):
-        self.bed, self.packs, self.logs = bed, packs, logs
+    def __init__(self, bed, packs: Packs, logs: Path, policy: str, oracle: bool):
+        self.bed, self.packs, self.logs, self.policy, self.oracle = bed, packs, logs, policy, oracle
         self.edge = bed.host("edge")
         self.scheduler = bed.host("sched")
         self.devices: list[DeviceHost] = []
@@ -233,6 +236,7 @@ class Topology:
             self._start_servers(link)
         proxy = f"{link.a_ip}:{PROXY_PORT}"
         device = DeviceHost(label, link_class, link)
+        oracle = [str(link_class.rate_mbit * 1e6), str(link_class.rtt_ms / 1e3)] if self.oracle else ["0", "0"]
         device.processes.append(self._popen(self.edge, f"proxy-{label}", [sys.executable, "-m", "tools.testbed.delay_proxy", "--listen", proxy,
                                                    "--target", f"127.0.0.1:{EDGE_PORT}",
                                                    "--delay-ms", str(link_class.rtt_ms / 2)]))
@@ -243,8 +247,7 @@ class Topology:
             host, f"driver-{label}",
             [sys.executable, str(Path(__file__).resolve()), "drive", "--device", f"127.0.0.1:{DEVICE_PORT}",
              "--scheduler", f"{control.a_ip}:{SCHEDULER_PORT}", "--edge", proxy, "--host", label,
-             "--link", link_class.name, "--oracle-bps", str(link_class.rate_mbit * 1e6),
-             "--oracle-rtt", str(link_class.rtt_ms / 1e3)],
+             "--link", link_class.name, "--oracle-bps", oracle[0], "--oracle-rtt", oracle[1]],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         device.processes.append(device.driver)
         self.devices.append(device)
@@ -265,11 +268,10 @@ class Topology:
         self._popen(self.edge, "edge", [sys.executable, "-m", "services.edge_server", "--pack", str(self.packs.large),
                                         "--host", "0.0.0.0", "--port", str(EDGE_PORT), "--metrics-port", "0",
                                         "--device", "cpu"])
-        # --policy exact: the shipped policies were trained on other packs' profiles; --frame-ms 0:
-        # each device has its own link here, not a share of one band.
+        # --frame-ms 0: each device has its own link here, not a share of one band.
         self._popen(self.scheduler, "scheduler",
                     [sys.executable, "-m", "services.scheduler", "--host", "0.0.0.0", "--port", str(SCHEDULER_PORT),
-                     "--metrics-port", "0", "--policy", "exact", "--frame-ms", "0",
+                     "--metrics-port", "0", "--policy", self.policy, "--frame-ms", "0",
                      "--cost-profile", str(self.packs.cost_profile), "--quality-profile",
                      str(self.packs.quality_profile), "--edge", f"{first_link.a_ip}:{PROXY_PORT}"])
 
@@ -330,12 +332,6 @@ class SchedulerModel:
         over = o.seconds / self.budget_s - 1.0
         return float(utility - (cfg.violation_penalty + over if over > 0 else 0.0))
 
-    def predicted_alone(self, link: LinkClass, arm: Arm) -> float:
-        """The model's latency of an option for one user alone on this link."""
-        p = self.problem(link)
-        i = self.index(arm.steps, arm.split, arm.merge_ratio, arm.encoding)
-        return float(p.evaluate([i]).latency[0])
-
     def best_fixed_split(self, links: tuple[LinkClass, ...]) -> Arm:
         """The fp16 r=0 option with the best mean predicted objective over all link classes."""
         import numpy as np
@@ -354,6 +350,8 @@ class Settings:
     budget_s: float
     out: Path
     packs: Packs
+    policy: str
+    load_at_start: float
 
 
 def job(arm: Arm, index: int, settings: Settings, label: str) -> dict:
@@ -380,18 +378,17 @@ def run_arms(devices: list[DeviceHost], arms: tuple[Arm, ...], settings: Setting
     return outcomes
 
 
-def warm_up(devices: list[DeviceHost], settings: Settings, requests: int) -> None:
-    """Not counted: a fresh process's first UNet calls are several times slower, and the device's
-    link estimate needs a few handoffs before it claims anything (adaptive: planned and reported)."""
-    def one_device(device: DeviceHost) -> None:
-        for i in range(requests):
-            device.run(job(Arm("adaptive"), 1000 + i, settings, device.label))
+def warm_up(devices: list[DeviceHost], settings: Settings) -> None:
+    """Not counted: a fresh edge's first UNet calls are several times slower, and a link estimate
+    needs a few handoffs (fp16, T=10, k=5: reported, as every request) before it claims anything."""
+    run_arms(devices, (Arm("warm-up", 10, 5),), replace(settings, rounds=WARM_UP))
 
-    threads = [threading.Thread(target=one_device, args=(d,), daemon=True) for d in devices]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+
+def all_on_device_seconds(devices: list[DeviceHost], settings: Settings) -> float:
+    """T=10 all on the device, measured now: the profile was measured once, under whatever load
+    this shared machine had then (also a warm-up of the device services)."""
+    outcomes = run_arms(devices, (Arm("all on device", 10, 0),), replace(settings, rounds=2))
+    return statistics.median(o.seconds for o in outcomes)
 
 
 @dataclass(frozen=True)
@@ -403,17 +400,18 @@ class RateChange:
 
 
 def rate_change(topology: Topology, settings: Settings, before: int, after: int) -> RateChange:
-    """A 5G device whose link drops to 2 Mbit/s: adaptive requests one after another."""
+    """A 5G device whose link drops to 2 Mbit/s: adaptive requests one after another, without a
+    budget (so every plan uses the edge and every request measures the link)."""
     link_class = LinkClass("5G->2", 50, 20)
     device = topology.add_device("change", link_class)
     topology.wait_ready_one(device)
-    warm_up([device], settings, WARM_UP)
-    adaptive = Arm("adaptive")
+    warm_up([device], settings)
+    adaptive, unbudgeted = Arm("adaptive"), replace(settings, budget_s=0.0)  # plans use the edge: every request measures
     sent = []
     for i in range(before + after):
         if i == before:
             topology.bed.reshape(device.link, rate_mbit=2)
-        sent.append(device.run(job(adaptive, 2000 + i, settings, device.label)).link_sent_bps / 1e6)
+        sent.append(device.run(job(adaptive, 2000 + i, unbudgeted, device.label)).link_bps / 1e6)
     follow = None
     for n in range(after):
         if all(abs(s / 2 - 1) <= 0.2 for s in sent[before + n:]):
@@ -464,6 +462,9 @@ class ArmResult:
     error_median: float | None  # |predicted − measured| / measured, adaptive only
     error_p90: float | None
     plans: Counter
+    link_mbit: float  # median rate the plans were predicted for
+    link_rtt_ms: float
+    link_sources: Counter
 
     @classmethod
     def of(cls, link: str, arm: str, outcomes: list[Outcome]) -> "ArmResult":
@@ -475,7 +476,9 @@ class ArmResult:
                    statistics.median(o.wall for o in outcomes),
                    statistics.median(o.psnr for o in outcomes if o.psnr is not None),
                    statistics.fmean(o.objective for o in outcomes if o.objective is not None),
-                   statistics.median(errors) if errors else None, percentile(errors, 0.9) if errors else None, plans)
+                   statistics.median(errors) if errors else None, percentile(errors, 0.9) if errors else None, plans,
+                   statistics.median(o.link_bps / 1e6 for o in outcomes),
+                   statistics.median(o.link_rtt_s * 1e3 for o in outcomes), Counter(o.link_source for o in outcomes))
 
     def row(self) -> str:
         error = (f"{self.error_median:6.1%} | {self.error_p90:6.1%}" if self.error_median is not None
@@ -531,16 +534,21 @@ def check_targets(results: list[ArmResult], change: RateChange, oracle: bool) ->
 
 def print_report(results: list[ArmResult], change: RateChange, targets: list[Target], settings: Settings,
                  oracle: bool) -> None:
-    print(f"# latency budget {settings.budget_s:.3f} s per request; link estimate: "
-          f"{'oracle (the shaped rate and RTT)' if oracle else 'measured by the device'}")
+    print(f"# 2 CPU cores shared with other jobs: load average {settings.load_at_start:.2f} at start, "
+          f"{os.getloadavg()[0]:.2f} at the end; scheduler --policy {settings.policy}")
+    link = ("oracle (the Plan carries the shaped rate and RTT)" if oracle else
+            "measured (the Plan carries none; the device's reports of its handoffs give the scheduler its rate and RTT)")
+    print(f"# latency budget {settings.budget_s:.3f} s per request; link: {link}")
     print("| link | arm | n | p50 s | p95 s | call p50 s | PSNR dB | objective | pred err med | p90 |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(r.row())
-    print("\n# plans the scheduler gave (adaptive), per link class")
+    print("\n# plans the scheduler gave (adaptive), per link class, and the link it predicted them for (medians)")
     for r in results:
         if r.arm == "adaptive":
             print(f"  {r.link:<9} " + ", ".join(f"{plan} x{n}" for plan, n in r.plans.most_common()))
+            print(f"  {'':<9} link {r.link_mbit:.1f} Mbit/s, RTT {r.link_rtt_ms:.0f} ms ("
+                  + ", ".join(f"{source} x{n}" for source, n in r.link_sources.most_common()) + ")")
     print(f"\n# rate change: estimate sent per request (Mbit/s), {change.before} at 50 then {change.to_mbit:g}: "
           + " ".join(f"{s:.1f}" for s in change.sent_mbit))
     print("\n# targets (issue 17)")
@@ -556,8 +564,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--devices", type=int, help="device hosts per link class (2; --quick: 1)")
     parser.add_argument("--rounds", type=int, help="requests per arm and device (5; --quick: 2)")
     parser.add_argument("--budget", type=float, default=0.0,
-                        help="latency budget per request in seconds (0: what the profile predicts for fixed fp16 "
-                             "r=0 on 5G, +15%%: edge plans fit on fast links, not on slow ones)")
+                        help="latency budget per request in seconds (0: 1.4x T=10 all on the device, measured "
+                             "first: edge plans fit on fast links, not on slow ones)")
+    parser.add_argument("--policy", default="exact",
+                        help="the scheduler's decider (exact: the shipped policies were trained on other packs' "
+                             "profiles; a policy directory or a baseline name as the scheduler takes them)")
+    parser.add_argument("--oracle", action="store_true",
+                        help="plan with the shaped rate and RTT, not the device's measurements")
     parser.add_argument("--json", type=Path, help="write every request's outcome here")
     args = parser.parse_args(argv)
     args.devices = args.devices or (1 if args.quick else 2)
@@ -567,7 +580,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-BUDGET_SLACK = 1.15
+BUDGET_SLACK = 1.4  # x the measured all-on-device time: an interactive user; edge plans fit on fast links only
 WARM_UP = 3  # requests per device host, not counted
 FIXED = (Arm("fp16 r=0", 10, 5), Arm("int8 r=0.5", 10, 5, "int8", 0.5))
 
@@ -583,24 +596,29 @@ def main(argv: list[str]) -> int:
         print(f"links.py: skipped: {reason}")
         return 0
     links = (CLASSES[2], CLASSES[3]) if args.quick else CLASSES
+    load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="tandem-links-") as tmp:
         work = Path(tmp)
         (work / "logs").mkdir()
         (work / "images").mkdir()
         log("building the SD-geometry pack and profiling it (tandem-onboard --quick)")
         packs = prepare_packs(work)
-        budget = args.budget or BUDGET_SLACK * SchedulerModel(packs, math.inf, FIXED).predicted_alone(CLASSES[1], FIXED[0])
-        model = SchedulerModel(packs, budget, FIXED)
-        arms = (Arm("adaptive"), *FIXED, model.best_fixed_split(links))
-        settings = Settings(args.rounds, budget, work / "images", packs)
+        settings = Settings(args.rounds, args.budget, work / "images", packs, args.policy, load)
         outcomes: list[Outcome] = []
+        model, arms = None, ()
         with Testbed() as bed:
-            topology = Topology(bed, packs, work / "logs")
+            topology = Topology(bed, packs, work / "logs", args.policy, args.oracle)
             for link in links:  # one class at a time: its device hosts at once
                 devices = [topology.add_device(f"{link.name[:4]}{i}", link) for i in range(args.devices)]
-                log(f"{link.name}: {len(devices)} device hosts; arms {', '.join(a.name for a in arms)}")
                 topology.wait_ready()
-                warm_up(devices, settings, WARM_UP)
+                if not settings.budget_s:
+                    settings = replace(settings, budget_s=BUDGET_SLACK * all_on_device_seconds(devices, settings))
+                if model is None:
+                    model = SchedulerModel(packs, settings.budget_s, FIXED)
+                    arms = (Arm("adaptive"), *FIXED, model.best_fixed_split(links))
+                log(f"{link.name}: {len(devices)} device hosts; budget {settings.budget_s:.3f} s; "
+                    f"arms {', '.join(a.name for a in arms)}")
+                warm_up(devices, settings)
                 outcomes += run_arms(devices, arms, settings)
                 for device in devices:
                     topology.remove(device)
@@ -609,14 +627,14 @@ def main(argv: list[str]) -> int:
         log("fidelity references (fp32, unmerged)")
         add_fidelity(outcomes, packs)
         by_name = {link.name: link for link in links}
+        assert model is not None
         for o in outcomes:
             o.objective = model.measured_objective(by_name[o.link], o)
         if args.json:
             args.json.write_text(json.dumps([asdict(o) for o in outcomes], indent=1))
-        oracle = True
         results = summarize(outcomes, links, arms)
-        targets = check_targets(results, change, oracle)
-        print_report(results, change, targets, settings, oracle)
+        targets = check_targets(results, change, args.oracle)
+        print_report(results, change, targets, settings, args.oracle)
     return 0 if all(t.met for t in targets) else 1
 
 
