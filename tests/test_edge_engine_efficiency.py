@@ -53,18 +53,29 @@ def test_an_idle_engine_holds_a_lone_request_no_longer_than_the_window():
 
 def test_requests_arriving_within_the_window_start_together():
     batcher: Batcher[Item] = Batcher(BatchConfig(max_batch_size=16, coalesce_s=0.005))
-    items = [Item(submitted_at=10.0 + i * 0.0005) for i in range(8)]
+    items = [Item(submitted_at=10.0 + i * 0.002) for i in range(8)]  # 2 ms apart: one burst
     for item in items[:3]:
         batcher.submit(item)
-    assert batcher.next_iteration(10.0012).batch == []
+    assert batcher.next_iteration(10.0045).batch == []
     for item in items[3:]:
         batcher.submit(item)
-    first = batcher.next_iteration(10.005)
+    assert batcher.next_iteration(10.0180).hold_until == pytest.approx(10.019)  # 5 ms after the last
+    first = batcher.next_iteration(10.019)
     assert first.batch == items and first.admitted == items
 
 
+def test_a_burst_that_keeps_coming_is_held_no_longer_than_the_cap():
+    batcher: Batcher[Item] = Batcher(BatchConfig(max_batch_size=64, coalesce_s=0.005, coalesce_max_s=0.02))
+    now = 0.0
+    while now < 0.02:  # an arrival every 4 ms, forever
+        batcher.submit(Item(submitted_at=now))
+        assert batcher.next_iteration(now).batch == []
+        now = round(now + 0.004, 6)
+    assert len(batcher.next_iteration(0.02).batch) == 5  # at the cap, 20 ms after the first
+
+
 def test_a_full_batch_or_a_busy_engine_is_never_held():
-    full: Batcher[Item] = Batcher(BatchConfig(max_batch_size=4, coalesce_s=1.0))
+    full: Batcher[Item] = Batcher(BatchConfig(max_batch_size=4, coalesce_s=1.0, coalesce_max_s=1.0))
     items = [Item(submitted_at=0.0) for _ in range(4)]
     for item in items:
         full.submit(item)
@@ -80,7 +91,7 @@ def test_a_full_batch_or_a_busy_engine_is_never_held():
 
 
 def test_cancelled_and_expired_requests_still_leave_during_the_window():
-    batcher: Batcher[Item] = Batcher(BatchConfig(coalesce_s=1.0))
+    batcher: Batcher[Item] = Batcher(BatchConfig(coalesce_s=1.0, coalesce_max_s=1.0))
     gone, late, kept = Item(0.0, cancelled=True), Item(0.0, deadline=0.1), Item(0.0)
     for item in (gone, late, kept):
         batcher.submit(item)
@@ -109,7 +120,8 @@ def test_a_running_batch_grows_by_a_bounded_step_cost_per_iteration():
 
 
 def test_bad_batch_configs_are_refused():
-    for bad in (dict(coalesce_s=-1.0), dict(max_growth=-0.1), dict(fixed_cost=-1.0)):
+    for bad in (dict(coalesce_s=-1.0), dict(coalesce_s=0.1, coalesce_max_s=0.05), dict(max_growth=-0.1),
+                dict(fixed_cost=-1.0)):
         with pytest.raises(ValueError):
             BatchConfig(**bad)
 
@@ -179,7 +191,7 @@ def _wait_finished(events, kind, timeout=120.0):
 def test_eight_requests_submitted_together_run_their_first_step_together(large_pack):
     # A window far longer than the submissions take; the eighth fills the batch and ends it.
     engine, _ = run_engine(large_pack, [req(i) for i in range(8)],
-                           config=BatchConfig(max_batch_size=8, coalesce_s=60.0))
+                           config=BatchConfig(max_batch_size=8, coalesce_s=60.0, coalesce_max_s=60.0))
     assert engine.stats.batch_sizes == {8: 6}  # six steps, always all eight: nobody started alone
     assert engine.starter.encoder_calls == 1
 
@@ -200,7 +212,8 @@ def test_progress_is_thinned_but_keeps_the_first_and_last_step(large_pack):
 def test_a_burst_through_grpc_starts_as_one_batch(tiny_packs, tmp_path):
     from services.ue_client.transport import fetch_handoff
 
-    with edge_server(tiny_packs["large"], tmp_path, "--max-batch", "6", "--coalesce-ms", "60000") as server:
+    with edge_server(tiny_packs["large"], tmp_path, "--max-batch", "6", "--coalesce-ms", "60000",
+                     "--coalesce-max-ms", "60000") as server:
         async def burst():
             return await asyncio.gather(*(fetch_handoff(server.address, req(i), CodecSpec(), 120) for i in range(6)))
 
@@ -219,3 +232,11 @@ def test_bad_engine_flags_are_one_line(tiny_packs, flag, value):
     assert done.returncode == 2
     assert f"tandem-edge: error: {flag}: must be a number >= 0, got {float(value)}" in done.stdout + done.stderr
     assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_a_coalescing_cap_below_the_gap_is_one_line(tiny_packs):
+    command = [sys.executable, "-m", "services.edge_server", "--pack", str(tiny_packs["large"]), "--device", "cpu",
+               "--port", str(free_port()), "--metrics-port", "0", "--coalesce-ms", "20", "--coalesce-max-ms", "5"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "tandem-edge: error: --coalesce-max-ms: must be >= --coalesce-ms (20.0), got 5.0" in done.stderr

@@ -44,9 +44,11 @@ class Closed(Exception):
 class BatchConfig:
     max_batch_size: int = 16
     max_queue: int = 64
-    # An idle engine waits at most this long after a request arrives for others to join its first
-    # step (0 = start at once). A few ms: requests sent together reach the server that far apart.
+    # An idle engine holds its waiting requests until none has arrived for `coalesce_s` (0 = start
+    # at once), and never longer than `coalesce_max_s` after the first: a lone request waits
+    # `coalesce_s`; a burst (requests sent together reach the server some ms apart) starts whole.
     coalesce_s: float = 0.01
+    coalesce_max_s: float = 0.05
     # Per iteration, the running batch's predicted step cost a + b·n may grow by this fraction at
     # most (0 = no cap); `fixed_cost` is a/b, the step's fixed cost in requests' worth (the demo
     # pack on one CPU thread: a ≈ 38 ms, b ≈ 5 ms; on a GPU a batch is nearly free: a/b is larger).
@@ -54,8 +56,8 @@ class BatchConfig:
     fixed_cost: float = 8.0
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.max_queue < 0 or self.coalesce_s < 0 or self.max_growth < 0 \
-                or self.fixed_cost < 0:
+        if self.max_batch_size < 1 or self.max_queue < 0 or not 0 <= self.coalesce_s <= self.coalesce_max_s \
+                or self.max_growth < 0 or self.fixed_cost < 0:
             raise ValueError(f"invalid batch config {self}")
 
     def admissible(self, running: int) -> int:
@@ -127,10 +129,11 @@ class Batcher(Generic[T]):
         """Drops finished, cancelled and expired requests, admits the oldest waiting ones into free
         slots (as many as `BatchConfig.admissible` allows), and returns the batch to run.
 
-        When nothing runs, the oldest waiting request arrived less than `coalesce_s` ago and
-        the batch is not full yet, nothing starts: `hold_until` says when to start anyway. So a
-        request never waits more than `coalesce_s` for company, and a burst starts as one batch
-        (one prompt-encoder call, one first step) instead of a lone request and the rest."""
+        When nothing runs, the newest waiting request arrived less than `coalesce_s` ago, the
+        oldest less than `coalesce_max_s` ago and the batch is not full yet, nothing starts:
+        `hold_until` says when to look again. So a lone request waits `coalesce_s` for company, no
+        request more than `coalesce_max_s`, and a burst starts as one batch (one prompt-encoder
+        call, one first step) instead of a lone request and the rest."""
         step: Iteration[T] = Iteration()
         before = len(self._waiting)
         self._running = [r for r in self._running if not r.finished]
@@ -157,7 +160,10 @@ class Batcher(Generic[T]):
     def _hold_until(self, now: float) -> float | None:
         if self._running or not self._waiting or self._closed or len(self._waiting) >= self.config.max_batch_size:
             return None
-        until = self._waiting[0].submitted_at + self.config.coalesce_s
+        if self.config.coalesce_s == 0:
+            return None
+        until = min(self._waiting[0].submitted_at + self.config.coalesce_max_s,
+                    self._waiting[-1].submitted_at + self.config.coalesce_s)
         return until if now < until else None
 
     def positions(self) -> list[tuple[T, int]]:

@@ -67,8 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="cap on height x width x split per request, pixel-steps; 0 = none "
                              "(default: the largest image at the pack's default steps)")
     parser.add_argument("--coalesce-ms", type=float, default=float(_env("coalesce_ms", 10)),
-                        help="an idle engine waits up to this long for requests arriving together to start "
-                             "together; 0 = start at once")
+                        help="an idle engine starts once no request has arrived for this long, so that requests "
+                             "sent together start together; 0 = start at once")
+    parser.add_argument("--coalesce-max-ms", type=float, default=float(_env("coalesce_max_ms", 50)),
+                        help="... and at the latest this long after the first arrival (>= --coalesce-ms)")
     parser.add_argument("--max-growth", type=float, default=float(_env("max_growth", 0.5)),
                         help="per iteration, a running batch's step cost grows by this fraction at most "
                              "(newcomers wait a step beyond it); 0 = no cap")
@@ -86,10 +88,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.max_streams_per_user < 0:
         parser.error(f"--max-streams-per-user: must be >= 0, got {args.max_streams_per_user}")
-    for flag in ("coalesce_ms", "max_growth", "progress_interval"):
+    for flag in ("coalesce_ms", "coalesce_max_ms", "max_growth", "progress_interval"):
         value = getattr(args, flag)
         if not math.isfinite(value) or value < 0:
             parser.error(f"--{flag.replace('_', '-')}: must be a number >= 0, got {value}")
+    if args.coalesce_max_ms < args.coalesce_ms:
+        parser.error(f"--coalesce-max-ms: must be >= --coalesce-ms ({args.coalesce_ms}), got {args.coalesce_max_ms}")
     return args
 
 
@@ -122,7 +126,7 @@ async def serve(args: argparse.Namespace) -> None:
         raise
     metrics = EdgeMetrics()
     config = BatchConfig(args.max_batch, args.max_queue, coalesce_s=args.coalesce_ms / 1000,
-                         max_growth=args.max_growth)
+                         coalesce_max_s=args.coalesce_max_ms / 1000, max_growth=args.max_growth)
     engine = EdgeEngine(pack, config, metrics, progress_interval_s=args.progress_interval)
     servicer.attach(engine, limits)
     engine.start()
