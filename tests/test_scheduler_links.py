@@ -1,7 +1,8 @@
 """Each user's own link in the scheduler (services/scheduler/core.py, decide/calibration.py
-UserLinks): the device's estimate wins, else the user's own reports, else the prior; a bad
-measurement moves only its sender's plans; the per-user map is bounded. Over gRPC: the plan
-says which link it was predicted for, and new and old fields are range-checked."""
+UserLinks): the device's rate wins, else the user's own reports, else the prior; the round trip
+comes from the user's own reports, else the device, else the profile. A bad measurement moves
+only its sender's plans; the per-user map is bounded. Over gRPC: the plan says which link it was
+predicted for, and new and old fields are range-checked."""
 
 from __future__ import annotations
 
@@ -77,13 +78,17 @@ def test_a_users_reports_teach_its_own_rate_and_round_trip(core):
     assert (other.link.rate_source, other.link.rtt_source) == ("profile", "profile")
 
 
-def test_the_devices_own_estimate_wins_over_the_reports_figure_by_figure(core):
+def test_the_devices_rate_wins_and_the_reports_round_trip_wins(core):
+    device = LinkInput(bandwidth_bps=40e6, rtt_s=0.01)
+    first = plan_one(core, device).link  # nothing reported yet: the device's figures
+    assert (first.rate_bps, first.rtt_s, first.rate_source, first.rtt_source) == (40e6, 0.01, "device", "device")
     for _ in range(MIN_SAMPLES):
         report_link(core, plan_one(core), rate_bps=2e6, rtt_s=0.08)
-    both = plan_one(core, LinkInput(bandwidth_bps=40e6, rtt_s=0.01)).link
-    assert (both.rate_bps, both.rtt_s, both.rate_source, both.rtt_source) == (40e6, 0.01, "device", "device")
+    both = plan_one(core, device).link  # the round's whole fixed cost, as reported, beats the device's RTT
+    assert (both.rate_bps, both.rate_source, both.rtt_source) == (40e6, "device", "reports")
+    assert math.isclose(both.rtt_s, 0.08)
     rtt_only = plan_one(core, LinkInput(rtt_s=0.01)).link  # small handoffs: the device knows only its RTT
-    assert (rtt_only.rate_source, rtt_only.rtt_source) == ("reports", "device")
+    assert (rtt_only.rate_source, rtt_only.rtt_source) == ("reports", "reports")
     assert math.isclose(rtt_only.rate_bps, 2e6)
 
 

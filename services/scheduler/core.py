@@ -208,11 +208,15 @@ class SchedulerCore:
         ), planned
 
     def link_for(self, request: PlanInput, owner: str | None = None) -> PlannedLink:
-        """The rate and round trip a request is planned with, each on its own: the device's
-        estimate when the request gives one (it measured every handoff itself, or its user typed
-        it: --link-mbps), else the owner's own reports (two or more), else the scheduler's prior
-        rate / calibrated profile RTT. Only the owner's own reports count, so no other user's
-        measurement can move this user's plan."""
+        """The rate and round trip a request is planned with, each from the source that measures
+        what the cost model means by it. The rate: the device's estimate when the request gives
+        one (it times the handoff's bytes themselves, or its user typed it: --link-mbps), else the
+        owner's own reports, else the prior. The round trip (the model's fixed cost of an edge
+        round): the owner's own reports when it has them, which see all the round costs before
+        the first step (connecting, the network, the edge's admission and prompt encoding; on
+        loopback through a delaying proxy 59-63 ms where the device's call-to-first-event RTT
+        read 21-31 ms), else the device's RTT, else the calibrated profile's. Reports count
+        from two on, and only the owner's own: no other user's measurement moves this plan."""
         link = request.link
         with self._lock:  # reports update the map on another thread
             own = self._links.get(owner if owner is not None else request.user_id)
@@ -223,10 +227,10 @@ class SchedulerCore:
             rate, rate_source = ((own.bandwidth_bps, "reports") if own.bandwidth_bps > 0
                                  else (self.prior_bandwidth_bps, "profile"))
         rtt: float | None
-        if link.rtt_s > 0:
-            rtt, rtt_source = link.rtt_s, "device"
+        if own.rtt_s > 0:
+            rtt, rtt_source = own.rtt_s, "reports"
         else:
-            rtt, rtt_source = (own.rtt_s, "reports") if own.rtt_s > 0 else (None, "profile")
+            rtt, rtt_source = (link.rtt_s, "device") if link.rtt_s > 0 else (None, "profile")
         return PlannedLink(rate, rtt, rate_source, rtt_source)
 
     def _profile_user(self, name: str) -> str:
