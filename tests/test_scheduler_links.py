@@ -165,3 +165,44 @@ def test_the_plan_names_the_link_it_was_predicted_for_and_bad_links_are_refused(
                 stub.Plan(pb.PlanRequest(device_class="cpu", link=link), timeout=30)
             assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in exc.value.details()
 
+
+
+def test_users_on_their_own_links_are_not_split_a_shared_band(core):
+    """Four devices that each measured 2 Mbit/s each have that rate to themselves (their own
+    shaped links): planned in one frame, every predicted transfer is the one it would have alone,
+    bytes*8/rate + RTT. Devices that give a spectral efficiency share the scheduler's band."""
+    measured = LinkInput(bandwidth_bps=2e6, rtt_s=0.05)
+    alone = plan_one(core, measured, "solo").plan
+    together = core.decide([request(measured, f"u{i}") for i in range(4)], None)
+    for assigned in together:
+        plan = assigned.plan
+        assert assigned.link.own_link
+        if plan.split:
+            assert math.isclose(plan.transfer_seconds, plan.handoff_bytes * 8 / 2e6 + 0.05, rel_tol=1e-9)
+    assert {(a.plan.split, a.plan.codec, a.plan.merge_ratio) for a in together} == {(alone.split, alone.codec, alone.merge_ratio)}
+    band = LinkInput(spectral_efficiency=2e6 / core.ctx.bandwidth_hz, rtt_s=0.05)
+    shared = [a for a in core.decide([request(band, f"s{i}") for i in range(4)], None) if a.plan.split]
+    assert shared and not shared[0].link.own_link
+    assert all(a.plan.transfer_seconds > a.plan.handoff_bytes * 8 / 2e6 + 0.05 for a in shared)
+
+
+def test_an_own_link_users_transfer_does_not_depend_on_the_frame():
+    """In the frame problem itself: a user on its own link pays its transfer alone (so another
+    user's handoff does not slow it), and its plan reports it as transfer, not device time."""
+    from services.scheduler.decide.options import DEFAULT_OPTIONS
+    from services.scheduler.decide.problem import FrameProblem
+    from services.scheduler.decide.scenario import UserSpec
+
+    costs, quality = CostProfile(), synthetic_profile()
+    own = UserSpec("own", "phone", spectral_efficiency=0.2, own_link=True)
+    band = UserSpec("band", "phone", spectral_efficiency=0.2)
+    edge_option = next(i for i, o in enumerate(DEFAULT_OPTIONS) if o.uses_edge)
+    solo = FrameProblem.build([own], quality, costs, DEFAULT_OPTIONS).evaluate([edge_option])
+    pair = FrameProblem.build([own, band], quality, costs, DEFAULT_OPTIONS).evaluate([edge_option, edge_option])
+    expected = DEFAULT_OPTIONS[edge_option]
+    nbytes = costs.handoff_bytes(expected.steps, expected.split, expected.codec, expected.merge_ratio)
+    assert math.isclose(solo.transfer_seconds[0], nbytes * 8 / (0.2 * 10e6), rel_tol=1e-12)
+    assert math.isclose(pair.transfer_seconds[0], solo.transfer_seconds[0], rel_tol=1e-12)
+    assert math.isclose(pair.transfer_seconds[1], solo.transfer_seconds[0], rel_tol=1e-12)  # the band is all its own
+    assert pair.band_shares[0] == 0.0 and pair.band_shares[1] == 1.0
+    assert math.isclose(solo.local_seconds[0] + solo.transfer_seconds[0] + solo.edge_seconds[0], solo.latency[0])

@@ -80,6 +80,9 @@ class PlannedLink:
     rtt_s: float | None  # None: the cost profile's (its value when the frame is decided)
     rate_source: str
     rtt_source: str
+    # A bit rate (measured, typed, reported or the prior) is the device's own link; only a
+    # spectral efficiency is a share of the band the frame's users split.
+    own_link: bool = True
 
 
 @dataclass(frozen=True)
@@ -205,6 +208,7 @@ class SchedulerCore:
             latency_budget_s=request.latency_budget_s or math.inf,
             energy_budget_j=request.energy_budget_j or math.inf,
             rtt_s=planned.rtt_s,  # a user's own RTT shapes its own plan, nobody else's
+            own_link=planned.own_link,
         ), planned
 
     def link_for(self, request: PlanInput, owner: str | None = None) -> PlannedLink:
@@ -231,7 +235,8 @@ class SchedulerCore:
             rtt, rtt_source = own.rtt_s, "reports"
         else:
             rtt, rtt_source = (link.rtt_s, "device") if link.rtt_s > 0 else (None, "profile")
-        return PlannedLink(rate, rtt, rate_source, rtt_source)
+        own_link = not (rate_source == "device" and link.bandwidth_bps <= 0)
+        return PlannedLink(rate, rtt, rate_source, rtt_source, own_link)
 
     def _profile_user(self, name: str) -> str:
         """The quality profile's entry for a user: its own if measured, else the generic
@@ -380,7 +385,7 @@ def measured_phases(m: Measured, edge_steps: int, planned_step_s: float = 0.0) -
 
 def _canonical(user: UserSpec) -> tuple:
     return (user.device_class, user.spectral_efficiency, user.latency_budget_s, user.energy_budget_j,
-            user.profile_user, user.personalized, user.rtt_s or 0.0, user.user_id)
+            user.profile_user, user.personalized, user.rtt_s or 0.0, user.own_link, user.user_id)
 
 
 def _require(ok: bool, field: str, message: str) -> None:

@@ -98,12 +98,13 @@ def schedule_frame(users: Sequence[UserSpec], quality: QualityProfile, costs: Co
     if ev.violations[edge_users].any():  # shares can only help users that use the edge
         solver = deadline_solver or default_solver()
         sub = sel[edge_users]
+        own = problem.own_comm[edge_users, sub]  # own links: fixed seconds, no band share to give
         alloc = solver.solve(problem.work_seconds(sel)[edge_users], problem.comm[edge_users, sub], None,
-                             ev.local_seconds[edge_users], problem.deadline[edge_users])
+                             ev.local_seconds[edge_users] + own, problem.deadline[edge_users])
         if alloc.feasible:
             x, y, edge, tx = x.copy(), y.copy(), edge.copy(), tx.copy()
             x[edge_users], y[edge_users] = alloc.gpu_shares, alloc.band_shares
-            edge[edge_users], tx[edge_users] = alloc.edge_seconds, alloc.transfer_seconds
+            edge[edge_users], tx[edge_users] = alloc.edge_seconds, alloc.transfer_seconds + own
             ok = ok.copy()
             ok[edge_users] = True
     t2 = time.perf_counter()

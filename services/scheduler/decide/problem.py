@@ -8,6 +8,7 @@ closed-form shares x_i ∝ √w_i, y_i ∝ √c_i give user i the latency
 
     L_i = g·√k_i·Σ_j√k_j  +  √c_i·Σ_j√c_j  +  local_i
 
+(users on their own link pay their c_i alone: it is part of local_i, not of the shared sum)
 and the frame objective J = Σ_i [q_i − λ_lat·L_i − λ_en·E_i] − Σ_{i: L_i > D_i} (P + L_i/D_i − 1).
 """
 
@@ -56,9 +57,9 @@ class FrameProblem:
     sqrt_k: np.ndarray  # [K]
     uses_edge: np.ndarray  # [K] bool
     handoff_bytes: np.ndarray  # [K]
-    comm: np.ndarray  # [N, K] transfer seconds at the whole band (0 for k = 0)
+    comm: np.ndarray  # [N, K] transfer seconds at the whole shared band (0 for k = 0 and own links)
     sqrt_c: np.ndarray  # [N, K]
-    local: np.ndarray  # [N, K] device compute + decode + RTT if k > 0
+    local: np.ndarray  # [N, K] device compute + decode + RTT if k > 0 (+ own_comm)
     energy: np.ndarray  # [N, K]
     deadline: np.ndarray  # [N] (inf: none)
     energy_budget: np.ndarray  # [N]
@@ -72,6 +73,7 @@ class FrameProblem:
     device_power_w: np.ndarray  # [N]
     spectral_efficiency: np.ndarray  # [N]
     personalized: np.ndarray  # [N] bool
+    own_comm: np.ndarray  # [N, K] transfer seconds on the user's own link (0 for band users)
 
     @property
     def n_users(self) -> int:
@@ -100,7 +102,13 @@ class FrameProblem:
         local = compute + np.where(uses_edge[None, :], rtt, 0.0)
         energy = power * compute
         se = np.array([u.spectral_efficiency for u in users], float).reshape(n, 1)
-        comm = nbytes[None, :] * 8.0 / (se * ctx.bandwidth_hz)
+        transfer = nbytes[None, :] * 8.0 / (se * ctx.bandwidth_hz)
+        # A user on its own link takes no share of the band: its transfer time depends on nobody
+        # else, so it is separable like the device's own steps.
+        own = np.array([u.own_link for u in users], bool).reshape(n, 1)
+        own_comm = np.where(own, transfer, 0.0)
+        comm = np.where(own, 0.0, transfer)
+        local = local + own_comm
         coeff = costs.edge_coefficients(ctx.edge_pack)
         cap = max(ctx.edge_capacity, 1e-6)
         deadline = np.array([u.latency_budget_s for u in users], float)
@@ -116,7 +124,7 @@ class FrameProblem:
         return cls(users, ctx, options, obj, q, k, np.sqrt(k), uses_edge, nbytes, comm, np.sqrt(comm),
                    local, energy, deadline, ebudget, mask, base, coeff.a_s / cap, coeff.b_s / cap,
                    costs.max_batch, rtt[:, 0], step_s[:, 0], power[:, 0], se[:, 0],
-                   np.array([u.personalized for u in users], bool))
+                   np.array([u.personalized for u in users], bool), own_comm)
 
     # --- objective --------------------------------------------------------------------------
     def edge_step_seconds(self, n_edge):
@@ -162,7 +170,8 @@ class FrameProblem:
         pen = self._penalty(lat) if self.n_users else np.zeros(0)
         x = sk / s_k if s_k > 0 else np.zeros_like(sk)
         y = sc / s_c if s_c > 0 else np.zeros_like(sc)
-        return FrameEval(float(u.sum() - pen.sum()), float(u.sum()), q, lat, edge, tx, local, energy, x, y,
+        own = self.own_comm[rows, sel]  # reported as transfer, not as device time
+        return FrameEval(float(u.sum() - pen.sum()), float(u.sum()), q, lat, edge, tx + own, local - own, energy, x, y,
                          lat > self.deadline * (1 + 1e-9), g)
 
     def work_seconds(self, sel) -> np.ndarray:

@@ -23,6 +23,9 @@ class UserSpec:
     latency_budget_s: float = math.inf
     energy_budget_j: float = math.inf
     rtt_s: float | None = None  # the device's own round-trip estimate (None: the cost profile's)
+    # True: spectral_efficiency x the band is this user's own rate (a measured or typed bit rate:
+    # its own link), not a share of a band the frame's users split among themselves.
+    own_link: bool = False
 
     def __post_init__(self) -> None:
         if not self.spectral_efficiency > 0:
