@@ -18,6 +18,8 @@ import json
 import os
 import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -186,7 +188,8 @@ class ModelPack:
                 raise PackError(f"LoRA for user {user!r} missing: {lora}")
             if lora.suffix != ".safetensors":  # anything else may be a pickle: code, not weights
                 raise PackError(f"LoRA for user {user!r} must be a .safetensors file, got {lora.name}")
-            with warnings.catch_warnings():  # several adapters on one UNet is the design, not a mistake
+            with warnings.catch_warnings(), _onloaded(self.unet, self.device, self.offload):
+                # several adapters on one UNet is the design, not a mistake
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
                 self.unet.load_lora_adapter(str(lora.parent), weight_name=lora.name, prefix="unet", adapter_name=user,
                                             use_safetensors=True)
@@ -355,6 +358,23 @@ def _place(module: Any, device: torch.device, offload: bool) -> None:
         cpu_offload(module, execution_device=device)
     else:
         module.to(device)
+
+
+@contextmanager
+def _onloaded(module: Any, device: torch.device, offload: bool) -> Iterator[None]:
+    """An offloaded module with its weights back in place: accelerate's hooks serve a snapshot of
+    the weights taken when it was offloaded, so a LoRA goes in with the hooks off, then the module
+    is offloaded again, adapter included."""
+    if not offload:
+        yield
+        return
+    from accelerate.hooks import remove_hook_from_submodules
+
+    remove_hook_from_submodules(module)
+    try:
+        yield
+    finally:
+        _place(module, device, offload)
 
 
 def quiet_loading() -> None:

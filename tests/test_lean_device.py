@@ -83,6 +83,27 @@ def test_a_vae_file_the_lean_reader_cannot_match_loads_in_full_and_still_drops_t
     assert all(torch.equal(a, b) for a, b in zip(odd.vae.state_dict().values(), plain.vae.state_dict().values()))
 
 
+def test_offloaded_packs_take_loras_and_make_the_same_images(demo):
+    """accelerate's CPU offload, run here with the CPU as the execution device (no GPU on this
+    machine; --offload itself asks for CUDA): the weights leave the modules, every layer gets them
+    back as it runs, a user's LoRA loads into an offloaded UNet, and the images do not change."""
+    from accelerate import cpu_offload
+
+    large, _ = demo
+    offloaded = load_pack(DEMO_PACK / "small", device="cpu")
+    for module in (offloaded.unet, offloaded.vae):
+        cpu_offload(module, execution_device=offloaded.device)
+    offloaded.offload = True
+    assert {p.device.type for p in offloaded.unet.parameters()} == {"meta"}
+    plain = load_pack(DEMO_PACK / "small", device="cpu")
+    for user in ("alice", None, "bob"):
+        request = GenerationRequest(PROMPT, steps=8, split=4, seed=3, guidance_scale=4.0, height=64, width=64,
+                                    user=user)
+        image = HybridPipeline(large, offloaded).generate(request).image
+        assert np.array_equal(image, HybridPipeline(large, plain).generate(request).image), user
+    assert {p.device.type for p in offloaded.unet.parameters()} == {"meta"}  # offloaded again after the LoRAs
+
+
 def test_offload_without_a_cuda_gpu_is_one_clear_error(tiny_packs):
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA GPU: offload is allowed here")
@@ -90,3 +111,23 @@ def test_offload_without_a_cuda_gpu_is_one_clear_error(tiny_packs):
         load_pack(tiny_packs["small"], device="cpu", offload=True)
     with pytest.raises(PackError, match="--offload needs a CUDA GPU .*this machine has no CUDA GPU"):
         load_pack(tiny_packs["small"], device="cuda", offload=True)
+
+
+def test_the_device_service_refuses_offload_without_cuda_in_one_line(tiny_packs):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU: offload is allowed here")
+    import os
+    import subprocess
+    import sys
+
+    from service_procs import ROOT, free_port
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "services.ue_client", "--pack", str(tiny_packs["small"]),
+                             "--device", "cpu", "--offload", "--port", str(free_port()), "--metrics-port", "0"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode == 2, output
+    assert "Traceback" not in output
+    lines = [line for line in output.splitlines() if "tandem-ue: error" in line]
+    assert len(lines) == 1 and "--offload needs a CUDA GPU" in lines[0] and "the device is cpu" in lines[0], output

@@ -181,6 +181,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=int(_env("port", 50061)))
     parser.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", 9102)), help="0 = none")
     parser.add_argument("--device", default=_env("device", None))
+    parser.add_argument("--offload", action="store_true",
+                        default=str(_env("offload", "")).lower() in ("1", "true", "yes"),
+                        help="keep the weights in CPU memory and move each layer to the GPU as it runs "
+                             "(accelerate's CPU offload: a CUDA GPU smaller than the pack)")
     add_server_tls_args(parser, _env)
     add_client_args(parser, _env, prefix="edge-", what="edge servers")
     args = parser.parse_args(argv)
@@ -204,7 +208,7 @@ async def serve(args: argparse.Namespace) -> None:
     await set_health(health, SERVICE_NAME, serving=False)
     await server.start()  # health answers NOT_SERVING while the pack loads
     try:
-        pack = await asyncio.to_thread(load_pack, args.pack, args.device)
+        pack = await asyncio.to_thread(load_pack, args.pack, args.device, offload=args.offload)
         for user in pack.users:  # warm every user's LoRA now, not on their first request
             pack.use_user(user)
         pack.use_user(None)

@@ -60,14 +60,15 @@ def initial_latent(seed: int, shape: tuple[int, int, int], schedule: Schedule) -
     return torch.randn((1, *shape), generator=generator, dtype=torch.float32)[0] * schedule.init_noise_sigma
 
 
-def placement(unet: NoisePredictor) -> tuple[torch.device, torch.dtype]:
+def placement(unet: NoisePredictor, inputs_on: torch.device) -> tuple[torch.device, torch.dtype]:
     """The UNet's device and dtype. Read from its first parameter: diffusers' `.device` and
     `.dtype` walk every submodule looking for offload hooks (~12 ms each for a small UNet on a
-    CPU, as long as the UNet call itself)."""
+    CPU, as long as the UNet call itself). A UNet offloaded by accelerate keeps its weights on
+    "meta" between calls and each layer's hook brings them to the inputs: `inputs_on` then."""
     if isinstance(unet, torch.nn.Module):
         first = next(unet.parameters(), None)
         if first is not None:
-            return first.device, first.dtype
+            return (inputs_on if first.device.type == "meta" else first.device), first.dtype
     return unet.device, unet.dtype
 
 
@@ -79,7 +80,7 @@ def predict_noise(
     rows = torch.cat([inputs, inputs[guided]]) if guided else inputs
     steps = torch.cat([timesteps, timesteps[guided]]) if guided else timesteps
     context = [g.cond for g in guidances] + [g.uncond for i in guided if (g := guidances[i]).uncond is not None]
-    device, dtype = placement(unet)
+    device, dtype = placement(unet, inputs.device)
     hidden = torch.stack(context).to(device=device, dtype=dtype)
     out = unet(rows.to(device=device, dtype=dtype), steps.to(device), hidden, return_dict=False)[0]
     out = out.float()
@@ -100,7 +101,7 @@ def advance(unet: NoisePredictor, states: list[DenoiseState]) -> None:
         return
     if any(s.done for s in states):
         raise ValueError("advance() got a finished request")
-    device, _ = placement(unet)
+    device, _ = placement(unet, states[0].latent.device)
     schedules = [s.schedule for s in states]
     indices = [s.step for s in states]
     latents = torch.stack([s.latent for s in states]).to(device)
