@@ -474,6 +474,7 @@ class ArmResult:
     p95_s: float
     wall_p50_s: float
     psnr_db: float  # median
+    over_budget: float  # share of requests over the latency budget
     objective: float  # mean
     error_median: float | None  # |predicted − measured| / measured, adaptive only
     error_p90: float | None
@@ -483,7 +484,7 @@ class ArmResult:
     link_sources: Counter
 
     @classmethod
-    def of(cls, link: str, arm: str, outcomes: list[Outcome]) -> "ArmResult":
+    def of(cls, link: str, arm: str, outcomes: list[Outcome], budget_s: float) -> "ArmResult":
         seconds = [o.seconds for o in outcomes]
         errors = [abs(o.predicted - o.seconds) / o.seconds for o in outcomes if o.predicted is not None]
         plans = Counter(f"{o.encoding} r={o.merge_ratio:g} k={o.split} T={o.steps}" if o.split else f"k=0 T={o.steps}"
@@ -491,6 +492,7 @@ class ArmResult:
         return cls(link, arm, len(outcomes), statistics.median(seconds), percentile(seconds, 0.95),
                    statistics.median(o.wall for o in outcomes),
                    statistics.median(o.psnr for o in outcomes if o.psnr is not None),
+                   sum(o.seconds > budget_s for o in outcomes) / len(outcomes),
                    statistics.fmean(o.objective for o in outcomes if o.objective is not None),
                    statistics.median(errors) if errors else None, percentile(errors, 0.9) if errors else None, plans,
                    statistics.median(o.link_bps / 1e6 for o in outcomes),
@@ -500,12 +502,13 @@ class ArmResult:
         error = (f"{self.error_median:6.1%} | {self.error_p90:6.1%}" if self.error_median is not None
                  else f"{'-':>6} | {'-':>6}")
         return (f"| {self.link:<9} | {self.arm:<22} | {self.n:>3} | {self.p50_s:6.3f} | {self.p95_s:6.3f} | "
-                f"{self.wall_p50_s:6.3f} | {self.psnr_db:6.1f} | {self.objective:7.4f} | {error} |")
+                f"{self.wall_p50_s:6.3f} | {self.psnr_db:6.1f} | {self.over_budget:4.0%} | {self.objective:7.4f} | {error} |")
 
 
-def summarize(outcomes: list[Outcome], links: tuple[LinkClass, ...], arms: tuple[Arm, ...]) -> list[ArmResult]:
-    return [ArmResult.of(link.name, arm.name, [o for o in outcomes if o.link == link.name and o.arm == arm.name])
-            for link in links for arm in arms]
+def summarize(outcomes: list[Outcome], links: tuple[LinkClass, ...], arms: tuple[Arm, ...],
+              budget_s: float) -> list[ArmResult]:
+    return [ArmResult.of(link.name, arm.name, [o for o in outcomes if o.link == link.name and o.arm == arm.name],
+                         budget_s) for link in links for arm in arms]
 
 
 @dataclass(frozen=True)
@@ -557,8 +560,8 @@ def print_report(results: list[ArmResult], change: RateChange, targets: list[Tar
             "measured (the Plan carries the device service's estimate, GetLinkEstimate; the scheduler also keeps "
             "each device's from its reports)")
     print(f"# latency budget {settings.budget_s:.3f} s per request; link: {link}")
-    print("| link | arm | n | p50 s | p95 s | call p50 s | PSNR dB | objective | pred err med | p90 |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| link | arm | n | p50 s | p95 s | call p50 s | PSNR dB | over budget | objective | pred err med | p90 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(r.row())
     print("\n# plans the scheduler gave (adaptive), per link class, and the link it predicted them for (medians)")
@@ -653,7 +656,7 @@ def main(argv: list[str]) -> int:
             o.objective = model.measured_objective(by_name[o.link], o)
         if args.json:
             args.json.write_text(json.dumps([asdict(o) for o in outcomes], indent=1))
-        results = summarize(outcomes, links, arms)
+        results = summarize(outcomes, links, arms, settings.budget_s)
         targets = check_targets(results, change, args.oracle)
         print_report(results, change, targets, settings, args.oracle)
     return 0 if all(t.met for t in targets) else 1
