@@ -12,8 +12,9 @@
    throughput.
 3. memory: peak RSS of a fresh process that runs the device's part (small pack, late T/2 steps and
    the decode) vs one that makes the whole image on the large pack, and the import floor of each;
-   the device twice: encoding its prompt itself (today) and given the prompt embeddings (as if the
-   handoff carried them: no text encoder loads).
+   the device three times: loaded in full as before issue 18 (the whole VAE), lean and encoding its
+   prompt itself, lean and given the prompt embeddings (as if the handoff carried them: no text
+   encoder loads). Medians over `--rounds` interleaved fresh processes.
 
 Both sides run one torch thread per process (the services' setting on a 2-core machine).
 """
@@ -131,7 +132,11 @@ from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 def rss_kib(kind="VmRSS"):  # resident now (ru_maxrss is a peak: import-time spikes would hide the load)
     return int(next(line for line in open("/proc/self/status") if line.startswith(kind)).split()[1])
 floor, heap_floor = rss_kib(), rss_kib("RssAnon")  # the heap: RSS less the code pages (file-backed)
-p = load_pack(pack + ("/large" if role == "large" else "/small"), device="cpu")
+if role == "device-loaded-in-full":  # as load_pack did before issue 18: the whole VAE
+    import tandem.packs
+    tandem.packs._load_vae = lambda directory, dtype: AutoencoderKL.from_pretrained(directory, torch_dtype=dtype)
+p = load_pack(pack + ("/large" if role == "large" else "/small"), device="cpu",
+              lazy_text=role == "device-given-embedding")
 size = p.default_image_size
 r = GenerationRequest("a red circle at the left on a blue background", steps=steps, split=steps // 2,
                       guidance_scale=4.0, height=size, width=size)
@@ -151,7 +156,7 @@ peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({{"floor_kib": floor, "peak_kib": peak, "end_kib": rss_kib(), "heap_floor_kib": heap_floor,
                   "heap_end_kib": rss_kib("RssAnon")}}))
 """
-MEMORY_ROLES = ("device", "device-given-embedding", "large")
+MEMORY_ROLES = ("device-loaded-in-full", "device", "device-given-embedding", "large")
 # The import floor alone, in fresh processes: what load_pack imported before issue 18 (diffusers'
 # and transformers' top levels) and what it imports now (the model classes' own modules).
 FLOOR_IMPORTS = {
@@ -173,9 +178,14 @@ def fresh_python(script: str, *args: str) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-def memory(pack: Path, steps: int) -> dict[str, dict[str, int]]:
+def memory(pack: Path, steps: int, rounds: int) -> dict[str, dict[str, float]]:
+    """Each role's figures, medians over `rounds` interleaved fresh processes."""
     script = MEMORY_SCRIPT.format(root=str(ROOT))
-    return {role: json.loads(fresh_python(script, role, str(pack), str(steps))) for role in MEMORY_ROLES}
+    runs: dict[str, list[dict[str, int]]] = {role: [] for role in MEMORY_ROLES}
+    for _ in range(rounds):
+        for role in MEMORY_ROLES:
+            runs[role].append(json.loads(fresh_python(script, role, str(pack), str(steps))))
+    return {role: {key: statistics.median(r[key] for r in seen) for key in seen[0]} for role, seen in runs.items()}
 
 
 def import_floors(rounds: int) -> dict[str, float]:
@@ -187,20 +197,27 @@ def import_floors(rounds: int) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in seen.items()}
 
 
-def memory_lines(m: dict[str, dict[str, int]], steps: int) -> list[str]:
+def memory_lines(m: dict[str, dict[str, float]], steps: int) -> list[str]:
     large = m["large"]
     lines = []
-    for role, what in (("device", "its own text encoder"), ("device-given-embedding", "prompt embeddings given")):
+    for role, what in (("device-loaded-in-full", "loaded in full as before issue 18"),
+                       ("device", "its own text encoder"), ("device-given-embedding", "prompt embeddings given")):
         d = m[role]
         above = (d["peak_kib"] - d["floor_kib"]) / max(1, large["peak_kib"] - large["floor_kib"])
         lines.append(f"device process (small pack, {what}, late {steps // 2} of {steps} steps + decode): peak "
                      f"{d['peak_kib'] / 1024:.0f} MiB vs large pack whole image {large['peak_kib'] / 1024:.0f} MiB "
                      f"-> {d['peak_kib'] / large['peak_kib']:.2f}x; above the import floor "
                      f"({d['floor_kib'] / 1024:.0f} MiB; large {large['floor_kib'] / 1024:.0f} MiB) {above:.2f}x")
+    full = m["device-loaded-in-full"]
+    lean_above, full_above = m["device"]["peak_kib"] - m["device"]["floor_kib"], full["peak_kib"] - full["floor_kib"]
+    lines.append(f"device lean vs loaded in full: above the import floor {lean_above / 1024:.0f} vs "
+                 f"{full_above / 1024:.0f} MiB -> {lean_above / full_above:.2f}x")
     heap = {role: (m[role]["heap_end_kib"] - m[role]["heap_floor_kib"]) / 1024 for role in m}
-    lines.append(f"heap (RssAnon) above the floor after the image: device {heap['device']:.0f} MiB, given the "
-                 f"embeddings {heap['device-given-embedding']:.0f} MiB, large {heap['large']:.0f} MiB -> "
-                 f"{heap['device'] / heap['large']:.2f}x, {heap['device-given-embedding'] / heap['large']:.2f}x")
+    lines.append(f"heap (RssAnon) above the floor after the image: device loaded in full "
+                 f"{heap['device-loaded-in-full']:.0f} MiB, lean {heap['device']:.0f} MiB, given the embeddings "
+                 f"{heap['device-given-embedding']:.0f} MiB, large {heap['large']:.0f} MiB -> "
+                 f"{heap['device-loaded-in-full'] / heap['large']:.2f}x, {heap['device'] / heap['large']:.2f}x, "
+                 f"{heap['device-given-embedding'] / heap['large']:.2f}x")
     return lines
 
 
@@ -261,7 +278,7 @@ def main() -> int:
                              f"is waiting' {tl:.2f} s -> {ol / tl:.2f}x; throughput {otp:.2f} vs {ttp:.2f} img/s "
                              f"-> {otp / ttp:.2f}x")
     if "memory" in parts:
-        lines += memory_lines(memory(args.pack, args.steps), args.steps)
+        lines += memory_lines(memory(args.pack, args.steps, args.rounds), args.steps)
         floors = import_floors(args.rounds)
         lines.append(f"import floor (torch + model classes, median of {args.rounds} fresh processes): before "
                      f"{floors['before'] / 1024:.1f} MiB, now {floors['now'] / 1024:.1f} MiB -> "

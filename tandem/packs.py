@@ -8,8 +8,8 @@ agree: `check_pair` refuses any other pair, naming the mismatch.
 
 torch and the model classes load only inside load_pack, so reading a manifest stays cheap: the
 CLI checks flags and prompts before any model code loads. A pack loads only what runs: the VAE's
-decoder (nothing encodes images), and the text encoder on its first use (a process that is given
-its prompt embeddings never loads it).
+decoder (nothing encodes images), and with lazy_text the text encoder on its first use (a process
+given its prompt embeddings never loads it).
 """
 
 from __future__ import annotations
@@ -251,10 +251,13 @@ def load_pack(
     dtype: torch.dtype | None = None,
     user: str | None = None,
     offload: bool = False,
+    lazy_text: bool = False,
 ) -> ModelPack:
     """Loads a pack for inference (eval mode, no grad), weights safetensors-only. With `offload`
     (a CUDA device smaller than the pack), the weights stay in CPU memory and accelerate moves
-    each layer to the GPU only while it runs."""
+    each layer to the GPU only while it runs. With `lazy_text`, the text encoder loads on the
+    first prompt encoded (never, for a process given its prompt embeddings); by default now, so a
+    broken one fails at startup, not in a server's first request."""
     import torch
 
     # Each class from its own module: diffusers' package __init__s still load every model class
@@ -292,6 +295,8 @@ def load_pack(
         text_dirs=(dirs["text_encoder"], dirs["tokenizer"]),
         offload=offload,
     )
+    if not lazy_text:
+        pack.text_model()
     if user is not None:
         pack.use_user(user)
     return pack
