@@ -256,8 +256,8 @@ def load_pack(
     """Loads a pack for inference (eval mode, no grad), weights safetensors-only. With `offload`
     (a CUDA device smaller than the pack), the weights stay in CPU memory and accelerate moves
     each layer to the GPU only while it runs. With `lazy_text`, the text encoder loads on the
-    first prompt encoded (never, for a process given its prompt embeddings); by default now, so a
-    broken one fails at startup, not in a server's first request."""
+    first prompt encoded (never, for a process given its prompt embeddings); by default it loads
+    now, so a broken one fails at startup, not in a server's first request."""
     import torch
 
     # Each class from its own module: diffusers' package __init__s still load every model class
@@ -316,7 +316,7 @@ def _load_vae(directory: Path, dtype: torch.dtype) -> Any:
     from accelerate import init_empty_weights
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
     from diffusers.models.autoencoders.autoencoder_tiny import AutoencoderTiny
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     config = _read_json(directory / "config.json")
     vae_class = AutoencoderTiny if config.get("_class_name") == "AutoencoderTiny" else AutoencoderKL
@@ -324,8 +324,11 @@ def _load_vae(directory: Path, dtype: torch.dtype) -> Any:
     if weights.is_file():
         with init_empty_weights():
             vae = _drop_encoder(vae_class.from_config(config))
-        with safe_open(str(weights), framework="pt") as f:
-            state = {k: f.get_tensor(k).to(dtype) for k in f.keys() if k.startswith(VAE_DECODER_PREFIXES)}
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                state = {k: f.get_tensor(k).to(dtype) for k in f.keys() if k.startswith(VAE_DECODER_PREFIXES)}
+        except SafetensorError as exc:
+            raise PackError(f"{weights}: unreadable safetensors file ({exc})") from exc
         try:
             vae.load_state_dict(state, strict=True, assign=True)
             return vae

@@ -84,6 +84,15 @@ def test_a_vae_file_the_lean_reader_cannot_match_loads_in_full_and_still_drops_t
     assert all(torch.equal(a, b) for a, b in zip(odd.vae.state_dict().values(), plain.vae.state_dict().values()))
 
 
+def test_a_truncated_vae_file_is_a_pack_error_naming_it(tmp_path, tiny_packs):
+    pack = tmp_path / "pack"
+    shutil.copytree(tiny_packs["large"], pack)
+    weights = pack / "vae" / VAE_WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(PackError, match=f"{VAE_WEIGHTS}: unreadable safetensors file"):
+        load_pack(pack, device="cpu")
+
+
 def test_offloaded_packs_take_loras_and_make_the_same_images(demo):
     """accelerate's CPU offload, run here with the CPU as the execution device (no GPU on this
     machine; --offload itself asks for CUDA): the weights leave the modules, every layer gets them
