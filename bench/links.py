@@ -1,23 +1,27 @@
 """Real links: the scheduler's plans against fixed strategies on shaped links between separate hosts.
 
-    .venv/bin/python bench/links.py [--quick] [--devices 2] [--rounds 6]
+    .venv/bin/python bench/links.py [--quick] [--devices 2] [--rounds 5] [--oracle] [--json FILE]
 
 A testbed (tools/testbed: network namespaces) with an edge host, a scheduler host and device hosts
-per link class; every device link is a veth pair shaped with tbf, with propagation delay added by
-tools/testbed/delay_proxy.py in the edge host (half the class's RTT each way: no netem here). The
-pack is the SD-geometry systems pack (512 px, 4x64x64 latents, tiny random UNets: real SD handoff
-bytes), built into a temp dir and profiled with `tandem-onboard --quick`, so the scheduler plans
-for it. Each device host runs a long-running device service and a driver (this file, `drive`
-mode) that asks the scheduler for plans, runs generations on its device service and reports back.
+per link class (the classes one after another, a class's hosts at once); every device link is a
+veth pair shaped with tbf, with propagation delay added by tools/testbed/delay_proxy.py in the edge
+host (half the class's RTT each way: no netem here). The pack is the SD-geometry systems pack
+(512 px, 4x64x64 latents, tiny random UNets: real SD handoff bytes), built into a temp dir and
+profiled with `tandem-onboard --quick`, so the scheduler plans for it. Each device host runs a
+long-running device service and a driver (this file, `drive` mode) that reads the service's
+measured link, asks the scheduler for a plan with it, runs the generation on its device service
+and reports back (every request: a fixed arm's as an override of its plan).
 
 Arms, interleaved request by request: `adaptive` (the scheduler's plan), `fp16 r=0` and `int8 r=0.5`
 (T=10, k=5), and `best fixed` (the one fp16 r=0 split best for all classes by the scheduler's own
-model). Every request carries a latency budget. Per class: end-to-end latency p50/p95 (the device
-service's Generate call, as the driver times it), fidelity (PSNR of the image against the fp32
-unmerged handoff's image of the same request, computed here afterwards), the scheduler's objective
-with measured latency, its prediction error, the plans it gave. Then a link whose rate drops from
-50 to 2 Mbit/s mid-run, and how many requests the link estimate needs to follow. Targets of issue 17
-are checked last; exit status 1 when one fails. Skips (exit 0) when namespaces cannot be made.
+model). Every request carries one latency budget (T=10 all on the device, measured first, + 0.25 s).
+Per class: end-to-end latency p50/p95 (the device's timers: request sent -> image decoded, what the
+scheduler predicts), fidelity (PSNR of the image against the fp32 unmerged handoff's image of the
+same request, computed here afterwards), the share over budget, the scheduler's objective with
+measured latency, its prediction error, the plans it gave and the link it planned for. Then a link
+whose rate drops from 50 to 2 Mbit/s mid-run, and how many requests the device's estimate needs to
+follow. Targets of issue 17 are checked last; exit status 1 when one fails. Skips (exit 0) when
+namespaces cannot be made.
 """
 
 from __future__ import annotations
