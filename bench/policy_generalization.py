@@ -125,6 +125,8 @@ def main() -> int:
     ap.add_argument("--frames", type=int, help="frames per profile (default 150; --quick 30)")
     ap.add_argument("--draws", type=int, help="randomized held-out profiles (default 6; --quick 2)")
     ap.add_argument("--latency-frames", type=int, help="frames of N = 100 for the p99 (default 200; --quick 50)")
+    ap.add_argument("--polish-max-users", type=int, default=POLISH_MAX_USERS,
+                    help=f"largest frame the service's sweep runs on (the service's default, {POLISH_MAX_USERS})")
     ap.add_argument("--seed", type=int, default=2025)
     args = ap.parse_args()
     started = time.perf_counter()
@@ -134,13 +136,13 @@ def main() -> int:
     if frames < 1 or draws < 0 or latency_frames < 1:
         ap.error("--frames and --latency-frames must be >= 1, --draws >= 0")
     policy = SchedulerPolicy.load(args.policy, DEFAULT_OPTIONS)
-    service = polished(policy, POLISH_SWEEPS, POLISH_MAX_USERS)
+    service = polished(policy, POLISH_SWEEPS, args.polish_max_users)
     planner.warmup(100)
     shown = args.policy.resolve().relative_to(ROOT) if args.policy.resolve().is_relative_to(ROOT) else args.policy
     meta = policy.config.meta
     print("```\n" + " ".join(["OMP_NUM_THREADS=1 .venv/bin/python", "bench/policy_generalization.py", *sys.argv[1:]]) + "\n```")
     print(f"\npolicy: {shown} ({meta.get('steps', '?')} steps on {meta.get('quality_profile', '?')}); service = policy + "
-          f"{POLISH_SWEEPS} 1-opt sweep for frames of N <= {POLISH_MAX_USERS}; {frames} frames per profile "
+          f"{POLISH_SWEEPS} 1-opt sweep for frames of N <= {args.polish_max_users}; {frames} frames per profile "
           f"(N = 1..100); p99 over {latency_frames} frames of N = 100, side by side with the best fixed split's\n")
     print("| held-out profile | service / greedy+LS | service / best fixed | policy alone / greedy+LS | "
           "policy alone / best fixed | policies/default (service) / greedy+LS | per-profile policy (service) / greedy+LS | "

@@ -141,3 +141,16 @@ def test_local_search_with_the_utility_bound_moves_exactly_as_enumeration(family
         p = frame(draw, seed)
         for start in (best_alone(p), random_choice(p, seed)):
             np.testing.assert_array_equal(local_search(p, start), _local_search_by_enumeration(p, start))
+
+
+def test_the_committed_general_policy_serves_without_the_trained_elsewhere_warning(caplog, family):
+    from services.scheduler.guard import PolicyGuard
+    from services.scheduler.server import load_decider, parse_args
+
+    general = SchedulerPolicy.load(POLICIES / "general", DEFAULT_OPTIONS)
+    assert general.config.features == FEATURES and general.config.meta["families"]["profiles"] == 512
+    with caplog.at_level("WARNING", logger="tandem.scheduler"):
+        decider = load_decider(parse_args(["--policy", str(POLICIES / "general")]))
+    assert not caplog.records and isinstance(decider, PolicyGuard)
+    p = frame(family.pool(11, 1)[0], n=20)
+    np.testing.assert_array_equal(general(p), general.decide_reference(p))

@@ -151,8 +151,9 @@ def train(steps: int, seed: int, out: Path, mode: str = "lagrangian", cost_limit
                          "personalized_profiles": list(scenario.personalized_profiles)},
             "quality_profile": profile_names[0], "cost_profile": profile_names[1],
             "quality_profile_id": ids[0], "cost_profile_id": ids[1]}
-    if profiles:
+    if profiles:  # each episode's scenario comes from its profile draw, not the base scenario above
         meta["families"] = {"profiles": len(profiles), "family": "services.scheduler.learn.families.ProfileFamily.around_defaults"}
+        meta["scenario"] = {"per_draw": "services.scheduler.learn.families (scenario_for each draw, randomized)"}
     policy = policy_from_sb3(model, DEFAULT_OPTIONS, meta)
     policy.save(out)
     (Path(out) / "train_log.json").write_text(json.dumps({"meta": meta, "history": history}, indent=0))
