@@ -41,6 +41,9 @@ def test_writes_both_profiles_and_the_scheduler_command(onboarded):
     # All on the edge at the grid's largest T is the reference image itself (up to the fp16 handoff).
     assert quality.accuracy(4, 1.0, 0.0) > 0.95
     assert all(0.0 <= quality.accuracy(4, f, r) <= 1.0 for f in (0, 0.5, 1) for r in (0, 0.5))
+    # int8 is measured beside fp16 at every handoff option and priced by its loss.
+    assert quality.codecs == ("fp16", "int8") and 0.0 <= quality.codec_loss["int8"] < 0.5
+    assert quality.accuracy(4, 0.5, 0.0, codec="int8") == pytest.approx(quality.accuracy(4, 0.5, 0.0) - quality.codec_loss["int8"])
     assert f"--quality-profile {out / 'quality_profile.json'}" in done.stdout
     assert f"--cost-profile {out / 'cost_profile.json'}" in done.stdout
 
@@ -51,7 +54,7 @@ def test_a_second_run_resumes_instead_of_measuring_again(onboarded, tiny_packs):
     again = onboard(str(tiny_packs["large"]), str(tiny_packs["small"]), "--out", str(out), "--quick",
                     "--device-class", "tiny-cpu")
     assert again.returncode == 0, again.stderr
-    assert "keeping" in again.stderr and "5 already measured" in again.stderr
+    assert "keeping" in again.stderr and "7 already measured" in again.stderr
     assert (out / "quality_points.jsonl").read_text() == points
 
 
@@ -59,6 +62,7 @@ def test_a_second_run_resumes_instead_of_measuring_again(onboarded, tiny_packs):
     (["nowhere", "SMALL"], "LARGE: no pack directory at nowhere"),
     (["LARGE", "SMALL", "--users", "carol"], "--users: the small pack has no user carol"),
     (["LARGE", "SMALL", "--n", "0"], "--n: must be >= 1"),
+    (["LARGE", "SMALL", "--codecs", "int4"], "--codecs: unknown codec 'int4'"),
 ])
 def test_bad_input_is_one_line(tiny_packs, tmp_path, args, needle):
     args = [str(tiny_packs[a.lower()]) if a in ("LARGE", "SMALL") else a for a in args]

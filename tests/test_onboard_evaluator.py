@@ -43,8 +43,10 @@ def test_the_demo_pack_is_scored_by_its_evaluator(evaluated):
     assert profile["metric"].startswith("evaluator accuracy")
     quality = QualityProfile.load(out / "quality_profile.json")
     assert set(quality.users()) == {"base", "alice", "bob"}
-    points = [json.loads(line) for line in (out / "quality_points_evaluator.jsonl").read_text().splitlines()]
-    assert len(points) == 15
+    measured = [json.loads(line) for line in (out / "quality_points_evaluator.jsonl").read_text().splitlines()]
+    points = [p for p in measured if p["codec"] == "fp16"]
+    assert len(points) == 15 and len(measured) == 17  # + int8 at the 2 handoff options, to price it
+    assert quality.codecs == ("fp16", "int8")
     for p in points:
         assert (p["accuracy"] * N).is_integer()  # a share of N images, not an SSIM
         assert quality.accuracy(p["steps"], p["split"] / p["steps"], p["merge_ratio"], p["user"]) == pytest.approx(

@@ -206,3 +206,46 @@ def test_an_own_link_users_transfer_does_not_depend_on_the_frame():
     assert math.isclose(pair.transfer_seconds[1], solo.transfer_seconds[0], rel_tol=1e-12)  # the band is all its own
     assert pair.band_shares[0] == 0.0 and pair.band_shares[1] == 1.0
     assert math.isclose(solo.local_seconds[0] + solo.transfer_seconds[0] + solo.edge_seconds[0], solo.latency[0])
+
+
+def test_the_codec_follows_the_link_when_the_quality_profile_prices_it():
+    """With a quality profile that measured int8's loss, a baseline decider chooses the codec per
+    user: int8 (about half the bytes of fp16) where the link is slow, fp16 where bytes are
+    nearly free. Without a measured loss int8 is never offered."""
+    from dataclasses import replace
+
+    from services.scheduler.decide.options import build_option_table
+    from services.scheduler.server import planner_options
+
+    quality = replace(synthetic_profile(), codec_loss={"int8": 0.002})
+    assert planner_options("greedy_ls", quality) == build_option_table(codecs=("fp16", "int8"))
+    assert planner_options("greedy_ls", synthetic_profile()) == build_option_table()
+    registry = EdgeRegistry()
+    registry.heartbeat(EdgeLoad("edge:1"))
+    core = SchedulerCore(quality, CostProfile(), "greedy_ls", registry, options=planner_options("greedy_ls", quality))
+    slow, fast = core.decide([request(LinkInput(bandwidth_bps=2e6, rtt_s=0.02), "slow"),
+                              request(LinkInput(bandwidth_bps=1e9, rtt_s=0.02), "fast")], None)
+    assert slow.plan.split > 0 and slow.plan.codec == "int8"
+    assert fast.plan.split > 0 and fast.plan.codec == "fp16"
+    assert slow.plan.quality == pytest.approx(quality.accuracy(slow.plan.steps, slow.plan.split / slow.plan.steps,
+                                                               slow.plan.merge_ratio, codec="int8"))
+
+
+def test_a_quality_profiles_codec_loss_is_checked_and_round_trips():
+    from dataclasses import replace
+
+    from services.scheduler.decide.quality import QualityProfile, QualityProfileError
+
+    base = synthetic_profile()
+    priced = replace(base, codec_loss={"int8": 0.01})
+    again = QualityProfile.from_dict(priced.to_dict())
+    assert again.codec_loss == {"int8": 0.01} and again.codecs == ("fp16", "int8")
+    assert "codec_loss" not in base.to_dict()  # profiles without it are unchanged (their digests too)
+    assert again.accuracy(20, 0.5, 0.0, codec="int8") == pytest.approx(again.accuracy(20, 0.5, 0.0) - 0.01)
+    assert again.accuracy(20, 0.0, 0.0, codec="int8") == again.accuracy(20, 0.0, 0.0)  # nothing is sent at k = 0
+    with pytest.raises(QualityProfileError, match="no measured loss for codec 'int8'"):
+        base.accuracy(20, 0.5, 0.0, codec="int8")
+    for bad, needle in (({"int4": 0.1}, "unknown codec 'int4'"), ({"int8": -0.1}, "must be finite and >= 0"),
+                        ({"int8": float("nan")}, "must be finite and >= 0")):
+        with pytest.raises(QualityProfileError, match=needle):
+            replace(base, codec_loss=bad)

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from services.scheduler.learn.profiling import positive_ints
+from tandem.codec.spec import ENCODINGS
 
 PROG = "tandem-onboard"
 
@@ -57,9 +58,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--evaluator", type=Path, help="score quality with this evaluator directory (default: the "
                                                        "one shipped beside LARGE, if any: the demo pack's)")
     parser.add_argument("--no-evaluator", action="store_true", help="score fidelity even if the pack ships an evaluator")
+    parser.add_argument("--codecs", default="int8",
+                        help="handoff codecs measured beside fp16 so the scheduler can price and choose them "
+                             "(comma-separated, default int8; 'none': fp16 only)")
     parser.add_argument("--force", action="store_true", help="measure the cost profile again even if DIR has one")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    args.codecs = () if args.codecs.strip() == "none" else tuple(c.strip() for c in args.codecs.split(",") if c.strip())
+    for codec in args.codecs:
+        if codec not in ENCODINGS or codec == "fp16":
+            parser.error(f"--codecs: unknown codec {codec!r} (choose from {', '.join(c for c in ENCODINGS if c != 'fp16')}, or none)")
     if args.n is not None and args.n < 1:
         parser.error(f"--n: must be >= 1, got {args.n}")
     if args.threads is not None and args.threads < 1:
@@ -126,7 +134,7 @@ def _quality_profile(args: argparse.Namespace, large, small, users: list[str], o
     from services.scheduler.decide.quality import BASE_USER, QualityProfile
 
     grid = QUICK_GRID if args.quick else FULL_GRID
-    grid = replace(grid, n_prompts=args.n or grid.n_prompts, steps=args.steps or grid.steps)
+    grid = replace(grid, n_prompts=args.n or grid.n_prompts, steps=args.steps or grid.steps, codecs=args.codecs)
     everyone = [BASE_USER, *users]
     evaluator = None if args.no_evaluator else args.evaluator or find_evaluator(args.large)
     scorer = metric = None

@@ -13,6 +13,10 @@ each image is scored by its fidelity (SSIM) to a reference image of the same pro
 Where the pack ships an evaluator (services/onboard/evaluator.py), a point's accuracy is the
 evaluator's instead (its SSIM is still recorded).
 
+Each other codec of `codecs` (default int8) is measured at every handoff option (k > 0, r = 0) for
+the base user; the profile's `codec_loss` is its mean loss against `encoding`'s points, which is
+how the scheduler prices choosing it.
+
 Points are appended to a JSON-lines file as they are measured, so an interrupted run resumes where
 it stopped; the profile is written in the scheduler's format (services/scheduler/decide/quality.py).
 """
@@ -47,6 +51,7 @@ class QualityGrid:
     seed: int = 0
     encoding: str = "fp16"
     batch: int = 8
+    codecs: tuple[str, ...] = ("int8",)  # measured beside `encoding` to price them (codec_loss)
 
     @property
     def reference_steps(self) -> int:
@@ -57,7 +62,8 @@ class QualityGrid:
 
     def size(self, users: int) -> int:
         """Points to measure: k = 0 sends nothing, so it has one point per user, not one per r."""
-        return sum(users * (len(self.ratios) if k > 0 else 1) for t in self.steps for k in self.splits(t))
+        per_split = users * len(self.ratios) + len(self.codecs)
+        return sum(per_split if k > 0 else users for t in self.steps for k in self.splits(t))
 
 
 FULL_GRID = QualityGrid(steps=(10, 20), fractions=(0.0, 0.25, 0.5, 0.75, 1.0), ratios=(0.0, 0.25, 0.5, 0.75),
@@ -74,10 +80,19 @@ class QualityPointResult:
     ssim: float
     psnr_db: float
     accuracy: float | None = None  # the pack's evaluator, where it ships one
+    codec: str = "fp16"  # the handoff's encoding
 
     @property
-    def key(self) -> tuple[int, int, float, str]:
-        return (self.steps, self.split, self.merge_ratio, self.user)
+    def key(self) -> PointKey:
+        return (self.steps, self.split, self.merge_ratio, self.user, self.codec)
+
+    @property
+    def value(self) -> float:
+        """What the profile records: the evaluator's accuracy, else the SSIM fidelity."""
+        return self.ssim if self.accuracy is None else self.accuracy
+
+
+PointKey = tuple[int, int, float, str, str]
 
 
 class PointStore:
@@ -85,14 +100,14 @@ class PointStore:
 
     def __init__(self, path: Path):
         self.path = path
-        self.points: dict[tuple[int, int, float, str], QualityPointResult] = {}
+        self.points: dict[PointKey, QualityPointResult] = {}
         if path.is_file():
             for line in path.read_text().splitlines():
                 if line.strip():
                     p = QualityPointResult(**json.loads(line))
                     self.points[p.key] = p
 
-    def __contains__(self, key: tuple[int, int, float, str]) -> bool:
+    def __contains__(self, key: PointKey) -> bool:
         return key in self.points
 
     def add(self, point: QualityPointResult) -> None:
@@ -138,13 +153,13 @@ class QualityMeasurer:
         return states
 
     def finish(self, steps: int, split: int, edge: list[DenoiseState] | None, ratio: float,
-               user: str) -> QualityPointResult:
+               user: str, codec: str | None = None) -> QualityPointResult:
         requests = self._requests(steps, split, user)
         self.small.use_user(None if user == BASE_USER else user)
         if edge is None:  # k = 0: all on the device, nothing on the wire
             states = [start(self.small, r) for r in requests]
         else:
-            spec = CodecSpec(self.grid.encoding, ratio).validate()
+            spec = CodecSpec(codec or self.grid.encoding, ratio).validate()
             states = [resume(self.small, decode_handoff(encode_handoff(make_handoff(e, r), spec), r, e.schedule))
                       for e, r in zip(edge, requests)]
         run_in_batches(self.small, states, steps, self.grid.batch)
@@ -152,7 +167,7 @@ class QualityMeasurer:
         return QualityPointResult(steps, split, ratio, user,
                                   float(np.mean([ssim(a, b) for a, b in zip(images, reference)])),
                                   float(np.mean([min(psnr(a, b), 99.0) for a, b in zip(images, reference)])),
-                                  self.scorer(images, user) if self.scorer else None)
+                                  self.scorer(images, user) if self.scorer else None, codec or self.grid.encoding)
 
 
 def measure(m: QualityMeasurer, users: list[str], store: PointStore,
@@ -161,27 +176,41 @@ def measure(m: QualityMeasurer, users: list[str], store: PointStore,
     point already held, so a progress bar counts it)."""
     for steps in m.grid.steps:
         for split in m.grid.splits(steps):
-            todo = [(u, r) for u in users for r in (m.grid.ratios if split > 0 else (0.0,))]
-            missing = [(u, r) for u, r in todo if (steps, split, r, u) not in store]
+            todo = [(u, r, m.grid.encoding) for u in users for r in (m.grid.ratios if split > 0 else (0.0,))]
+            todo += [(BASE_USER, 0.0, c) for c in m.grid.codecs] if split > 0 else []
+            missing = [(u, r, c) for u, r, c in todo if (steps, split, r, u, c) not in store]
             for _ in range(len(todo) - len(missing)):
                 on_point(None)
             if not missing:
                 continue
             edge = m.edge_states(steps, split) if split > 0 else None
-            for user, ratio in missing:
-                point = m.finish(steps, split, edge, ratio, user)
+            for user, ratio, codec in missing:
+                point = m.finish(steps, split, edge, ratio, user, codec)
                 store.add(point)
                 on_point(point)
 
 
 def _points(store: PointStore, grid: QualityGrid, user: str) -> Iterator[dict[str, Any]]:
     for p in sorted(store.points.values(), key=lambda p: p.key):
-        if p.user != user or p.steps not in grid.steps:
+        if p.user != user or p.steps not in grid.steps or p.codec != grid.encoding:
             continue
         # k = 0 sends nothing: its score stands for every merge ratio of the grid.
         for ratio in grid.ratios if p.split == 0 else (p.merge_ratio,):
             yield {"steps": p.steps, "split_fraction": round(p.split / p.steps, 6), "merge_ratio": ratio,
-                   "accuracy": round(p.ssim if p.accuracy is None else p.accuracy, 4)}
+                   "accuracy": round(p.value, 4)}
+
+
+def codec_loss(store: PointStore, grid: QualityGrid) -> dict[str, float]:
+    """Per measured codec: the mean accuracy lost against `grid.encoding` at the same options
+    (never below 0: a codec is not priced as better than the one the profile is measured with)."""
+    out = {}
+    for codec in grid.codecs:
+        pairs = [(base.value, p.value) for p in store.points.values()
+                 if p.codec == codec and p.steps in grid.steps
+                 and (base := store.points.get((p.steps, p.split, p.merge_ratio, p.user, grid.encoding)))]
+        if pairs:
+            out[codec] = round(max(0.0, float(np.mean([b - c for b, c in pairs]))), 5)
+    return out
 
 
 def profile_json(store: PointStore, grid: QualityGrid, pair: str, users: list[str],
@@ -192,4 +221,5 @@ def profile_json(store: PointStore, grid: QualityGrid, pair: str, users: list[st
         "metric": metric or (f"fidelity (SSIM, pixel space) to the large pack's image at T={grid.reference_steps} "
                              f"(LoRA users: the small pack + LoRA alone), {grid.n_prompts} prompts, codec {grid.encoding}"),
         "pairs": {pair: {"users": {u: {"points": list(_points(store, grid, u))} for u in users}}},
+        **({"codec_loss": loss} if (loss := codec_loss(store, grid)) else {}),
     }

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from services.scheduler.decide.calibration import MAX_RTT_S, RobustCalibrator, UserLinks
 from services.scheduler.decide.costs import CostProfile, PhaseObservation
 from services.scheduler.decide.isolation import best_effort_plan, split_infeasible
+from services.scheduler.decide.options import DEFAULT_OPTIONS, OptionTable
 from services.scheduler.decide.planner import DeciderLike, Plan, plan_frame
 from services.scheduler.decide.quality import BASE_USER, PERSONALIZED_USER, QualityProfile
 from services.scheduler.decide.scenario import FrameContext, UserSpec
@@ -165,6 +166,9 @@ class SchedulerCore:
     max_records: int = MAX_RECORDS
     max_pending_per_user: int = MAX_PENDING_PER_USER
     prior_bandwidth_bps: float = PRIOR_BANDWIDTH_BPS
+    # What the planner chooses from. A policy brings its own table (its action space); a baseline
+    # or the exact search is given every codec the quality profile prices (server.planner_options).
+    options: OptionTable = DEFAULT_OPTIONS
 
     def __post_init__(self) -> None:
         self._pending: PendingPlans[_Record] = PendingPlans(self.max_records, self.max_pending_per_user)
@@ -254,12 +258,13 @@ class SchedulerCore:
         costs = self.costs  # one snapshot for the whole frame
         specs = [self._spec(r, owner) for r, owner in zip(requests, owners)]
         users, links = [u for u, _ in specs], [link for _, link in specs]
-        reasons = split_infeasible(users, self.quality, costs, self.ctx)
+        reasons = split_infeasible(users, self.quality, costs, self.ctx, self.options)
         # In a canonical order: the frame's plans must not depend on which request arrived first.
         joint = sorted((i for i in range(len(users)) if i not in reasons), key=lambda i: _canonical(users[i]))
-        plans = dict(zip(joint, plan_frame([users[i] for i in joint], self.quality, costs, self.decider, ctx=self.ctx)))
+        plans = dict(zip(joint, plan_frame([users[i] for i in joint], self.quality, costs, self.decider, ctx=self.ctx,
+                                          options=self.options)))
         for i in reasons:
-            plans[i] = best_effort_plan(users[i], self.quality, costs, self.ctx)
+            plans[i] = best_effort_plan(users[i], self.quality, costs, self.ctx, self.options)
         remote = [i for i in range(len(users)) if plans[i].split > 0]
         addresses = dict(zip(remote, self.edges.route(len(remote))))
         per_edge: dict[str, int] = {}

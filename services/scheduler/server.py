@@ -27,9 +27,10 @@ from services.common.tokens import add_tokens_arg, interceptors, load_tokens
 from services.scheduler.core import MAX_PENDING_PER_USER, SchedulerCore
 from services.scheduler.decide.baselines import BASELINES, polished
 from services.scheduler.decide.costs import CostProfileError
+from services.scheduler.decide.options import DEFAULT_OPTIONS, OptionTable, build_option_table
 from services.scheduler.decide.planner import DeciderLike, warmup
 from services.scheduler.decide.policy import PolicyFormatError, SchedulerPolicy
-from services.scheduler.decide.quality import QualityProfileError
+from services.scheduler.decide.quality import QualityProfile, QualityProfileError
 from services.scheduler.decide.scenario import FrameContext
 from services.scheduler.defaults import (
     BUILTIN,
@@ -149,7 +150,19 @@ def build_core(args: argparse.Namespace) -> SchedulerCore:
     return SchedulerCore(quality, costs, load_decider(args),
                          EdgeRegistry(args.edge_ttl, args.edge, max_edges=args.max_edges),
                          FrameContext(bandwidth_hz=args.bandwidth_hz),
-                         max_pending_per_user=args.max_pending_per_user)
+                         max_pending_per_user=args.max_pending_per_user,
+                         options=planner_options(args.policy, quality))
+
+
+def planner_options(policy: str, quality: QualityProfile) -> OptionTable:
+    """A baseline or the exact search chooses among every codec the quality profile prices (a
+    measured loss: tandem-onboard --codecs); a policy among its own action space (fp16)."""
+    if policy in BASELINES or policy == "exact":
+        return build_option_table(codecs=quality.codecs)
+    if len(quality.codecs) > 1:
+        log.info("the quality profile prices codecs %s; the policy chooses among its own options (fp16): "
+                 "--policy greedy_ls or exact chooses the codec too", ", ".join(quality.codecs))
+    return DEFAULT_OPTIONS
 
 
 def edge_credentials(args: argparse.Namespace) -> dict[str, str] | None:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from services.scheduler.decide.costs import CostProfile
-from services.scheduler.decide.options import DEFAULT_OPTIONS
+from services.scheduler.decide.options import DEFAULT_OPTIONS, OptionTable
 from services.scheduler.decide.planner import Plan, plan_frame
 from services.scheduler.decide.problem import FrameProblem
 from services.scheduler.decide.quality import QualityProfile
@@ -19,18 +19,18 @@ from services.scheduler.decide.scenario import FrameContext, UserSpec
 
 
 def _alone(users: Sequence[UserSpec], quality: QualityProfile, costs: CostProfile,
-           ctx: FrameContext) -> tuple[FrameProblem, np.ndarray]:
+           ctx: FrameContext, options: OptionTable) -> tuple[FrameProblem, np.ndarray]:
     """The frame's problem and [N, K] latency of each option with the whole GPU (batch 1) and band."""
-    p = FrameProblem.build(users, quality, costs, DEFAULT_OPTIONS, ctx)
+    p = FrameProblem.build(users, quality, costs, options, ctx)
     return p, p.edge_steps[None, :] * float(p.edge_step_seconds(1)) + p.comm + p.local
 
 
 def split_infeasible(users: Sequence[UserSpec], quality: QualityProfile, costs: CostProfile,
-                     ctx: FrameContext) -> dict[int, str]:
+                     ctx: FrameContext, options: OptionTable = DEFAULT_OPTIONS) -> dict[int, str]:
     """{index: why} for the users no option serves within their budgets even alone."""
     if not users or not any(np.isfinite([u.latency_budget_s, u.energy_budget_j]).any() for u in users):
         return {}
-    p, alone = _alone(users, quality, costs, ctx)
+    p, alone = _alone(users, quality, costs, ctx, options)
     out = {}
     for i, u in enumerate(users):
         fits_time, fits_energy = alone[i] <= p.deadline[i], p.energy[i] <= p.energy_budget[i]
@@ -47,9 +47,10 @@ def split_infeasible(users: Sequence[UserSpec], quality: QualityProfile, costs: 
     return out
 
 
-def best_effort_plan(user: UserSpec, quality: QualityProfile, costs: CostProfile, ctx: FrameContext) -> Plan:
+def best_effort_plan(user: UserSpec, quality: QualityProfile, costs: CostProfile, ctx: FrameContext,
+                     options: OptionTable = DEFAULT_OPTIONS) -> Plan:
     """The option predicted fastest alone (ties: better quality), its budgets kept so the plan
     says it misses them."""
-    p, alone = _alone([user], quality, costs, ctx)
+    p, alone = _alone([user], quality, costs, ctx, options)
     option = int(np.lexsort((-p.quality[0], alone[0]))[0])
-    return plan_frame([user], quality, costs, lambda _: np.array([option]), ctx=ctx)[0]
+    return plan_frame([user], quality, costs, lambda _: np.array([option]), ctx=ctx, options=options)[0]

@@ -187,7 +187,7 @@ def _quality_row(profile: QualityProfile, options: OptionTable, user: str, pair:
     key = (id(options), options.options[0], len(options), user, pair)
     row = cache.get(key)
     if row is None:
-        row = np.array([profile.accuracy(o.steps, o.split_fraction, o.merge_ratio, user, pair) for o in options])
+        row = np.array([profile.accuracy(o.steps, o.split_fraction, o.merge_ratio, user, pair, o.codec) for o in options])
         row.flags.writeable = False
         cache[key] = row
     return row

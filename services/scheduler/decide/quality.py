@@ -25,6 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from tandem.codec.spec import ENCODINGS as CODECS
+
+BASE_CODEC = "fp16"  # the codec a profile's points are measured with
+
 BASE_USER = "base"
 
 
@@ -89,11 +93,19 @@ class QualityProfile:
     points: Mapping[str, Mapping[str, tuple[QualityPoint, ...]]]
     synthetic: bool = False
     metric: str = "accuracy"
+    # Accuracy a handoff codec loses against the points' own (fp16), measured (tandem-onboard
+    # --codecs): only codecs measured here are offered to the planner, priced by their loss.
+    codec_loss: Mapping[str, float] = field(default_factory=dict)
     _grids: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.points:
             raise QualityProfileError("quality profile has no pairs")
+        for codec, loss in self.codec_loss.items():
+            if codec not in CODECS or codec == BASE_CODEC:
+                raise QualityProfileError(f"codec_loss: unknown codec {codec!r} (known: {', '.join(c for c in CODECS if c != BASE_CODEC)})")
+            if not (math.isfinite(loss) and loss >= 0):
+                raise QualityProfileError(f"codec_loss[{codec!r}] must be finite and >= 0, got {loss}")
         for pair, users in self.points.items():
             if not users:
                 raise QualityProfileError(f"pair {pair!r} has no users")
@@ -121,10 +133,21 @@ class QualityProfile:
             return BASE_USER
         raise QualityProfileError(f"pair {self._pair(pair)!r} has no user {user!r} and no {BASE_USER!r}")
 
+    @property
+    def codecs(self) -> tuple[str, ...]:
+        """The handoff codecs this profile prices: fp16 and those with a measured loss."""
+        return (BASE_CODEC, *sorted(self.codec_loss))
+
     def accuracy(self, steps: float, split_fraction: float, merge_ratio: float,
-                 user: str = BASE_USER, pair: str | None = None) -> float:
+                 user: str = BASE_USER, pair: str | None = None, codec: str = BASE_CODEC) -> float:
         pair = self._pair(pair)
-        return self._grids[(pair, self.resolve_user(user, pair))](steps, split_fraction, merge_ratio)
+        value = self._grids[(pair, self.resolve_user(user, pair))](steps, split_fraction, merge_ratio)
+        if codec == BASE_CODEC or split_fraction <= 0:  # k = 0 sends nothing: no codec applies
+            return value
+        if codec not in self.codec_loss:
+            raise QualityProfileError(f"quality profile has no measured loss for codec {codec!r} "
+                                      f"(it prices {', '.join(self.codecs)})")
+        return value - self.codec_loss[codec]
 
     def _pair(self, pair: str | None) -> str:
         if pair is None:
@@ -142,6 +165,7 @@ class QualityProfile:
                 {"steps": p.steps, "split_fraction": p.split_fraction, "merge_ratio": p.merge_ratio,
                  "accuracy": p.accuracy} for p in pts]} for user, pts in users.items()}}
                 for pair, users in self.points.items()},
+            **({"codec_loss": dict(self.codec_loss)} if self.codec_loss else {}),
         }
 
     @classmethod
@@ -155,9 +179,10 @@ class QualityProfile:
                 }
                 for pair, body in pairs.items()
             }
-        except (KeyError, TypeError, AttributeError) as exc:
+            codec_loss = {str(c): float(v) for c, v in dict(data.get("codec_loss", {})).items()}
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise QualityProfileError(f"malformed quality profile: {type(exc).__name__}: {exc}") from exc
-        return cls(points, bool(data.get("synthetic", False)), str(data.get("metric", "accuracy")))
+        return cls(points, bool(data.get("synthetic", False)), str(data.get("metric", "accuracy")), codec_loss)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1))
