@@ -46,6 +46,7 @@ def test_writes_both_profiles_and_the_scheduler_command(onboarded):
     assert quality.accuracy(4, 0.5, 0.0, codec="int8") == pytest.approx(quality.accuracy(4, 0.5, 0.0) - quality.codec_loss["int8"])
     assert f"--quality-profile {out / 'quality_profile.json'}" in done.stdout
     assert f"--cost-profile {out / 'cost_profile.json'}" in done.stdout
+    assert "--policy " in done.stdout and "policies/general" in done.stdout  # a policy for profiles it never saw
 
 
 def test_a_second_run_resumes_instead_of_measuring_again(onboarded, tiny_packs):

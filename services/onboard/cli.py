@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from services.scheduler.defaults import DEFAULT_POLICY
 from services.scheduler.learn.profiling import positive_ints
 from tandem.codec.spec import ENCODINGS
 
@@ -189,7 +190,9 @@ def run(args: argparse.Namespace) -> int:
     _cost_profile(args, cost_path)
     quality_path = _quality_profile(args, large, small, users, out_dir)
     _log(f"done in {time.perf_counter() - started:.0f} s; start a scheduler on these profiles with:")
-    print(f"python -m services.scheduler --quality-profile {quality_path} --cost-profile {cost_path}")
+    general = DEFAULT_POLICY.parent / "general"  # trained on profile families: no retraining for a new pair
+    print(f"python -m services.scheduler --policy {general} --quality-profile {quality_path} --cost-profile {cost_path}")
+    print("# (--policy greedy_ls also chooses the handoff codec per link; slower in large frames)")
     print(f"# and plan as this device class: tandem generate ... --scheduler HOST:PORT --device-class {args.device_class}")
     return 0
 
