@@ -21,10 +21,12 @@ DEFAULT_QUALITY = DEMO_PACK / "quality_profile.json"
 DEMO_COSTS = Path(__file__).parent / "profiles" / "demo_cpu.json"
 BUILTIN = "builtin"  # the synthetic built-in cost profile
 SYNTHETIC = "synthetic"  # the synthetic quality profile
-# After the policy, one 1-opt sweep for frames of up to 32 users (a sweep is O(N²·options):
-# ~5 ms at 32 users; it lifts the policy where it is least exact, small frames).
+MAX_FRAME = 64  # users decided together at most (--max-frame)
+# After the policy, one 1-opt sweep in every frame the service decides (a sweep is O(N²·options),
+# a few ms at 64 users since it skips options that cannot improve): a policy is least exact on
+# profiles it was not trained on, and the sweep lifts it to greedy + LS's level (BENCHMARKS §4).
 POLISH_SWEEPS = 1
-POLISH_MAX_USERS = 32
+POLISH_MAX_USERS = MAX_FRAME
 
 
 def display_path(path: str | Path) -> str:

@@ -37,6 +37,7 @@ from services.scheduler.defaults import (
     DEFAULT_POLICY,
     DEFAULT_QUALITY,
     DEMO_COSTS,
+    MAX_FRAME,
     POLISH_MAX_USERS,
     POLISH_SWEEPS,
     default_cost_profile,
@@ -81,8 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"1-opt sweeps after the policy's decision in frames of at most "
                              f"--polish-max-users ({POLISH_SWEEPS}; 0 = the policy alone)")
     parser.add_argument("--polish-max-users", type=int, default=int(_env("polish_max_users", POLISH_MAX_USERS)),
-                        help=f"largest frame that gets the sweeps ({POLISH_MAX_USERS}; a sweep costs "
-                             "O(N²·options): ~5 ms at 32 users, ~30 ms at 100)")
+                        help=f"largest frame that gets the sweeps ({POLISH_MAX_USERS}: every frame at the "
+                             "default --max-frame; a sweep costs O(N²·options), a few ms at 64 users)")
     parser.add_argument("--guard-every", type=int, default=int(_env("guard_every", 10)),
                         help="check the policy against greedy + local search on one frame in this many, in the "
                              "background, and serve that instead once the policy falls >2%% behind (10; 0 = off)")
@@ -90,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="checked frames the guard's verdict sums over (10)")
     parser.add_argument("--frame-ms", type=float, default=float(_env("frame_ms", 20.0)),
                         help="plan requests arriving within this window are decided together (20)")
-    parser.add_argument("--max-frame", type=int, default=int(_env("max_frame", 64)), help="largest frame (64)")
+    parser.add_argument("--max-frame", type=int, default=int(_env("max_frame", MAX_FRAME)), help=f"largest frame ({MAX_FRAME})")
     parser.add_argument("--bandwidth-hz", type=float, default=float(_env("bandwidth_hz", 10e6)),
                         help="downlink band the frame's users share (10e6)")
     add_server_tls_args(parser, _env)
