@@ -18,7 +18,7 @@ from services.scheduler.decide.isolation import best_effort_plan, split_infeasib
 from services.scheduler.decide.options import DEFAULT_OPTIONS, OptionTable
 from services.scheduler.decide.planner import DeciderLike, Plan, plan_frame
 from services.scheduler.decide.quality import BASE_USER, PERSONALIZED_USER, QualityProfile
-from services.scheduler.decide.scenario import FrameContext, UserSpec
+from services.scheduler.decide.scenario import FrameContext, ObjectiveConfig, UserSpec
 from services.scheduler.edge_auth import MAX_ADDRESS_CHARS
 from services.scheduler.edges import EdgeLoad, EdgeRegistry
 from services.scheduler.pending import PendingPlans
@@ -169,6 +169,7 @@ class SchedulerCore:
     # What the planner chooses from. A policy brings its own table (its action space); a baseline
     # or the exact search is given every codec the quality profile prices (server.planner_options).
     options: OptionTable = DEFAULT_OPTIONS
+    objective: ObjectiveConfig = ObjectiveConfig()  # its budget_headroom: --budget-headroom
 
     def __post_init__(self) -> None:
         self._pending: PendingPlans[_Record] = PendingPlans(self.max_records, self.max_pending_per_user)
@@ -262,7 +263,7 @@ class SchedulerCore:
         # In a canonical order: the frame's plans must not depend on which request arrived first.
         joint = sorted((i for i in range(len(users)) if i not in reasons), key=lambda i: _canonical(users[i]))
         plans = dict(zip(joint, plan_frame([users[i] for i in joint], self.quality, costs, self.decider, ctx=self.ctx,
-                                          options=self.options)))
+                                          options=self.options, objective=self.objective)))
         for i in reasons:
             plans[i] = best_effort_plan(users[i], self.quality, costs, self.ctx, self.options)
         remote = [i for i in range(len(users)) if plans[i].split > 0]

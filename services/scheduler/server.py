@@ -31,8 +31,9 @@ from services.scheduler.decide.options import DEFAULT_OPTIONS, OptionTable, buil
 from services.scheduler.decide.planner import DeciderLike, warmup
 from services.scheduler.decide.policy import PolicyFormatError, SchedulerPolicy
 from services.scheduler.decide.quality import QualityProfile, QualityProfileError
-from services.scheduler.decide.scenario import FrameContext
+from services.scheduler.decide.scenario import FrameContext, ObjectiveConfig
 from services.scheduler.defaults import (
+    BUDGET_HEADROOM,
     BUILTIN,
     DEFAULT_POLICY,
     DEFAULT_QUALITY,
@@ -94,6 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-frame", type=int, default=int(_env("max_frame", MAX_FRAME)), help=f"largest frame ({MAX_FRAME})")
     parser.add_argument("--bandwidth-hz", type=float, default=float(_env("bandwidth_hz", 10e6)),
                         help="downlink band the frame's users share (10e6)")
+    parser.add_argument("--budget-headroom", type=float, default=float(_env("budget_headroom", BUDGET_HEADROOM)),
+                        help=f"plans aim at (1 - this) x each latency budget, so a prediction's noise does not "
+                             f"carry them over it ({BUDGET_HEADROOM}; 0: plan right up to the budget)")
     add_server_tls_args(parser, _env)
     add_tokens_arg(parser, _env)
     parser.add_argument("--edge-tokens", default=_env("edge_tokens", None), metavar="FILE",
@@ -110,6 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.edge = args.edge if args.edge is not None else env_edges
     for flag, ok in (("--frame-ms", args.frame_ms >= 0), ("--max-frame", args.max_frame >= 1),
                      ("--edge-ttl", args.edge_ttl > 0), ("--bandwidth-hz", args.bandwidth_hz > 0),
+                     ("--budget-headroom", 0 <= args.budget_headroom < 1),
                      ("--polish-sweeps", args.polish_sweeps >= 0), ("--polish-max-users", args.polish_max_users >= 0),
                      ("--guard-every", args.guard_every >= 0), ("--guard-window", args.guard_window >= 1),
                      ("--max-edges", args.max_edges >= 1), ("--max-pending-per-user", args.max_pending_per_user >= 1)):
@@ -152,7 +157,8 @@ def build_core(args: argparse.Namespace) -> SchedulerCore:
                          EdgeRegistry(args.edge_ttl, args.edge, max_edges=args.max_edges),
                          FrameContext(bandwidth_hz=args.bandwidth_hz),
                          max_pending_per_user=args.max_pending_per_user,
-                         options=planner_options(args.policy, quality))
+                         options=planner_options(args.policy, quality),
+                         objective=ObjectiveConfig(budget_headroom=args.budget_headroom))
 
 
 def planner_options(policy: str, quality: QualityProfile) -> OptionTable:

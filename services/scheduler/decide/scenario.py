@@ -52,6 +52,13 @@ class ObjectiveConfig:
     latency_weight: float = 0.03  # per second
     energy_weight: float = 0.002  # per joule
     violation_penalty: float = 1.0
+    # Plans aim at (1 - headroom) x each latency budget: a prediction is a median, and a plan
+    # placed right at the budget misses it about half the time (bench/links.py).
+    budget_headroom: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.budget_headroom < 1.0:
+            raise ValueError(f"budget_headroom must be in [0, 1), got {self.budget_headroom}")
 
 
 @dataclass(frozen=True)
