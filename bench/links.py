@@ -314,13 +314,13 @@ class SchedulerModel:
 
     def __init__(self, packs: Packs, budget_s: float, extra: tuple[Arm, ...]):
         from services.scheduler.decide.costs import CostProfile
-        from services.scheduler.decide.options import DEFAULT_OPTIONS, Option, OptionTable
+        from services.scheduler.decide.options import Option, OptionTable, build_option_table
         from services.scheduler.decide.quality import QualityProfile
 
         self.costs = CostProfile.load(packs.cost_profile)
         self.quality = QualityProfile.load(packs.quality_profile)
-        options = list(DEFAULT_OPTIONS)
-        for arm in extra:  # e.g. int8: the scheduler's table has fp16 only; its profile no codec axis
+        options = list(build_option_table(codecs=self.quality.codecs))  # what the scheduler chooses from
+        for arm in extra:  # a fixed arm outside it
             option = Option(arm.steps, arm.split, arm.merge_ratio, arm.encoding)
             if option not in options:
                 options.append(option)
@@ -335,7 +335,7 @@ class SchedulerModel:
         if link.name not in self._problems:
             ctx = FrameContext()
             user = UserSpec(link.name, DEVICE_CLASS, link.rate_mbit * 1e6 / ctx.bandwidth_hz,
-                            latency_budget_s=self.budget_s, rtt_s=link.rtt_ms / 1e3)
+                            latency_budget_s=self.budget_s, rtt_s=link.rtt_ms / 1e3, own_link=True)
             self._problems[link.name] = FrameProblem.build([user], self.quality, self.costs, self.options, ctx)
         return self._problems[link.name]
 
