@@ -54,3 +54,50 @@ def test_a_bad_headroom_is_one_line(bad, capsys):
     assert f"--budget-headroom: out of range, got {bad}" in capsys.readouterr().err
     with pytest.raises(ValueError, match="budget_headroom"):
         ObjectiveConfig(budget_headroom=float(bad))
+
+
+def test_a_users_own_under_predictions_move_only_its_own_target():
+    """A user whose plans ran 1.4x slower than predicted (three reports) gets plans aimed at
+    budget x 0.9 / 1.4; another user's plans with the same budget are identical before and after,
+    and the slow user's budget is still judged feasible against the budget itself."""
+    from services.scheduler.core import Measured, PlanReport
+
+    c = core(0.1)
+    budget = 1.2 * plan(c).plan.latency_seconds  # the free plan fits in 90% of it, not in 90% / 1.4
+
+    def planned(user: str):
+        (assigned,) = c.decide([PlanInput(device_class="phone", link=LINK, user_id=user, latency_budget_s=budget)], None)
+        return assigned
+
+    other_before = planned("other").plan
+    assert other_before.latency_seconds > budget * 0.9 / 1.4  # what the margin must change
+    for _ in range(3):  # a report with only time before the first event: it calibrates nothing shared
+        slow = planned("slow")
+        c.report(PlanReport(slow.plan_id, Measured(queue=1.4 * slow.plan.latency_seconds)))
+    careful = planned("slow")
+    assert careful.plan.latency_seconds <= budget * 0.9 / 1.4 + 1e-9 and not careful.budget_infeasible
+    other_after = planned("other").plan
+    assert (other_after.steps, other_after.split, other_after.codec, other_after.merge_ratio,
+            other_after.latency_seconds) == (other_before.steps, other_before.split, other_before.codec,
+                                             other_before.merge_ratio, other_before.latency_seconds)
+
+
+def test_user_margins_need_three_reports_take_a_high_quantile_and_are_bounded():
+    from services.scheduler.decide.calibration import MAX_MARGIN, UserMargins
+
+    margins = UserMargins(max_users=2)
+    margins.observe("u", 1.2, 1.0)
+    margins.observe("u", 1.1, 1.0)
+    assert margins.margin("u") == 0.0  # two reports claim nothing
+    margins.observe("u", 1.3, 1.0)
+    assert margins.margin("u") == pytest.approx(0.3)
+    for _ in range(10):
+        margins.observe("u", 100.0, 1.0)  # absurd reports cap at MAX_MARGIN
+    assert margins.margin("u") == MAX_MARGIN
+    margins.observe("fast", 0.5, 1.0)
+    for _ in range(3):
+        margins.observe("fast", 0.5, 1.0)
+    assert margins.margin("fast") == 0.0  # faster than predicted: no margin below 0
+    margins.observe("u", float("nan"), 1.0)  # ignored
+    margins.observe("third", 1.0, 1.0)
+    assert len(margins) == 2 and margins.margin("u") == 0.0  # the least recent user was forgotten

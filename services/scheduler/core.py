@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from services.scheduler.decide.calibration import MAX_RTT_S, RobustCalibrator, UserLinks
+from services.scheduler.decide.calibration import MAX_RTT_S, RobustCalibrator, UserLinks, UserMargins
 from services.scheduler.decide.costs import CostProfile, PhaseObservation
 from services.scheduler.decide.isolation import best_effort_plan, split_infeasible
 from services.scheduler.decide.options import DEFAULT_OPTIONS, OptionTable
@@ -176,6 +176,7 @@ class SchedulerCore:
         self._reported: OrderedDict[str, None] = OrderedDict()  # recently reported ids: a repeat is refused
         self._calibrator = RobustCalibrator(self.costs)
         self._links = UserLinks()  # each user's own rate and round trip, from its own reports
+        self._margins = UserMargins()  # how much slower than predicted each user's plans ran
         self._lock = threading.Lock()  # frames are decided on a worker thread, reports on the loop
 
     # --- plans ------------------------------------------------------------------------------
@@ -204,6 +205,8 @@ class SchedulerCore:
             _require(0 <= request.prompt_chars <= MAX_PROMPT_CHARS, "prompt_chars",
                      f"must be in 0..{MAX_PROMPT_CHARS}, got {request.prompt_chars}")
         planned = self.link_for(request, owner)
+        with self._lock:  # reports update the margins on another thread
+            margin = self._margins.margin(owner if owner is not None else request.user_id)
         return UserSpec(
             user_id=request.user_id,
             device_class=request.device_class,
@@ -214,6 +217,7 @@ class SchedulerCore:
             energy_budget_j=request.energy_budget_j or math.inf,
             rtt_s=planned.rtt_s,  # a user's own RTT shapes its own plan, nobody else's
             own_link=planned.own_link,
+            budget_margin=margin,  # the user's own under-prediction: only its own target moves
         ), planned
 
     def link_for(self, request: PlanInput, owner: str | None = None) -> PlannedLink:
@@ -323,6 +327,9 @@ class SchedulerCore:
             with self._lock:
                 self._links.observe(record.owner, report.handoff_bytes, m.transfer,
                                     round_overhead if m.queue > 0 else None)
+        if as_planned and plan.latency_seconds > 0 and m.total > 0:
+            with self._lock:
+                self._margins.observe(record.owner, m.total, plan.latency_seconds)
         return ReportOutcome(errors, m.total > record.user.latency_budget_s, m.total)
 
     def _observations(self, record: _Record, report: PlanReport, edge_steps: int, device_steps: int,
@@ -391,7 +398,7 @@ def measured_phases(m: Measured, edge_steps: int, planned_step_s: float = 0.0) -
 
 def _canonical(user: UserSpec) -> tuple:
     return (user.device_class, user.spectral_efficiency, user.latency_budget_s, user.energy_budget_j,
-            user.profile_user, user.personalized, user.rtt_s or 0.0, user.own_link, user.user_id)
+            user.profile_user, user.personalized, user.rtt_s or 0.0, user.own_link, user.budget_margin, user.user_id)
 
 
 def _require(ok: bool, field: str, message: str) -> None:

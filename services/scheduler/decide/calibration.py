@@ -149,3 +149,41 @@ class UserLinks:
     def get(self, user: str) -> LinkEstimate:
         window = self._users.get(user)
         return window.estimate() if window is not None else LinkEstimate()
+
+
+MAX_MARGIN = 0.5  # a user's own margin never shrinks its target below budget / 1.5
+MARGIN_QUANTILE = 0.8
+MARGIN_WINDOW = 10
+MARGIN_MIN_SAMPLES = 3
+
+
+class UserMargins:
+    """Per user: how much slower than predicted its own plans ran (measured / predicted end to end,
+    the last ``MARGIN_WINDOW`` reports run as planned). A user's margin, the 80th percentile of
+    that ratio less 1 (from 3 reports on, within [0, MAX_MARGIN]), moves that user's own latency
+    target below its budget and nobody else's: one user's slow device or hostile reports make only
+    its own plans more careful. Bounded like :class:`UserLinks`. Pure logic; the caller serializes."""
+
+    def __init__(self, max_users: int = MAX_LINK_USERS):
+        self.max_users = max_users
+        self._users: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._users)
+
+    def observe(self, user: str, measured_s: float, predicted_s: float) -> None:
+        if not (math.isfinite(measured_s) and math.isfinite(predicted_s) and measured_s > 0 and predicted_s > 0):
+            return
+        window = self._users.pop(user, None) or deque(maxlen=MARGIN_WINDOW)
+        self._users[user] = window  # most recent last
+        while len(self._users) > self.max_users:
+            self._users.popitem(last=False)
+        window.append(min(measured_s / predicted_s, 1.0 + 2 * MAX_MARGIN))
+
+    def margin(self, user: str) -> float:
+        window = self._users.get(user)
+        if window is None or len(window) < MARGIN_MIN_SAMPLES:
+            return 0.0
+        ratios = sorted(window)
+        ratio = ratios[min(len(ratios) - 1, int(MARGIN_QUANTILE * len(ratios)))]
+        return min(max(ratio - 1.0, 0.0), MAX_MARGIN)

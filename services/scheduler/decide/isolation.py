@@ -7,6 +7,7 @@ plans are then exactly those of the frame without it. Pure logic, no gRPC.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 
@@ -21,7 +22,8 @@ from services.scheduler.decide.scenario import FrameContext, UserSpec
 def _alone(users: Sequence[UserSpec], quality: QualityProfile, costs: CostProfile,
            ctx: FrameContext, options: OptionTable) -> tuple[FrameProblem, np.ndarray]:
     """The frame's problem and [N, K] latency of each option with the whole GPU (batch 1) and band."""
-    p = FrameProblem.build(users, quality, costs, options, ctx)
+    plain = [replace(u, budget_margin=0.0) for u in users]  # feasible = against the budget itself
+    p = FrameProblem.build(plain, quality, costs, options, ctx)
     return p, p.edge_steps[None, :] * float(p.edge_step_seconds(1)) + p.comm + p.local
 
 

@@ -111,7 +111,8 @@ class FrameProblem:
         local = local + own_comm
         coeff = costs.edge_coefficients(ctx.edge_pack)
         cap = max(ctx.edge_capacity, 1e-6)
-        deadline = np.array([u.latency_budget_s for u in users], float) * (1.0 - objective.budget_headroom)
+        margin = np.array([u.budget_margin for u in users], float)
+        deadline = np.array([u.latency_budget_s for u in users], float) * (1.0 - objective.budget_headroom) / (1.0 + margin)
         ebudget = np.array([u.energy_budget_j for u in users], float)
         obj = objective
         base = q - obj.latency_weight * local - obj.energy_weight * energy

@@ -26,6 +26,9 @@ class UserSpec:
     # True: spectral_efficiency x the band is this user's own rate (a measured or typed bit rate:
     # its own link), not a share of a band the frame's users split among themselves.
     own_link: bool = False
+    # The user's own measured under-prediction (calibration.UserMargins): its plans aim at its
+    # budget / (1 + margin) (after the frame's headroom). Feasibility ignores it.
+    budget_margin: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.spectral_efficiency > 0:
