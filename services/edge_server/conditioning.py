@@ -11,40 +11,15 @@ makes are those `start` makes (tests/test_edge_engine_efficiency.py checks with 
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
 
 import torch
 
+from tandem.lru import Lru
 from tandem.packs import ModelPack
 from tandem.request import GenerationRequest
 from tandem.sampling.denoise import DenoiseState, Guidance, initial_latent
 from tandem.sampling.schedule import Schedule, make_schedule
-
-K = TypeVar("K", bound=Hashable)
-V = TypeVar("V")
-
-
-class Lru(Generic[K, V]):
-    """A small least-recently-used map (bounded: prompts are user input)."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self._items: OrderedDict[K, V] = OrderedDict()
-
-    def get(self, key: K) -> V | None:
-        value = self._items.get(key)
-        if value is not None:
-            self._items.move_to_end(key)
-        return value
-
-    def put(self, key: K, value: V) -> None:
-        self._items[key] = value
-        self._items.move_to_end(key)
-        while len(self._items) > self.size:
-            self._items.popitem(last=False)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 import threading
 import uuid
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -23,6 +22,7 @@ from services.scheduler.edge_auth import MAX_ADDRESS_CHARS
 from services.scheduler.edges import EdgeLoad, EdgeRegistry
 from services.scheduler.pending import PendingPlans
 from tandem.codec.spec import DEFAULT_STRATEGY
+from tandem.lru import Lru
 
 MAX_PROMPT_CHARS = 1000
 MAX_RECORDS = 10_000  # plans awaiting a report, all users together
@@ -173,7 +173,7 @@ class SchedulerCore:
 
     def __post_init__(self) -> None:
         self._pending: PendingPlans[_Record] = PendingPlans(self.max_records, self.max_pending_per_user)
-        self._reported: OrderedDict[str, None] = OrderedDict()  # recently reported ids: a repeat is refused
+        self._reported: Lru[str, bool] = Lru(self.max_records)  # recently reported ids: a repeat is refused
         self._calibrator = RobustCalibrator(self.costs)
         self._links = UserLinks()  # each user's own rate and round trip, from its own reports
         self._margins = UserMargins()  # how much slower than predicted each user's plans ran
@@ -307,9 +307,7 @@ class SchedulerCore:
             if owner is not None and record.owner != owner:
                 raise NotYourPlan(report.plan_id)
             self._pending.pop(report.plan_id)
-            self._reported[report.plan_id] = None
-            while len(self._reported) > self.max_records:
-                self._reported.popitem(last=False)
+            self._reported.put(report.plan_id, True)
         plan = record.assigned.plan
         edge_steps, device_steps = report.edge_steps, report.device_steps
         if edge_steps == 0 and device_steps == 0:

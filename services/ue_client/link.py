@@ -25,12 +25,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from tandem.link import WINDOW, LinkEstimate, LinkWindow, is_number, rate_bps
+from tandem.lru import Lru
 
 MAX_EDGES = 64  # edges remembered; the least recently used is forgotten
 STATE_ENV = "TANDEM_LINK_STATE"
@@ -55,22 +55,19 @@ class LinkBook:
     """Per-edge link estimates, at most ``max_edges`` (least recently used forgotten)."""
 
     def __init__(self, max_edges: int = MAX_EDGES):
-        self.max_edges = max_edges
-        self._edges: OrderedDict[str, LinkWindow] = OrderedDict()
+        self._edges: Lru[str, LinkWindow] = Lru(max_edges)
 
     def record(self, edge: str, sample: LinkSample) -> None:
-        window = self._edges.pop(edge, None) or LinkWindow()
+        window = self._edges.peek(edge) or LinkWindow()
         window.add(sample.nbytes, sample.transfer_s, sample.rtt_s)
-        self._edges[edge] = window  # most recent last
-        while len(self._edges) > self.max_edges:
-            self._edges.popitem(last=False)
+        self._edges.put(edge, window)  # now the most recently used
 
     def estimate(self, edge: str | None = None) -> LinkEstimate:
         """The estimate for ``edge``; for None, the edge measured last (before a plan names one,
         the CLI does not know which edge it will get: the last one is the best guess)."""
         if edge is None:
-            edge = next(reversed(self._edges), None)
-        window = self._edges.get(edge) if edge is not None else None
+            edge = self._edges.newest()
+        window = self._edges.peek(edge) if edge is not None else None
         return window.estimate() if window is not None else LinkEstimate()
 
     def to_dict(self) -> dict:
@@ -92,9 +89,7 @@ class LinkBook:
             if not isinstance(rates, list) or not isinstance(rtts, list) \
                     or not all(is_number(v) for v in (*rates, *rtts)):
                 raise ValueError(f"samples of edge {edge!r} are not lists of numbers")
-            book._edges[edge] = LinkWindow(rates[-WINDOW:], rtts[-WINDOW:])
-        while len(book._edges) > book.max_edges:
-            book._edges.popitem(last=False)
+            book._edges.put(edge, LinkWindow(rates[-WINDOW:], rtts[-WINDOW:]))
         return book
 
 

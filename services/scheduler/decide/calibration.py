@@ -18,13 +18,14 @@ plans of the user who sent it.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from statistics import fmean
 
 from services.scheduler.decide.costs import CostProfile, EdgeCoefficients, PhaseObservation
 from tandem.link import MAX_RTT_S, LinkEstimate, LinkWindow
+from tandem.lru import Lru
 
 PRIOR_WEIGHT = 2  # the profile's value as this many samples: a lone sample is always trimmed
 WINDOW = 32
@@ -130,8 +131,7 @@ class UserLinks:
     identities bounds its own memory. Pure logic; the caller serializes calls."""
 
     def __init__(self, max_users: int = MAX_LINK_USERS):
-        self.max_users = max_users
-        self._users: OrderedDict[str, LinkWindow] = OrderedDict()
+        self._users: Lru[str, LinkWindow] = Lru(max_users)
         self.rejected = 0  # impossible samples dropped
 
     def __len__(self) -> int:
@@ -140,14 +140,12 @@ class UserLinks:
     def observe(self, user: str, nbytes: int, transfer_s: float, rtt_s: float | None) -> None:
         """One report of ``user``: ``nbytes`` arrived in ``transfer_s``; ``rtt_s`` the round's fixed
         cost (None: not measured)."""
-        window = self._users.pop(user, None) or LinkWindow()
-        self._users[user] = window  # most recent last
-        while len(self._users) > self.max_users:
-            self._users.popitem(last=False)
+        window = self._users.peek(user) or LinkWindow()
+        self._users.put(user, window)  # now the most recently reporting
         self.rejected += window.add(nbytes, transfer_s, rtt_s)
 
     def get(self, user: str) -> LinkEstimate:
-        window = self._users.get(user)
+        window = self._users.peek(user)
         return window.estimate() if window is not None else LinkEstimate()
 
 
@@ -165,8 +163,7 @@ class UserMargins:
     its own plans more careful. Bounded like :class:`UserLinks`. Pure logic; the caller serializes."""
 
     def __init__(self, max_users: int = MAX_LINK_USERS):
-        self.max_users = max_users
-        self._users: OrderedDict[str, deque[float]] = OrderedDict()
+        self._users: Lru[str, deque[float]] = Lru(max_users)
 
     def __len__(self) -> int:
         return len(self._users)
@@ -174,14 +171,12 @@ class UserMargins:
     def observe(self, user: str, measured_s: float, predicted_s: float) -> None:
         if not (math.isfinite(measured_s) and math.isfinite(predicted_s) and measured_s > 0 and predicted_s > 0):
             return
-        window = self._users.pop(user, None) or deque(maxlen=MARGIN_WINDOW)
-        self._users[user] = window  # most recent last
-        while len(self._users) > self.max_users:
-            self._users.popitem(last=False)
+        window = self._users.peek(user) or deque(maxlen=MARGIN_WINDOW)
         window.append(min(measured_s / predicted_s, 1.0 + 2 * MAX_MARGIN))
+        self._users.put(user, window)  # now the most recently reporting
 
     def margin(self, user: str) -> float:
-        window = self._users.get(user)
+        window = self._users.peek(user)
         if window is None or len(window) < MARGIN_MIN_SAMPLES:
             return 0.0
         ratios = sorted(window)
