@@ -23,9 +23,9 @@ import sys
 import time
 from pathlib import Path
 
+from services.scheduler.decide.quality import PRICED_CODECS
 from services.scheduler.defaults import DEFAULT_POLICY
 from services.scheduler.learn.profiling import positive_ints
-from tandem.codec.spec import ENCODINGS
 
 PROG = "tandem-onboard"
 
@@ -67,8 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.codecs = () if args.codecs.strip() == "none" else tuple(c.strip() for c in args.codecs.split(",") if c.strip())
     for codec in args.codecs:
-        if codec not in ENCODINGS or codec == "fp16":
-            parser.error(f"--codecs: unknown codec {codec!r} (choose from {', '.join(c for c in ENCODINGS if c != 'fp16')}, or none)")
+        if codec not in PRICED_CODECS:
+            parser.error(f"--codecs: unknown codec {codec!r} (choose from {', '.join(PRICED_CODECS)}, or none)")
     if args.n is not None and args.n < 1:
         parser.error(f"--n: must be >= 1, got {args.n}")
     if args.threads is not None and args.threads < 1:

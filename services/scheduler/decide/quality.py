@@ -28,6 +28,7 @@ import numpy as np
 from tandem.codec.spec import ENCODINGS as CODECS
 
 BASE_CODEC = "fp16"  # the codec a profile's points are measured with
+PRICED_CODECS = tuple(c for c in CODECS if c != BASE_CODEC)  # those a profile may price (codec_loss)
 
 BASE_USER = "base"
 
@@ -102,8 +103,8 @@ class QualityProfile:
         if not self.points:
             raise QualityProfileError("quality profile has no pairs")
         for codec, loss in self.codec_loss.items():
-            if codec not in CODECS or codec == BASE_CODEC:
-                raise QualityProfileError(f"codec_loss: unknown codec {codec!r} (known: {', '.join(c for c in CODECS if c != BASE_CODEC)})")
+            if codec not in PRICED_CODECS:
+                raise QualityProfileError(f"codec_loss: unknown codec {codec!r} (known: {', '.join(PRICED_CODECS)})")
             if not (math.isfinite(loss) and loss >= 0):
                 raise QualityProfileError(f"codec_loss[{codec!r}] must be finite and >= 0, got {loss}")
         for pair, users in self.points.items():
