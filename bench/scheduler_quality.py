@@ -8,7 +8,7 @@
    the denoising the edge does and its mean batch.
 3. Budget violations on the training distribution (N = 1..100): the PID-Lagrangian policy vs the
    unconstrained PPO policy (same steps budget, λ = 0).
-4. Decision latency at N = 100 (and 32, the largest frame the service polishes): decider + allocator (closed form; when a budget binds, the exact
+4. Decision latency at N = 100 (and 64, the largest frame the service decides): decider + allocator (closed form; when a budget binds, the exact
    active-set re-solve, cvxpy only if that can't decide), p50 / p99; and plan_frame end to end
    (incl. building the frame's arrays).
 Prints markdown tables. Profiles: the service's defaults (the demo pack's measured quality and cost
@@ -35,12 +35,12 @@ from services.scheduler.decide.planner import schedule_frame  # noqa: E402
 from services.scheduler.decide.policy import SchedulerPolicy  # noqa: E402
 from services.scheduler.decide.problem import FrameProblem  # noqa: E402
 from services.scheduler.decide.scenario import DEFAULT_SCENARIO, sample_frame, scenario_for  # noqa: E402
-from services.scheduler.defaults import BUILTIN, DEFAULT_QUALITY, POLISH_MAX_USERS, POLISH_SWEEPS, default_cost_profile, display_path, load_profiles  # noqa: E402
+from services.scheduler.defaults import BUILTIN, DEFAULT_QUALITY, MAX_FRAME, POLISH_SWEEPS, POLISH_VISITS, default_cost_profile, display_path, load_profiles  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIO = DEFAULT_SCENARIO  # set in main() from the profiles
 POLICIES = ROOT / "services" / "scheduler" / "policies"
-POLISHED = f"service (policy + {POLISH_SWEEPS} sweep if N ≤ {POLISH_MAX_USERS})"  # the service's default decider
+POLISHED = f"service (policy + {POLISH_SWEEPS} sweeps, {POLISH_VISITS} visits at most)"  # the service's default decider
 ORDER = ["policy", POLISHED, "policy (unconstrained)", "greedy_ls", "best_fixed_split", "all_edge", "all_device", "greedy",
          "random"]
 
@@ -52,7 +52,7 @@ def deciders(policy_dir: Path) -> dict:
         if (path / "config.json").exists():
             out[name] = SchedulerPolicy.load(path, DEFAULT_OPTIONS)
     if "policy" in out:
-        out[POLISHED] = polished(out["policy"], POLISH_SWEEPS, POLISH_MAX_USERS)
+        out[POLISHED] = polished(out["policy"], POLISH_SWEEPS, POLISH_VISITS)
     out.update({k: BASELINES[k] for k in ORDER if k in BASELINES})
     return {k: out[k] for k in ORDER if k in out}
 
@@ -214,7 +214,7 @@ def main() -> int:
         violations(ds, quality, costs, args.frames, args.seed + 2)
     if run("latency"):
         latency(ds, quality, costs, min(args.frames, 200), 100, args.seed + 3)
-        latency(ds, quality, costs, min(args.frames, 200), POLISH_MAX_USERS, args.seed + 4)
+        latency(ds, quality, costs, min(args.frames, 200), MAX_FRAME, args.seed + 4)
     return 0
 
 

@@ -79,8 +79,12 @@ def test_a_polished_decider_repairs_a_bad_decision_in_one_sweep():
         assert after >= before
         assert p.mask[np.arange(p.n_users), fixed].all()
     assert after > before  # all-device is far from the best on the default scenario
-    # frames above max_users keep the decider's choice untouched
-    np.testing.assert_array_equal(polished(all_device, sweeps=1, max_users=5)(p), bad)
+    # a visit budget stops the search after that many users: the others keep the decider's choice
+    capped = polished(all_device, sweeps=2, max_visits=3)(p)
+    np.testing.assert_array_equal(capped[3:], bad[3:])
+    assert (capped[:3] != bad[:3]).any()
+    # a budget of one frame's users is exactly one sweep
+    np.testing.assert_array_equal(polished(all_device, sweeps=5, max_visits=p.n_users)(p), fixed)
 
 
 def test_the_scheduler_server_rejects_a_negative_polish(capsys):
@@ -90,8 +94,8 @@ def test_the_scheduler_server_rejects_a_negative_polish(capsys):
         parse_args(["--polish-sweeps", "-1"])
     assert "--polish-sweeps: out of range, got -1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        parse_args(["--polish-max-users", "-2"])
-    assert "--polish-max-users: out of range, got -2" in capsys.readouterr().err
+        parse_args(["--polish-visits", "0"])
+    assert "--polish-visits: out of range, got 0" in capsys.readouterr().err
 
 
 def test_the_server_warns_when_the_policy_was_trained_on_other_profiles(tmp_path, caplog):

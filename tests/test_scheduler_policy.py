@@ -96,10 +96,10 @@ def test_the_service_decider_plans_a_lone_user_optimally(device_class):
     profiles: a frame of one user, base or personalized, gets the exact optimum."""
     from services.scheduler.decide.baselines import polished
     from services.scheduler.decide.exact import exact_optimum
-    from services.scheduler.defaults import POLISH_MAX_USERS, POLISH_SWEEPS
+    from services.scheduler.defaults import POLISH_SWEEPS, POLISH_VISITS
 
     quality, costs = load_profiles(DEFAULT_QUALITY, DEMO_COSTS)
-    decider = polished(SchedulerPolicy.load(SHIPPED, DEFAULT_OPTIONS), POLISH_SWEEPS, POLISH_MAX_USERS)
+    decider = polished(SchedulerPolicy.load(SHIPPED, DEFAULT_OPTIONS), POLISH_SWEEPS, POLISH_VISITS)
     for user in ("base", "alice", "bob"):
         spec = UserSpec("u", device_class, 5.0, personalized=user != "base", profile_user=user)
         problem = FrameProblem.build([spec], quality, costs, DEFAULT_OPTIONS)

@@ -25,11 +25,12 @@ MAX_FRAME = 64  # users decided together at most (--max-frame)
 # Plans aim at 90% of a latency budget: live predictions are off by a median 7-9%, p90 11-21%
 # (bench/links.py at rest), so a plan placed at the budget itself missed it in 12-38% of requests.
 BUDGET_HEADROOM = 0.1
-# After the policy, one 1-opt sweep in every frame the service decides (a sweep is O(N²·options),
-# a few ms at 64 users since it skips options that cannot improve): a policy is least exact on
-# profiles it was not trained on, and the sweep lifts it to greedy + LS's level (BENCHMARKS §4).
-POLISH_SWEEPS = 1
-POLISH_MAX_USERS = MAX_FRAME
+# After the policy, 1-opt sweeps in every frame the service decides: at most 2, and at most 2 x
+# MAX_FRAME user visits (a frame of 100 gets 1.28 sweeps: its decision stays within ~10 ms). A
+# policy is least exact on profiles it was not trained on; the sweeps lift it to greedy + LS's
+# level there (BENCHMARKS §4).
+POLISH_SWEEPS = 2
+POLISH_VISITS = 2 * MAX_FRAME
 
 
 def display_path(path: str | Path) -> str:

@@ -10,7 +10,7 @@ the guard logs one line and falls back: every later frame is decided by the refe
 service restarts. A sample that arrives while a check is still running is skipped, so the checks
 never cost more than one core's spare time.
 
-    decider = PolicyGuard(polished(policy, 1, 64), GuardConfig(sample_every=10))
+    decider = PolicyGuard(polished(policy, 2, 128), GuardConfig(sample_every=10))
     plan_frame(users, quality, costs, decider)           # the policy, or greedy + LS after a fallback
     decider.status()                                      # GuardStatus(checked, ratio, fallback, ...)
 """

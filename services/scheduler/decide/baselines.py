@@ -61,14 +61,19 @@ def random_choice(problem: FrameProblem, seed: int = 0) -> np.ndarray:
     return np.array([rng.choice(np.flatnonzero(m)) for m in problem.mask], dtype=int)
 
 
-def local_search(problem: FrameProblem, sel: np.ndarray, max_sweeps: int = 50) -> np.ndarray:
+def local_search(problem: FrameProblem, sel: np.ndarray, max_sweeps: int = 50,
+                 max_visits: int | None = None) -> np.ndarray:
     """1-opt: each user in turn takes its best allowed option given the others; stop when a
-    whole sweep changes nothing.
+    whole sweep changes nothing, after ``max_sweeps`` sweeps, or after ``max_visits`` user visits
+    (a bound on the work that does not grow with the frame: sweeps cost O(N) visits each).
 
     A user's move changes the frame's sums (Σ√k, Σ√c, edge users), so every user's latency and
-    penalty; the utility part of J is O(1) per option from the sums. Penalties are >= 0, so an
-    option's utility bounds its J: only options whose utility beats the current J need the O(N)
-    penalty check (a handful per user in a frame without violations, not all K).
+    penalty. Per user, the utility part of J and the user's own penalty are O(1) per option from
+    the sums (one vector over the options). Penalties are >= 0, so that value bounds an option's
+    J: only options that beat the current J are candidates, and of the other users only those
+    whose latency could pass their limit under the candidates' largest coefficients (latencies
+    are monotone in them) need a per-candidate check. Same moves as evaluating every option on
+    the whole frame (tested), without the O(N·K) matrix per user.
     """
     p = problem
     sel = np.array(sel, dtype=int)
@@ -76,43 +81,54 @@ def local_search(problem: FrameProblem, sel: np.ndarray, max_sweeps: int = 50) -
     if n == 0:
         return sel
     rows = np.arange(n)
-    lam, penalty = p.objective_cfg.latency_weight, p.objective_cfg.violation_penalty
+    lam, over_cost = p.objective_cfg.latency_weight, p.objective_cfg.violation_penalty - 1.0
     limit = p.deadline * (1 + 1e-9)
     inv_deadline = np.where(np.isfinite(p.deadline), 1.0 / p.deadline, 0.0)
     has_deadline = bool(np.isfinite(p.deadline).any())
-    allowed = [np.flatnonzero(m) for m in p.mask]
+    blocked = np.where(p.mask, 0.0, -np.inf)  # [N, K], added to a user's option values
+    uses_edge, sqrt_k = p.uses_edge, p.sqrt_k
+    edge_flag = uses_edge.astype(int).tolist()
+    g_of = p.edge_step_seconds(np.arange(n + 2)).tolist()  # g(n_edge) for every count
     current = float(p.evaluate_batch(sel[None])[0])
-    for _ in range(max_sweeps):
+    visits_left = max_sweeps * n if max_visits is None else min(max_visits, max_sweeps * n)
+    while visits_left > 0:
         improved = False
-        sk, sc, local = p.sqrt_k[sel].astype(float), p.sqrt_c[rows, sel], p.local[rows, sel]
-        s_k, s_c, base = sk.sum(), sc.sum(), float(p.base_value[rows, sel].sum())
-        n_edge = int(p.uses_edge[sel].sum())
-        for i in range(n):
-            opts, cur = allowed[i], sel[i]
-            sk_o, sc_o = p.sqrt_k[opts], p.sqrt_c[i, opts]
-            s_k2, s_c2 = s_k - sk[i] + sk_o, s_c - sc[i] + sc_o
-            g2 = p.edge_step_seconds(n_edge - int(p.uses_edge[cur]) + p.uses_edge[opts])
-            util = base - p.base_value[i, cur] + p.base_value[i, opts] - lam * (g2 * s_k2**2 + s_c2**2)
+        sk, sc, local = sqrt_k[sel].astype(float), p.sqrt_c[rows, sel], p.local[rows, sel]
+        s_k, s_c, base = float(sk.sum()), float(sc.sum()), float(p.base_value[rows, sel].sum())
+        n_edge = int(uses_edge[sel].sum())
+        for i in range(min(n, visits_left)):
+            cur = int(sel[i])
+            rest = n_edge - edge_flag[cur]
+            s_k2 = sqrt_k + (s_k - sk[i])  # Σ√k with user i on each option
+            b = p.sqrt_c[i] + (s_c - sc[i])  # Σ√c likewise
+            a = np.where(uses_edge, g_of[rest + 1], g_of[rest]) * s_k2  # L_j = a·√k_j + b·√c_j + local_j
+            base_i = p.base_value[i]
+            value = base_i + (base - base_i[cur]) - lam * (a * s_k2 + b * b) + blocked[i]
+            if limit[i] < np.inf:
+                own = a * sqrt_k + b * p.sqrt_c[i] + p.local[i]
+                value = value - (own * inv_deadline[i] + over_cost) * (own > limit[i])
             tol = 1e-12 * max(1.0, abs(current))
+            cand = np.flatnonzero(value > current + tol)
+            if cand.size == 0:
+                continue
+            values = value[cand]
             if has_deadline:
-                values = np.full(len(opts), -np.inf)
-                cand = np.flatnonzero(util > current + tol)
-                if cand.size == 0:
-                    continue
-                a, b = g2[cand] * s_k2[cand], s_c2[cand]  # L_j = a·√k_j + b·√c_j + local_j
-                lat = a[:, None] * sk[None, :] + b[:, None] * sc[None, :] + local[None, :]
-                lat[:, i] = a * sk_o[cand] + b * sc_o[cand] + p.local[i, opts[cand]]
-                values[cand] = util[cand] - np.where(lat > limit, penalty + lat * inv_deadline - 1.0, 0.0).sum(1)
-            else:
-                values = util
+                a_c, b_c = a[cand], b[cand]
+                worst = a_c.max() * sk + b_c.max() * sc + local
+                worst[i] = -np.inf  # user i's own penalty is in `value`
+                risky = np.flatnonzero(worst > limit)
+                if risky.size:
+                    lat = a_c[:, None] * sk[risky] + b_c[:, None] * sc[risky] + local[risky]
+                    values = values - ((lat * inv_deadline[risky] + over_cost) * (lat > limit[risky])).sum(1)
             best = int(np.argmax(values))
             if values[best] > current + tol:
-                o = opts[best]
-                s_k, s_c = s_k2[best], s_c2[best]
-                base += p.base_value[i, o] - p.base_value[i, cur]
-                n_edge += int(p.uses_edge[o]) - int(p.uses_edge[cur])
-                sel[i], sk[i], sc[i], local[i] = o, p.sqrt_k[o], p.sqrt_c[i, o], p.local[i, o]
+                o = int(cand[best])
+                s_k, s_c = float(s_k2[o]), float(b[o])
+                base += float(base_i[o] - base_i[cur])
+                n_edge += edge_flag[o] - edge_flag[cur]
+                sel[i], sk[i], sc[i], local[i] = o, sqrt_k[o], p.sqrt_c[i, o], p.local[i, o]
                 current, improved = float(values[best]), True
+        visits_left -= n
         if not improved:
             break
     return sel
@@ -122,17 +138,14 @@ def greedy_ls(problem: FrameProblem) -> np.ndarray:
     return local_search(problem, best_alone(problem))
 
 
-def polished(decider: Decider, sweeps: int = 1, max_users: int | None = None) -> Decider:
-    """`decider`, then `sweeps` 1-opt sweeps on the frame objective, for frames of at most
-    ``max_users`` users (all when None). A sweep is N·K frame evaluations, O(N²·K): ~2 ms at
-    N = 10 and ~30 ms at N = 100 on one CPU core, so it pays for small frames, where a policy
-    trained across frame sizes is least exact; it also repairs a policy run on profiles it was
-    not trained on."""
+def polished(decider: Decider, sweeps: int = 1, max_visits: int | None = None) -> Decider:
+    """`decider`, then 1-opt on the frame objective: at most `sweeps` sweeps and at most
+    ``max_visits`` user visits (no bound when None), so small frames get every sweep and a large
+    one a bounded amount of work (a visit is ~20-40 µs at N = 100 on one CPU core). A policy is
+    least exact on profiles it was not trained on; the sweeps lift it to greedy + local search's
+    level there (BENCHMARKS §4)."""
     def decide(problem: FrameProblem) -> np.ndarray:
-        sel = decider(problem)
-        if max_users is not None and problem.n_users > max_users:
-            return sel
-        return local_search(problem, sel, max_sweeps=sweeps)
+        return local_search(problem, decider(problem), max_sweeps=sweeps, max_visits=max_visits)
 
     return decide
 
