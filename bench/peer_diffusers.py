@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/peer_diffusers.py [--pack tandem/demo_pack] [--users 16]
         [--steps 20] [--rounds 3] [--gap 0.1] [--only batch,staggered,memory]
+        [--device-python "$(bench/device_env.sh)"]
 
 1. batch: N users arrive together. diffusers' StableDiffusionPipeline runs them as one static batch
    of N in this process (output_type="latent", no decode); the edge server (its own process, gRPC,
@@ -14,7 +15,11 @@
    the decode) vs one that makes the whole image on the large pack, and the import floor of each;
    the device three times: loaded in full as before issue 18 (the whole VAE), lean and encoding its
    prompt itself, lean and given the prompt embeddings (as if the handoff carried them: no text
-   encoder loads). Medians over `--rounds` interleaved fresh processes.
+   encoder loads). Medians over `--rounds` interleaved fresh processes. With --device-python, every
+   memory process runs in this environment (.venv: every extra) and in one with the device's
+   dependencies only (`tandem[ue]`, as the device's image installs; bench/device_env.sh makes it),
+   interleaved. Then, per environment, the import floor one import after another, and the SD
+   1.5-scale text encoder against the prompt embedding a handoff would carry instead.
 
 Both sides run one torch thread per process (the services' setting on a 2-core machine).
 """
@@ -131,7 +136,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel  # wha
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 def rss_kib(kind="VmRSS"):  # resident now (ru_maxrss is a peak: import-time spikes would hide the load)
     return int(next(line for line in open("/proc/self/status") if line.startswith(kind)).split()[1])
-floor, heap_floor = rss_kib(), rss_kib("RssAnon")  # the heap: RSS less the code pages (file-backed)
+floor, heap_floor, file_floor = rss_kib(), rss_kib("RssAnon"), rss_kib("RssFile")  # heap; file-backed: code
 if role == "device-loaded-in-full":  # as load_pack did before issue 18: the whole VAE
     import tandem.packs
     tandem.packs._load_vae = lambda directory, dtype: AutoencoderKL.from_pretrained(directory, torch_dtype=dtype)
@@ -154,7 +159,8 @@ run_steps(p, s, steps)
 decode(p, s.latent)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({{"floor_kib": floor, "peak_kib": peak, "end_kib": rss_kib(), "heap_floor_kib": heap_floor,
-                  "heap_end_kib": rss_kib("RssAnon")}}))
+                  "heap_end_kib": rss_kib("RssAnon"), "file_floor_kib": file_floor,
+                  "file_end_kib": rss_kib("RssFile")}}))
 """
 MEMORY_ROLES = ("device-loaded-in-full", "device", "device-given-embedding", "large")
 # The import floor alone, in fresh processes: what load_pack imported before issue 18 (diffusers'
@@ -170,54 +176,143 @@ import torch
 {imports}
 print(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1])
 """
+# Where the floor comes from: RSS after each import, one after another in one fresh process (each
+# row counts what the rows above did not already import). Rows 2-5 are what diffusers' package
+# __init__s import on the way to the model classes (torch._dynamo: diffusers.utils.torch_utils;
+# scipy: its schedulers and transformers' losses, whenever scipy is installed; transformers:
+# diffusers.quantizers; peft: diffusers.hooks); the last is what the device service adds.
+FLOOR_STEPS = ("torch", "torch._dynamo", "scipy.stats", "scipy.optimize", "accelerate", "transformers", "peft",
+               "diffusers.models.unets.unet_2d_condition", "diffusers.models.autoencoders.autoencoder_kl",
+               "services.ue_client.service")
+FLOOR_STEPS_SCRIPT = """
+import importlib.util, json, sys
+sys.path.insert(0, {root!r})
+def rss_kib():
+    return int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1])
+seen = {{"python": rss_kib()}}
+for name in {steps!r}:
+    if importlib.util.find_spec(name.split(".")[0]) is not None:  # scipy: only where installed
+        __import__(name)
+        seen[name] = rss_kib()
+print(json.dumps(seen))
+"""
 
 
-def fresh_python(script: str, *args: str) -> str:
-    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, check=True,
+# Shipping the prompt embedding instead of loading a text encoder, at SD 1.5 scale: SD's CLIP
+# ViT-L/14 text encoder built from its published configuration (random weights: nothing from a
+# hub, and weights' values do not change memory), encoding a prompt and its negative, in the
+# dtype a device runs it in; the tokenizer is not counted (its vocabulary files are not at hand).
+SD_TEXT_SCRIPT = """
+import json, resource, sys
+import torch
+from transformers.models.clip.configuration_clip import CLIPTextConfig
+from transformers.models.clip.modeling_clip import CLIPTextModel
+def rss_kib():
+    return int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1])
+torch.set_num_threads(1)
+floor = rss_kib()
+config = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+torch.set_default_dtype(getattr(torch, sys.argv[1]))
+model = CLIPTextModel(config).eval()
+with torch.no_grad():
+    hidden = model(torch.randint(0, config.vocab_size, (2, 77)))[0]
+print(json.dumps({"params": sum(p.numel() for p in model.parameters()), "floor_kib": floor,
+                  "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                  "embedding_bytes": hidden[0].numel() * hidden.element_size()}))
+"""
+
+
+def sd_text_lines(rounds: int) -> list[str]:
+    from tandem.codec.spec import CodecSpec, handoff_size
+
+    handoff = handoff_size(4, 64, 64, CodecSpec("fp16"), 20, 10)  # SD 1.5 at 512 px, k = T/2
+    lines = []
+    for dtype in ("float32", "float16"):
+        runs = [json.loads(fresh_python(SD_TEXT_SCRIPT, dtype)) for _ in range(rounds)]
+        above = statistics.median(r["peak_kib"] - r["floor_kib"] for r in runs) / 1024
+        embedding = runs[0]["embedding_bytes"]
+        lines.append(f"SD 1.5 scale, {dtype}: the text encoder ({runs[0]['params'] / 1e6:.0f}M params) encoding a "
+                     f"prompt peaks {above:.0f} MiB above its floor; the embedding it makes is {embedding:,} B "
+                     f"(+ as much again for the negative) vs the fp16 handoff at k = T/2 {handoff:,} B -> "
+                     f"{embedding / handoff:.1f}x, with the negative {2 * embedding / handoff:.1f}x")
+    return lines
+
+
+def fresh_python(script: str, *args: str, python: str = sys.executable) -> str:
+    done = subprocess.run([python, "-c", script, *args], capture_output=True, text=True, check=True,
                           env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
     return done.stdout.strip().splitlines()[-1]
 
 
-def memory(pack: Path, steps: int, rounds: int) -> dict[str, dict[str, float]]:
-    """Each role's figures, medians over `rounds` interleaved fresh processes."""
+def memory(pack: Path, steps: int, rounds: int, pythons: dict[str, str]) -> dict[str, dict[str, dict[str, float]]]:
+    """Each environment's and role's figures, medians over `rounds` interleaved fresh processes."""
     script = MEMORY_SCRIPT.format(root=str(ROOT))
-    runs: dict[str, list[dict[str, int]]] = {role: [] for role in MEMORY_ROLES}
+    runs: dict[str, dict[str, list[dict[str, int]]]] = {env: {role: [] for role in MEMORY_ROLES} for env in pythons}
     for _ in range(rounds):
-        for role in MEMORY_ROLES:
-            runs[role].append(json.loads(fresh_python(script, role, str(pack), str(steps))))
-    return {role: {key: statistics.median(r[key] for r in seen) for key in seen[0]} for role, seen in runs.items()}
+        for env, python in pythons.items():
+            for role in MEMORY_ROLES:
+                runs[env][role].append(json.loads(fresh_python(script, role, str(pack), str(steps), python=python)))
+    return {env: {role: {key: statistics.median(r[key] for r in seen) for key in seen[0]}
+                  for role, seen in by_role.items()} for env, by_role in runs.items()}
 
 
-def import_floors(rounds: int) -> dict[str, float]:
-    """Median RSS (KiB) after each import set, in interleaved fresh processes."""
-    seen: dict[str, list[int]] = {name: [] for name in FLOOR_IMPORTS}
+def import_floors(rounds: int, pythons: dict[str, str]) -> dict[str, float]:
+    """Median RSS (KiB) after each import set, in interleaved fresh processes: the sets of
+    FLOOR_IMPORTS in this environment, "now" in the others."""
+    tries = {name: (imports, sys.executable) for name, imports in FLOOR_IMPORTS.items()}
+    tries |= {f"now, {env}": (FLOOR_IMPORTS["now"], python) for env, python in pythons.items() if env != "dev"}
+    seen: dict[str, list[int]] = {name: [] for name in tries}
     for _ in range(rounds):
-        for name, imports in FLOOR_IMPORTS.items():
-            seen[name].append(int(fresh_python(FLOOR_SCRIPT.format(imports=imports))))
+        for name, (imports, python) in tries.items():
+            seen[name].append(int(fresh_python(FLOOR_SCRIPT.format(imports=imports), python=python)))
     return {name: statistics.median(values) for name, values in seen.items()}
 
 
-def memory_lines(m: dict[str, dict[str, float]], steps: int) -> list[str]:
+def floor_steps(rounds: int, pythons: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Per environment, the median RSS (KiB) after each of FLOOR_STEPS (those installed)."""
+    script = FLOOR_STEPS_SCRIPT.format(root=str(ROOT), steps=FLOOR_STEPS)
+    seen: dict[str, list[dict[str, int]]] = {env: [] for env in pythons}
+    for _ in range(rounds):
+        for env, python in pythons.items():
+            seen[env].append(json.loads(fresh_python(script, python=python)))
+    return {env: {step: statistics.median(r[step] for r in runs) for step in runs[0]} for env, runs in seen.items()}
+
+
+def memory_lines(m: dict[str, dict[str, float]], steps: int, env: str) -> list[str]:
     large = m["large"]
     lines = []
     for role, what in (("device-loaded-in-full", "loaded in full as before issue 18"),
                        ("device", "its own text encoder"), ("device-given-embedding", "prompt embeddings given")):
         d = m[role]
         above = (d["peak_kib"] - d["floor_kib"]) / max(1, large["peak_kib"] - large["floor_kib"])
-        lines.append(f"device process (small pack, {what}, late {steps // 2} of {steps} steps + decode): peak "
+        lines.append(f"[{env}] device process (small pack, {what}, late {steps // 2} of {steps} steps + decode): peak "
                      f"{d['peak_kib'] / 1024:.0f} MiB vs large pack whole image {large['peak_kib'] / 1024:.0f} MiB "
                      f"-> {d['peak_kib'] / large['peak_kib']:.2f}x; above the import floor "
                      f"({d['floor_kib'] / 1024:.0f} MiB; large {large['floor_kib'] / 1024:.0f} MiB) {above:.2f}x")
     full = m["device-loaded-in-full"]
     lean_above, full_above = m["device"]["peak_kib"] - m["device"]["floor_kib"], full["peak_kib"] - full["floor_kib"]
-    lines.append(f"device lean vs loaded in full: above the import floor {lean_above / 1024:.0f} vs "
+    lines.append(f"[{env}] device lean vs loaded in full: above the import floor {lean_above / 1024:.0f} vs "
                  f"{full_above / 1024:.0f} MiB -> {lean_above / full_above:.2f}x")
-    heap = {role: (m[role]["heap_end_kib"] - m[role]["heap_floor_kib"]) / 1024 for role in m}
-    lines.append(f"heap (RssAnon) above the floor after the image: device loaded in full "
-                 f"{heap['device-loaded-in-full']:.0f} MiB, lean {heap['device']:.0f} MiB, given the embeddings "
-                 f"{heap['device-given-embedding']:.0f} MiB, large {heap['large']:.0f} MiB -> "
-                 f"{heap['device-loaded-in-full'] / heap['large']:.2f}x, {heap['device'] / heap['large']:.2f}x, "
-                 f"{heap['device-given-embedding'] / heap['large']:.2f}x")
+    for kind, what in (("heap", "heap (RssAnon)"), ("file", "code and files (RssFile)")):
+        grew = {role: (m[role][f"{kind}_end_kib"] - m[role][f"{kind}_floor_kib"]) / 1024 for role in m}
+        lines.append(f"[{env}] {what} above the floor after the image: device loaded in full "
+                     f"{grew['device-loaded-in-full']:.0f} MiB, lean {grew['device']:.0f} MiB, given the embeddings "
+                     f"{grew['device-given-embedding']:.0f} MiB, large {grew['large']:.0f} MiB -> "
+                     f"{grew['device-loaded-in-full'] / grew['large']:.2f}x, {grew['device'] / grew['large']:.2f}x, "
+                     f"{grew['device-given-embedding'] / grew['large']:.2f}x")
+    return lines
+
+
+def floor_lines(floors: dict[str, float], steps: dict[str, dict[str, float]], rounds: int) -> list[str]:
+    before = floors["before"]
+    lines = [f"import floor (torch + model classes, median of {rounds} fresh processes): before "
+             f"{before / 1024:.1f} MiB, " + ", ".join(f"{name} {kib / 1024:.1f} MiB -> {kib / before:.3f}x"
+                                                    for name, kib in floors.items() if name != "before")]
+    for env, rss in steps.items():
+        names = list(rss)
+        grew = ", ".join(f"{name} +{(rss[name] - rss[prev]) / 1024:.0f}" for prev, name in zip(names, names[1:]))
+        lines.append(f"[{env}] RSS one import after another (MiB): {grew}")
     return lines
 
 
@@ -229,6 +324,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--gap", type=float, default=0.1)
     parser.add_argument("--only", default="batch,staggered,memory")
+    parser.add_argument("--device-python", help="memory: also run every process under this interpreter, one of "
+                        "an environment with the device's dependencies only (bench/device_env.sh)")
     args = parser.parse_args()
     parts = set(args.only.split(","))
     lines = []
@@ -278,11 +375,11 @@ def main() -> int:
                              f"is waiting' {tl:.2f} s -> {ol / tl:.2f}x; throughput {otp:.2f} vs {ttp:.2f} img/s "
                              f"-> {otp / ttp:.2f}x")
     if "memory" in parts:
-        lines += memory_lines(memory(args.pack, args.steps, args.rounds), args.steps)
-        floors = import_floors(args.rounds)
-        lines.append(f"import floor (torch + model classes, median of {args.rounds} fresh processes): before "
-                     f"{floors['before'] / 1024:.1f} MiB, now {floors['now'] / 1024:.1f} MiB -> "
-                     f"{floors['now'] / floors['before']:.3f}x")
+        pythons = {"dev": sys.executable} | ({"device env": args.device_python} if args.device_python else {})
+        for env, figures in memory(args.pack, args.steps, args.rounds, pythons).items():
+            lines += memory_lines(figures, args.steps, env)
+        lines += floor_lines(import_floors(args.rounds, pythons), floor_steps(args.rounds, pythons), args.rounds)
+        lines += sd_text_lines(args.rounds)
     print("\n".join(lines))
     return 0
 
