@@ -34,7 +34,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from services.scheduler.decide import planner  # noqa: E402
-from services.scheduler.decide.baselines import best_fixed_split, greedy_ls, polished  # noqa: E402
+from services.scheduler.decide.baselines import (  # noqa: E402
+    all_device,
+    all_edge,
+    best_fixed_split,
+    greedy_ls,
+    local_search,
+    polished,
+    random_choice,
+)
 from services.scheduler.decide.costs import CostProfile  # noqa: E402
 from services.scheduler.decide.options import DEFAULT_OPTIONS  # noqa: E402
 from services.scheduler.decide.planner import schedule_frame  # noqa: E402
@@ -109,6 +117,16 @@ def p99_ms(profile: HeldOut, deciders: dict, frames: int, seed: int, n: int = 10
     return {k: float(np.percentile(np.array(v) * 1e3, 99)) for k, v in times.items()}
 
 
+def best_of_local_searches(problem: FrameProblem) -> np.ndarray:
+    """The best of 7 local optima (from greedy's start, the best fixed split, all on the device,
+    all on the edge and 3 random starts): an estimate of how far above greedy + LS a frame's
+    optimum lies, where the exact search is out of reach (N > 5)."""
+    starts = [best_fixed_split(problem), all_device(problem), all_edge(problem),
+              *(random_choice(problem, seed) for seed in range(3))]
+    optima = [greedy_ls(problem), *(local_search(problem, s) for s in starts)]
+    return optima[int(np.argmax(problem.evaluate_batch(np.stack(optima))))]
+
+
 def ratio(num: float, den: float) -> float:
     """num / den, NaN where the denominator's objective is not positive (a ratio means nothing there)."""
     return num / den if den > 0 else float("nan")
@@ -146,15 +164,16 @@ def main() -> int:
     print(f"\npolicy: {shown} ({meta.get('steps', '?')} steps on {meta.get('quality_profile', '?')}); service = policy + "
           f"at most {args.polish_sweeps} 1-opt sweeps and {args.polish_visits} user visits per frame; {frames} frames per profile "
           f"(N = 1..100); p99 over {latency_frames} frames of N = 100, side by side with the best fixed split's\n")
-    print("| held-out profile | service / greedy+LS | service / best fixed | greedy+LS / best fixed | policy alone / greedy+LS | "
+    print("| held-out profile | service / greedy+LS | service / best fixed | greedy+LS / best fixed | best of 7 local optima / best fixed | "
+          "policy alone / greedy+LS | "
           "policy alone / best fixed | policies/default (service) / greedy+LS | per-profile policy (service) / greedy+LS | "
           "service regret per user vs greedy+LS | users over budget (service) | p99 N = 100: service | best fixed | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     default = polished(SchedulerPolicy.load(POLICIES / "default", DEFAULT_OPTIONS), POLISH_SWEEPS, POLISH_VISITS)
     failures, rows = [], []
     for i, profile in enumerate(held_out_profiles(draws)):
         ds = {"service": service, "policy": policy, "greedy_ls": greedy_ls, "best_fixed": best_fixed_split,
-              "default": default}
+              "default": default, "best_of_7": best_of_local_searches}
         own = profile.own_policy if profile.own_policy and (profile.own_policy / "config.json").is_file() else None
         if own:
             ds["own"] = polished(SchedulerPolicy.load(own, DEFAULT_OPTIONS), POLISH_SWEEPS, POLISH_VISITS)
@@ -164,7 +183,8 @@ def main() -> int:
         lat = p99_ms(profile, {"service": service, "best_fixed": best_fixed_split}, latency_frames, args.seed + 1000 + i)
         own_text = fmt(r["own"][0]) if own else "–"
         regret = (acc["greedy_ls"]["J"] - acc["service"]["J"]) / max(acc["service"]["users"], 1)
-        print(f"| {profile.name} | {fmt(r['service'][0])} | {fmt(r['service'][1])} | {fmt(r['greedy_ls'][1])} | {fmt(r['policy'][0])} | "
+        print(f"| {profile.name} | {fmt(r['service'][0])} | {fmt(r['service'][1])} | {fmt(r['greedy_ls'][1])} | "
+              f"{fmt(r['best_of_7'][1])} | {fmt(r['policy'][0])} | "
               f"{fmt(r['policy'][1])} | {fmt(r['default'][0])} | {own_text} | {regret:+.4f} | {viol:.2%} | "
               f"{lat['service']:.2f} ms | {lat['best_fixed']:.2f} ms | {lat['service'] / lat['best_fixed']:.2f} |", flush=True)
         rows.append((r["service"][0], r["service"][1], viol, lat["service"]))
@@ -173,8 +193,9 @@ def main() -> int:
                                 ("users over budget", viol, viol <= TARGETS["violations"]),
                                 ("p99 ms", lat["service"], lat["service"] <= TARGETS["p99_ms"])):
             if not ok:
-                ceiling = f" (greedy+LS itself {r['greedy_ls'][1]:.3f})" if what == "J / best fixed" else ""
-                failures.append(f"{profile.name}: {what} {value:.3f}{ceiling}")
+                why = (f" (greedy+LS itself {r['greedy_ls'][1]:.3f}, the best of 7 local optima {r['best_of_7'][1]:.3f})"
+                       if what == "J / best fixed" else "")
+                failures.append(f"{profile.name}: {what} {value:.3f}{why}")
     undefined = sum(np.isnan(x[1]) for x in rows)
     worst = (np.nanmin([x[0] for x in rows]), np.nanmin([x[1] for x in rows]), max(x[2] for x in rows),
              max(x[3] for x in rows))
