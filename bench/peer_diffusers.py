@@ -180,7 +180,8 @@ print(next(line for line in open("/proc/self/status") if line.startswith("VmRSS"
 # row counts what the rows above did not already import). Rows 2-5 are what diffusers' package
 # __init__s import on the way to the model classes (torch._dynamo: diffusers.utils.torch_utils;
 # scipy: its schedulers and transformers' losses, whenever scipy is installed; transformers:
-# diffusers.quantizers; peft: diffusers.hooks); the last is what the device service adds.
+# diffusers.quantizers; peft: diffusers.hooks), then what the device service adds, then the torch
+# code (file-backed pages of libtorch) that running each op kind once touches, whatever the model.
 FLOOR_STEPS = ("torch", "torch._dynamo", "scipy.stats", "scipy.optimize", "accelerate", "transformers", "peft",
                "diffusers.models.unets.unet_2d_condition", "diffusers.models.autoencoders.autoencoder_kl",
                "services.ue_client.service")
@@ -194,6 +195,15 @@ for name in {steps!r}:
     if importlib.util.find_spec(name.split(".")[0]) is not None:  # scipy: only where installed
         __import__(name)
         seen[name] = rss_kib()
+import torch, torch.nn.functional as F
+with torch.no_grad():  # the op kinds a UNet, a VAE decoder and CLIP run, once each on tiny tensors
+    x = F.silu(F.group_norm(F.conv2d(torch.randn(2, 32, 8, 8), torch.randn(32, 32, 3, 3), padding=1), 8))
+    x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+    q = torch.randn(2, 4, 16, 8)
+    x = F.scaled_dot_product_attention(q, q, q)
+    x = F.layer_norm(F.gelu(F.linear(torch.randn(2, 16, 32), torch.randn(64, 32))), (64,))
+    x = F.embedding(torch.tensor([[1, 2]]), torch.randn(10, 8))
+seen["first ops, tiny tensors, no weights"] = rss_kib()
 print(json.dumps(seen))
 """
 
@@ -312,7 +322,7 @@ def floor_lines(floors: dict[str, float], steps: dict[str, dict[str, float]], ro
     for env, rss in steps.items():
         names = list(rss)
         grew = ", ".join(f"{name} +{(rss[name] - rss[prev]) / 1024:.0f}" for prev, name in zip(names, names[1:]))
-        lines.append(f"[{env}] RSS one import after another (MiB): {grew}")
+        lines.append(f"[{env}] RSS one import after another, then the first ops (MiB): {grew}")
     return lines
 
 
