@@ -95,10 +95,12 @@ def test_the_device_service_answers_health_while_its_pack_loads(tiny_packs, tmp_
             f"'--port', '{port}', '--metrics-port', '0']))")
     proc = subprocess.Popen([sys.executable, "-c", slow], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     seen = []
+    deadline = time.monotonic() + 120  # a generous bound: a loaded CI machine imports slowly
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = health_pb2_grpc.HealthStub(channel)
-            for _ in range(300):
+            while time.monotonic() < deadline:
+                assert proc.poll() is None, proc.communicate()[0].decode(errors="replace")[-2000:]
                 try:
                     status = stub.Check(health_pb2.HealthCheckRequest(service="tandem.v1.DeviceService"), timeout=1).status
                 except grpc.RpcError:
