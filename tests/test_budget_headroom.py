@@ -4,6 +4,8 @@ judged against the budget itself."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from services.scheduler.core import LinkInput, PlanInput, SchedulerCore
@@ -18,8 +20,10 @@ LINK = LinkInput(bandwidth_bps=20e6, rtt_s=0.03)
 def core(headroom: float) -> SchedulerCore:
     registry = EdgeRegistry()
     registry.heartbeat(EdgeLoad("edge:1"))
+    # An hour passes at every call: no plan is still on the edge when the next is made (the edge's
+    # load from other users' plans in flight is tests/test_edge_occupancy.py's).
     return SchedulerCore(synthetic_profile(), CostProfile(), "exact", registry,
-                         objective=ObjectiveConfig(budget_headroom=headroom))
+                         objective=ObjectiveConfig(budget_headroom=headroom), clock=itertools.count(0.0, 3600.0).__next__)
 
 
 def plan(c: SchedulerCore, budget: float = 0.0):

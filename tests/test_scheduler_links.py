@@ -6,6 +6,7 @@ predicted for, and new and old fields are range-checked."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import grpc
@@ -28,7 +29,10 @@ UNKNOWN = LinkInput()  # a device that has measured nothing yet
 def core():
     registry = EdgeRegistry()
     registry.heartbeat(EdgeLoad("edge:1"))
-    return SchedulerCore(synthetic_profile(), CostProfile(), "greedy_ls", registry)
+    # An hour passes at every call: no plan is still on the edge when the next is made, so what
+    # moves a plan here is links (the edge's load: tests/test_edge_occupancy.py).
+    return SchedulerCore(synthetic_profile(), CostProfile(), "greedy_ls", registry,
+                         clock=itertools.count(0.0, 3600.0).__next__)
 
 
 def request(link: LinkInput = UNKNOWN, user_id: str = "u", **kw) -> PlanInput:

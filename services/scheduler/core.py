@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 import uuid
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from services.scheduler.decide.calibration import MAX_RTT_S, RobustCalibrator, UserLinks, UserMargins
@@ -20,6 +22,7 @@ from services.scheduler.decide.quality import BASE_USER, PERSONALIZED_USER, Qual
 from services.scheduler.decide.scenario import FrameContext, ObjectiveConfig, UserSpec
 from services.scheduler.edge_auth import MAX_ADDRESS_CHARS
 from services.scheduler.edges import EdgeLoad, EdgeRegistry
+from services.scheduler.occupancy import EdgeOccupancy, EdgeSpan
 from services.scheduler.pending import PendingPlans
 from tandem.codec.spec import DEFAULT_STRATEGY
 from tandem.lru import Lru
@@ -38,6 +41,10 @@ MAX_PHASE_S = 3600.0
 MAX_STEPS = 1000
 MAX_HANDOFF_BYTES = 1 << 30
 MAX_STEPS_PER_SECOND = 1e6
+# An edge report's calibration waits until every plan issued before its edge steps ended has been
+# reported (only then is the batch it ran in known, see occupancy.py), or this long after them.
+SETTLE_S = 30.0
+MAX_HELD = 1024  # edge observations waiting to settle; beyond it the oldest settles as it is
 # A device that knows nothing of its link yet (no bandwidth, no spectral efficiency) and has no
 # reports of its own is planned at this rate (the CLI's old default estimate).
 PRIOR_BANDWIDTH_BPS = 100e6
@@ -151,8 +158,16 @@ class _Record:
     user: UserSpec
     assigned: AssignedPlan
     rate_bps: float
-    edge_batch: int  # edge users of its frame on its edge (the batch the planner assumed)
     owner: str  # whose quota of pending plans it counts against
+    on_edge_until: float  # the core's clock when its edge round is predicted over (k = 0: when planned)
+
+
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """An edge observation whose batch is known once the plans that could share its span report."""
+
+    observation: PhaseObservation
+    span: EdgeSpan
 
 
 @dataclass
@@ -170,6 +185,7 @@ class SchedulerCore:
     # or the exact search is given every codec the quality profile prices (server.planner_options).
     options: OptionTable = DEFAULT_OPTIONS
     objective: ObjectiveConfig = ObjectiveConfig()  # its budget_headroom: --budget-headroom
+    clock: Callable[[], float] = time.monotonic
 
     def __post_init__(self) -> None:
         self._pending: PendingPlans[_Record] = PendingPlans(self.max_records, self.max_pending_per_user)
@@ -177,6 +193,9 @@ class SchedulerCore:
         self._calibrator = RobustCalibrator(self.costs)
         self._links = UserLinks()  # each user's own rate and round trip, from its own reports
         self._margins = UserMargins()  # how much slower than predicted each user's plans ran
+        self._occupancy = EdgeOccupancy()  # the spans reports measured on each edge
+        self._issued: dict[str, float] = {}  # plan id -> issue time, the last SETTLE_S, oldest first
+        self._held: deque[_Held] = deque()
         self._lock = threading.Lock()  # frames are decided on a worker thread, reports on the loop
 
     # --- plans ------------------------------------------------------------------------------
@@ -260,7 +279,11 @@ class SchedulerCore:
         pending plans each counts against (default: its user_id). A request whose budget no plan
         meets even alone is planned alone, best effort, so it never moves the others' plans."""
         owners = list(owners) if owners is not None else [r.user_id for r in requests]
-        costs = self.costs  # one snapshot for the whole frame
+        now = self.clock()
+        with self._lock:
+            others = self._on_edges(now, set(owners))
+        # One snapshot for the whole frame; its steps share each edge with the plans still on it.
+        costs = self.costs.with_edge_load(others / max(1, len(self.edges.live())), self.ctx.edge_pack)
         specs = [self._spec(r, owner) for r, owner in zip(requests, owners)]
         users, links = [u for u, _ in specs], [link for _, link in specs]
         reasons = split_infeasible(users, self.quality, costs, self.ctx, self.options)
@@ -272,9 +295,6 @@ class SchedulerCore:
             plans[i] = best_effort_plan(users[i], self.quality, costs, self.ctx, self.options)
         remote = [i for i in range(len(users)) if plans[i].split > 0]
         addresses = dict(zip(remote, self.edges.route(len(remote))))
-        per_edge: dict[str, int] = {}
-        for address in addresses.values():
-            per_edge[address] = per_edge.get(address, 0) + 1
         out = []
         with self._lock:
             for i, (link, user, owner) in enumerate(zip(links, users, owners)):
@@ -282,10 +302,26 @@ class SchedulerCore:
                 used = replace(link, rtt_s=costs.rtt_s if link.rtt_s is None else link.rtt_s)
                 assigned = AssignedPlan(uuid.uuid4().hex, plans[i], address, self.merge_strategy,
                                         1 if i in reasons else len(joint), reasons.get(i, ""), used)
-                batch = per_edge.get(address, 1) if address else len(remote)
-                self._pending.add(assigned.plan_id, owner, _Record(user, assigned, link.rate_bps, batch, owner))
+                on_edge_until = now + plans[i].edge_seconds + plans[i].transfer_seconds  # k = 0: now
+                self._pending.add(assigned.plan_id, owner, _Record(user, assigned, link.rate_bps, owner, on_edge_until))
+                self._issued[assigned.plan_id] = now
                 out.append(assigned)
+            while len(self._issued) > self.max_records:
+                del self._issued[next(iter(self._issued))]
         return out
+
+    def _on_edges(self, now: float, frame_owners: set[str]) -> int:
+        """Other users with a plan of an earlier frame predicted to be on an edge now (planned
+        there, not reported, its edge round not over). Each counts once: a flood of one user's
+        plans is one more request on the edge. The frame's own users are left out: the frame
+        models their batch, and a user's earlier unreported plan is more often abandoned than
+        running beside its new one. Under the lock."""
+        others = set()
+        for plan_id in self._issued:
+            record = self._pending.get(plan_id)
+            if record is not None and record.on_edge_until > now and record.owner not in frame_owners:
+                others.add(record.owner)
+        return len(others)
 
     # --- edges ------------------------------------------------------------------------------
     def heartbeat(self, load: EdgeLoad) -> int:
@@ -320,7 +356,18 @@ class SchedulerCore:
             predicted = {"edge": plan.edge_seconds, "transfer": plan.transfer_seconds,
                          "device": plan.device_seconds, "total": plan.latency_seconds}
             errors = {p: abs(measured[p] - predicted[p]) / predicted[p] for p in PHASES if predicted[p] > 0}
-        self._calibrate(self._observations(record, report, edge_steps, device_steps, edge_compute, round_overhead))
+        now = self.clock()
+        observations = self._observations(record, report, edge_steps, device_steps, edge_compute, round_overhead)
+        with self._lock:
+            self._issued.pop(report.plan_id, None)
+            edge = [o for o in observations if o.phase == "edge"]
+            if edge:  # placed back from now by the phases after the edge steps
+                end = now - (m.transfer + m.device_steps + m.decode)
+                span = EdgeSpan(self._edge_key(record), end - edge_compute, end)
+                self._occupancy.add(span)
+                self._held.append(_Held(edge[0], span))
+            observations = [o for o in observations if o.phase != "edge"] + self._settled(now)
+        self._calibrate(observations)
         if edge_steps > 0 and not report.fallback and report.handoff_bytes > 0:
             with self._lock:
                 self._links.observe(record.owner, report.handoff_bytes, m.transfer,
@@ -335,8 +382,7 @@ class SchedulerCore:
         m, device = report.measured, record.user.device_class
         obs = []
         if edge_steps > 0 and not report.fallback and m.edge_steps > 0:
-            obs.append(PhaseObservation("edge", edge_compute, steps=edge_steps, batch=max(1, record.edge_batch),
-                                        pack=self.ctx.edge_pack))
+            obs.append(PhaseObservation("edge", edge_compute, steps=edge_steps, pack=self.ctx.edge_pack))
         if report.handoff_bytes > 0 and not report.fallback and m.transfer > 0:
             obs.append(PhaseObservation("transfer", m.transfer + round_overhead, nbytes=report.handoff_bytes,
                                         rate_bps=record.rate_bps))
@@ -345,6 +391,37 @@ class SchedulerCore:
         if m.decode > 0:
             obs.append(PhaseObservation("decode", m.decode, device_class=device))
         return obs
+
+    def _edge_key(self, record: _Record) -> str:
+        """The edge a plan's steps ran on: its plan's, else (a k = 0 plan run on the edge anyway,
+        an override) the only edge this scheduler knows, else "" (one unknown edge)."""
+        if record.assigned.edge_address:
+            return record.assigned.edge_address
+        live = self.edges.live()
+        return live[0].address if len(live) == 1 else ""
+
+    def _settled(self, now: float) -> list[PhaseObservation]:
+        """Held edge observations whose span nobody still pending could share, each at the batch
+        its span ran in (the oldest first; a blocked one blocks the later ones). Under the lock."""
+        while self._issued and next(iter(self._issued.values())) < now - SETTLE_S:
+            del self._issued[next(iter(self._issued))]
+        out = []
+        while self._held:
+            held = self._held[0]
+            if len(self._held) <= MAX_HELD and now < held.span.end + SETTLE_S and self._shared_by_pending(held.span):
+                break
+            self._held.popleft()
+            out.append(replace(held.observation, batch=self._occupancy.batch(held.span)))
+        return out
+
+    def _shared_by_pending(self, span: EdgeSpan) -> bool:
+        """A plan issued before ``span`` ended is still unreported: its steps may have shared it."""
+        for plan_id, issued_at in self._issued.items():
+            if issued_at >= span.end:
+                return False
+            if self._pending.get(plan_id) is not None:
+                return True
+        return False
 
     def _calibrate(self, observations: list[PhaseObservation]) -> None:
         with self._lock:  # a frame reads self.costs once; swapping the reference is enough for it

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,7 +41,7 @@ class EdgeCoefficients:
     a_s: float
     b_s: float
 
-    def step_seconds(self, batch: int | np.ndarray):
+    def step_seconds(self, batch: float | np.ndarray):
         return self.a_s + self.b_s * np.asarray(batch)
 
     def per_request_step_seconds(self, batch: int | np.ndarray):
@@ -113,6 +113,17 @@ class CostProfile:
 
     def handoff_bytes(self, steps: int, split: int, codec: str, merge_ratio: float) -> int:
         return handoff_bytes(self.latent, codec, merge_ratio, steps, split)
+
+    def with_edge_load(self, others: float, pack: str | None = None) -> "CostProfile":
+        """This profile for a frame whose edge already runs ``others`` requests (other frames' plans
+        still on it): a step of the frame's n then costs a + b·(others + n), a fixed cost of
+        a + b·others. ``others`` is capped so that the batch stays within max_batch."""
+        if not others > 0:
+            return self
+        name = pack if pack is not None else next(iter(self.edge))
+        coeff = self.edge_coefficients(name)
+        extra = min(others, max(self.max_batch - 1, 0))
+        return replace(self, edge={**self.edge, name: EdgeCoefficients(coeff.a_s + coeff.b_s * extra, coeff.b_s)})
 
     # --- JSON ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -204,7 +215,8 @@ CostTerm = Literal["edge", "device", "decode", "transfer"]
 class PhaseObservation:
     """A measured phase latency, as a UE reports it.
 
-    edge: ``seconds`` for ``steps`` steps at batch size ``batch`` on pack ``pack``;
+    edge: ``seconds`` for ``steps`` steps at batch size ``batch`` on pack ``pack`` (time-weighted:
+    the requests on the edge during them, see services/scheduler/occupancy.py);
     device: ``seconds`` for ``steps`` small-model steps on ``device_class``;
     decode: VAE decode ``seconds`` on ``device_class``;
     transfer: ``seconds`` for ``nbytes`` at ``rate_bps`` (updates the RTT).
@@ -213,7 +225,7 @@ class PhaseObservation:
     phase: CostTerm
     seconds: float
     steps: int = 0
-    batch: int = 1
+    batch: float = 1.0
     pack: str | None = None
     device_class: str | None = None
     nbytes: int = 0

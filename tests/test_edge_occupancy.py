@@ -1,0 +1,140 @@
+"""The edge batches every request on it at once, whatever frame planned it: a report's edge steps
+are calibrated at the batch they ran in (from the spans reports measured), not at its frame's size,
+and a plan made while other users' plans are on the edge is predicted in the batch it joins."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from services.scheduler.core import LinkInput, Measured, PlanInput, PlanReport, SchedulerCore
+from services.scheduler.decide.costs import CostProfile
+from services.scheduler.decide.options import DEFAULT_OPTIONS
+from services.scheduler.decide.quality import synthetic_profile
+from services.scheduler.edges import EdgeLoad, EdgeRegistry
+from services.scheduler.occupancy import EdgeOccupancy, EdgeSpan
+
+LINK = LinkInput(bandwidth_bps=50e6, rtt_s=0.03)
+STEPS, SPLIT = 20, 10
+EDGE_OPTION = next(i for i, o in enumerate(DEFAULT_OPTIONS) if (o.steps, o.split, o.merge_ratio) == (STEPS, SPLIT, 0))
+LOCAL_OPTION = next(i for i, o in enumerate(DEFAULT_OPTIONS) if (o.steps, o.split) == (STEPS, 0))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make_core(clock: Clock) -> SchedulerCore:
+    """Every user's plan runs k = 10 of 20 steps on the edge, but user "local"'s: all on the device."""
+    edges = EdgeRegistry()
+    edges.heartbeat(EdgeLoad("edge:1"))
+
+    def decider(problem):
+        return np.array([LOCAL_OPTION if u.user_id == "local" else EDGE_OPTION for u in problem.users])
+
+    return SchedulerCore(synthetic_profile(), CostProfile(), decider, edges, clock=clock)
+
+
+def plan(core: SchedulerCore, user: str):
+    return core.decide([PlanInput("phone", LINK, user_id=user)])[0]
+
+
+def run_at(core: SchedulerCore, assigned, batch: float, edge_steps: int = 0) -> PlanReport:
+    """A report of ``assigned`` as the device times it, its k edge steps at ``batch`` requests a step."""
+    k = edge_steps or assigned.plan.split
+    step = float(CostProfile().edge_coefficients().step_seconds(batch))
+    measured = Measured(queue=step, edge_steps=(k - 1) * step, transfer=0.01, device_steps=0.5, decode=0.2)
+    return PlanReport(assigned.plan_id, measured, edge_steps=k, device_steps=STEPS - k,
+                      handoff_bytes=assigned.plan.handoff_bytes or 60_000)
+
+
+def test_the_batch_of_a_span_is_one_plus_the_time_others_shared_it():
+    occupancy = EdgeOccupancy()
+    a, b = EdgeSpan("e", 0.0, 1.0), EdgeSpan("e", 0.5, 2.0)
+    for span in (a, b, EdgeSpan("other edge", 0.0, 1.0), EdgeSpan("e", 1.0, 3.0)):
+        occupancy.add(span)
+    assert occupancy.batch(a) == pytest.approx(1.5)  # b shared half of it; the other edge and a later span none
+    assert occupancy.batch(b) == pytest.approx(1 + (0.5 + 1.0) / 1.5)
+    assert occupancy.batch(EdgeSpan("e", 10.0, 11.0)) == 1.0
+
+
+def test_two_requests_batched_on_the_edge_leave_its_step_time_where_the_profile_has_it():
+    """Two devices planned in two frames (one user each) run their steps in one batch of 2: each
+    step takes a + 2b. Calibrated as batch 1 (the frame's size) this read as an edge 1.23x slower
+    than it is, and a request then running alone was predicted that much too slow."""
+    clock = Clock()
+    core = make_core(clock)
+    before = core.costs.edge_coefficients()
+    for _ in range(3):
+        first, second = plan(core, "a"), plan(core, "b")
+        clock.t += 1.0
+        core.report(run_at(core, first, batch=2))
+        core.report(run_at(core, second, batch=2))
+        clock.t += 10.0
+    after = core.costs.edge_coefficients()
+    assert after.step_seconds(1) == pytest.approx(before.step_seconds(1), rel=1e-9)
+    alone = plan(core, "a").plan
+    assert alone.edge_seconds == pytest.approx(SPLIT * float(before.step_seconds(1)), rel=1e-9)
+
+
+def test_a_report_waits_until_the_plans_that_could_share_its_steps_report():
+    clock = Clock()
+    core = make_core(clock)
+    before = core.costs.edge_coefficients()
+    for _ in range(2):  # two reports at batch 2 would move the estimate (a lone sample is trimmed)
+        first = plan(core, "a")
+        plan(core, "b")  # on the edge beside "a"; its report never comes
+        clock.t += 1.0
+        core.report(run_at(core, first, batch=2))
+        clock.t += 10.0
+    assert core.costs.edge_coefficients() == before  # "b" has not reported: the batch is not known
+    clock.t += 60.0  # ... and never will: after SETTLE_S they count as they are (batch 1)
+    core.report(run_at(core, plan(core, "c"), batch=1))
+    assert core.costs.edge_coefficients().step_seconds(1) > before.step_seconds(1)
+
+
+def test_an_override_on_the_edge_counts_in_the_batch():
+    """A k = 0 plan the device runs on the edge anyway (a fixed split, `--split`) shares the batch
+    of the plan it overlaps: the report says so, and the edge is its plan's only known one."""
+    clock = Clock()
+    core = make_core(clock)
+    before = core.costs.edge_coefficients()
+    for _ in range(3):
+        first, second = plan(core, "a"), plan(core, "local")
+        assert second.plan.split == 0 and second.edge_address == ""
+        clock.t += 1.0
+        core.report(run_at(core, first, batch=2))
+        core.report(run_at(core, second, batch=2, edge_steps=SPLIT))
+        clock.t += 10.0
+    assert core.costs.edge_coefficients().step_seconds(1) == pytest.approx(before.step_seconds(1), rel=1e-9)
+
+
+def test_a_plan_made_while_another_is_on_the_edge_is_predicted_in_its_batch():
+    clock = Clock()
+    core = make_core(clock)
+    coeff = core.costs.edge_coefficients()
+    first = plan(core, "a").plan
+    assert first.edge_seconds == pytest.approx(SPLIT * float(coeff.step_seconds(1)))
+    clock.t += 0.001  # "a" is still on the edge, by its prediction
+    joined = plan(core, "b").plan
+    assert joined.edge_seconds == pytest.approx(SPLIT * float(coeff.step_seconds(2)))
+    assert plan(core, "local").plan.split == 0  # a plan all on the device loads no edge
+    for _ in range(5):  # a user counts once, however many plans it has on the edge
+        plan(core, "b")
+    assert plan(core, "c").plan.edge_seconds == pytest.approx(SPLIT * float(coeff.step_seconds(3)))
+    clock.t += 10.0  # every edge round is over by its prediction
+    assert plan(core, "d").plan.edge_seconds == pytest.approx(SPLIT * float(coeff.step_seconds(1)))
+
+
+def test_a_reported_plan_is_off_the_edge():
+    clock = Clock()
+    core = make_core(clock)
+    coeff = core.costs.edge_coefficients()
+    first = plan(core, "a")
+    clock.t += 0.001
+    core.report(run_at(core, first, batch=1))
+    assert plan(core, "b").plan.edge_seconds == pytest.approx(SPLIT * float(coeff.step_seconds(1)))
