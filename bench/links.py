@@ -1,6 +1,6 @@
 """Real links: the scheduler's plans against fixed strategies on shaped links between separate hosts.
 
-    .venv/bin/python bench/links.py [--quick] [--devices 2] [--rounds 5] [--oracle] [--json FILE]
+    .venv/bin/python bench/links.py [--quick] [--devices 2] [--rounds 5] [--classes 5G,LTE] [--oracle] [--json FILE]
 
 A testbed (tools/testbed: network namespaces) with an edge host, a scheduler host and device hosts
 per link class (the classes one after another, a class's hosts at once); every device link is a
@@ -101,6 +101,9 @@ class Outcome:
     link_source: str = ""  # where the scheduler took it from (device / reports / profile)
     psnr: float | None = None
     objective: float | None = None
+    predicted_phases: dict[str, float] = field(default_factory=dict)  # edge, transfer, device, total (adaptive)
+    started: float = 0.0  # wall clock (time.time) at the plan request: which requests overlapped
+    ended: float = 0.0  # wall clock after the report
 
 
 # --- the driver: runs inside a device host -----------------------------------------------------
@@ -143,6 +146,7 @@ def _run_job(job: dict, args: argparse.Namespace) -> Outcome:
     # Every request is planned and reported (a fixed arm's as an override of its plan, as `tandem
     # generate --scheduler --split ...` does), so the scheduler calibrates on all of this device's traffic.
     arm = Arm(**job["arm"])
+    started = time.time()
     sent_bps, sent_rtt = (args.oracle_bps, args.oracle_rtt) if args.oracle_bps else device_link(args.device)
     plan = request_plan(args.scheduler, DEVICE_CLASS, bandwidth_bps=sent_bps, rtt_s=sent_rtt,
                         latency_budget_s=job["budget"], user_id=args.host, timeout=10)
@@ -158,13 +162,15 @@ def _run_job(job: dict, args: argparse.Namespace) -> Outcome:
     wall = time.perf_counter() - began
     report(args.scheduler, plan.plan_id, dict(result.seconds), result.edge_steps, result.device_steps,
            result.handoff_bytes, bool(result.fallback), timeout=10)
+    ended = time.time()
     png = Path(job["out"])
     png.write_bytes(result.png)
     return Outcome(args.host, args.link, arm.name, job["index"], job["prompt"], job["seed"], steps, split, encoding,
                    ratio, sum(result.seconds.values()), wall, dict(result.seconds), result.handoff_bytes, result.fallback, str(png),
                    predicted=plan.predicted_seconds["total"] if arm.adaptive else None,
                    sent_bps=sent_bps, link_bps=plan.link_bps, link_rtt_s=plan.link_rtt_s,
-                   link_source=plan.link_sources)
+                   link_source=plan.link_sources,
+                   predicted_phases=dict(plan.predicted_seconds) if arm.adaptive else {}, started=started, ended=ended)
 
 
 def device_link(device: str) -> tuple[float, float]:
@@ -597,11 +603,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--oracle", action="store_true",
                         help="plan with the shaped rate and RTT, not the device's measurements")
     parser.add_argument("--json", type=Path, help="write every request's outcome here")
+    parser.add_argument("--classes", help="comma-separated link classes to run (default: all; --quick: LTE,congested)")
     args = parser.parse_args(argv)
     args.devices = args.devices or (1 if args.quick else 2)
     args.rounds = args.rounds or (2 if args.quick else 5)
     if args.devices < 1 or args.rounds < 1 or args.budget < 0:
         parser.error("--devices and --rounds must be >= 1, --budget >= 0")
+    names = [c.name for c in CLASSES]
+    wanted = args.classes.split(",") if args.classes else (["LTE", "congested"] if args.quick else names)
+    unknown = [w for w in wanted if w not in names]
+    if unknown:
+        parser.error(f"--classes: unknown link class {unknown[0]!r} (known: {', '.join(names)})")
+    args.links = tuple(c for c in CLASSES if c.name in wanted)
     return args
 
 
@@ -623,7 +636,7 @@ def main(argv: list[str]) -> int:
     if reason is not None:
         print(f"links.py: skipped: {reason}")
         return 0
-    links = (CLASSES[2], CLASSES[3]) if args.quick else CLASSES
+    links = args.links
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="tandem-links-") as tmp:
         work = Path(tmp)
