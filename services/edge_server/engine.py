@@ -3,9 +3,10 @@
 `EdgeEngine.step()` is schedule → execute → update (as vLLM's EngineCore.step): the batching
 policy picks the batch, one `advance` call per latent shape moves every request in it one step
 (each at its own step, CFG included), and requests that reached their split point are handed off.
-Per-iteration work outside the UNet call is kept small: the requests admitted together start
-together (one text-encoder call, cached schedules: conditioning.Starter), and progress events are
-thinned to one per `progress_interval_s` per request (the first and the last always go).
+On a CPU the UNet runs as a TorchScript trace (traced.py: the same numbers, less Python per
+call). Per-iteration work outside the UNet call is kept small: the requests admitted together
+start together (one text-encoder call, cached schedules: conditioning.Starter), and progress
+events are thinned to one per `progress_interval_s` per request (the first and the last always go).
 A call that raises is retried member by member, so only the request at fault fails. The loop runs
 in its own thread; results go to each request's `sink` (a thread-safe callback) as events.
 """
@@ -19,11 +20,13 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from services.edge_server.batching import BatchConfig, Batcher, Closed, QueueFull, buckets, due
 from services.edge_server.conditioning import Starter
 from services.edge_server.memory import release_memory
 from services.edge_server.metrics import EdgeMetrics
+from services.edge_server.traced import call_fast
 from tandem.handoff import CodecSpec, encode_handoff
 from tandem.packs import ModelPack
 from tandem.pipeline import make_handoff
@@ -101,8 +104,11 @@ class EngineLoad:
 
 class EdgeEngine:
     def __init__(self, pack: ModelPack, config: BatchConfig = BatchConfig(), metrics: EdgeMetrics | None = None,
-                 progress_interval_s: float = 0.1):
+                 progress_interval_s: float = 0.1, trace_unet: bool = True):
         self.pack = pack
+        self._trace_unet = trace_unet
+        self._unet_of: object = None  # the pack's UNet that `_unet` wraps
+        self._unet: Any = None
         self.batcher: Batcher[EngineRequest] = Batcher(config)
         self.starter = Starter(pack)
         # A client shows progress to a person (a bar) or times the edge phase from the first
@@ -120,6 +126,14 @@ class EdgeEngine:
         # activations in the allocator's pool when it goes.
         self._usual_pixels = pack.default_image_size ** 2
         self._release_pending = False
+
+    @property
+    def unet(self) -> Any:
+        """The UNet the engine calls: the pack's, traced on a CPU (traced.py); wrapped anew if the
+        pack's is replaced."""
+        if self._unet_of is not self.pack.unet:
+            self._unet_of, self._unet = self.pack.unet, call_fast(self.pack.unet, self.pack.device, self._trace_unet)
+        return self._unet
 
     # --- client side (any thread) ---------------------------------------------------------
 
@@ -248,7 +262,7 @@ class EdgeEngine:
         """One UNet call advancing `group` one step; the exception if it raised."""
         began = time.perf_counter()
         try:
-            advance(self.pack.unet, [e.state for e in group])
+            advance(self.unet, [e.state for e in group])
         except Exception as exc:  # noqa: BLE001 - handled by _isolate
             log.exception("UNet call failed for a batch of %d", len(group))
             return exc

@@ -74,6 +74,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-growth", type=float, default=float(_env("max_growth", 0.5)),
                         help="per iteration, a running batch's step cost grows by this fraction at most "
                              "(newcomers wait a step beyond it); 0 = no cap")
+    parser.add_argument("--trace-unet", action=argparse.BooleanOptionalAction,
+                        default=str(_env("trace_unet", "1")).lower() not in ("0", "false", "no"),
+                        help="on a CPU, run the UNet as a TorchScript trace checked equal to it (less Python "
+                             "per step; a shape whose trace differs runs eager)")
     parser.add_argument("--progress-interval", type=float, default=float(_env("progress_interval", 0.1)),
                         help="seconds between a request's progress events (the first and last always go)")
     parser.add_argument("--drain-seconds", type=float, default=float(_env("drain_seconds", 30)))
@@ -127,7 +131,7 @@ async def serve(args: argparse.Namespace) -> None:
     metrics = EdgeMetrics()
     config = BatchConfig(args.max_batch, args.max_queue, coalesce_s=args.coalesce_ms / 1000,
                          coalesce_max_s=args.coalesce_max_ms / 1000, max_growth=args.max_growth)
-    engine = EdgeEngine(pack, config, metrics, progress_interval_s=args.progress_interval)
+    engine = EdgeEngine(pack, config, metrics, progress_interval_s=args.progress_interval, trace_unet=args.trace_unet)
     servicer.attach(engine, limits)
     engine.start()
     if args.metrics_port:

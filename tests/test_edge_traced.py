@@ -1,0 +1,104 @@
+"""The edge's traced UNet (issue 18, item 1): the same numbers as the eager UNet, for any batch
+size and shape; a shape whose trace differs or fails runs eager; the engine's handoffs do not
+depend on it; GPUs keep the eager UNet; the server's flag."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from test_edge_engine_efficiency import req, run_engine
+
+from services.edge_server.traced import TracedUNet, call_fast
+from tandem.sampling.denoise import advance
+
+
+def unet_inputs(pack, n: int, side: int = 32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    channels, height, width = pack.latent_shape(side, side)
+    hidden = pack.text_encoder.config.hidden_size
+    return (torch.randn(n, channels, height, width, generator=g), torch.randint(0, 999, (n,), generator=g).float(),
+            torch.randn(n, pack.tokenizer.model_max_length, hidden, generator=g))
+
+
+def eager(pack, inputs):
+    return pack.unet(*inputs, return_dict=False)[0]
+
+
+@torch.no_grad()
+def test_the_trace_gives_the_eager_unets_numbers_at_any_batch_size_and_shape(large_pack):
+    traced = TracedUNet(large_pack.unet)
+    for n, side in [(4, 32), (1, 32), (7, 32), (2, 48), (5, 48), (4, 32)]:
+        inputs = unet_inputs(large_pack, n, side, seed=n + side)
+        assert torch.equal(traced(*inputs, return_dict=False)[0], eager(large_pack, inputs)), (n, side)
+    assert traced.traced_shapes == 2  # one trace per latent shape; the batch size is free
+
+
+@torch.no_grad()
+def test_a_shape_whose_trace_differs_or_fails_runs_eager(large_pack, monkeypatch, caplog):
+    real_trace = torch.jit.trace
+
+    def off_by_a_little(fn, example, **kw):
+        trace = real_trace(fn, example, **kw)
+        return lambda *args: trace(*args) + 1e-6
+
+    traced = TracedUNet(large_pack.unet)
+    monkeypatch.setattr(torch.jit, "trace", off_by_a_little)
+    inputs = unet_inputs(large_pack, 3)
+    with caplog.at_level(logging.WARNING, logger="tandem.edge"):
+        for _ in range(2):
+            assert torch.equal(traced(*inputs)[0], eager(large_pack, inputs))
+    assert traced.traced_shapes == 0 and "differs from the eager one" in caplog.text
+
+    def untraceable(fn, example, **kw):
+        raise RuntimeError("cannot trace this")
+
+    monkeypatch.setattr(torch.jit, "trace", untraceable)
+    inputs = unet_inputs(large_pack, 2, side=48)
+    assert torch.equal(traced(*inputs)[0], eager(large_pack, inputs))
+    assert traced.traced_shapes == 0 and "cannot trace this" in caplog.text
+
+
+def test_the_engines_handoffs_do_not_depend_on_the_trace(large_pack):
+    from services.edge_server.engine import Finished
+
+    # Mixed shapes, samplers, guidance and splits, so calls of several batch sizes and shapes run.
+    requests = [req(0), req(1, height=48, width=48), req(2, guidance_scale=1.0), req(3, sampler="ddim", steps=9, split=5),
+                req(4, negative_prompt="blurry"), req(5, height=48, width=48, split=3)]
+    payloads = {}
+    for trace in (True, False):
+        engine, events = run_engine(large_pack, requests, trace_unet=trace)
+        assert isinstance(engine.unet, TracedUNet) == trace
+        payloads[trace] = [next(e.payload for e in events[i] if isinstance(e, Finished)) for i in range(len(requests))]
+    assert payloads[True] == payloads[False]
+
+
+@torch.no_grad()
+def test_advance_with_the_trace_equals_advance_eager(large_pack):
+    from services.edge_server.conditioning import Starter
+
+    starter = Starter(large_pack)
+    states = {name: [s.state for s in starter.start([req(i) for i in range(3)])] for name in ("traced", "eager")}
+    traced = TracedUNet(large_pack.unet)
+    for _ in range(4):
+        advance(traced, states["traced"])
+        advance(large_pack.unet, states["eager"])
+    for ours, theirs in zip(states["traced"], states["eager"]):
+        assert torch.equal(ours.latent, theirs.latent)
+
+
+def test_a_gpu_or_a_disabled_trace_keeps_the_unet_as_loaded(large_pack):
+    assert call_fast(large_pack.unet, torch.device("cuda"), True) is large_pack.unet
+    assert call_fast(large_pack.unet, torch.device("cpu"), False) is large_pack.unet
+    assert isinstance(call_fast(large_pack.unet, torch.device("cpu"), True), TracedUNet)
+
+
+@pytest.mark.parametrize("argv,env,expected", [([], None, True), (["--no-trace-unet"], None, False),
+                                               ([], "0", False), ([], "false", False), (["--trace-unet"], "0", True)])
+def test_the_server_flag_and_its_environment_variable(monkeypatch, argv, env, expected):
+    from services.edge_server.server import parse_args
+
+    if env is not None:
+        monkeypatch.setenv("TANDEM_EDGE_TRACE_UNET", env)
+    assert parse_args(argv).trace_unet is expected
