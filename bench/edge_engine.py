@@ -8,8 +8,10 @@ bench's process: on a shared, loaded machine two processes get more CPU than one
 the edge. Here both run on the same thread budget of one process, interleaved round by round:
 `EdgeEngine` (its loop thread; requests submitted as the servicer does) vs diffusers'
 StableDiffusionPipeline (static batch, and "batch whoever is waiting" for staggered arrivals).
-Each engine setting is measured in the same rounds, so the effect of each admission rule shows:
-"plain" is the engine with no coalescing window and no growth cap.
+Each engine setting is measured in the same rounds, so the effect of each change shows:
+"plain" is the engine with no coalescing window and no growth cap, "eager" the default admission
+with the UNet called eagerly as diffusers calls it (the scheduling alone), "default" the engine
+as the server runs it (on a CPU, its UNet a TorchScript trace: services/edge_server/traced.py).
 """
 
 from __future__ import annotations
@@ -32,17 +34,18 @@ from peer_diffusers import (  # noqa: E402
     run_diffusers,
 )
 
-SETTINGS = {"plain": dict(coalesce_s=0.0, max_growth=0.0), "default": {}}
+# name -> (BatchConfig arguments, trace the UNet)
+SETTINGS = {"plain": (dict(coalesce_s=0.0, max_growth=0.0), False), "eager": ({}, False), "default": ({}, True)}
 
 
-def run_engine(pack, config, requests, gap: float, payloads: dict | None = None
+def run_engine(pack, config, requests, gap: float, payloads: dict | None = None, trace: bool = True
                ) -> tuple[list[float], float, dict[int, int]]:
     """Latencies, wall seconds and the batch-size histogram of `requests` arriving every `gap` s
     (their fp32 handoffs into `payloads`, by index, if given)."""
     from services.edge_server.engine import EdgeEngine, Failed, Finished
     from tandem.handoff import CodecSpec
 
-    engine = EdgeEngine(pack, config)
+    engine = EdgeEngine(pack, config, trace_unet=trace)
     engine.start()
     done = threading.Semaphore(0)
     latencies: list[float] = []
@@ -102,9 +105,11 @@ def main() -> int:
     pack = load_pack(args.pack / "large", device="cpu")
     guidance, size = float(pack.manifest.default_guidance), pack.default_image_size
     pipe = diffusers_pipeline(args.pack)
-    configs = {name: BatchConfig(max_batch_size=max(16, args.users), **kw) for name, kw in SETTINGS.items()}
+    configs = {name: BatchConfig(max_batch_size=max(16, args.users), **kw) for name, (kw, _) in SETTINGS.items()}
+    traced = {name: trace for name, (_, trace) in SETTINGS.items()}
     run_diffusers(pipe, ["a", "b"], [0, 1], args.steps, guidance, size)  # warm-up both
-    run_engine(pack, configs["default"], edge_requests(2, args.steps, guidance, size), 0.0)
+    for name in configs:  # the traced engines trace on their first call
+        run_engine(pack, configs[name], edge_requests(2, args.steps, guidance, size), 0.0, trace=traced[name])
 
     payloads: dict[int, bytes] = {}
     same = edge_requests(args.users, args.steps, guidance, size, offset=10_000)
@@ -118,13 +123,13 @@ def main() -> int:
     for k in range(args.rounds):  # interleaved: machine noise hits every side alike
         requests = edge_requests(args.users, args.steps, guidance, size, offset=100 * k)
         for name, config in configs.items():
-            _, wall, histograms[name] = run_engine(pack, config, requests, 0.0)
+            _, wall, histograms[name] = run_engine(pack, config, requests, 0.0, trace=traced[name])
             together[name].append(args.users / wall)
         began = time.perf_counter()
         run_diffusers(pipe, [r.prompt for r in requests], [r.seed for r in requests], args.steps, guidance, size)
         together["diffusers"].append(args.users / (time.perf_counter() - began))
         for name, config in configs.items():
-            lat, wall, _ = run_engine(pack, config, requests, args.gap)
+            lat, wall, _ = run_engine(pack, config, requests, args.gap, trace=traced[name])
             stag_lat[name].append(statistics.mean(lat))
             stag_tp[name].append(args.users / wall)
         began = time.perf_counter()
