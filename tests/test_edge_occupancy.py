@@ -54,12 +54,21 @@ def run_at(core: SchedulerCore, assigned, batch: float, edge_steps: int = 0) -> 
 
 def test_the_batch_of_a_span_is_one_plus_the_time_others_shared_it():
     occupancy = EdgeOccupancy()
-    a, b = EdgeSpan("e", 0.0, 1.0), EdgeSpan("e", 0.5, 2.0)
-    for span in (a, b, EdgeSpan("other edge", 0.0, 1.0), EdgeSpan("e", 1.0, 3.0)):
+    a, b = EdgeSpan("e", 0.0, 1.0, "a"), EdgeSpan("e", 0.5, 2.0, "b")
+    for span in (a, b, EdgeSpan("other edge", 0.0, 1.0, "c"), EdgeSpan("e", 1.0, 3.0, "d")):
         occupancy.add(span)
     assert occupancy.batch(a) == pytest.approx(1.5)  # b shared half of it; the other edge and a later span none
-    assert occupancy.batch(b) == pytest.approx(1 + (0.5 + 1.0) / 1.5)
-    assert occupancy.batch(EdgeSpan("e", 10.0, 11.0)) == 1.0
+    assert occupancy.batch(b) == pytest.approx(1 + 0.5 / 1.5 + 1.0 / 1.5)
+    assert occupancy.batch(EdgeSpan("e", 10.0, 11.0, "a")) == 1.0
+
+
+def test_one_user_makes_anothers_batch_at_most_one_larger():
+    occupancy = EdgeOccupancy()
+    honest = EdgeSpan("e", 0.0, 1.0, "honest")
+    occupancy.add(honest)
+    for i in range(10):  # ten made-up spans over it, from one user
+        occupancy.add(EdgeSpan("e", -1.0 - i, 5.0 + i, "flood"))
+    assert occupancy.batch(honest) == 2.0
 
 
 def test_two_requests_batched_on_the_edge_leave_its_step_time_where_the_profile_has_it():
@@ -114,20 +123,26 @@ def test_an_override_on_the_edge_counts_in_the_batch():
 
 
 def test_a_plan_made_while_another_is_on_the_edge_is_predicted_in_its_batch():
+    """A plan shares the edge with other users' plans still on it, each for the share of its
+    predicted round still to come (it leaves the batch when done)."""
     clock = Clock()
     core = make_core(clock)
     coeff = core.costs.edge_coefficients()
+
+    def edge_step(user: str) -> float:
+        return plan(core, user).plan.edge_seconds / SPLIT
+
     first = plan(core, "a").plan
-    assert first.edge_seconds == pytest.approx(SPLIT * float(coeff.step_seconds(1)))
-    clock.t += 0.001  # "a" is still on the edge, by its prediction
-    joined = plan(core, "b").plan
-    assert joined.edge_seconds == pytest.approx(SPLIT * float(coeff.step_seconds(2)))
+    assert first.edge_seconds / SPLIT == pytest.approx(float(coeff.step_seconds(1)))
+    assert edge_step("b") == pytest.approx(float(coeff.step_seconds(2)))  # "a" has all its round to go
     assert plan(core, "local").plan.split == 0  # a plan all on the device loads no edge
     for _ in range(5):  # a user counts once, however many plans it has on the edge
         plan(core, "b")
-    assert plan(core, "c").plan.edge_seconds == pytest.approx(SPLIT * float(coeff.step_seconds(3)))
+    assert edge_step("c") == pytest.approx(float(coeff.step_seconds(3)))
     clock.t += 10.0  # every edge round is over by its prediction
-    assert plan(core, "d").plan.edge_seconds == pytest.approx(SPLIT * float(coeff.step_seconds(1)))
+    assert edge_step("d") == pytest.approx(float(coeff.step_seconds(1)))
+    clock.t += (first.edge_seconds + first.transfer_seconds) / 2  # "d" is halfway through its round
+    assert edge_step("e") == pytest.approx(float(coeff.step_seconds(1.5)))
 
 
 def test_a_reported_plan_is_off_the_edge():

@@ -117,6 +117,7 @@ def test_hostile_measurements_leave_a_benign_users_plan_unchanged(tmp_path):
     with scheduler_service(tmp_path, "--edge", "127.0.0.1:50999") as sched:
         s = stub(sched.address)
         benign = plan_request(user_id="bob", latency_budget_seconds=30.0)
+        before = decision(s.Plan(benign, timeout=10))
         rtt_before = metric_value(sched.metrics(), "tandem_scheduler_rtt_seconds")
         for hostile, field in ((plan_request(link=pb.LinkEstimate(bandwidth_bps=5e6, rtt_seconds=1e300)),
                                 "link.rtt_seconds"),
@@ -129,9 +130,9 @@ def test_hostile_measurements_leave_a_benign_users_plan_unchanged(tmp_path):
                            timeout=10)
         assert slow_link.split == 0 or slow_link.predicted.transfer >= 9.9
         mine = s.Plan(plan_request(user_id="mallory"), timeout=10)
-        # Bob's plan from here, with mallory's plans on the edge as they will be after her reports
-        # (plans in flight load the edge, each user once; tests/test_edge_occupancy.py).
-        before = decision(s.Plan(benign, timeout=10))
+        # A plan on the edge loads it until reported (tests/test_edge_occupancy.py): this one
+        # reports nothing measured, so only the extreme report below could still move bob's plan.
+        s.Report(pb.ReportRequest(plan_id=slow_link.plan_id), timeout=10)
         error = rpc_error(s.Report, pb.ReportRequest(plan_id=mine.plan_id, measured=pb.MeasuredPhases(edge_steps=1e308)),
                           timeout=10)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error.details().startswith("measured.edge_steps: ")

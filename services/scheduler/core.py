@@ -310,18 +310,22 @@ class SchedulerCore:
                 del self._issued[next(iter(self._issued))]
         return out
 
-    def _on_edges(self, now: float, frame_owners: set[str]) -> int:
-        """Other users with a plan of an earlier frame predicted to be on an edge now (planned
-        there, not reported, its edge round not over). Each counts once: a flood of one user's
-        plans is one more request on the edge. The frame's own users are left out: the frame
-        models their batch, and a user's earlier unreported plan is more often abandoned than
-        running beside its new one. Under the lock."""
-        others = set()
-        for plan_id in self._issued:
+    def _on_edges(self, now: float, frame_owners: set[str]) -> float:
+        """How many other users' plans of earlier frames a new plan's edge steps will share: each
+        plan predicted on an edge now (planned there, not reported, its edge round not over) for
+        the share of its round still to come, since it leaves the batch when done (one planned
+        just now: 1; one about to finish: about 0). Each user counts once, at most 1: a flood of
+        one user's plans is one more request on the edge. The frame's own users are left out: the
+        frame models their batch, and a user's earlier unreported plan is more often abandoned
+        than running beside its new one. Under the lock."""
+        others: dict[str, float] = {}
+        for plan_id, issued_at in self._issued.items():
             record = self._pending.get(plan_id)
-            if record is not None and record.on_edge_until > now and record.owner not in frame_owners:
-                others.add(record.owner)
-        return len(others)
+            if record is None or record.owner in frame_owners or record.on_edge_until <= now:
+                continue
+            left = (record.on_edge_until - now) / (record.on_edge_until - issued_at)
+            others[record.owner] = max(others.get(record.owner, 0.0), min(left, 1.0))
+        return sum(others.values())
 
     # --- edges ------------------------------------------------------------------------------
     def heartbeat(self, load: EdgeLoad) -> int:
@@ -363,7 +367,7 @@ class SchedulerCore:
             edge = [o for o in observations if o.phase == "edge"]
             if edge:  # placed back from now by the phases after the edge steps
                 end = now - (m.transfer + m.device_steps + m.decode)
-                span = EdgeSpan(self._edge_key(record), end - edge_compute, end)
+                span = EdgeSpan(self._edge_key(record), end - edge_compute, end, record.owner)
                 self._occupancy.add(span)
                 self._held.append(_Held(edge[0], span))
             observations = [o for o in observations if o.phase != "edge"] + self._settled(now)

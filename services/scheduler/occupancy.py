@@ -13,7 +13,9 @@ steps, in the scheduler's clock) and gives a span's batch: 1 + the time-weighted
 spans on the same edge. A span is placed back from the report's arrival by the device's measured
 phases after the edge (transfer, device steps, decode); the report's own delay (the device's image
 encoding, the call) is about the same for every request, so it shifts spans alike and their
-overlaps stay. Pure logic; the caller passes the clock and serializes calls.
+overlaps stay. Each other user counts at most once in a span's batch, so one user's reports (a
+flood of long, made-up spans) can make another's batch at most one request larger. Pure logic;
+the caller passes the clock and serializes calls.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class EdgeSpan:
     edge: str
     start: float
     end: float
+    owner: str = ""  # whose report measured it
 
     @property
     def seconds(self) -> float:
@@ -64,5 +67,8 @@ class EdgeOccupancy:
         itself counted once even when it was added)."""
         if not span.seconds > 0:
             return 1.0
-        shared = sum(span.overlap(s) for s in self._spans if s is not span)
-        return 1.0 + shared / span.seconds
+        shared: dict[str, float] = {}
+        for other in self._spans:
+            if other is not span and (overlap := span.overlap(other)) > 0:
+                shared[other.owner] = shared.get(other.owner, 0.0) + overlap / span.seconds
+        return 1.0 + sum(min(share, 1.0) for share in shared.values())
