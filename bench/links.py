@@ -294,10 +294,12 @@ class Topology:
         self._popen(self.edge, "edge", [sys.executable, "-m", "services.edge_server", "--pack", str(self.packs.large),
                                         "--host", "0.0.0.0", "--port", str(EDGE_PORT), "--metrics-port", "0",
                                         "--device", "cpu"])
-        # --frame-ms 0: each device has its own link here, not a share of one band.
+        # The scheduler's own frame window (20 ms): requests that arrive together are planned in one
+        # frame, their edge steps in one batch (each device's measured rate is its own link, not a
+        # share of one band, whatever the frame).
         self._popen(self.scheduler, "scheduler",
                     [sys.executable, "-m", "services.scheduler", "--host", "0.0.0.0", "--port", str(SCHEDULER_PORT),
-                     "--metrics-port", "0", "--policy", self.policy, "--frame-ms", "0",
+                     "--metrics-port", "0", "--policy", self.policy,
                      "--cost-profile", str(self.packs.cost_profile), "--quality-profile",
                      str(self.packs.quality_profile), "--edge", f"{first_link.a_ip}:{PROXY_PORT}"])
 
