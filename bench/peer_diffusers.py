@@ -13,9 +13,11 @@
    throughput.
 3. memory: peak RSS of a fresh process that runs the device's part (small pack, late T/2 steps and
    the decode) vs one that makes the whole image on the large pack, and the import floor of each;
-   the device three times: loaded in full as before issue 18 (the whole VAE), lean and encoding its
+   the device five times: loaded in full as before issue 18 (the whole VAE), lean and encoding its
    prompt itself, lean and given the prompt embeddings (as if the handoff carried them: no text
-   encoder loads). Medians over `--rounds` interleaved fresh processes. With --device-python, every
+   encoder loads), and both lean ones again with --compact-weights (fp16-stored weights held as
+   stored; their steps + decode timed against the plain lean device, in the same processes).
+   Medians over `--rounds` interleaved fresh processes. With --device-python, every
    memory process runs in this environment (.venv: every extra) and in one with the device's
    dependencies only (`tandem[ue]`, as the device's image installs; bench/device_env.sh makes it),
    interleaved. Then, per environment, the import floor one import after another, and the SD
@@ -140,12 +142,13 @@ floor, heap_floor, file_floor = rss_kib(), rss_kib("RssAnon"), rss_kib("RssFile"
 if role == "device-loaded-in-full":  # as load_pack did before issue 18: the whole VAE
     import tandem.packs
     tandem.packs._load_vae = lambda directory, dtype: AutoencoderKL.from_pretrained(directory, torch_dtype=dtype)
-p = load_pack(pack + ("/large" if role == "large" else "/small"), device="cpu",
-              lazy_text=role == "device-given-embedding")
+given = role.endswith("given-embedding")
+p = load_pack(pack + ("/large" if role == "large" else "/small"), device="cpu", lazy_text=given,
+              compact=role.startswith("device-compact"))  # fp16 files held as stored, widened layer by layer
 size = p.default_image_size
 r = GenerationRequest("a red circle at the left on a blue background", steps=steps, split=steps // 2,
                       guidance_scale=4.0, height=size, width=size)
-if role == "device-given-embedding":  # the prompt embeddings arrive with the handoff (their shape, zeros here):
+if given:  # the prompt embeddings arrive with the handoff (their shape, zeros here):
     hidden = json.load(open(p.text_dirs[0] / "config.json"))["hidden_size"]  # no text encoder loads
     tokens = json.load(open(p.text_dirs[1] / "tokenizer_config.json")).get("model_max_length", 77)
     schedule = make_schedule(r.sampler, steps, p.sampler_config)
@@ -155,14 +158,21 @@ else:
     s = start(p, r)
 if role != "large":  # from the handoff's place: steps [k, T) and the decode (x0-history as a handoff carries it)
     s.step, s.prev_denoised = steps // 2, torch.zeros_like(s.latent)
+began = time.perf_counter()
 run_steps(p, s, steps)
 decode(p, s.latent)
+seconds = time.perf_counter() - began
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({{"floor_kib": floor, "peak_kib": peak, "end_kib": rss_kib(), "heap_floor_kib": heap_floor,
                   "heap_end_kib": rss_kib("RssAnon"), "file_floor_kib": file_floor,
-                  "file_end_kib": rss_kib("RssFile")}}))
+                  "file_end_kib": rss_kib("RssFile"), "seconds": seconds}}))
 """
-MEMORY_ROLES = ("device-loaded-in-full", "device", "device-given-embedding", "large")
+MEMORY_ROLES = ("device-loaded-in-full", "device", "device-given-embedding", "device-compact",
+                "device-compact-given-embedding", "large")
+DEVICE_ROLES = (("device-loaded-in-full", "loaded in full as before issue 18"), ("device", "its own text encoder"),
+                ("device-given-embedding", "prompt embeddings given"),
+                ("device-compact", "--compact-weights, its own text encoder"),
+                ("device-compact-given-embedding", "--compact-weights, prompt embeddings given"))
 # The import floor alone, in fresh processes: what load_pack imported before issue 18 (diffusers'
 # and transformers' top levels) and what it imports now (the model classes' own modules).
 FLOOR_IMPORTS = {
@@ -292,8 +302,7 @@ def floor_steps(rounds: int, pythons: dict[str, str]) -> dict[str, dict[str, flo
 def memory_lines(m: dict[str, dict[str, float]], steps: int, env: str) -> list[str]:
     large = m["large"]
     lines = []
-    for role, what in (("device-loaded-in-full", "loaded in full as before issue 18"),
-                       ("device", "its own text encoder"), ("device-given-embedding", "prompt embeddings given")):
+    for role, what in DEVICE_ROLES:
         d = m[role]
         above = (d["peak_kib"] - d["floor_kib"]) / max(1, large["peak_kib"] - large["floor_kib"])
         lines.append(f"[{env}] device process (small pack, {what}, late {steps // 2} of {steps} steps + decode): peak "
@@ -306,11 +315,14 @@ def memory_lines(m: dict[str, dict[str, float]], steps: int, env: str) -> list[s
                  f"{full_above / 1024:.0f} MiB -> {lean_above / full_above:.2f}x")
     for kind, what in (("heap", "heap (RssAnon)"), ("file", "code and files (RssFile)")):
         grew = {role: (m[role][f"{kind}_end_kib"] - m[role][f"{kind}_floor_kib"]) / 1024 for role in m}
-        lines.append(f"[{env}] {what} above the floor after the image: device loaded in full "
-                     f"{grew['device-loaded-in-full']:.0f} MiB, lean {grew['device']:.0f} MiB, given the embeddings "
-                     f"{grew['device-given-embedding']:.0f} MiB, large {grew['large']:.0f} MiB -> "
-                     f"{grew['device-loaded-in-full'] / grew['large']:.2f}x, {grew['device'] / grew['large']:.2f}x, "
-                     f"{grew['device-given-embedding'] / grew['large']:.2f}x")
+        lines.append(f"[{env}] {what} above the floor after the image, large {grew['large']:.0f} MiB; device "
+                     + ", ".join(f"{role} {grew[role]:.0f} MiB {grew[role] / grew['large']:.2f}x"
+                                 for role, _ in DEVICE_ROLES))
+    # compact weights cost time: each layer widened per call (timed in the same processes, so
+    # run this part under the bench lock when the figure matters)
+    lines.append(f"[{env}] device steps + decode, --compact-weights vs not: "
+                 f"{m['device-compact']['seconds']:.3f} vs {m['device']['seconds']:.3f} s -> "
+                 f"{m['device-compact']['seconds'] / m['device']['seconds']:.2f}x")
     return lines
 
 

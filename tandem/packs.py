@@ -9,7 +9,9 @@ agree: `check_pair` refuses any other pair, naming the mismatch.
 torch and the model classes load only inside load_pack, so reading a manifest stays cheap: the
 CLI checks flags and prompts before any model code loads. A pack loads only what runs: the VAE's
 decoder (nothing encodes images), and with lazy_text the text encoder on its first use (a process
-given its prompt embeddings never loads it).
+given its prompt embeddings never loads it). With compact, weights stored narrower than the compute
+dtype (fp16 files on a CPU that computes in fp32) stay in memory as stored and each layer's weight is
+widened only while it runs (tandem/compact.py): half the weights' memory, the same images.
 """
 
 from __future__ import annotations
@@ -119,6 +121,9 @@ class ModelPack:
     dtype: torch.dtype
     text_dirs: tuple[Path, Path]  # (text_encoder, tokenizer), loaded by text_model() on first use
     offload: bool = False
+    # Component -> the dtype its weights are held in, as stored, widened as each layer runs
+    # (tandem/compact.py).
+    compact: dict[str, torch.dtype] = field(default_factory=dict)
     active_user: str | None = None
     text: TextModel | None = None
     _text_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -127,7 +132,12 @@ class ModelPack:
         """The tokenizer and text encoder, loaded on first use (once, whichever thread asks)."""
         with self._text_lock:
             if self.text is None:
-                self.text = _load_text(self.root, *self.text_dirs, self.device, self.dtype, self.offload)
+                stored = self.compact.get("text_encoder", self.dtype)
+                self.text = _load_text(self.root, *self.text_dirs, self.device, stored, self.offload)
+                if "text_encoder" in self.compact:
+                    from tandem.compact import compact
+
+                    compact(self.text.encoder, self.dtype)
             return self.text
 
     @property
@@ -252,12 +262,15 @@ def load_pack(
     user: str | None = None,
     offload: bool = False,
     lazy_text: bool = False,
+    compact: bool = False,
 ) -> ModelPack:
     """Loads a pack for inference (eval mode, no grad), weights safetensors-only. With `offload`
     (a CUDA device smaller than the pack), the weights stay in CPU memory and accelerate moves
     each layer to the GPU only while it runs. With `lazy_text`, the text encoder loads on the
     first prompt encoded (never, for a process given its prompt embeddings); by default it loads
-    now, so a broken one fails at startup, not in a server's first request."""
+    now, so a broken one fails at startup, not in a server's first request. With `compact` (a
+    device short of memory), each component whose weights are all stored in one dtype narrower
+    than `dtype` keeps them so (tandem/compact.py); the others load as usual."""
     import torch
 
     # Each class from its own module: diffusers' package __init__s still load every model class
@@ -265,10 +278,16 @@ def load_pack(
     # when the text encoder does.
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
+    from tandem.compact import compact as compact_module
+    from tandem.compact import stored_dtype
+
     quiet_loading()
     root = resolve_source(source)
     manifest = PackManifest.read(root)
     device = torch.device(device) if device is not None else default_device()
+    if offload and compact:
+        raise PackError("--offload and --compact-weights do not combine: choose one (offload keeps the weights "
+                        "in CPU memory already)")
     if offload and not (device.type == "cuda" and torch.cuda.is_available()):
         where = "this machine has no CUDA GPU" if device.type == "cuda" else f"the device is {device}"
         raise PackError(f"--offload needs a CUDA GPU (it keeps the weights in CPU memory and moves each layer "
@@ -277,12 +296,18 @@ def load_pack(
     dirs = {c: _component_dir(root, manifest, c) for c in COMPONENTS}
     sampler_config = _read_json(dirs["scheduler"] / "scheduler_config.json")
     try:
-        unet = UNet2DConditionModel.from_pretrained(dirs["unet"], torch_dtype=dtype, use_safetensors=True)
-        vae = _load_vae(dirs["vae"], dtype)
+        # compact components load in their stored dtype: their weights never exist in `dtype` at once
+        narrow = {name: stored for name in ("unet", "vae", "text_encoder") if compact
+                  and (stored := stored_dtype(dirs[name])) is not None and stored.itemsize < dtype.itemsize}
+        unet = UNet2DConditionModel.from_pretrained(dirs["unet"], torch_dtype=narrow.get("unet", dtype),
+                                                    use_safetensors=True)
+        vae = _load_vae(dirs["vae"], narrow.get("vae", dtype))
     except (OSError, ValueError) as exc:
         raise PackError(f"pack {root}: {exc}") from exc
-    for module in (unet, vae):
+    for name, module in (("unet", unet), ("vae", vae)):
         _place(module, device, offload)
+        if name in narrow:
+            compact_module(module, dtype)
     pack = ModelPack(
         name=manifest.name,
         root=root,
@@ -294,6 +319,7 @@ def load_pack(
         dtype=dtype,
         text_dirs=(dirs["text_encoder"], dirs["tokenizer"]),
         offload=offload,
+        compact=narrow,
     )
     if not lazy_text:
         pack.text_model()

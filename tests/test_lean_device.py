@@ -1,6 +1,7 @@
 """A device that loads only what it runs (issue 18): the VAE's decoder without its encoder, the
 text encoder only when a prompt is encoded, the same images as a pack loaded in full, and
---offload refused in one line where there is no CUDA GPU."""
+--offload refused in one line where there is no CUDA GPU; with --compact-weights, fp16-stored
+weights held as stored and widened layer by layer, the same images."""
 
 from __future__ import annotations
 
@@ -141,3 +142,50 @@ def test_the_device_service_refuses_offload_without_cuda_in_one_line(tiny_packs)
     assert "Traceback" not in output
     lines = [line for line in output.splitlines() if "tandem-ue: error" in line]
     assert len(lines) == 1 and "--offload needs a CUDA GPU" in lines[0] and "the device is cpu" in lines[0], output
+
+
+def test_compact_weights_hold_the_stored_fp16_and_make_the_same_images_bit_for_bit(demo):
+    """--compact-weights: the demo pack's files are fp16 and a CPU computes in fp32, so the
+    weights stay fp16 in memory (every value came from fp16: widening is exact) and each layer is
+    widened only while it runs. Users' LoRAs load into the compact UNet and compute in fp32."""
+    large, plain = demo
+    compact = load_pack(DEMO_PACK / "small", device="cpu", compact=True)
+    assert compact.compact == {"unet": torch.float16, "vae": torch.float16, "text_encoder": torch.float16}
+
+    def held(module):  # the base weights' bytes (the shared fixture may hold users' LoRAs already)
+        return sum(p.numel() * p.element_size() for n, p in module.named_parameters() if "lora_" not in n)
+
+    for name in ("unet", "vae", "text_encoder"):
+        small, whole = held(getattr(compact, name)), held(getattr(plain, name))
+        assert 0.45 * whole < small < 0.55 * whole, name  # norms, biases and conv_in stay fp32
+    assert all(p.dtype == torch.float32 for n, p in compact.unet.named_parameters() if "norm" in n or "conv_in" in n)
+    for split, user in ((10, "alice"), (0, "bob"), (20, None), (14, None), (6, "alice")):
+        request = GenerationRequest(PROMPT, steps=20, split=split, seed=5, guidance_scale=4.0, height=64, width=64,
+                                    user=user)
+        image = HybridPipeline(large, compact).generate(request).image
+        assert np.array_equal(image, HybridPipeline(large, plain).generate(request).image), (split, user)
+    lora = [p.dtype for n, p in compact.unet.named_parameters() if "lora_" in n]
+    assert lora and set(lora) == {torch.float32}
+    assert held(compact.unet) < 0.55 * held(plain.unet)  # the adapters did not widen the base weights
+
+
+def test_compact_weights_leave_weights_stored_as_wide_as_they_compute_alone(tiny_packs):
+    # the tiny packs are saved in fp32: narrowing them would lose bits, so nothing is compacted
+    pack = load_pack(tiny_packs["small"], device="cpu", compact=True)
+    assert pack.compact == {}
+    assert {p.dtype for p in pack.unet.parameters()} == {torch.float32}
+
+
+def test_compact_weights_and_offload_are_one_clear_error(tiny_packs):
+    with pytest.raises(PackError, match="--offload and --compact-weights do not combine"):
+        load_pack(tiny_packs["small"], device="cuda" if torch.cuda.is_available() else "cpu", offload=True,
+                  compact=True)
+
+
+def test_the_device_service_takes_compact_weights_from_its_flag_or_environment(monkeypatch):
+    from services.ue_client.service import parse_args
+
+    assert parse_args(["--compact-weights"]).compact_weights is True
+    assert parse_args([]).compact_weights is False
+    monkeypatch.setenv("TANDEM_UE_COMPACT_WEIGHTS", "1")
+    assert parse_args([]).compact_weights is True

@@ -185,6 +185,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         default=str(_env("offload", "")).lower() in ("1", "true", "yes"),
                         help="keep the weights in CPU memory and move each layer to the GPU as it runs "
                              "(accelerate's CPU offload: a CUDA GPU smaller than the pack)")
+    parser.add_argument("--compact-weights", action="store_true",
+                        default=str(_env("compact_weights", "")).lower() in ("1", "true", "yes"),
+                        help="hold weights stored narrower than the compute dtype (fp16 files on a CPU) as "
+                             "stored and widen each layer as it runs: half the weights' memory, the same "
+                             "images, slower steps")
     add_server_tls_args(parser, _env)
     add_client_args(parser, _env, prefix="edge-", what="edge servers")
     args = parser.parse_args(argv)
@@ -208,7 +213,8 @@ async def serve(args: argparse.Namespace) -> None:
     await set_health(health, SERVICE_NAME, serving=False)
     await server.start()  # health answers NOT_SERVING while the pack loads
     try:
-        pack = await asyncio.to_thread(load_pack, args.pack, args.device, offload=args.offload)
+        pack = await asyncio.to_thread(load_pack, args.pack, args.device, offload=args.offload,
+                                        compact=args.compact_weights)
         for user in pack.users:  # warm every user's LoRA now, not on their first request
             pack.use_user(user)
         pack.use_user(None)
