@@ -7,8 +7,8 @@ records the aten calls once and replays them: the same kernels on the same input
 order, so the same numbers. Each input shape's trace (the batch size is free) is checked on its
 first use against the eager UNet with `torch.equal`, twice (TorchScript optimizes the graph after
 its first run); a shape whose trace differs or fails keeps the eager UNet, so the images never
-change. CPU only: on a GPU, launch overhead is CUDA graphs' job, and TorchScript's GPU fusers
-would change the numbers.
+change. CPU only (TorchScript fuses nothing on a CPU unless told to): on a GPU, launch overhead is CUDA
+graphs' job, and TorchScript's GPU fusers would change the numbers.
 """
 
 from __future__ import annotations
