@@ -189,3 +189,27 @@ def test_the_device_service_takes_compact_weights_from_its_flag_or_environment(m
     assert parse_args([]).compact_weights is False
     monkeypatch.setenv("TANDEM_UE_COMPACT_WEIGHTS", "1")
     assert parse_args([]).compact_weights is True
+
+
+def test_a_device_service_with_compact_weights_makes_the_users_images(demo, tmp_path, capsys):
+    """--compact-weights through the service: it loads the demo pack compact, warms every user's
+    LoRA into it at startup, and makes a user's image on the device as an in-process device does
+    (the service runs other CPU thread counts: equal up to float rounding, as in test_device_service)."""
+    import json
+
+    from PIL import Image
+    from service_procs import device_service
+
+    from services.cli import generate as cli
+
+    large, plain = demo
+    with device_service(DEMO_PACK / "small", tmp_path, "--compact-weights") as ue:
+        out = tmp_path / "x.png"
+        assert cli.main(["generate", PROMPT, "--out", str(out), "--ue", ue.address, "--user", "alice", "--steps", "8",
+                         "--split", "0", "--seed", "4", "--guidance", "4", "--json", "--quiet"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["mode"] == "device-service" and report["device_steps"] == 8
+    request = GenerationRequest(PROMPT, steps=8, split=0, seed=4, guidance_scale=4.0, height=64, width=64,
+                                user="alice")
+    expected = HybridPipeline(large, plain).generate(request).image
+    assert np.abs(np.asarray(Image.open(out)).astype(int) - expected.astype(int)).max() <= 1
