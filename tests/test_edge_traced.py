@@ -92,6 +92,8 @@ def test_a_gpu_or_a_disabled_trace_keeps_the_unet_as_loaded(large_pack):
     assert call_fast(large_pack.unet, torch.device("cuda"), True) is large_pack.unet
     assert call_fast(large_pack.unet, torch.device("cpu"), False) is large_pack.unet
     assert isinstance(call_fast(large_pack.unet, torch.device("cpu"), True), TracedUNet)
+    # engines on one pack share its traces
+    assert call_fast(large_pack.unet, torch.device("cpu"), True) is call_fast(large_pack.unet, torch.device("cpu"), True)
 
 
 @pytest.mark.parametrize("argv,env,expected", [([], None, True), (["--no-trace-unet"], None, False),

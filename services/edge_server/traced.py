@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +24,7 @@ from tandem.lru import Lru
 
 log = logging.getLogger("tandem.edge")
 
+TRACED_ATTRIBUTE = "_tandem_traced"
 Key = tuple[tuple[int, ...], torch.dtype, tuple[int, ...], torch.dtype, int]
 
 
@@ -75,10 +75,11 @@ class TracedUNet:
 def call_fast(unet: Any, device: torch.device, enabled: bool) -> Any:
     """The UNet the engine calls: a torch module traced on a CPU when `enabled`, else as given."""
     if enabled and device.type == "cpu" and isinstance(unet, torch.nn.Module) and next(unet.parameters(), None) is not None:
-        if unet not in _TRACED:  # engines on one pack share its traces (each costs a trace and a check)
-            _TRACED[unet] = TracedUNet(unet)
-        return _TRACED[unet]
+        # Engines on one pack share its traces (each costs a trace and a check); kept on the module,
+        # so they go when the pack goes.
+        traced = getattr(unet, TRACED_ATTRIBUTE, None)
+        if traced is None:
+            traced = TracedUNet(unet)
+            setattr(unet, TRACED_ATTRIBUTE, traced)
+        return traced
     return unet
-
-
-_TRACED: weakref.WeakKeyDictionary[torch.nn.Module, TracedUNet] = weakref.WeakKeyDictionary()
