@@ -60,6 +60,36 @@ def test_a_shape_whose_trace_differs_or_fails_runs_eager(large_pack, monkeypatch
     assert traced.traced_shapes == 0 and "cannot trace this" in caplog.text
 
 
+@torch.no_grad()
+def test_a_trace_that_differs_at_another_batch_size_runs_eager_from_then_on(large_pack, monkeypatch, caplog):
+    """A trace is checked at every batch size it meets, once: one that read its first batch size
+    as a constant (here: wrong from the second batch size on, or failing) never serves wrong numbers."""
+    real_trace = torch.jit.trace
+
+    def batch_bound(fn, example, **kw):
+        trace, first = real_trace(fn, example, **kw), example[0].shape[0]
+        return lambda *args: trace(*args) + (0.0 if args[0].shape[0] == first else 1e-6)
+
+    def failing_elsewhere(fn, example, **kw):
+        trace, first = real_trace(fn, example, **kw), example[0].shape[0]
+
+        def call(*args):
+            if args[0].shape[0] != first:
+                raise RuntimeError("shape '[3, 16]' is invalid")
+            return trace(*args)
+        return call
+
+    for fake, message in ((batch_bound, "differs from the eager one at batch size 5"),
+                          (failing_elsewhere, "failed at batch size 5")):
+        monkeypatch.setattr(torch.jit, "trace", fake)
+        traced = TracedUNet(large_pack.unet)
+        with caplog.at_level(logging.WARNING, logger="tandem.edge"):
+            for n in (3, 3, 5, 5, 3):
+                inputs = unet_inputs(large_pack, n, seed=n)
+                assert torch.equal(traced(*inputs)[0], eager(large_pack, inputs)), (fake.__name__, n)
+        assert traced.traced_shapes == 0 and message in caplog.text
+
+
 def test_the_engines_handoffs_do_not_depend_on_the_trace(large_pack):
     from services.edge_server.engine import Finished
 

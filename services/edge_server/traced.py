@@ -4,10 +4,11 @@ On a CPU a small UNet spends much of each call in Python: diffusers' forward wal
 modules, the same for a batch of 1 as of 16, and that is most of the step's fixed cost a in
 a + b·n (the demo pack on one thread: a one-request step 20 ms eager, 12 ms traced). A trace
 records the aten calls once and replays them: the same kernels on the same inputs in the same
-order, so the same numbers. Each input shape's trace (the batch size is free) is checked on its
-first use against the eager UNet with `torch.equal`, twice (TorchScript optimizes the graph after
-its first run); a shape whose trace differs or fails keeps the eager UNet, so the images never
-change. CPU only (TorchScript fuses nothing on a CPU unless told to): on a GPU, launch overhead is CUDA
+order, so the same numbers. Each input shape's trace is checked on its first use against the
+eager UNet with `torch.equal`, twice (TorchScript optimizes the graph after its first run), and
+again once at every other batch size it meets (a trace may have read the batch size as a
+constant); a shape whose trace differs or fails at any batch size keeps the eager UNet from then
+on, so the images never change. CPU only (TorchScript fuses nothing on a CPU unless told to): on a GPU, launch overhead is CUDA
 graphs' job, and TorchScript's GPU fusers would change the numbers.
 """
 
@@ -36,6 +37,7 @@ class TracedUNet:
         first = next(unet.parameters())
         self.device, self.dtype = first.device, first.dtype
         self._traces: Lru[Key, Callable[..., torch.Tensor]] = Lru(max_shapes)  # a trace, or self._eager
+        self._checked: set[tuple[Key, int]] = set()  # (shape, batch size) pairs a trace was checked at
 
     @property
     def traced_shapes(self) -> int:
@@ -49,6 +51,8 @@ class TracedUNet:
         trace = self._traces.get(key)
         if trace is None:
             return (self._trace(key, sample, timestep, encoder_hidden_states),)
+        if trace != self._eager and (key, sample.shape[0]) not in self._checked:
+            return (self._check(key, trace, sample, timestep, encoder_hidden_states),)
         return (trace(sample, timestep, encoder_hidden_states),)
 
     def _eager(self, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -69,6 +73,25 @@ class TracedUNet:
         except Exception:  # noqa: BLE001 - an untraceable UNet still serves, eager
             log.exception("could not trace the UNet for inputs %s; running eager", key)
         self._traces.put(key, trace)
+        self._checked.add((key, sample.shape[0]))
+        return eager
+
+    def _check(self, key: Key, trace: Callable[..., torch.Tensor], sample: torch.Tensor, timestep: torch.Tensor,
+               hidden: torch.Tensor) -> torch.Tensor:
+        """The eager output at a batch size this shape's trace has not run at; the trace stays only
+        if it gives the same numbers there too."""
+        eager = self._eager(sample, timestep, hidden)
+        try:
+            same = torch.equal(trace(sample, timestep, hidden), eager)
+        except Exception:  # noqa: BLE001 - e.g. a batch size the trace recorded as a constant
+            log.exception("the traced UNet failed at batch size %d for inputs %s; running eager", sample.shape[0], key)
+            same = False
+        if same:
+            self._checked.add((key, sample.shape[0]))
+        else:
+            log.warning("the traced UNet differs from the eager one at batch size %d for inputs %s; running eager",
+                        sample.shape[0], key)
+            self._traces.put(key, self._eager)
         return eager
 
 
