@@ -134,3 +134,18 @@ def test_the_server_flag_and_its_environment_variable(monkeypatch, argv, env, ex
     if env is not None:
         monkeypatch.setenv("TANDEM_EDGE_TRACE_UNET", env)
     assert parse_args(argv).trace_unet is expected
+
+
+def test_warming_up_traces_the_packs_default_shape_before_any_request(large_pack, monkeypatch):
+    from services.edge_server.engine import EdgeEngine
+    from services.edge_server.traced import TRACED_ATTRIBUTE
+
+    monkeypatch.delattr(large_pack.unet, TRACED_ATTRIBUTE, raising=False)  # other tests' traces of this pack
+    for trace, shapes in ((True, 1), (False, None)):
+        engine = EdgeEngine(large_pack, trace_unet=trace)
+        engine.warm_up()
+        assert getattr(engine.unet, "traced_shapes", None) == shapes
+    # the default request's first step is then a checked, traced call: no trace in it
+    size = large_pack.default_image_size
+    engine, events = run_engine(large_pack, [req(0, height=size, width=size, guidance_scale=large_pack.manifest.default_guidance)])
+    assert engine.unet.traced_shapes == 1

@@ -132,6 +132,7 @@ async def serve(args: argparse.Namespace) -> None:
     config = BatchConfig(args.max_batch, args.max_queue, coalesce_s=args.coalesce_ms / 1000,
                          coalesce_max_s=args.coalesce_max_ms / 1000, max_growth=args.max_growth)
     engine = EdgeEngine(pack, config, metrics, progress_interval_s=args.progress_interval, trace_unet=args.trace_unet)
+    await asyncio.to_thread(engine.warm_up)  # still NOT_SERVING: the first request pays no trace
     servicer.attach(engine, limits)
     engine.start()
     if args.metrics_port:
