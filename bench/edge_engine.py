@@ -11,7 +11,7 @@ StableDiffusionPipeline (static batch, and "batch whoever is waiting" for stagge
 Each engine setting is measured in the same rounds, so the effect of each change shows:
 "plain" is the engine with no coalescing window and no growth cap, "eager" the default admission
 with the UNet called eagerly as diffusers calls it (the scheduling alone), "default" the engine
-as the server runs it (on a CPU, its UNet a TorchScript trace: services/edge_server/traced.py).
+as the server runs it (on a CPU, its UNet a TorchScript trace: tandem/traced.py).
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ import pytest
 import torch
 from test_edge_engine_efficiency import req, run_engine
 
-from services.edge_server.traced import TracedUNet, call_fast
 from tandem.sampling.denoise import advance
+from tandem.traced import TracedUNet, call_fast
 
 
 def unet_inputs(pack, n: int, side: int = 32, seed: int = 0):
@@ -46,7 +46,7 @@ def test_a_shape_whose_trace_differs_or_fails_runs_eager(large_pack, monkeypatch
     traced = TracedUNet(large_pack.unet)
     monkeypatch.setattr(torch.jit, "trace", off_by_a_little)
     inputs = unet_inputs(large_pack, 3)
-    with caplog.at_level(logging.WARNING, logger="tandem.edge"):
+    with caplog.at_level(logging.WARNING, logger="tandem.traced"):
         for _ in range(2):
             assert torch.equal(traced(*inputs)[0], eager(large_pack, inputs))
     assert traced.traced_shapes == 0 and "differs from the eager one" in caplog.text
@@ -83,7 +83,7 @@ def test_a_trace_that_differs_at_another_batch_size_runs_eager_from_then_on(larg
                           (failing_elsewhere, "failed at batch size 5")):
         monkeypatch.setattr(torch.jit, "trace", fake)
         traced = TracedUNet(large_pack.unet)
-        with caplog.at_level(logging.WARNING, logger="tandem.edge"):
+        with caplog.at_level(logging.WARNING, logger="tandem.traced"):
             for n in (3, 3, 5, 5, 3):
                 inputs = unet_inputs(large_pack, n, seed=n)
                 assert torch.equal(traced(*inputs)[0], eager(large_pack, inputs)), (fake.__name__, n)
@@ -138,7 +138,7 @@ def test_the_server_flag_and_its_environment_variable(monkeypatch, argv, env, ex
 
 def test_warming_up_traces_the_packs_default_shape_before_any_request(large_pack, monkeypatch):
     from services.edge_server.engine import EdgeEngine
-    from services.edge_server.traced import TRACED_ATTRIBUTE
+    from tandem.traced import TRACED_ATTRIBUTE
 
     monkeypatch.delattr(large_pack.unet, TRACED_ATTRIBUTE, raising=False)  # other tests' traces of this pack
     for trace, shapes in ((True, 1), (False, None)):

@@ -45,6 +45,18 @@ def test_profile_loads_with_the_measured_entries_first(profiled):
     assert edge.a_s >= 0 and edge.b_s > 0 and profile.rtt_s > 0
     assert set(measured["edge"]["step_seconds"]) == {"1", "2"}
     assert measured["handoff"]["max_error_bytes"] == 0 and measured["handoff"]["payloads"] > 0
+    assert measured["edge"]["traced"]  # timed as the edge server runs its UNet on a CPU
+
+
+def test_the_edge_is_timed_eager_when_the_edge_runs_so(large_pack, monkeypatch):
+    from services.scheduler.learn.profiling import measure_edge
+    from tandem.traced import TRACED_ATTRIBUTE
+
+    monkeypatch.delattr(large_pack.unet, TRACED_ATTRIBUTE, raising=False)
+    eager = measure_edge(large_pack, (1, 2), repeats=1, warmup=0, log=lambda _: None, trace_unet=False)
+    assert not eager.traced and not hasattr(large_pack.unet, TRACED_ATTRIBUTE)
+    traced = measure_edge(large_pack, (1, 2), repeats=1, warmup=0, log=lambda _: None, trace_unet=True)
+    assert traced.traced and getattr(large_pack.unet, TRACED_ATTRIBUTE).traced_shapes == 1
 
 
 @pytest.mark.parametrize("codec, ratio, steps, split", [("fp16", 0.0, 20, 10), ("int8", 0.25, 12, 3),

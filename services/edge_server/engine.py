@@ -26,12 +26,12 @@ from services.edge_server.batching import BatchConfig, Batcher, Closed, QueueFul
 from services.edge_server.conditioning import Starter
 from services.edge_server.memory import release_memory
 from services.edge_server.metrics import EdgeMetrics
-from services.edge_server.traced import call_fast
 from tandem.handoff import CodecSpec, encode_handoff
 from tandem.packs import ModelPack
 from tandem.pipeline import make_handoff
 from tandem.request import GenerationRequest
 from tandem.sampling.denoise import DenoiseState, advance
+from tandem.traced import call_fast
 
 log = logging.getLogger("tandem.edge")
 
@@ -129,7 +129,7 @@ class EdgeEngine:
 
     @property
     def unet(self) -> Any:
-        """The UNet the engine calls: the pack's, traced on a CPU (traced.py); wrapped anew if the
+        """The UNet the engine calls: the pack's, traced on a CPU (tandem.traced); wrapped anew if the
         pack's is replaced."""
         if self._unet_of is not self.pack.unet:
             self._unet_of, self._unet = self.pack.unet, call_fast(self.pack.unet, self.pack.device, self._trace_unet)

@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--n", type=int, help="prompts per quality point (16; --quick: 2)")
     parser.add_argument("--steps", type=positive_ints, help="total steps T of the quality grid (10,20; --quick: 4)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: as the services pick)")
+    parser.add_argument("--trace-unet", action=argparse.BooleanOptionalAction, default=True,
+                        help="time the edge's UNet traced on a CPU, as the edge server runs it unless --no-trace-unet (on)")
     parser.add_argument("--evaluator", type=Path, help="score quality with this evaluator directory (default: the "
                                                        "one shipped beside LARGE, if any: the demo pack's)")
     parser.add_argument("--no-evaluator", action="store_true", help="score fidelity even if the pack ships an evaluator")
@@ -115,7 +117,8 @@ def _cost_profile(args: argparse.Namespace, out: Path) -> None:
     quick = args.quick
     cfg = profiling.ProfilingConfig(args.large, args.small, args.device_class, args.device,
                                     repeats=2 if quick else 7, warmup=1 if quick else 2,
-                                    batches=(1, 2, 4) if quick else profiling.DEFAULT_BATCHES, threads=args.threads)
+                                    batches=(1, 2, 4) if quick else profiling.DEFAULT_BATCHES, threads=args.threads,
+                                    trace_unet=args.trace_unet)
     measured, measurement = profiling.profile(cfg, lambda line: _log(f"cost: {line}"))
     profiling.write(measured, measurement, out)
     edge = measurement.edge

@@ -5,7 +5,8 @@ cost logic in ``costs.py`` stays torch-free).
         --device-class cpu-demo --out services/scheduler/profiles/demo_cpu.json [--device cpu] [--repeats 7]
 
 * edge: seconds of one ``advance`` (one batched UNet call, CFG) of the large pack for batch sizes
-  1, 2, 4, 8, 16, fitted to a_s + b_s·n by least squares (R² reported);
+  1, 2, 4, 8, 16, fitted to a_s + b_s·n by least squares (R² reported), with the UNet called as the
+  edge server calls it (traced on a CPU, ``tandem.traced``; ``--no-trace-unet`` for an edge run so);
 * device class: the small pack's step (batch 1, CFG) and VAE decode seconds;
 * latent shape, and a check that the predicted handoff bytes equal real ``encode_handoff`` payloads;
 * RTT (``--rtt``): one unary gRPC call on a fresh loopback channel, as the device pays per handoff.
@@ -47,6 +48,7 @@ class EdgeFit:
     b_s: float
     r2: float
     step_seconds: dict[int, float]  # batch size -> median seconds of one step
+    traced: bool = False  # the UNet ran as a trace (tandem.traced), as the edge runs it on a CPU
 
 
 @dataclass(frozen=True)
@@ -112,16 +114,21 @@ def _sync(pack) -> Callable[[], None]:
     return torch.cuda.synchronize if pack.device.type == "cuda" else (lambda: None)
 
 
-def _stepper(pack, batch: int, calls: int) -> Callable[[], None]:
+def _stepper(pack, unet, batch: int, calls: int) -> Callable[[], None]:
     """One batched denoising step of ``batch`` requests (CFG rows included) per call."""
     from tandem.sampling.denoise import advance
 
     states = _states(pack, batch, calls)
-    return lambda: advance(pack.unet, states)
+    return lambda: advance(unet, states)
 
 
-def measure_edge(pack, batches: Sequence[int], repeats: int, warmup: int, log: Callable[[str], None]) -> EdgeFit:
-    calls = {n: _stepper(pack, n, warmup + repeats) for n in batches}
+def measure_edge(pack, batches: Sequence[int], repeats: int, warmup: int, log: Callable[[str], None],
+                 trace_unet: bool = True) -> EdgeFit:
+    from tandem.traced import TracedUNet, call_fast
+
+    unet = call_fast(pack.unet, pack.device, trace_unet)  # what the edge server calls
+    traced = isinstance(unet, TracedUNet)
+    calls = {n: _stepper(pack, unet, n, warmup + repeats) for n in batches}
     seconds = interleaved_medians(calls, repeats, warmup, _sync(pack))
     for n, s in seconds.items():
         log(f"edge {pack.name}: batch {n:>2}  {s * 1000:8.2f} ms/step")
@@ -130,15 +137,17 @@ def measure_edge(pack, batches: Sequence[int], repeats: int, warmup: int, log: C
     else:
         fit, r2 = EdgeCoefficients.fit(list(seconds), list(seconds.values()))
     a, b = fit.a_s, fit.b_s
-    log(f"edge fit: a_s = {a * 1000:.2f} ms + b_s = {b * 1000:.2f} ms × batch (R² = {r2:.4f})")
-    return EdgeFit(pack.name, a, b, r2, seconds)
+    traced = traced and unet.traced_shapes > 0  # a trace that differed ran eager
+    log(f"edge fit: a_s = {a * 1000:.2f} ms + b_s = {b * 1000:.2f} ms × batch (R² = {r2:.4f}; "
+        f"UNet {'traced' if traced else 'eager'})")
+    return EdgeFit(pack.name, a, b, r2, seconds, traced)
 
 
 def measure_device(pack, repeats: int, warmup: int, log: Callable[[str], None]) -> DeviceFit:
     from tandem.pipeline import decode
 
     latent = _states(pack, 1, 1)[0].latent
-    calls = {"step": _stepper(pack, 1, warmup + repeats), "decode": lambda: decode(pack, latent)}
+    calls = {"step": _stepper(pack, pack.unet, 1, warmup + repeats), "decode": lambda: decode(pack, latent)}
     seconds = interleaved_medians(calls, repeats, warmup, _sync(pack))
     log(f"device {pack.name}: {seconds['step'] * 1000:.2f} ms/step, decode {seconds['decode'] * 1000:.2f} ms")
     return DeviceFit(pack.name, seconds["step"], seconds["decode"])
@@ -212,6 +221,7 @@ class ProfilingConfig:
     rtt: bool = False
     threads: int | None = None  # torch CPU threads (None: torch's default); match the services'
     base: CostProfile = CostProfile()
+    trace_unet: bool = True  # the edge's UNet traced on a CPU, as the edge server runs it by default
 
 
 def profile(cfg: ProfilingConfig, log: Callable[[str], None] = lambda _: None) -> tuple[CostProfile, Measurement]:
@@ -228,7 +238,7 @@ def profile(cfg: ProfilingConfig, log: Callable[[str], None] = lambda _: None) -
         f"{cfg.repeats} repeats after {cfg.warmup} warm-up")
     channels, height, width = large.latent_shape(large.default_image_size, large.default_image_size)
     latent = LatentShape(channels, height, width)
-    edge = measure_edge(large, cfg.batches, cfg.repeats, cfg.warmup, log)
+    edge = measure_edge(large, cfg.batches, cfg.repeats, cfg.warmup, log, cfg.trace_unet)
     dev = measure_device(small, cfg.repeats, cfg.warmup, log)
     handoff = check_handoff(large, latent, log)
     rtt = measure_rtt(cfg.repeats, cfg.warmup, log) if cfg.rtt else None
@@ -280,6 +290,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rtt", action="store_true", help="also measure the loopback gRPC round trip")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; use what the services get)")
     parser.add_argument("--base", type=Path, help="profile to start from (default: the built-in one)")
+    parser.add_argument("--trace-unet", action=argparse.BooleanOptionalAction, default=True,
+                        help="time the edge's UNet traced on a CPU, as the edge server runs it unless --no-trace-unet (on)")
     args = parser.parse_args(argv)
     for flag, ok in (("--repeats", args.repeats >= 1), ("--warmup", args.warmup >= 0),
                      ("--power-w", args.power_w is None or args.power_w > 0),
@@ -305,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             if not torch.cuda.is_available():
                 raise ProfilingError("--device cuda: no CUDA device here")
         cfg = ProfilingConfig(args.large, args.small, args.device_class, args.device, args.repeats, args.warmup,
-                              args.batches, args.power_w, args.rtt, args.threads, base)
+                              args.batches, args.power_w, args.rtt, args.threads, base, args.trace_unet)
         measured, measurement = profile(cfg, log)
         write(measured, measurement, args.out)
     except (ProfilingError, CostProfileError, OSError, ValueError, json.JSONDecodeError) as exc:

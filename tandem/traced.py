@@ -1,4 +1,4 @@
-"""The edge's UNet call without Python between the kernels: a TorchScript trace, checked equal.
+"""A UNet call without Python between the kernels (the edge's, and the cost profiler's measure of it): a TorchScript trace, checked equal.
 
 On a CPU a small UNet spends much of each call in Python: diffusers' forward walks hundreds of
 modules, the same for a batch of 1 as of 16, and that is most of the step's fixed cost a in
@@ -23,7 +23,7 @@ import torch
 
 from tandem.lru import Lru
 
-log = logging.getLogger("tandem.edge")
+log = logging.getLogger(__name__)
 
 TRACED_ATTRIBUTE = "_tandem_traced"
 Key = tuple[tuple[int, ...], torch.dtype, tuple[int, ...], torch.dtype, int]
