@@ -9,7 +9,8 @@ import errno
 import logging
 import signal
 import socket
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -73,7 +74,7 @@ async def until_signalled() -> None:
     await stop.wait()
 
 
-def run_server(serve: Callable[[argparse.Namespace], Awaitable[None]], args: argparse.Namespace, prog: str,
+def run_server(serve: Callable[[argparse.Namespace], Coroutine[Any, Any, None]], args: argparse.Namespace, prog: str,
                startup_errors: tuple[type[BaseException], ...]) -> int:
     """Runs ``serve`` until it returns; a startup error (a busy port included) is one line and exit
     status 2, no traceback."""

@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import grpc
 
-EnvLookup = Callable[[str, object], object]  # each service's _env(name, default)
+T = TypeVar("T")
+
+
+class EnvLookup(Protocol):
+    """Each service's ``_env(name, default)``: the variable's text when set, else ``default``."""
+
+    def __call__(self, name: str, default: T, /) -> str | T: ...
 
 
 def env_lookup(service: str = "") -> EnvLookup:
@@ -24,7 +30,7 @@ def env_lookup(service: str = "") -> EnvLookup:
     for commands that are not one service: the CLI, the healthcheck)."""
     prefix = f"TANDEM_{service.upper()}_" if service else "TANDEM_"
 
-    def lookup(name: str, default: object) -> object:
+    def lookup(name: str, default: T, /) -> str | T:
         return os.environ.get(prefix + name.upper(), default)
 
     return lookup

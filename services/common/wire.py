@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import cast
+
+from tandem.codec.spec import Window
 from tandem.handoff import DEFAULT_STRATEGY, CodecSpec
 from tandem.packs import ModelPack
 from tandem.request import GenerationRequest
@@ -32,7 +35,7 @@ def request_from_proto(message: edge_pb2.GenerateRequest, pack: ModelPack) -> tu
         encoding=codec_message.encoding or "fp16",
         merge_ratio=float(codec_message.merge_ratio),
         strategy=codec_message.merge_strategy or DEFAULT_STRATEGY,
-        window=codec_message.merge_window or "local",
+        window=cast(Window, codec_message.merge_window or "local"),  # validate() checks it
     ).validate()
     return request, codec
 

@@ -85,6 +85,13 @@ class EngineRequest:
     def finished(self) -> bool:
         return self.done
 
+    @property
+    def running(self) -> DenoiseState:
+        """The state of an admitted request (the engine steps only those; a failed start is done)."""
+        if self.state is None:
+            raise RuntimeError(f"request {self.id} was not started")
+        return self.state
+
 
 @dataclass
 class EngineStats:
@@ -238,11 +245,11 @@ class EdgeEngine:
                 entry.sink(Queued(position))
         self._admit(iteration.admitted)
         batch = [e for e in iteration.batch if not e.done]
-        stepping = due([e for e in batch if e.state.step < e.request.split])
+        stepping = due([e for e in batch if e.running.step < e.request.split])
         if stepping:
             self._execute(stepping)
         for entry in batch:
-            if not entry.done and entry.state.step >= entry.request.split:
+            if not entry.done and entry.running.step >= entry.request.split:
                 self._finish(entry)
         self.metrics.running.set(self.batcher.running_count)
         if self._release_pending:
@@ -264,8 +271,8 @@ class EdgeEngine:
                 self._fail(entry, "INTERNAL", f"could not start: {started.error}")
 
     def _execute(self, batch: list[EngineRequest]) -> None:
-        for group in buckets(batch, key=lambda e: (tuple(e.state.latent.shape), e.state.latent.dtype)):
-            steps = [e.state.step for e in group]
+        for group in buckets(batch, key=lambda e: (tuple(e.running.latent.shape), e.running.latent.dtype)):
+            steps = [e.running.step for e in group]
             error = self._call(group)
             if error is not None:
                 self._isolate(group, steps, error)
@@ -274,7 +281,7 @@ class EdgeEngine:
         """One UNet call advancing `group` one step; the exception if it raised."""
         began = time.perf_counter()
         try:
-            advance(self.unet, [e.state for e in group])
+            advance(self.unet, [e.running for e in group])
         except Exception as exc:  # noqa: BLE001 - handled by _isolate
             log.exception("UNet call failed for a batch of %d", len(group))
             return exc
@@ -292,7 +299,7 @@ class EdgeEngine:
         """A Progress event after step 1, after the last edge step, and otherwise at most one per
         `progress_interval_s` (the device times the edge phase from the first one)."""
         now = time.monotonic()
-        step = entry.state.step
+        step = entry.running.step
         if step == 1 or step >= entry.request.split or now - entry.reported_at >= self.progress_interval_s:
             entry.reported_at = now
             entry.sink(Progress(step, entry.request.split))
@@ -301,17 +308,16 @@ class EdgeEngine:
         """After a failed call, each member alone, once: only one that fails again is at fault.
         (`advance` may have moved some members before it raised; those are not run twice.)"""
         for entry, step in zip(group, steps):
-            if entry.state.step != step:
+            if entry.running.step != step:
                 self._progress(entry)
                 continue
-            if len(group) > 1:
-                error = self._call([entry])
-            if error is not None:
-                self._fail(entry, "INTERNAL", f"denoising failed: {error}")
+            alone = error if len(group) == 1 else self._call([entry])
+            if alone is not None:
+                self._fail(entry, "INTERNAL", f"denoising failed: {alone}")
 
     def _finish(self, entry: EngineRequest) -> None:
         try:
-            payload = encode_handoff(make_handoff(entry.state, entry.request), entry.codec)
+            payload = encode_handoff(make_handoff(entry.running, entry.request), entry.codec)
         except Exception as exc:  # noqa: BLE001
             log.exception("handoff encoding failed for request %s", entry.id)
             self._fail(entry, "INTERNAL", f"handoff encoding failed: {exc}")
