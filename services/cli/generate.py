@@ -268,7 +268,7 @@ def _generate(args: argparse.Namespace) -> int:
     except PackError as exc:
         raise CliError(f"--small: {exc}" if args.small else str(exc)) from exc
     try:  # with --edge the large pack lives on the edge server; in-process we load it here
-        edge_pack = None if args.edge else load_pack(large, device=args.device)
+        edge_pack = load_pack(large, device=args.device) if large is not None and not args.edge else None
         pipeline = HybridPipeline(edge_pack, ue_pack) if edge_pack is not None else None
     except PackError as exc:
         raise CliError(f"--large: {exc}" if args.large else str(exc)) from exc

@@ -110,7 +110,8 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                         self.metrics.steps_after_cancel.inc(after_cancel[0])
                 result = job.result()
             delivered = True  # a client that stops reading after the result has not cancelled it
-            yield device_pb2.DeviceServiceGenerateResponse(result=self._result(result, measured[-1] if measured else None))
+            yield device_pb2.DeviceServiceGenerateResponse(
+                result=self._result(result, self.pack.name, measured[-1] if measured else None))
         except (asyncio.CancelledError, GeneratorExit):
             if not delivered:
                 code = grpc.StatusCode.CANCELLED
@@ -143,7 +144,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             edge_address=edge, bandwidth_bps=estimate.bandwidth_bps, rtt_seconds=estimate.rtt_s,
             rate_samples=estimate.rate_samples, rtt_samples=estimate.rtt_samples)
 
-    def _result(self, result, link: LinkSample | None = None) -> device_pb2.DeviceResult:
+    def _result(self, result, pack_name: str, link: LinkSample | None = None) -> device_pb2.DeviceResult:
         for phase, seconds in result.seconds.items():
             self.metrics.phase_seconds.labels(phase=phase).observe(seconds)
         self.metrics.steps.inc(result.device_steps)
@@ -160,7 +161,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             handoff_bytes=result.handoff_bytes,
             seconds=result.seconds,
             fallback=result.fallback or "",
-            device_pack=self.pack.name,
+            device_pack=pack_name,
             link_transfer_seconds=link.transfer_s if link and not result.fallback else 0.0,
             link_rtt_seconds=link.rtt_s if link and not result.fallback else 0.0,
         )

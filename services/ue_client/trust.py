@@ -12,11 +12,14 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 TRUSTED_EDGES_ENV = "TANDEM_TRUSTED_EDGES"
 
-Security = TypeVar("Security")  # services.common.security.ClientSecurity (kept import-free: pure logic)
+Security = TypeVar("Security", bound="DataclassInstance")  # services.common.security.ClientSecurity (kept import-free)
 
 
 def trusted_edges(*named: str | None, env: Mapping[str, str] = os.environ) -> frozenset[str]:
@@ -29,7 +32,7 @@ def credentials_for_edge(address: str | None, security: Security | None,
                          trusted: frozenset[str]) -> tuple[Security | None, str | None]:
     """The security to reach `address` with, and a note for the user when the token is withheld."""
     token = getattr(security, "token", None)
-    if not address or not token or getattr(security, "tls", False) or address in trusted:
+    if security is None or not address or not token or getattr(security, "tls", False) or address in trusted:
         return security, None
     note = (f"edge {address} came from the scheduler's plan over plaintext and is not a trusted edge "
             f"(--edge, {TRUSTED_EDGES_ENV}): your token was not sent to it")
