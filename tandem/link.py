@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from statistics import median
+from typing import TypeGuard
 
 MIN_RATE_BYTES = 16 * 1024
 WINDOW = 5
@@ -80,7 +81,7 @@ class LinkWindow:
         return LinkEstimate(rate, rtt, len(self.rates), len(self.rtts))
 
 
-def is_number(value: object) -> bool:
+def is_number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import grpc
 import pytest
@@ -116,11 +117,36 @@ def test_a_corrupt_file_is_ignored_with_one_warning(tmp_path, text):
 def test_out_of_bounds_samples_in_the_file_are_dropped(tmp_path):
     path = tmp_path / "links.json"
     path.write_text(json.dumps({"version": 1, "edges": {"e:1": {"rates_bps": [1e6, 2e6, -5.0, 1e30],
-                                                                  "rtts_s": [0.01, 0.02, 99.0]}}}))
+                                                                  "rtts_s": [0.01, 0.02, 99.0], "updated": time.time()}}}))
     book, warning = load_book(path)
     estimate = book.estimate("e:1")
     assert warning is None and estimate.rate_samples == 2 and estimate.rtt_samples == 2
     assert math.isclose(estimate.bandwidth_bps, 1.5e6)
+
+
+def test_a_saved_estimate_is_used_only_while_it_is_recent(tmp_path):
+    from services.ue_client.link import MAX_AGE_S
+
+    now = [1_000_000.0]
+    book = LinkBook(clock=lambda: now[0])
+    for mbps in (8, 9, 10):
+        book.record("e:1", sample(mbps))
+    now[0] += 60
+    book.record("e:2", sample(20))
+    book.record("e:2", sample(20))
+    data = json.loads(json.dumps(book.to_dict()))
+    fresh = LinkBook.from_dict(data, clock=lambda: now[0] + 10)
+    assert fresh.estimate("e:1") == book.estimate("e:1") and fresh.estimate("e:2").known
+    # an hour after e:1's last sample (but not e:2's), only e:2 is left, and it is the default
+    later = LinkBook.from_dict(data, clock=lambda: now[0] - 60 + MAX_AGE_S + 1)
+    assert not later.estimate("e:1").known and later.estimate("e:2").known and later.estimate() == later.estimate("e:2")
+    assert not LinkBook.from_dict(data, clock=lambda: now[0] + MAX_AGE_S + 1).estimate().known
+    # a file from before the age was recorded: its estimates are of unknown age, not used, no warning
+    path = tmp_path / "links.json"
+    del data["edges"]["e:2"]["updated"]
+    path.write_text(json.dumps(data))
+    loaded, warning = load_book(path)
+    assert warning is None and not loaded.estimate("e:2").known
 
 
 def test_state_path_honours_the_override_then_xdg(tmp_path):

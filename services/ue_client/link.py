@@ -17,7 +17,9 @@ a minimum sample count) for the last ``MAX_EDGES`` edges used.
 
 The device service keeps its book in memory; the CLI (one image per process) persists it as JSON
 (:func:`state_path`: ``$TANDEM_LINK_STATE``, else ``$XDG_CACHE_HOME/tandem/links.json``), written
-atomically; a corrupt file is ignored with one warning. Pure logic, no gRPC.
+atomically; a corrupt file is ignored with one warning. An edge's saved estimate is dropped once it
+is ``MAX_AGE_S`` old (a link belongs to where the device is now: a laptop changes networks within
+hours). Pure logic, no gRPC.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +38,7 @@ from tandem.lru import Lru
 MAX_EDGES = 64  # edges remembered; the least recently used is forgotten
 STATE_ENV = "TANDEM_LINK_STATE"
 STATE_VERSION = 1
+MAX_AGE_S = 3600.0  # a saved estimate older than this (since its last sample) is not used
 
 
 @dataclass(frozen=True)
@@ -54,13 +58,17 @@ class LinkSample:
 class LinkBook:
     """Per-edge link estimates, at most ``max_edges`` (least recently used forgotten)."""
 
-    def __init__(self, max_edges: int = MAX_EDGES):
+    def __init__(self, max_edges: int = MAX_EDGES, clock: Callable[[], float] = time.time):
         self._edges: Lru[str, LinkWindow] = Lru(max_edges)
+        self._updated: dict[str, float] = {}  # edge -> wall-clock time of its last sample
+        self._clock = clock
 
     def record(self, edge: str, sample: LinkSample) -> None:
         window = self._edges.peek(edge) or LinkWindow()
         window.add(sample.nbytes, sample.transfer_s, sample.rtt_s)
         self._edges.put(edge, window)  # now the most recently used
+        self._updated = {e: self._updated.get(e, 0.0) for e, _ in self._edges.items()}  # the forgotten go too
+        self._updated[edge] = self._clock()
 
     def estimate(self, edge: str | None = None) -> LinkEstimate:
         """The estimate for ``edge``; for None, the edge measured last (before a plan names one,
@@ -72,16 +80,19 @@ class LinkBook:
 
     def to_dict(self) -> dict:
         return {"version": STATE_VERSION,
-                "edges": {edge: {"rates_bps": list(w.rates), "rtts_s": list(w.rtts)} for edge, w in self._edges.items()}}
+                "edges": {edge: {"rates_bps": list(w.rates), "rtts_s": list(w.rtts), "updated": self._updated.get(edge, 0.0)}
+                          for edge, w in self._edges.items()}}
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> LinkBook:
+    def from_dict(cls, data: Mapping, clock: Callable[[], float] = time.time, max_age_s: float = MAX_AGE_S) -> LinkBook:
         """Raises ValueError when ``data`` is not a link state this version wrote; samples out of
-        bounds are dropped."""
+        bounds are dropped, and so is an edge last measured over ``max_age_s`` ago (or at an
+        unknown time)."""
         if not isinstance(data, Mapping) or data.get("version") != STATE_VERSION \
                 or not isinstance(data.get("edges"), Mapping):
             raise ValueError(f"not a version-{STATE_VERSION} link state")
-        book = cls()
+        book = cls(clock=clock)
+        now = clock()
         for edge, windows in data["edges"].items():
             if not isinstance(edge, str) or not isinstance(windows, Mapping):
                 raise ValueError(f"bad entry for edge {edge!r}")
@@ -89,7 +100,11 @@ class LinkBook:
             if not isinstance(rates, list) or not isinstance(rtts, list) \
                     or not all(is_number(v) for v in (*rates, *rtts)):
                 raise ValueError(f"samples of edge {edge!r} are not lists of numbers")
+            updated = windows.get("updated")
+            if not is_number(updated) or not 0 <= now - updated <= max_age_s:
+                continue  # measured too long ago (or in the future, or when is unknown)
             book._edges.put(edge, LinkWindow(rates[-WINDOW:], rtts[-WINDOW:]))
+            book._updated[edge] = float(updated)
         return book
 
 
