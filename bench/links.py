@@ -116,11 +116,8 @@ def drive(argv: list[str]) -> int:
     parser.add_argument("--oracle-bps", type=float, default=0.0, help="the shaped rate (0: send no estimate)")
     parser.add_argument("--oracle-rtt", type=float, default=0.0, help="the class's RTT (0: send no estimate)")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(ROOT / "tests"))
-    from service_procs import wait_healthy
-
     for address in (args.device, args.scheduler, args.edge):  # the edge through the link and its proxy
-        wait_healthy(address, _NotAProcess(), timeout=300)
+        _wait_serving(address, timeout=300)
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         job = json.loads(line)
@@ -129,11 +126,16 @@ def drive(argv: list[str]) -> int:
     return 0
 
 
-class _NotAProcess:
-    """wait_healthy watches a process it started; these run in other hosts, started elsewhere."""
+def _wait_serving(address: str, timeout: float) -> None:
+    """Until ``address``'s grpc.health.v1 says SERVING (the services run in other hosts, started
+    by the bench's main process)."""
+    from services.cli.healthcheck import check
 
-    def poll(self) -> None:
-        return None
+    deadline = time.monotonic() + timeout
+    while not check(address, timeout=2.0)[0]:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{address} not SERVING after {timeout:g} s")
+        time.sleep(0.2)
 
 
 def _run_job(job: dict, args: argparse.Namespace) -> Outcome:
