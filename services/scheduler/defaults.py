@@ -48,8 +48,9 @@ def load_profiles(quality_path: str | Path | None, cost_path: str | Path | None)
     """(quality, costs) from files; ``synthetic`` or a missing quality file gives the synthetic
     profile (its ``synthetic`` flag says so) and ``builtin``/empty gives the built-in cost profile."""
     quality = load_or_synthetic(None if quality_path == SYNTHETIC else quality_path)
-    builtin = cost_path in (None, "", BUILTIN)
-    return quality, CostProfile() if builtin else CostProfile.load(cost_path)
+    if cost_path is None or cost_path in ("", BUILTIN):
+        return quality, CostProfile()
+    return quality, CostProfile.load(cost_path)
 
 
 def profile_ids(quality_path: str | Path | None, cost_path: str | Path | None) -> tuple[str, str]:

@@ -60,7 +60,8 @@ class SchedulerEnv(gym.Env):
         if self.profiles:
             draw = self.profiles[int(self.np_random.integers(len(self.profiles)))]
             scenario, quality, costs = draw.scenario, draw.quality, draw.costs
-        users = (options or {}).get("users")
+        options = options or {}
+        users = options.get("users")
         if users is None:
             users, ctx = sample_frame(self.np_random, scenario, costs=costs)
         else:
