@@ -55,33 +55,37 @@ class LinkSample:
         return rate_bps(self.nbytes, self.transfer_s)
 
 
+@dataclass
+class _EdgeLink:
+    window: LinkWindow
+    updated: float  # wall-clock time of its last sample
+
+
 class LinkBook:
     """Per-edge link estimates, at most ``max_edges`` (least recently used forgotten)."""
 
     def __init__(self, max_edges: int = MAX_EDGES, clock: Callable[[], float] = time.time):
-        self._edges: Lru[str, LinkWindow] = Lru(max_edges)
-        self._updated: dict[str, float] = {}  # edge -> wall-clock time of its last sample
+        self._edges: Lru[str, _EdgeLink] = Lru(max_edges)
         self._clock = clock
 
     def record(self, edge: str, sample: LinkSample) -> None:
-        window = self._edges.peek(edge) or LinkWindow()
-        window.add(sample.nbytes, sample.transfer_s, sample.rtt_s)
-        self._edges.put(edge, window)  # now the most recently used
-        self._updated = {e: self._updated.get(e, 0.0) for e, _ in self._edges.items()}  # the forgotten go too
-        self._updated[edge] = self._clock()
+        link = self._edges.peek(edge) or _EdgeLink(LinkWindow(), 0.0)
+        link.window.add(sample.nbytes, sample.transfer_s, sample.rtt_s)
+        link.updated = self._clock()
+        self._edges.put(edge, link)  # now the most recently used
 
     def estimate(self, edge: str | None = None) -> LinkEstimate:
         """The estimate for ``edge``; for None, the edge measured last (before a plan names one,
         the CLI does not know which edge it will get: the last one is the best guess)."""
         if edge is None:
             edge = self._edges.newest()
-        window = self._edges.peek(edge) if edge is not None else None
-        return window.estimate() if window is not None else LinkEstimate()
+        link = self._edges.peek(edge) if edge is not None else None
+        return link.window.estimate() if link is not None else LinkEstimate()
 
     def to_dict(self) -> dict:
         return {"version": STATE_VERSION,
-                "edges": {edge: {"rates_bps": list(w.rates), "rtts_s": list(w.rtts), "updated": self._updated.get(edge, 0.0)}
-                          for edge, w in self._edges.items()}}
+                "edges": {edge: {"rates_bps": list(link.window.rates), "rtts_s": list(link.window.rtts),
+                                 "updated": link.updated} for edge, link in self._edges.items()}}
 
     @classmethod
     def from_dict(cls, data: Mapping, clock: Callable[[], float] = time.time, max_age_s: float = MAX_AGE_S) -> LinkBook:
@@ -103,8 +107,7 @@ class LinkBook:
             updated = windows.get("updated")
             if not is_number(updated) or not 0 <= now - updated <= max_age_s:
                 continue  # measured too long ago (or in the future, or when is unknown)
-            book._edges.put(edge, LinkWindow(rates[-WINDOW:], rtts[-WINDOW:]))
-            book._updated[edge] = float(updated)
+            book._edges.put(edge, _EdgeLink(LinkWindow(rates[-WINDOW:], rtts[-WINDOW:]), float(updated)))
         return book
 
 
