@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,6 +30,14 @@ TRACED_ATTRIBUTE = "_tandem_traced"
 Key = tuple[tuple[int, ...], torch.dtype, tuple[int, ...], torch.dtype, int]
 
 
+@dataclass
+class _ShapeCall:
+    """How one input shape runs: its trace, or the eager UNet; and the batch sizes checked."""
+
+    call: Callable[..., torch.Tensor]
+    batches: set[int] = field(default_factory=set)
+
+
 class TracedUNet:
     """Called as diffusers' UNet2DConditionModel is by `tandem.sampling.denoise.predict_noise`."""
 
@@ -36,24 +45,23 @@ class TracedUNet:
         self.unet = unet
         first = next(unet.parameters())
         self.device, self.dtype = first.device, first.dtype
-        self._traces: Lru[Key, Callable[..., torch.Tensor]] = Lru(max_shapes)  # a trace, or self._eager
-        self._checked: set[tuple[Key, int]] = set()  # (shape, batch size) pairs a trace was checked at
+        self._shapes: Lru[Key, _ShapeCall] = Lru(max_shapes)
 
     @property
     def traced_shapes(self) -> int:
         """Input shapes that run traced (tests read it)."""
-        return sum(1 for _, trace in self._traces.items() if trace != self._eager)
+        return sum(1 for _, shape in self._shapes.items() if shape.call != self._eager)
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  return_dict: bool = False) -> tuple[torch.Tensor]:
         key = (tuple(sample.shape[1:]), sample.dtype, tuple(encoder_hidden_states.shape[1:]), timestep.dtype,
                timestep.dim())
-        trace = self._traces.get(key)
-        if trace is None:
+        shape = self._shapes.get(key)
+        if shape is None:
             return (self._trace(key, sample, timestep, encoder_hidden_states),)
-        if trace != self._eager and (key, sample.shape[0]) not in self._checked:
-            return (self._check(key, trace, sample, timestep, encoder_hidden_states),)
-        return (trace(sample, timestep, encoder_hidden_states),)
+        if shape.call != self._eager and sample.shape[0] not in shape.batches:
+            return (self._check(key, shape, sample, timestep, encoder_hidden_states),)
+        return (shape.call(sample, timestep, encoder_hidden_states),)
 
     def _eager(self, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         return self.unet(sample, timestep, hidden, return_dict=False)[0]
@@ -72,26 +80,25 @@ class TracedUNet:
                 log.warning("the traced UNet differs from the eager one for inputs %s; running eager", key)
         except Exception:  # noqa: BLE001 - an untraceable UNet still serves, eager
             log.exception("could not trace the UNet for inputs %s; running eager", key)
-        self._traces.put(key, trace)
-        self._checked.add((key, sample.shape[0]))
+        self._shapes.put(key, _ShapeCall(trace, {sample.shape[0]}))
         return eager
 
-    def _check(self, key: Key, trace: Callable[..., torch.Tensor], sample: torch.Tensor, timestep: torch.Tensor,
+    def _check(self, key: Key, shape: _ShapeCall, sample: torch.Tensor, timestep: torch.Tensor,
                hidden: torch.Tensor) -> torch.Tensor:
         """The eager output at a batch size this shape's trace has not run at; the trace stays only
         if it gives the same numbers there too."""
         eager = self._eager(sample, timestep, hidden)
         try:
-            same = torch.equal(trace(sample, timestep, hidden), eager)
+            same = torch.equal(shape.call(sample, timestep, hidden), eager)
         except Exception:  # noqa: BLE001 - e.g. a batch size the trace recorded as a constant
             log.exception("the traced UNet failed at batch size %d for inputs %s; running eager", sample.shape[0], key)
             same = False
         if same:
-            self._checked.add((key, sample.shape[0]))
+            shape.batches.add(sample.shape[0])
         else:
             log.warning("the traced UNet differs from the eager one at batch size %d for inputs %s; running eager",
                         sample.shape[0], key)
-            self._traces.put(key, self._eager)
+            shape.call = self._eager
         return eager
 
 
