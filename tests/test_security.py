@@ -182,3 +182,14 @@ def test_scheduler_tokens(tmp_path, tokens_file):
         plan = request_plan(scheduler.address, "phone", bandwidth_bps=1e8, personalized_user="alice",
                             on_error=errors.append, security=ClientSecurity(token="tok-alice"))
         assert plan is not None and plan.steps > 0
+
+
+@pytest.mark.parametrize("value,on_by_default,off_by_default", [
+    (None, True, False), ("0", False, False), ("false", False, False), ("No", False, False),
+    ("1", True, True), ("TRUE", True, True), ("yes", True, True), ("maybe", True, False), ("", True, False)])
+def test_an_env_flag_flips_its_default_only_when_the_variable_says_so(value, on_by_default, off_by_default):
+    from services.common.security import env_flag
+
+    env = (lambda name, default: default) if value is None else (lambda name, default: value)
+    assert env_flag(env, "x", True) is on_by_default
+    assert env_flag(env, "x", False) is off_by_default

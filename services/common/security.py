@@ -39,6 +39,13 @@ def env_lookup(service: str = "") -> EnvLookup:
 tandem_env = env_lookup()
 
 
+def env_flag(env: EnvLookup, name: str, default: bool) -> bool:
+    """An on/off flag's default from the environment: the variable turns a flag that is on by
+    default off only when it says 0/false/no, and one that is off on only when it says 1/true/yes."""
+    value = str(env(name, "")).lower()
+    return value not in ("0", "false", "no") if default else value in ("1", "true", "yes")
+
+
 class SecurityError(ValueError):
     """A bad security flag or file; the message starts with the flag."""
 

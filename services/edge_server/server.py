@@ -21,7 +21,7 @@ from prometheus_client import start_http_server
 
 from services.common.decoding import DecodeErrorInterceptor
 from services.common.lifecycle import NO_REUSEPORT, describe, enable_reflection, run_server, set_health, until_signalled
-from services.common.security import SecurityError, add_client_args, add_port, add_server_tls_args, client_security, env_lookup, server_tls
+from services.common.security import SecurityError, add_client_args, add_port, add_server_tls_args, client_security, env_flag, env_lookup, server_tls
 from services.common.tokens import add_tokens_arg, interceptors, load_tokens
 from services.edge_server.admission import EdgeLimits, LimitError
 from services.edge_server.batching import BatchConfig
@@ -75,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="per iteration, a running batch's step cost grows by this fraction at most "
                              "(newcomers wait a step beyond it); 0 = no cap")
     parser.add_argument("--trace-unet", action=argparse.BooleanOptionalAction,
-                        default=str(_env("trace_unet", "1")).lower() not in ("0", "false", "no"),
+                        default=env_flag(_env, "trace_unet", True),
                         help="on a CPU, run the UNet as a TorchScript trace checked equal to it (less Python "
                              "per step; a shape whose trace differs runs eager)")
     parser.add_argument("--progress-interval", type=float, default=float(_env("progress_interval", 0.1)),

@@ -24,7 +24,17 @@ from prometheus_client import start_http_server
 
 from services.common.decoding import DecodeErrorInterceptor
 from services.common.lifecycle import NO_REUSEPORT, describe, enable_reflection, run_server, set_health, until_signalled
-from services.common.security import ClientSecurity, SecurityError, add_client_args, add_port, add_server_tls_args, client_security, env_lookup, server_tls
+from services.common.security import (
+    ClientSecurity,
+    SecurityError,
+    add_client_args,
+    add_port,
+    add_server_tls_args,
+    client_security,
+    env_flag,
+    env_lookup,
+    server_tls,
+)
 from services.edge_server.metrics import record_call
 from services.ue_client.call import choose_edge, parse_call
 from services.ue_client.device import CancelFlag, Cancelled, generate_via_edge
@@ -183,11 +193,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", 9102)), help="0 = none")
     parser.add_argument("--device", default=_env("device", None))
     parser.add_argument("--offload", action="store_true",
-                        default=str(_env("offload", "")).lower() in ("1", "true", "yes"),
+                        default=env_flag(_env, "offload", False),
                         help="keep the weights in CPU memory and move each layer to the GPU as it runs "
                              "(accelerate's CPU offload: a CUDA GPU smaller than the pack)")
     parser.add_argument("--compact-weights", action="store_true",
-                        default=str(_env("compact_weights", "")).lower() in ("1", "true", "yes"),
+                        default=env_flag(_env, "compact_weights", False),
                         help="hold weights stored narrower than the compute dtype (fp16 files on a CPU) as "
                              "stored and widen each layer as it runs: half the weights' memory, the same "
                              "images, slower steps")
