@@ -62,7 +62,7 @@ def test_a_bad_headroom_is_one_line(bad, capsys):
 
 def test_a_users_own_under_predictions_move_only_its_own_target():
     """A user whose plans ran 1.4x slower than predicted (three reports) gets plans aimed at
-    budget x 0.9 / 1.4; another user's plans with the same budget are identical before and after,
+    budget / 1.4; another user's plans with the same budget are identical before and after,
     and the slow user's budget is still judged feasible against the budget itself."""
     from services.scheduler.core import Measured, PlanReport
 
@@ -74,12 +74,12 @@ def test_a_users_own_under_predictions_move_only_its_own_target():
         return assigned
 
     other_before = planned("other").plan
-    assert other_before.latency_seconds > budget * 0.9 / 1.4  # what the margin must change
+    assert other_before.latency_seconds > budget / 1.4  # what the margin must change
     for _ in range(3):  # a report with only time before the first event: it calibrates nothing shared
         slow = planned("slow")
         c.report(PlanReport(slow.plan_id, Measured(queue=1.4 * slow.plan.latency_seconds)))
     careful = planned("slow")
-    assert careful.plan.latency_seconds <= budget * 0.9 / 1.4 + 1e-9 and not careful.budget_infeasible
+    assert careful.plan.latency_seconds <= budget / 1.4 + 1e-9 and not careful.budget_infeasible
     other_after = planned("other").plan
     assert (other_after.steps, other_after.split, other_after.codec, other_after.merge_ratio,
             other_after.latency_seconds) == (other_before.steps, other_before.split, other_before.codec,
@@ -92,7 +92,7 @@ def test_user_margins_need_three_reports_take_a_high_quantile_and_are_bounded():
     margins = UserMargins(max_users=2)
     margins.observe("u", 1.2, 1.0)
     margins.observe("u", 1.1, 1.0)
-    assert margins.margin("u") == 0.0  # two reports claim nothing
+    assert margins.margin("u") is None  # two reports say nothing yet: the frame's headroom applies
     margins.observe("u", 1.3, 1.0)
     assert margins.margin("u") == pytest.approx(0.3)
     for _ in range(10):
@@ -104,4 +104,29 @@ def test_user_margins_need_three_reports_take_a_high_quantile_and_are_bounded():
     assert margins.margin("fast") == 0.0  # faster than predicted: no margin below 0
     margins.observe("u", float("nan"), 1.0)  # ignored
     margins.observe("third", 1.0, 1.0)
-    assert len(margins) == 2 and margins.margin("u") == 0.0  # the least recent user was forgotten
+    assert len(margins) == 2 and margins.margin("u") is None  # the least recent user was forgotten
+
+
+def test_a_users_measured_margin_replaces_the_headroom():
+    """A user whose plans ran as predicted (three reports) aims at its budget itself, no longer at
+    90 % of it: its measured noise is the safety its plans need, the headroom only the guess
+    before it is measured. A user without reports keeps the headroom."""
+    from services.scheduler.core import Measured, PlanReport
+
+    c = core(0.1)
+    free = plan(c).plan  # no budget: the best plan at any latency
+    budget = free.latency_seconds * 1.05  # it fits the budget, not 90 % of it
+
+    def planned(user: str):
+        (assigned,) = c.decide([PlanInput(device_class="phone", link=LINK, user_id=user, latency_budget_s=budget)], None)
+        return assigned
+
+    first = planned("steady")
+    assert first.plan.latency_seconds <= 0.9 * budget + 1e-9  # not measured yet: the headroom
+    for _ in range(3):
+        done = planned("steady")
+        c.report(PlanReport(done.plan_id, Measured(queue=done.plan.latency_seconds)))  # ran as predicted
+    measured = planned("steady").plan
+    assert (measured.steps, measured.split, measured.codec, measured.merge_ratio) == (
+        free.steps, free.split, free.codec, free.merge_ratio)
+    assert planned("new").plan.latency_seconds <= 0.9 * budget + 1e-9  # nobody else's target moved

@@ -96,7 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="downlink band the frame's users share (10e6)")
     parser.add_argument("--budget-headroom", type=float, default=float(_env("budget_headroom", BUDGET_HEADROOM)),
                         help=f"plans aim at (1 - this) x each latency budget, so a prediction's noise does not "
-                             f"carry them over it ({BUDGET_HEADROOM}; 0: plan right up to the budget)")
+                             f"carry them over it, until the user's own reports measure that noise "
+                             f"({BUDGET_HEADROOM}; 0: plan right up to the budget)")
     add_server_tls_args(parser, _env)
     add_tokens_arg(parser, _env)
     parser.add_argument("--edge-tokens", default=_env("edge_tokens", None), metavar="FILE",

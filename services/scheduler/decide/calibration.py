@@ -150,17 +150,21 @@ class UserLinks:
 
 
 MAX_MARGIN = 0.5  # a user's own margin never shrinks its target below budget / 1.5
-MARGIN_QUANTILE = 0.8
+# A plan over budget costs the objective more than any quality it gains (violation_penalty 1 vs
+# option gaps of 0.01-0.15), so a user's target leaves room for nearly its worst recent error: the
+# 90th percentile, the largest of a full window.
+MARGIN_QUANTILE = 0.9
 MARGIN_WINDOW = 10
 MARGIN_MIN_SAMPLES = 3
 
 
 class UserMargins:
     """Per user: how much slower than predicted its own plans ran (measured / predicted end to end,
-    the last ``MARGIN_WINDOW`` reports run as planned). A user's margin, the 80th percentile of
-    that ratio less 1 (from 3 reports on, within [0, MAX_MARGIN]), moves that user's own latency
-    target below its budget and nobody else's: one user's slow device or hostile reports make only
-    its own plans more careful. Bounded like :class:`UserLinks`. Pure logic; the caller serializes."""
+    the last ``MARGIN_WINDOW`` reports run as planned). A user's margin, the 90th percentile of
+    that ratio less 1 (from 3 reports on, within [0, MAX_MARGIN]), sets that user's own latency
+    target, budget / (1 + margin), in place of the frame's headroom, and nobody else's: one user's
+    slow device or hostile reports make only its own plans more careful. Bounded like
+    :class:`UserLinks`. Pure logic; the caller serializes."""
 
     def __init__(self, max_users: int = MAX_LINK_USERS):
         self._users: Lru[str, deque[float]] = Lru(max_users)
@@ -175,10 +179,11 @@ class UserMargins:
         window.append(min(measured_s / predicted_s, 1.0 + 2 * MAX_MARGIN))
         self._users.put(user, window)  # now the most recently reporting
 
-    def margin(self, user: str) -> float:
+    def margin(self, user: str) -> float | None:
+        """None: too few reports of this user to say (its plans keep the frame's headroom)."""
         window = self._users.peek(user)
         if window is None or len(window) < MARGIN_MIN_SAMPLES:
-            return 0.0
+            return None
         ratios = sorted(window)
         ratio = ratios[min(len(ratios) - 1, int(MARGIN_QUANTILE * len(ratios)))]
         return min(max(ratio - 1.0, 0.0), MAX_MARGIN)
