@@ -477,8 +477,7 @@ def measured_phases(m: Measured, edge_steps: int, planned_step_s: float = 0.0) -
 
 def _canonical(user: UserSpec) -> tuple:
     return (user.device_class, user.spectral_efficiency, user.latency_budget_s, user.energy_budget_j,
-            user.profile_user, user.personalized, user.rtt_s or 0.0, user.own_link,
-            -1.0 if user.budget_margin is None else user.budget_margin, user.user_id)
+            user.profile_user, user.personalized, user.rtt_s or 0.0, user.own_link, user.budget_margin, user.user_id)
 
 
 def _require(ok: bool, field: str, message: str) -> None:

@@ -22,9 +22,9 @@ DEMO_COSTS = Path(__file__).parent / "profiles" / "demo_cpu.json"
 BUILTIN = "builtin"  # the synthetic built-in cost profile
 SYNTHETIC = "synthetic"  # the synthetic quality profile
 MAX_FRAME = 64  # users decided together at most (--max-frame)
-# Plans of a user not yet measured aim at 90% of its latency budget: live predictions are off by a
-# median 7-9%, p90 11-21% (bench/links.py at rest), so a plan placed at the budget itself missed it
-# in 12-38% of requests. From its third report on, the user's own margin replaces it.
+# Plans aim at 90% of a latency budget at most: live predictions are off by a median 7-9%, p90
+# 11-21% (bench/links.py at rest), so a plan placed at the budget itself missed it in 12-38% of
+# requests. A user whose own reports measure a larger margin aims lower (not both: no stacking).
 BUDGET_HEADROOM = 0.1
 # After the policy, 1-opt sweeps in every frame the service decides: at most 2, and at most 2 x
 # MAX_FRAME user visits (a frame of 100 gets 1.28 sweeps: its decision stays within ~10 ms). A

@@ -95,8 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bandwidth-hz", type=float, default=float(_env("bandwidth_hz", 10e6)),
                         help="downlink band the frame's users share (10e6)")
     parser.add_argument("--budget-headroom", type=float, default=float(_env("budget_headroom", BUDGET_HEADROOM)),
-                        help=f"plans aim at (1 - this) x each latency budget, so a prediction's noise does not "
-                             f"carry them over it, until the user's own reports measure that noise "
+                        help=f"plans aim at (1 - this) x each latency budget at most, so a prediction's noise "
+                             f"does not carry them over it; lower for a user whose own reports measure more "
                              f"({BUDGET_HEADROOM}; 0: plan right up to the budget)")
     add_server_tls_args(parser, _env)
     add_tokens_arg(parser, _env)

@@ -162,8 +162,8 @@ class UserMargins:
     """Per user: how much slower than predicted its own plans ran (measured / predicted end to end,
     the last ``MARGIN_WINDOW`` reports run as planned). A user's margin, the 90th percentile of
     that ratio less 1 (from 3 reports on, within [0, MAX_MARGIN]), sets that user's own latency
-    target, budget / (1 + margin), in place of the frame's headroom, and nobody else's: one user's
-    slow device or hostile reports make only its own plans more careful. Bounded like
+    target, budget / (1 + margin), where that is below the frame's headroom, and nobody else's:
+    one user's slow device or hostile reports make only its own plans more careful. Bounded like
     :class:`UserLinks`. Pure logic; the caller serializes."""
 
     def __init__(self, max_users: int = MAX_LINK_USERS):
@@ -179,11 +179,10 @@ class UserMargins:
         window.append(min(measured_s / predicted_s, 1.0 + 2 * MAX_MARGIN))
         self._users.put(user, window)  # now the most recently reporting
 
-    def margin(self, user: str) -> float | None:
-        """None: too few reports of this user to say (its plans keep the frame's headroom)."""
+    def margin(self, user: str) -> float:
         window = self._users.peek(user)
         if window is None or len(window) < MARGIN_MIN_SAMPLES:
-            return None
+            return 0.0
         ratios = sorted(window)
         ratio = ratios[min(len(ratios) - 1, int(MARGIN_QUANTILE * len(ratios)))]
         return min(max(ratio - 1.0, 0.0), MAX_MARGIN)

@@ -111,11 +111,12 @@ class FrameProblem:
         local = local + own_comm
         coeff = costs.edge_coefficients(ctx.edge_pack)
         cap = max(ctx.edge_capacity, 1e-6)
-        # A user's own measured margin (a quantile of its measured / predicted) is the safety its
-        # plans need; the headroom is the guess for users not measured yet. Not both: each alone
-        # covers the prediction's noise, and together they gave up plans that fitted.
-        aim = [1.0 - objective.budget_headroom if u.budget_margin is None else 1.0 / (1.0 + u.budget_margin) for u in users]
-        deadline = np.array([u.latency_budget_s for u in users], float) * np.array(aim, float)
+        # The larger of two safeties, not both: the headroom (at least this far below any budget)
+        # and the user's own measured margin (a quantile of its measured / predicted). Each alone
+        # covers a prediction's noise; stacked, they gave up plans that fitted.
+        margin = np.array([u.budget_margin for u in users], float)
+        aim = np.minimum(1.0 - objective.budget_headroom, 1.0 / (1.0 + margin))
+        deadline = np.array([u.latency_budget_s for u in users], float) * aim
         ebudget = np.array([u.energy_budget_j for u in users], float)
         obj = objective
         base = q - obj.latency_weight * local - obj.energy_weight * energy

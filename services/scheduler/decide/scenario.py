@@ -27,9 +27,8 @@ class UserSpec:
     # its own link), not a share of a band the frame's users split among themselves.
     own_link: bool = False
     # The user's own measured under-prediction (calibration.UserMargins): its plans aim at its
-    # budget / (1 + margin), in place of the frame's headroom (a guess for users not yet measured:
-    # None). Feasibility ignores both.
-    budget_margin: float | None = None
+    # budget / (1 + margin) when that is below the frame's headroom. Feasibility ignores both.
+    budget_margin: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.spectral_efficiency > 0:
@@ -56,9 +55,9 @@ class ObjectiveConfig:
     latency_weight: float = 0.03  # per second
     energy_weight: float = 0.002  # per joule
     violation_penalty: float = 1.0
-    # Plans of a user with no measured margin of its own aim at (1 - headroom) x its latency
-    # budget: a prediction is a median, and a plan placed right at the budget misses it about half
-    # the time (bench/links.py). A user's own margin, once measured, replaces it.
+    # Plans aim at (1 - headroom) x each latency budget at most: a prediction is a median, and a
+    # plan placed right at the budget misses it about half the time (bench/links.py). A user's
+    # own margin, when measured larger, takes its place (UserSpec.budget_margin).
     budget_headroom: float = 0.0
 
     def __post_init__(self) -> None:
