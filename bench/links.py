@@ -1,9 +1,11 @@
 """Real links: the scheduler's plans against fixed strategies on shaped links between separate hosts.
 
-    .venv/bin/python bench/links.py [--quick] [--devices 2] [--rounds 5] [--classes 5G,LTE] [--oracle] [--json FILE]
+    .venv/bin/python bench/links.py [--quick] [--devices 2] [--rounds 5] [--classes 5G,LTE] [--oracle]
+                                    [--unsynced] [--json FILE]
 
 A testbed (tools/testbed: network namespaces) with an edge host, a scheduler host and device hosts
-per link class (the classes one after another, a class's hosts at once); every device link is a
+per link class (the classes one after another, a class's hosts at once, each request started
+together: one scheduler frame; --unsynced lets each host run free); every device link is a
 veth pair shaped with tbf, with propagation delay added by tools/testbed/delay_proxy.py in the edge
 host (half the class's RTT each way: no netem here). The pack is the SD-geometry systems pack
 (512 px, 4x64x64 latents, tiny random UNets: real SD handoff bytes), built into a temp dir and
