@@ -50,6 +50,7 @@ class EdgeOccupancy:
     def __init__(self, horizon_s: float = HORIZON_S, max_spans: int = MAX_SPANS):
         self.horizon_s = horizon_s
         self._spans: deque[EdgeSpan] = deque(maxlen=max_spans)
+        self._newest = float("-inf")  # the latest end of any span added (the horizon's reference)
 
     def __len__(self) -> int:
         return len(self._spans)
@@ -58,8 +59,8 @@ class EdgeOccupancy:
         if not span.seconds > 0:
             return
         self._spans.append(span)
-        newest = max(s.end for s in self._spans)
-        while self._spans and self._spans[0].end < newest - self.horizon_s:
+        self._newest = max(self._newest, span.end)
+        while self._spans and self._spans[0].end < self._newest - self.horizon_s:
             self._spans.popleft()
 
     def batch(self, span: EdgeSpan) -> float:
