@@ -209,6 +209,8 @@ def test_a_device_service_with_compact_weights_makes_the_users_images(demo, tmp_
                          "--split", "0", "--seed", "4", "--guidance", "4", "--json", "--quiet"]) == 0
         report = json.loads(capsys.readouterr().out)
         assert report["mode"] == "device-service" and report["device_steps"] == 8
+        # the flag reached load_pack: the service says which components it holds compact
+        assert "weights held compact: unet, vae, text_encoder" in ue.log()
     request = GenerationRequest(PROMPT, steps=8, split=0, seed=4, guidance_scale=4.0, height=64, width=64,
                                 user="alice")
     expected = HybridPipeline(large, plain).generate(request).image

@@ -236,7 +236,8 @@ async def serve(args: argparse.Namespace) -> None:
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.host, registry=metrics.registry)
     await set_health(health, SERVICE_NAME, serving=True)
-    print(f"device service ready on {args.host}:{port} (pack {pack.name}, {pack.device}); "
+    held = f", weights held compact: {', '.join(pack.compact)}" if pack.compact else ""
+    print(f"device service ready on {args.host}:{port} (pack {pack.name}, {pack.device}{held}); "
           f"metrics :{args.metrics_port}", flush=True)
     await until_signalled()
     await health.enter_graceful_shutdown()
