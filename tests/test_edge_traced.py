@@ -149,3 +149,22 @@ def test_warming_up_traces_the_packs_default_shape_before_any_request(large_pack
     size = large_pack.default_image_size
     engine, events = run_engine(large_pack, [req(0, height=size, width=size, guidance_scale=large_pack.manifest.default_guidance)])
     assert engine.unet.traced_shapes == 1
+
+
+@torch.no_grad()
+def test_a_packs_traces_go_when_the_pack_goes(tiny_packs):
+    """The traces live on the UNet they trace (not in a map that holds the UNet): once a pack is
+    dropped, its UNet, its TracedUNet and the traced graphs are all freed."""
+    import gc
+    import weakref
+
+    from tandem.packs import load_pack
+
+    pack = load_pack(tiny_packs["large"], device="cpu")
+    traced = call_fast(pack.unet, torch.device("cpu"), True)
+    traced(*unet_inputs(pack, 2), return_dict=False)  # one shape traced and checked
+    assert traced.traced_shapes == 1
+    refs = [weakref.ref(pack.unet), weakref.ref(traced)]
+    del pack, traced
+    gc.collect()
+    assert [r() for r in refs] == [None, None]
