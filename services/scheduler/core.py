@@ -398,11 +398,10 @@ class SchedulerCore:
 
     def _edge_key(self, record: _Record) -> str:
         """The edge a plan's steps ran on: its plan's, else (a k = 0 plan run on the edge anyway,
-        an override) the only edge this scheduler knows, else "" (one unknown edge)."""
-        if record.assigned.edge_address:
-            return record.assigned.edge_address
-        live = self.edges.live()
-        return live[0].address if len(live) == 1 else ""
+        an override) the only edge this scheduler knows, live or configured, else "" (one
+        unknown edge). A configured edge that never heartbeats counts: its plans carry its
+        address, and an override beside them shared their batch."""
+        return record.assigned.edge_address or self.edges.sole_address()
 
     def _settled(self, now: float) -> list[PhaseObservation]:
         """Held edge observations whose span nobody still pending could share, each at the batch

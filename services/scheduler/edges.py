@@ -92,6 +92,16 @@ class EdgeRegistry:
                 out.append(address)
             return out
 
+    def sole_address(self) -> str:
+        """The edge a step run without a routed plan (a k = 0 plan run on the edge anyway) must
+        have run on: the only live edge, else, with none live, the only configured one (the
+        address route() gives plans then); "" when there are several or none."""
+        with self._lock:
+            self._prune()
+            if self._edges:
+                return next(iter(self._edges)) if len(self._edges) == 1 else ""
+            return self.static[0] if len(self.static) == 1 else ""
+
     def _next_static(self) -> str:
         if not self.static:
             return ""
