@@ -159,3 +159,29 @@ def test_a_reported_plan_is_off_the_edge():
     clock.t += 0.001
     core.report(run_at(core, first, batch=1))
     assert plan(core, "b").plan.edge_seconds == pytest.approx(SPLIT * float(coeff.step_seconds(1)))
+
+
+def test_a_frames_edge_users_are_predicted_as_the_edges_continuous_batch():
+    """Two users of one frame on the edge, k = 3 and k = 5 of 10: the edge runs 3 steps of both,
+    then 2 of the second alone, so their edge seconds are 3(a + 2b) and 3(a + 2b) + 2(a + b). The
+    closed-form shares give the same for equal splits, and more for these."""
+    from dataclasses import replace
+
+    from services.scheduler.decide.costs import EdgeCoefficients
+    from services.scheduler.decide.planner import schedule_frame
+    from services.scheduler.decide.problem import FrameProblem
+    from services.scheduler.decide.scenario import UserSpec
+
+    a, b = 0.004, 0.024  # a CPU edge: the per-request cost dominates
+    costs = replace(CostProfile(), edge={"large": EdgeCoefficients(a, b)})
+    users = [UserSpec(u, "phone", 5.0) for u in ("x", "y")]
+    pick = [next(i for i, o in enumerate(DEFAULT_OPTIONS) if (o.steps, o.split, o.merge_ratio) == (10, k, 0.0))
+            for k in (3, 5)]
+    decision = schedule_frame(users, synthetic_profile(), costs, lambda p: pick)
+    edge = [plan.edge_seconds for plan in decision.plans]
+    assert edge == pytest.approx([3 * (a + 2 * b), 3 * (a + 2 * b) + 2 * (a + b)])
+    assert all(e < c for e, c in zip(edge, decision.evaluation.edge_seconds))  # the shares over-predict
+    same = FrameProblem.build(users, synthetic_profile(), costs, DEFAULT_OPTIONS)
+    both_five = [pick[1], pick[1]]
+    assert same.batched_edge_seconds(both_five) == pytest.approx(same.evaluate(both_five).edge_seconds)
+    assert list(same.batched_edge_seconds([pick[0], LOCAL_OPTION])) == pytest.approx([3 * (a + b), 0.0])

@@ -4,6 +4,8 @@ It builds the frame's arrays, lets a decider (the trained policy, a baseline nam
 search or any callable) pick one option per user, shares the GPU and the band with the closed form,
 and, only when that misses someone's latency budget, re-solves the shares with the deadline-aware
 convex allocator. Every user gets a :class:`Plan`; one whose budget still can't be met says so.
+A plan's edge seconds are those of the edge's continuous batch (the frame's edge users start
+together, each leaves when its k steps are done), unless the allocator re-solved the shares.
 """
 
 from __future__ import annotations
@@ -107,6 +109,8 @@ def schedule_frame(users: Sequence[UserSpec], quality: QualityProfile, costs: Co
             edge[edge_users], tx[edge_users] = alloc.edge_seconds, alloc.transfer_seconds + own
             ok = ok.copy()
             ok[edge_users] = True
+    if alloc is None and 0 < len(edge_users) <= problem.max_batch:
+        edge = problem.batched_edge_seconds(sel)  # what the edge's continuous batch will take
     t2 = time.perf_counter()
     plans = []
     for i, (user, o) in enumerate(zip(problem.users, sel)):
