@@ -330,6 +330,7 @@ class SchedulerModel:
         from services.scheduler.decide.costs import CostProfile
         from services.scheduler.decide.options import Option, OptionTable, build_option_table
         from services.scheduler.decide.quality import QualityProfile
+        from services.scheduler.decide.scenario import ObjectiveConfig
 
         self.costs = CostProfile.load(packs.cost_profile)
         self.quality = QualityProfile.load(packs.quality_profile)
@@ -340,6 +341,7 @@ class SchedulerModel:
                 options.append(option)
         self.options = OptionTable(tuple(options))
         self.budget_s = budget_s
+        self.objective = ObjectiveConfig()  # what the scheduler's frames score with (its defaults)
         self._problems: dict[str, object] = {}
 
     def problem(self, link: LinkClass):
@@ -350,7 +352,8 @@ class SchedulerModel:
             ctx = FrameContext()
             user = UserSpec(link.name, DEVICE_CLASS, link.rate_mbit * 1e6 / ctx.bandwidth_hz,
                             latency_budget_s=self.budget_s, rtt_s=link.rtt_ms / 1e3, own_link=True)
-            self._problems[link.name] = FrameProblem.build([user], self.quality, self.costs, self.options, ctx)
+            self._problems[link.name] = FrameProblem.build([user], self.quality, self.costs, self.options, ctx,
+                                                           self.objective)
         return self._problems[link.name]
 
     def index(self, steps: int, split: int, ratio: float, encoding: str) -> int:
@@ -361,16 +364,10 @@ class SchedulerModel:
     def measured_objective(self, link: LinkClass, o: Outcome) -> float:
         p = self.problem(link)
         i = self.index(o.steps, o.split, o.merge_ratio, o.encoding)
-        cfg = p.objective_cfg
+        cfg = self.objective
         utility = p.quality[0, i] - cfg.latency_weight * o.seconds - cfg.energy_weight * p.energy[0, i]
         over = o.seconds / self.budget_s - 1.0
         return float(utility - (cfg.violation_penalty + over if over > 0 else 0.0))
-
-    @property
-    def latency_weight(self) -> float:
-        from services.scheduler.decide.scenario import ObjectiveConfig
-
-        return ObjectiveConfig().latency_weight  # what the scheduler's frames score with
 
     def best_fixed_split(self, links: tuple[LinkClass, ...]) -> Arm:
         """The fp16 r=0 option with the best mean predicted objective over all link classes."""
@@ -710,7 +707,7 @@ def main(argv: list[str]) -> int:
         if args.json:
             args.json.write_text(json.dumps([asdict(o) for o in outcomes], indent=1))
         results = summarize(outcomes, links, arms, settings.budget_s)
-        targets = check_targets(results, change, args.oracle, model.latency_weight)
+        targets = check_targets(results, change, args.oracle, model.objective.latency_weight)
         print_report(results, change, targets, settings, args.oracle)
     return 0 if all(t.met for t in targets) else 1
 

@@ -5,7 +5,7 @@ search or any callable) pick one option per user, shares the GPU and the band wi
 and, only when that misses someone's latency budget, re-solves the shares with the deadline-aware
 convex allocator. Every user gets a :class:`Plan`; one whose budget still can't be met says so.
 A plan's edge seconds are those of the edge's continuous batch (the frame's edge users start
-together, each leaves when its k steps are done), unless the allocator re-solved the shares.
+together, each leaves when its k steps are done), unless the deadline allocator was called.
 """
 
 from __future__ import annotations

@@ -127,7 +127,6 @@ def measure_edge(pack, batches: Sequence[int], repeats: int, warmup: int, log: C
     from tandem.traced import TracedUNet, call_fast
 
     unet = call_fast(pack.unet, pack.device, trace_unet)  # what the edge server calls
-    traced = isinstance(unet, TracedUNet)
     calls = {n: _stepper(pack, unet, n, warmup + repeats) for n in batches}
     seconds = interleaved_medians(calls, repeats, warmup, _sync(pack))
     for n, s in seconds.items():
@@ -137,7 +136,7 @@ def measure_edge(pack, batches: Sequence[int], repeats: int, warmup: int, log: C
     else:
         fit, r2 = EdgeCoefficients.fit(list(seconds), list(seconds.values()))
     a, b = fit.a_s, fit.b_s
-    traced = traced and unet.traced_shapes > 0  # a trace that differed ran eager
+    traced = isinstance(unet, TracedUNet) and unet.traced_shapes > 0  # a trace that differed ran eager
     log(f"edge fit: a_s = {a * 1000:.2f} ms + b_s = {b * 1000:.2f} ms × batch (R² = {r2:.4f}; "
         f"UNet {'traced' if traced else 'eager'})")
     return EdgeFit(pack.name, a, b, r2, seconds, traced)
