@@ -10,6 +10,8 @@
 #                  URL        a package index holding torch==$TORCH_VERSION (the CPU index)
 #   EXTRA_CA_CERT  PEM text of CAs to trust besides the system ones (a TLS-intercepting proxy);
 #                  used for this build stage only: it never reaches the final image.
+#   PIP_INDEX      the package index to install from (the build host's, as compose_e2e.sh
+#                  reads it); empty: pip's default
 set -eu
 VENV=/opt/venv
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
@@ -19,6 +21,7 @@ if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv --system-site-packages "$VENV"
 fi
 pip() { "$VENV/bin/python" -m pip "$@"; }
+if [ -n "${PIP_INDEX:-}" ]; then export PIP_INDEX_URL="$PIP_INDEX"; fi
 
 if [ -n "${EXTRA_CA_CERT:-}" ]; then
     bundle=/tmp/ca-bundle.pem

@@ -8,12 +8,15 @@ ARG BASE_IMAGE=python:3.11-slim
 # images are the same instructions up to the torch layer, which they then share.
 ARG TORCH_SOURCE=https://download.pytorch.org/whl/cpu
 ARG EXTRA_CA_CERT=""
+# the index pip installs from (empty: pip's default); build stage only
+ARG PIP_INDEX=""
 
 # Build stage: torch and the project's dependencies into /opt/venv. The extra CA and the
 # wheelhouse live here only; the final stage copies the virtualenv alone, then the sources.
 FROM ${BASE_IMAGE} AS build
 ARG TORCH_SOURCE
 ARG EXTRA_CA_CERT
+ARG PIP_INDEX
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY deploy/pip_install.sh /build/

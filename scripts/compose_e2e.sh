@@ -11,7 +11,9 @@
 #   (/usr/local/share/ca-certificates) for pip in the build stage, or $TANDEM_EXTRA_CA_FILE.
 # - Overrides: TANDEM_BASE_IMAGE (a Python 3.11 base), TANDEM_TORCH_SOURCE (wheelhouse or an
 #   index URL), TANDEM_PROMETHEUS_IMAGE, TANDEM_EXTRA_CA_FILE (PEM; empty: none), TANDEM_PIP_INDEX
-#   (checked before building: https://pypi.org/simple/), TANDEM_DEBIAN_MIRROR.
+#   (default: the index this host's pip is configured with; checked before building, and the
+#   builds install from it), TANDEM_DEBIAN_MIRROR (default: the Debian mirror of apt's sources).
+#   No package host is written here: scripts/package_sources.py reads them from the host.
 # Checks: images build (cold, then warm), ue/scheduler images hold no CUDA library and no image
 # the extra CA (history, config), the stack gets healthy, `tandem generate --ue` through the device
 # container and `--edge` to the edge container give images, Prometheus has scraped the tandem
@@ -26,7 +28,6 @@ TORCH_VERSION=2.13.0
 LOCAL_DEBIAN=tandem-local/debian:bookworm
 LOCAL_PYTHON=tandem-local/python:3.11
 LOCAL_PROMETHEUS=tandem-local/prometheus:bookworm
-DEBIAN_MIRROR="${TANDEM_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 SERVICES=(edge scheduler ue)
 PYTHON="$ROOT/.venv/bin/python"
 [ -x "$PYTHON" ] || PYTHON=python3
@@ -43,12 +44,8 @@ figure() { FIGURES+=("$*"); }
 
 STATE="$(mktemp -d /var/tmp/tandem-e2e.XXXXXX)"
 DOCKERD_PID="" STACK_UP="" GENERATOR_PID=""
-net_state() {  # what must be the same after the run: forwarding, links, iptables rules
-    sysctl -n net.ipv4.ip_forward 2>/dev/null
-    ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | sort
-    if command -v iptables >/dev/null 2>&1; then iptables -S 2>/dev/null; fi
-}
-net_state > "$STATE/net.before"
+# shellcheck source=scripts/lib/net_state.sh
+. "$ROOT/scripts/lib/net_state.sh"
 
 cleanup() {
     local rc=$?
@@ -67,8 +64,8 @@ cleanup() {
         # a killed engine can leave its mounts behind
         findmnt -rn -o TARGET | grep -E "^($DATA_ROOT|$STATE)(/|\$)" | sort -r | xargs -r -n1 umount -l || true
         net_state > "$STATE/net.after"
-        if ! cmp -s "$STATE/net.before" "$STATE/net.after"; then
-            say "FAIL: host networking changed:"; diff "$STATE/net.before" "$STATE/net.after" >&2 || true
+        if net_state_changed "$STATE/net.before" "$STATE/net.after" > "$STATE/net.diff"; then
+            say "FAIL: host networking changed:"; cat "$STATE/net.diff" >&2
             rc=1
         fi
     fi
@@ -114,6 +111,9 @@ start_engine() {
     [ "$(id -u)" = 0 ] || fail "no Docker engine answers and only root may start one: start dockerd, or set DOCKER_HOST"
     ensure_tool dockerd docker.io
     mkdir -p "$DATA_ROOT"
+    # the snapshot the end of the run is held against: taken once every tool this script installs
+    # is in place (docker.io brings iptables), right before the engine that could change it starts
+    net_state > "$STATE/net.before"
     export DOCKER_HOST="unix://$STATE/docker.sock"
     # its own session: a Ctrl-C meant for this script reaches the engine only through cleanup,
     # after the stack is down
@@ -145,11 +145,13 @@ extra_ca() {  # PEM text of the CAs to add in the build stage
     fi
 }
 
-check_index() {  # the builds take the project's dependencies from PyPI (through the host's proxy)
-    local index="${TANDEM_PIP_INDEX:-https://pypi.org/simple/}"
+check_index() {  # the builds take the project's dependencies from the host's index (through its proxy)
+    local index
+    index="$("$PYTHON" scripts/package_sources.py pip-index)" || fail "cannot read this host's pip index: set TANDEM_PIP_INDEX"
     "$PYTHON" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1].rstrip('/') + '/pip/', timeout=20)" \
         "$index" 2>/dev/null \
         || fail "the package index $index cannot be reached from this host: provide access to it (behind a TLS-intercepting proxy, also its CA: TANDEM_EXTRA_CA_FILE)"
+    echo "$index"
 }
 
 torch_source() {  # wheelhouse (default: filled from this host's pip) or an index URL
@@ -183,9 +185,12 @@ local_bases() {
     if [ -n "${TANDEM_BASE_IMAGE:-}" ] && [ -n "${TANDEM_PROMETHEUS_IMAGE:-}" ]; then return 0; fi
     if ! have_image "$LOCAL_DEBIAN"; then
         ensure_tool debootstrap debootstrap
+        local mirror
+        mirror="$("$PYTHON" scripts/package_sources.py debian-mirror 2>&1)" \
+            || fail "$mirror (a Debian mirror to debootstrap from: provide one, or set TANDEM_BASE_IMAGE and TANDEM_PROMETHEUS_IMAGE)"
         t0=$(now)
-        say "making $LOCAL_DEBIAN: debootstrap --variant=minbase bookworm ($DEBIAN_MIRROR)"
-        debootstrap --variant=minbase bookworm "$STATE/rootfs" "$DEBIAN_MIRROR" >"$STATE/debootstrap.log" 2>&1 \
+        say "making $LOCAL_DEBIAN: debootstrap --variant=minbase bookworm ($mirror)"
+        debootstrap --variant=minbase bookworm "$STATE/rootfs" "$mirror" >"$STATE/debootstrap.log" 2>&1 \
             || { tail -5 "$STATE/debootstrap.log" >&2; fail "debootstrap failed: provide a reachable Debian mirror (TANDEM_DEBIAN_MIRROR) or set TANDEM_BASE_IMAGE and TANDEM_PROMETHEUS_IMAGE"; }
         tar -C "$STATE/rootfs" -c . | docker import - "$LOCAL_DEBIAN" >/dev/null
         rm -rf "$STATE/rootfs"
@@ -208,7 +213,8 @@ T_START=$(now)
 # inputs first: a bad one fails here, in one line, before anything is started
 # (the cheap checks before the torch wheel, which may be downloaded into wheelhouse/)
 CA="$(extra_ca)"
-check_index
+export TANDEM_PIP_INDEX
+TANDEM_PIP_INDEX="$(check_index)"
 export TANDEM_TORCH_SOURCE
 TANDEM_TORCH_SOURCE="$(torch_source)"
 compose_plugin

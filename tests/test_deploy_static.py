@@ -339,7 +339,7 @@ def test_cpu_override_runs_the_stack_without_a_gpu_or_a_registry():
         build = services[name]["build"]
         assert build["network"] == "host", f"{name}: a bridge-less engine's build containers have no network"
         assert build["args"] == {"BASE_IMAGE": "tandem-local/python:3.11", "TORCH_SOURCE": "wheelhouse",
-                                 "EXTRA_CA_CERT": "PEM"}, name
+                                 "EXTRA_CA_CERT": "PEM", "PIP_INDEX": ""}, name
         assert build["dockerfile"] == f"deploy/{name}.Dockerfile"  # the same Dockerfiles as online
     assert services["prometheus"]["image"] == "tandem-local/prometheus:bookworm"
     for name, service in services.items():  # engines before v25 (Debian's docker.io) refuse start_interval
@@ -375,6 +375,8 @@ def test_compose_e2e_without_a_torch_wheel_says_what_to_provide(tmp_path):
     """A checkout with an empty wheelhouse/ on a host whose pip cannot get the wheel either."""
     (tmp_path / "scripts").mkdir()
     shutil.copy(E2E_SCRIPT, tmp_path / "scripts" / "compose_e2e.sh")
+    shutil.copytree(ROOT / "scripts" / "lib", tmp_path / "scripts" / "lib")
+    shutil.copy(ROOT / "scripts" / "package_sources.py", tmp_path / "scripts")
     (tmp_path / "wheelhouse").mkdir()
     done = subprocess.run(["bash", str(tmp_path / "scripts" / "compose_e2e.sh")], capture_output=True, text=True,
                           timeout=120, env={"PATH": os.environ["PATH"], "HOME": str(tmp_path),
