@@ -68,6 +68,9 @@ class PackManifest:
     # as others before tokenizing (e.g. "an" -> "a"); see tandem/vocabulary.py.
     vocabulary: tuple[str, ...] = ()
     aliases: dict[str, str] = field(default_factory=dict)
+    # Relative path -> size in bytes of every file the pack was built with (tandem/true_size.py):
+    # a pack whose files differ is partial or corrupt and is refused before anything loads.
+    files: dict[str, int] = field(default_factory=dict)
 
     def normalize_prompt(self, prompt: str) -> str:
         return apply_aliases(prompt, self.aliases)
@@ -248,6 +251,54 @@ def _fetch_from_hub(repo_id: str) -> Path:
         raise PackError(f"could not fetch model pack {repo_id!r} from the hub: {hint} ({type(exc).__name__})") from exc
 
 
+def verify_pack_files(root: Path) -> PackManifest:
+    """The pack's manifest, once every file it records is there at its recorded size; a pack
+    without a manifest, or with a file missing or of another size, is refused by name."""
+    if not (root / MANIFEST_NAME).is_file():
+        raise PackError(f"pack {root}: no {MANIFEST_NAME} (a partial build?)")
+    manifest = PackManifest.read(root)
+    for name, size in manifest.files.items():
+        path = root / name
+        found = path.stat().st_size if path.is_file() else None
+        if found != size:
+            what = "missing" if found is None else f"{found:,} bytes, expected {size:,}"
+            raise PackError(f"pack {root}: {name} is {what} (partial or corrupt: rebuild it)")
+    return manifest
+
+
+def check_memory(root: Path, dirs: dict[str, Path], device: torch.device, dtype: torch.dtype,
+                 narrow: dict[str, torch.dtype], offload: bool) -> None:
+    """Refuses, in one line and before loading, a pack whose weights (widened to `dtype` unless
+    held compact) need more memory than the device has free."""
+    import torch
+
+    from tandem.compact import stored_dtype
+
+    need = 0
+    for name in ("unet", "vae", "text_encoder"):
+        stored = stored_dtype(dirs[name]) or dtype
+        held = narrow.get(name, dtype)
+        weights = sum(p.stat().st_size for p in dirs[name].glob("*.safetensors"))
+        need += weights * held.itemsize // stored.itemsize
+    free: int | None = _available_memory()
+    where = "this machine"
+    if device.type == "cuda" and not offload:
+        free, where = torch.cuda.mem_get_info(device)[0], f"GPU {device}"
+    if free is not None and need > free:
+        raise PackError(f"pack {root} needs {need / 2**30:.1f} GiB of memory for its weights "
+                        f"(as {str(dtype).removeprefix('torch.')}); {where} has {free / 2**30:.1f} GiB free")
+
+
+def _available_memory() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def _component_dir(root: Path, manifest: PackManifest, component: str) -> Path:
     directory = (root / manifest.components.get(component, component)).resolve()
     if not directory.is_dir():
@@ -283,7 +334,7 @@ def load_pack(
 
     quiet_loading()
     root = resolve_source(source)
-    manifest = PackManifest.read(root)
+    manifest = verify_pack_files(root) if (root / MANIFEST_NAME).is_file() else PackManifest.read(root)
     device = torch.device(device) if device is not None else default_device()
     if offload and compact:
         raise PackError("--offload and --compact-weights do not combine: choose one (offload keeps the weights "
@@ -299,6 +350,7 @@ def load_pack(
         # compact components load in their stored dtype: their weights never exist in `dtype` at once
         narrow = {name: stored for name in ("unet", "vae", "text_encoder") if compact
                   and (stored := stored_dtype(dirs[name])) is not None and stored.itemsize < dtype.itemsize}
+        check_memory(root, dirs, device, dtype, narrow, offload)
         unet = UNet2DConditionModel.from_pretrained(dirs["unet"], torch_dtype=narrow.get("unet", dtype),
                                                     use_safetensors=True)
         vae = _load_vae(dirs["vae"], narrow.get("vae", dtype))
