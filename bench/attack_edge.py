@@ -38,6 +38,7 @@ from services.common.wire import request_to_proto  # noqa: E402
 from tandem.handoff import CodecSpec  # noqa: E402
 from tandem.packs import load_pack  # noqa: E402
 from tandem.request import GenerationRequest  # noqa: E402
+from tandem.stats import percentile
 from tandem.v1 import edge_pb2, edge_pb2_grpc  # noqa: E402
 
 PROMPT = "a red circle at the left on a blue background"
@@ -47,11 +48,6 @@ MIB = 1024 * 1024
 def rss(pid: int) -> int:
     with open(f"/proc/{pid}/status") as status:
         return int(next(line for line in status if line.startswith("VmRSS:")).split()[1]) * 1024
-
-
-def p99(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)] if ordered else float("nan")
 
 
 async def call(stub, message, token: str, timeout: float) -> str:
@@ -161,11 +157,11 @@ def main() -> None:
                     codes[name].update(users_got)
                     attacker[name].update(attacker_got)
             final_rss = rss(edge.proc.pid)
-            reference = p99(latencies["none"])
+            reference = percentile(latencies["none"], 99) if latencies["none"] else math.nan
             rows = []
             for name in attacks:
                 failed = sum(n for code, n in codes[name].items() if code != "OK")
-                tail = p99(latencies[name])
+                tail = percentile(latencies[name], 99) if latencies[name] else math.nan
                 rows.append((name, sum(codes[name].values()), failed, tail, tail / reference, dict(attacker[name])))
 
     print(f"### Edge under attack ({pack.name}, users at {size} px T={steps} k={steps // 2}, {args.clients} users, "

@@ -20,6 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from services.scheduler.decide.allocator import DeadlineAllocator, closed_form, deadline_shares  # noqa: E402
+from tandem.stats import percentile
 
 
 def random_frame(rng: np.random.Generator):
@@ -76,8 +77,8 @@ def main() -> int:
               f"min {g.min():+.2e} (relative; negative = active set lower)")
     f, c = np.array(t_fast) * 1e3, np.array(t_cvx) * 1e3
     print("\n| solver | p50 | p99 |\n|---|---|---|")
-    print(f"| active set | {np.percentile(f, 50):.3f} ms | {np.percentile(f, 99):.3f} ms |")
-    print(f"| cvxpy (Clarabel, compiled) | {np.percentile(c, 50):.3f} ms | {np.percentile(c, 99):.3f} ms |")
+    print(f"| active set | {percentile(f, 50):.3f} ms | {percentile(f, 99):.3f} ms |")
+    print(f"| cvxpy (Clarabel, compiled) | {percentile(c, 50):.3f} ms | {percentile(c, 99):.3f} ms |")
     print(f"\ncvxpy / active set, per frame: median {np.median(c / f):.0f}x")
     return 0
 

@@ -46,6 +46,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from tandem.stats import percentile  # noqa: E402
+
 DEVICE_CLASS = "sd-cpu"
 EDGE_PORT, DEVICE_PORT, SCHEDULER_PORT, PROXY_PORT = 50051, 50061, 50071, 7000
 PROMPTS = ("a cat on a sofa", "a red car in the rain", "a lighthouse at dusk", "a bowl of fruit")
@@ -492,11 +494,6 @@ def add_fidelity(outcomes: list[Outcome], packs: Packs) -> None:
         o.psnr = psnr(np.asarray(Image.open(o.png).convert("RGB")), references[key])
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
-
-
 @dataclass(frozen=True)
 class ArmResult:
     link: str
@@ -522,13 +519,13 @@ class ArmResult:
         errors = [abs(o.predicted - o.seconds) / o.seconds for o in outcomes if o.predicted is not None]
         plans = Counter(f"{o.encoding} r={o.merge_ratio:g} k={o.split} T={o.steps}" if o.split else f"k=0 T={o.steps}"
                         for o in outcomes)
-        return cls(link, arm, len(outcomes), statistics.median(seconds), percentile(seconds, 0.95),
+        return cls(link, arm, len(outcomes), statistics.median(seconds), percentile(seconds, 95),
                    statistics.median(o.wall for o in outcomes),
                    statistics.median(o.psnr for o in outcomes if o.psnr is not None),
                    sum(o.seconds > budget_s for o in outcomes) / len(outcomes),
                    statistics.fmean(o.objective for o in outcomes if o.objective is not None),
                    statistics.stdev(seconds) / math.sqrt(len(seconds)) if len(seconds) > 1 else 0.0,
-                   statistics.median(errors) if errors else None, percentile(errors, 0.9) if errors else None, plans,
+                   statistics.median(errors) if errors else None, percentile(errors, 90) if errors else None, plans,
                    statistics.median(o.link_bps / 1e6 for o in outcomes),
                    statistics.median(o.link_rtt_s * 1e3 for o in outcomes), Counter(o.link_source for o in outcomes))
 

@@ -31,6 +31,7 @@ from services.ue_client.transport import EdgeError, fetch_handoff  # noqa: E402
 from tandem.codec.container import unpack_container  # noqa: E402
 from tandem.handoff import CodecSpec  # noqa: E402
 from tandem.request import GenerationRequest  # noqa: E402
+from tandem.stats import percentile
 
 PROMPTS = [f"a {c} {s} at the {p} on a {b} background" for c, s, p, b in
            [("red", "circle", "left", "blue"), ("green", "square", "top", "white"),
@@ -122,14 +123,13 @@ def main() -> None:
         rss_end = {name: rss_kib(pid) for name, pid in procs.items()}
         alive = {name: proc.poll() is None for name, proc in (("edge", edge.proc), ("scheduler", sched.proc))}
     lat = sorted(tally.latencies)
-    p = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan")  # noqa: E731
     print(f"### Load: {args.clients} clients for {args.minutes:g} min after {args.warmup_seconds:g} s warm-up "
           f"(load average {os.getloadavg()[0]:.2f} at the end)\n")
     print("| completed | rejected (clear status) | lost | throughput | edge latency p50 | p99 |")
     print("|---|---|---|---|---|---|")
     rejected = ", ".join(f"{k} {v}" for k, v in sorted(tally.rejected.items())) or "0"
     print(f"| {len(lat)} | {rejected} | {len(tally.lost)} | {len(lat) / wall:.2f} req/s | "
-          f"{(statistics.median(lat) if lat else float('nan')):.3f} s | {p(0.99):.3f} s |\n")
+          f"{(statistics.median(lat) if lat else float('nan')):.3f} s | {(percentile(lat, 99) if lat else float('nan')):.3f} s |\n")
     print("| server | RSS after warm-up | RSS at the end | growth | alive |")
     print("|---|---|---|---|---|")
     for name in procs:

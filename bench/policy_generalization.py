@@ -52,6 +52,7 @@ from services.scheduler.decide.quality import QualityProfile, synthetic_profile 
 from services.scheduler.decide.scenario import ScenarioConfig, sample_frame, scenario_for  # noqa: E402
 from services.scheduler.defaults import DEFAULT_QUALITY, DEMO_COSTS, POLISH_SWEEPS, POLISH_VISITS  # noqa: E402
 from services.scheduler.learn.families import ProfileFamily  # noqa: E402
+from tandem.stats import percentile
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICIES = ROOT / "services" / "scheduler" / "policies"
@@ -114,7 +115,7 @@ def p99_ms(profile: HeldOut, deciders: dict, frames: int, seed: int, n: int = 10
         for name, decide in deciders.items():
             d = schedule_frame(users, profile.quality, profile.costs, decide, ctx=ctx)
             times[name].append(d.decide_seconds + d.allocate_seconds)
-    return {k: float(np.percentile(np.array(v) * 1e3, 99)) for k, v in times.items()}
+    return {k: percentile(np.array(v) * 1e3, 99) for k, v in times.items()}
 
 
 def best_of_local_searches(problem: FrameProblem) -> np.ndarray:

@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from service_procs import edge_server, metric_value, scheduler_service, wait_edges_live  # noqa: E402
 
 from services.scheduler.core import Measured, measured_phases  # noqa: E402
+from tandem.stats import percentile  # noqa: E402
 
 PROMPTS = [f"a {c} {s} at the {p} on a {b} background" for c, s, p, b in [
     ("red", "circle", "left", "blue"), ("green", "square", "top", "black"), ("yellow", "triangle", "right", "white"),
@@ -99,11 +100,6 @@ def warm_up(index: int, edge: str, args: argparse.Namespace, out_dir: Path) -> N
             raise SystemExit("scheduler_calibration: error: the warm-up generation failed")
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
-
-
 def calibration_state(metrics: str, device_class: str) -> str:
     a = metric_value(metrics, CALIBRATION[0], 'term="fixed"')
     b = metric_value(metrics, CALIBRATION[0], 'term="per_request"')
@@ -122,7 +118,7 @@ def summarize(label: str, gens: list[Generation]) -> str:
             pred = statistics.median(g.predicted[phase] for g in gens)
             meas = statistics.median(g.measured[phase] for g in gens)
             rows.append(f"  {phase:<8} |pred-meas|/meas median {statistics.median(errors):6.1%}  p90 "
-                        f"{percentile(errors, 0.9):6.1%}   (median predicted {pred:.3f} s, measured {meas:.3f} s)")
+                        f"{percentile(errors, 90):6.1%}   (median predicted {pred:.3f} s, measured {meas:.3f} s)")
     return "\n".join(rows)
 
 

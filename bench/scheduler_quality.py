@@ -36,6 +36,7 @@ from services.scheduler.decide.policy import SchedulerPolicy  # noqa: E402
 from services.scheduler.decide.problem import FrameProblem  # noqa: E402
 from services.scheduler.decide.scenario import DEFAULT_SCENARIO, sample_frame, scenario_for  # noqa: E402
 from services.scheduler.defaults import BUILTIN, DEFAULT_QUALITY, MAX_FRAME, POLISH_SWEEPS, POLISH_VISITS, default_cost_profile, display_path, load_profiles  # noqa: E402
+from tandem.stats import percentile
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIO = DEFAULT_SCENARIO  # set in main() from the profiles
@@ -84,7 +85,7 @@ def small_frames(ds: dict, quality, costs, instances: int, seed: int) -> None:
     print("|---|---|---|---|---|---|")
     for name in ds:
         r = np.array(ratios[name])
-        print(f"| {name} | {r.mean():.4f} | {np.percentile(r, 5):.4f} | {r.min():.4f} | "
+        print(f"| {name} | {r.mean():.4f} | {percentile(r, 5):.4f} | {r.min():.4f} | "
               f"{optimal[name] / instances:.1%} | {np.mean(regret[name]):.4f} |")
     t = np.array(t_exact)
     print(f"\nexact search: mean {t.mean() * 1e3:.0f} ms, max {t.max() * 1e3:.0f} ms per frame")
@@ -174,8 +175,8 @@ def latency(ds: dict, quality, costs, frames: int, n: int, seed: int) -> None:
     print("|---|---|---|---|---|---|---|")
     for name in names:
         t, e = np.array(times[name]) * 1e3, np.array(total[name]) * 1e3
-        print(f"| {name} | {np.percentile(t, 50):.2f} ms | {np.percentile(t, 99):.2f} ms | "
-              f"{np.percentile(e, 50):.2f} ms | {np.percentile(e, 99):.2f} ms | {repairs[name]}/{frames} | {convex[name]} |")
+        print(f"| {name} | {percentile(t, 50):.2f} ms | {percentile(t, 99):.2f} ms | "
+              f"{percentile(e, 50):.2f} ms | {percentile(e, 99):.2f} ms | {repairs[name]}/{frames} | {convex[name]} |")
 
 
 def main() -> int:
