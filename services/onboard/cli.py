@@ -23,7 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from services.scheduler.decide.quality import PRICED_CODECS
+from services.scheduler.decide.costs import CostProfile, CostProfileError
+from services.scheduler.decide.quality import PRICED_CODECS, QualityProfileError
 from services.scheduler.defaults import DEFAULT_POLICY
 from services.scheduler.learn.profiling import positive_ints
 
@@ -112,6 +113,10 @@ def _cost_profile(args: argparse.Namespace, out: Path) -> None:
     from services.scheduler.learn import profiling
 
     if out.is_file() and not args.force:
+        try:
+            CostProfile.load(out)  # kept only if the scheduler can plan with it
+        except CostProfileError as exc:
+            raise OnboardError(f"{exc} (--force measures it again)") from None
         _log(f"cost profile: keeping {out} (--force measures again)")
         return
     quick = args.quick
@@ -168,7 +173,10 @@ def _quality_profile(args: argparse.Namespace, large, small, users: list[str], o
 
         measure(measurer, everyone, store, tick)
     profile = profile_json(store, grid, f"{large.name}+{small.name}", everyone, metric)
-    QualityProfile.from_dict(profile)  # the scheduler must be able to read what we write
+    try:
+        QualityProfile.from_dict(profile)  # the scheduler must be able to read what we write
+    except QualityProfileError as exc:
+        raise OnboardError(f"the measured quality profile is not usable: {exc}") from None
     path = out_dir / "quality_profile.json"
     path.write_text(json.dumps(profile, indent=1) + "\n")
     return path

@@ -24,6 +24,7 @@ from services.scheduler.decide.channel import (  # noqa: F401  (re-exported: the
     snr_linear,
     spectral_efficiency,
 )
+from services.scheduler.decide.ranges import check, ranged
 from tandem.codec.spec import ENCODINGS, CodecSpec, handoff_size
 
 COST_FORMAT = "tandem.scheduler.costs"
@@ -38,8 +39,8 @@ class CostProfileError(ValueError):
 class EdgeCoefficients:
     """Seconds for one denoising step of a batch of ``n`` requests: ``a_s + b_s * n``."""
 
-    a_s: float
-    b_s: float
+    a_s: float = ranged(0)
+    b_s: float = ranged(0, above=True)  # a request always costs the batch something (fit() keeps it >= 1e-6)
 
     def step_seconds(self, batch: float | np.ndarray):
         return self.a_s + self.b_s * np.asarray(batch)
@@ -60,9 +61,9 @@ class EdgeCoefficients:
 class DeviceClass:
     """A kind of UE: small-model step time, VAE decode time, power while computing."""
 
-    step_s: float
-    decode_s: float
-    power_w: float
+    step_s: float = ranged(0, above=True)
+    decode_s: float = ranged(0)
+    power_w: float = ranged(0)
 
     def compute_seconds(self, device_steps: int | np.ndarray):
         return np.asarray(device_steps) * self.step_s + self.decode_s
@@ -73,9 +74,9 @@ class DeviceClass:
 
 @dataclass(frozen=True)
 class LatentShape:
-    channels: int = 4
-    height: int = 64
-    width: int = 64
+    channels: int = ranged(1, default=4)
+    height: int = ranged(1, default=64)
+    width: int = ranged(1, default=64)
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,8 @@ class CostProfile:
         }
     )
     latent: LatentShape = LatentShape()
-    rtt_s: float = 0.02
-    max_batch: int = 32
+    rtt_s: float = ranged(0, default=0.02)
+    max_batch: int = ranged(1, default=32)
     synthetic: bool = True
 
     def edge_coefficients(self, pack: str | None = None) -> EdgeCoefficients:
@@ -141,27 +142,30 @@ class CostProfile:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "CostProfile":
-        """Reads a profile; the fitted handoff-metadata keys of earlier profilers (meta_base_bytes,
-        meta_bytes_per_step, merge_meta_bytes) are ignored: handoff bytes are exact now."""
-        if d.get("format") != COST_FORMAT or d.get("version") != COST_VERSION:
+        """Reads a profile, every number checked against its field's range; the fitted handoff-metadata
+        keys of earlier profilers (meta_base_bytes, meta_bytes_per_step, merge_meta_bytes) are
+        ignored: handoff bytes are exact now."""
+        form, version = (d.get("format"), d.get("version")) if isinstance(d, Mapping) else (None, None)
+        if form != COST_FORMAT or version != COST_VERSION:
             raise CostProfileError(
                 f"not a cost profile of format {COST_FORMAT!r} version {COST_VERSION}: "
-                f"format={d.get('format')!r} version={d.get('version')!r}"
+                f"format={form!r} version={version!r}"
             )
-        try:
+        try:  # int fields take the JSON value as is: check() refuses 2.5, NaN or inf (int() truncates or overflows)
             profile = cls(
                 edge={k: EdgeCoefficients(float(v["a_s"]), float(v["b_s"])) for k, v in d["edge"].items()},
                 devices={k: DeviceClass(float(v["step_s"]), float(v["decode_s"]), float(v["power_w"]))
                          for k, v in d["devices"].items()},
-                latent=LatentShape(int(d["latent"]["channels"]), int(d["latent"]["height"]), int(d["latent"]["width"])),
+                latent=LatentShape(d["latent"]["channels"], d["latent"]["height"], d["latent"]["width"]),
                 rtt_s=float(d["rtt_s"]),
-                max_batch=int(d["max_batch"]),
+                max_batch=d["max_batch"],
                 synthetic=bool(d.get("synthetic", False)),
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise CostProfileError(f"malformed cost profile: {type(exc).__name__}: {exc}") from exc
         if not profile.edge or not profile.devices:
             raise CostProfileError("cost profile needs at least one edge pack and one device class")
+        check(profile, "", CostProfileError)
         return profile
 
     def save(self, path: str | Path) -> None:
@@ -169,7 +173,13 @@ class CostProfile:
 
     @classmethod
     def load(cls, path: str | Path) -> "CostProfile":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """The profile at ``path``; a bad one raises CostProfileError, one line naming the file."""
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except json.JSONDecodeError as exc:
+            raise CostProfileError(f"{path}: not JSON: {exc}") from None
+        except CostProfileError as exc:
+            raise CostProfileError(f"{path}: {exc}") from None
 
 
 # --- handoff bytes and transfer -----------------------------------------------------------------

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from services.scheduler.decide.ranges import check, ranged
 from tandem.codec.spec import ENCODINGS as CODECS
 
 BASE_CODEC = "fp16"  # the codec a profile's points are measured with
@@ -39,10 +40,10 @@ class QualityProfileError(ValueError):
 
 @dataclass(frozen=True)
 class QualityPoint:
-    steps: int
-    split_fraction: float
-    merge_ratio: float
-    accuracy: float
+    steps: int = ranged(1)
+    split_fraction: float = ranged(0, 1)
+    merge_ratio: float = ranged(0, 1, below=True)
+    accuracy: float = ranged(-1, 1)  # an evaluator's accuracy is in [0, 1], the SSIM fidelity in [-1, 1]
 
 
 @dataclass(frozen=True, eq=False)
@@ -96,23 +97,24 @@ class QualityProfile:
     metric: str = "accuracy"
     # Accuracy a handoff codec loses against the points' own (fp16), measured (tandem-onboard
     # --codecs): only codecs measured here are offered to the planner, priced by their loss.
-    codec_loss: Mapping[str, float] = field(default_factory=dict)
+    codec_loss: Mapping[str, float] = ranged(0, default_factory=dict)
     _grids: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.points:
             raise QualityProfileError("quality profile has no pairs")
-        for codec, loss in self.codec_loss.items():
+        for codec in self.codec_loss:
             if codec not in PRICED_CODECS:
                 raise QualityProfileError(f"codec_loss: unknown codec {codec!r} (known: {', '.join(PRICED_CODECS)})")
-            if not (math.isfinite(loss) and loss >= 0):
-                raise QualityProfileError(f"codec_loss[{codec!r}] must be finite and >= 0, got {loss}")
+        check(self, "", QualityProfileError)  # codec_loss (the points below, each named by its JSON key)
         for pair, users in self.points.items():
             if not users:
                 raise QualityProfileError(f"pair {pair!r} has no users")
             for user, pts in users.items():
                 if not pts:
                     raise QualityProfileError(f"pair {pair!r} user {user!r} has no points")
+                for i, point in enumerate(pts):
+                    check(point, f"pairs.{pair}.users.{user}.points[{i}]", QualityProfileError)
                 self._grids[(pair, user)] = _Grid.from_points(tuple(pts))
 
     @property
@@ -181,7 +183,7 @@ class QualityProfile:
                 for pair, body in pairs.items()
             }
             codec_loss = {str(c): float(v) for c, v in dict(data.get("codec_loss", {})).items()}
-        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        except (KeyError, TypeError, AttributeError, ValueError, OverflowError) as exc:
             raise QualityProfileError(f"malformed quality profile: {type(exc).__name__}: {exc}") from exc
         return cls(points, bool(data.get("synthetic", False)), str(data.get("metric", "accuracy")), codec_loss)
 
@@ -190,20 +192,18 @@ class QualityProfile:
 
     @classmethod
     def load(cls, path: str | Path) -> "QualityProfile":
+        """The profile at ``path``; a bad one raises QualityProfileError, one line naming the file."""
         try:
-            data = json.loads(Path(path).read_text())
+            return cls.from_dict(json.loads(Path(path).read_text()))
         except json.JSONDecodeError as exc:
-            raise QualityProfileError(f"{path}: not JSON: {exc}") from exc
-        return cls.from_dict(data)
+            raise QualityProfileError(f"{path}: not JSON: {exc}") from None
+        except QualityProfileError as exc:
+            raise QualityProfileError(f"{path}: {exc}") from None
 
 
 def _point(p: Any) -> QualityPoint:
-    point = QualityPoint(int(p["steps"]), float(p["split_fraction"]), float(p["merge_ratio"]), float(p["accuracy"]))
-    if point.steps < 1 or not 0 <= point.split_fraction <= 1 or not 0 <= point.merge_ratio < 1:
-        raise QualityProfileError(f"quality point out of range: {p}")
-    if not math.isfinite(point.accuracy):
-        raise QualityProfileError(f"quality point has a non-finite accuracy: {p}")
-    return point
+    """Steps as written: the profile's check refuses 2.5, NaN or inf (int() truncates or overflows)."""
+    return QualityPoint(p["steps"], float(p["split_fraction"]), float(p["merge_ratio"]), float(p["accuracy"]))
 
 
 # --- synthetic default ------------------------------------------------------------------------
