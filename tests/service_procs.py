@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import signal
 import socket
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -125,13 +127,48 @@ def scheduler_service(tmp_path: Path, *args: str):
     return _process("services.scheduler", tmp_path, *args)
 
 
-def metric_value(text: str, name: str, labels: str = "") -> float:
-    """The value of one sample (`name{labels}`) in a Prometheus text exposition; 0 if absent."""
+# The sample names of a metric family `x`: x (gauge), x_total (counter), x_bucket/_count/_sum
+# (histogram), x_created.
+SAMPLE_SUFFIXES = ("", "_total", "_bucket", "_count", "_sum", "_created")
+
+
+def metric_value(text: str, name: str, labels: str = "", default: float | None = None) -> float:
+    """The value of the sample `name{labels}` in a Prometheus text exposition; `labels` is the
+    sample's whole label set (`code="OK",method="Plan"`, any order). A missing sample raises
+    AssertionError naming what is there, so a renamed metric fails its test instead of reading 0.
+    `default`: the value of a label set not used yet (prometheus_client exports a labelled
+    metric's samples only from its first use); the metric itself must still be declared."""
+    families = list(text_string_to_metric_families(text))
+    wanted = _labels(labels)
+    samples = [s for f in families for s in f.samples]
+    for sample in samples:
+        if sample.name == name and sample.labels == wanted:
+            return sample.value
+    declared = any(name == f.name + suffix for f in families for suffix in SAMPLE_SUFFIXES)
+    if declared and default is not None:
+        return default
     key = f"{name}{{{labels}}}" if labels else name
-    for line in text.splitlines():
-        if line.startswith(key + " "):
-            return float(line.split()[-1])
-    return 0.0
+    others = sorted({_render(s.labels) for s in samples if s.name == name})
+    if others:
+        hint = f"{name} has only {', '.join(others)}"
+    elif declared:
+        hint = f"{name} is declared but has no samples yet (a label set not used yet? pass default=)"
+    else:
+        names = {s.name for s in samples if not s.name.endswith("_created")} | {f.name for f in families if not f.samples}
+        hint = f"similar names: {', '.join(difflib.get_close_matches(name, names, n=5, cutoff=0.6)) or 'none'}"
+    raise AssertionError(f"no sample {key} in the metrics; {hint}")
+
+
+def _labels(labels: str) -> dict[str, str]:
+    """`code="OK",method="Plan"` as the parser reads a sample's labels (quoting and escapes alike)."""
+    if not labels:
+        return {}
+    (family,) = text_string_to_metric_families(f"m{{{labels}}} 0\n")
+    return family.samples[0].labels
+
+
+def _render(labels: dict[str, str]) -> str:
+    return "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
 
 
 def wait_edges_live(scheduler: ServiceProcess, count: int, timeout: float, failure: str) -> None:

@@ -61,7 +61,7 @@ def test_a_caller_cannot_point_the_device_at_another_edge(hostile):
             assert info.value.details().startswith("edge_address: ")
         with pytest.raises(BlockingIOError):
             trap.accept()  # nobody connected
-    before = metric_value(edge.metrics(), "fake_edge_generate_total", 'token="yes"')
+    before = metric_value(edge.metrics(), "fake_edge_generate_total", 'token="yes"', default=0)
     result = generate(ue, PROMPT)  # empty edge_address: the configured edge, with the device's token
     assert metric_value(edge.metrics(), "fake_edge_generate_total", 'token="yes"') == before + 1
     assert result.fallback  # and what that (hostile) edge sent was not believed
@@ -100,7 +100,7 @@ def test_cancelled_calls_stop_at_the_next_step(hostile):
     at most one more step each; the valid request after them gets the device at once."""
     edge, ue = hostile
     metrics = ue.metrics()
-    cancelled_before = metric_value(metrics, "tandem_ue_requests_total", 'code="CANCELLED"')
+    cancelled_before = metric_value(metrics, "tandem_ue_requests_total", 'code="CANCELLED"', default=0)
     after_before = metric_value(metrics, "tandem_ue_steps_after_cancel_total")
     message = device_pb2.DeviceServiceGenerateRequest(
         request=edge_pb2.GenerateRequest(prompt=PROMPT, steps=200, split=0))
@@ -126,12 +126,13 @@ def test_a_call_cancelled_while_the_edge_stalls_frees_the_device(hostile):
     """Cancelled while its (stalling) edge says nothing: the device does not wait out the edge's
     600 s deadline; the next request is served (its own deadline is 2 minutes)."""
     edge, ue = hostile
-    calls_before = sum(metric_value(edge.metrics(), "fake_edge_generate_total", f'token="{t}"') for t in ("yes", "no"))
+    calls_before = sum(metric_value(edge.metrics(), "fake_edge_generate_total", f'token="{t}"', default=0)
+                       for t in ("yes", "no"))
     message = device_pb2.DeviceServiceGenerateRequest(
         request=edge_pb2.GenerateRequest(prompt=f"stall: {PROMPT}", steps=4, split=2), edge_timeout_seconds=600)
     with grpc.insecure_channel(ue.address) as channel:
         call = device_pb2_grpc.DeviceServiceStub(channel).Generate(message, timeout=900)
-        while sum(metric_value(edge.metrics(), "fake_edge_generate_total", f'token="{t}"')
+        while sum(metric_value(edge.metrics(), "fake_edge_generate_total", f'token="{t}"', default=0)
                   for t in ("yes", "no")) == calls_before:
             time.sleep(0.05)  # until the device is waiting on the edge
         call.cancel()
@@ -147,8 +148,8 @@ def test_the_cli_sends_its_token_only_to_trusted_edges(hostile, tmp_path, capsys
 
     def tokens() -> tuple[float, float]:
         text = edge.metrics()
-        return (metric_value(text, "fake_edge_generate_total", 'token="yes"'),
-                metric_value(text, "fake_edge_generate_total", 'token="no"'))
+        return (metric_value(text, "fake_edge_generate_total", 'token="yes"', default=0),
+                metric_value(text, "fake_edge_generate_total", 'token="no"', default=0))
 
     def run(name: str, *args: str) -> tuple[dict, str]:
         argv = ["generate", f"other: {PROMPT}", "--small", str(tiny_packs["small"]), "--device", "cpu",

@@ -92,7 +92,7 @@ def test_report_recalibrates_and_records_the_prediction_error(scheduler):
     for phase in ("total", "device"):
         key = f'phase="{phase}"'
         assert metric_value(after, "tandem_scheduler_latency_relative_error_count", key) == \
-            metric_value(before, "tandem_scheduler_latency_relative_error_count", key) + 3
+            metric_value(before, "tandem_scheduler_latency_relative_error_count", key, default=0) + 3
     assert metric_value(after, "tandem_scheduler_budget_violations_total") == \
         metric_value(before, "tandem_scheduler_budget_violations_total") + 3
     assert metric_value(after, "tandem_scheduler_device_decode_seconds", 'device_class="phone"') > decode_before
