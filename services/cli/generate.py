@@ -20,11 +20,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.common.envargs import EnvParser
 from services.ue_client.link import LinkBook, LinkEstimate, LinkSample, load_book, save_book, state_path
 from tandem.codec.spec import DEFAULT_STRATEGY, ENCODINGS, STRATEGIES, CodecSpec
 from tandem.packs import DEMO_PACK
 from tandem.request import GenerationRequest, RequestError
 from tandem.sampling.names import SAMPLERS
+from tandem.threads import parse_threads
 
 TINY_PACK_CACHE = Path.home() / ".cache" / "tandem" / "tiny-random-v1"
 
@@ -54,13 +56,21 @@ class EdgeRequired(Exception):
     """--require-edge and the edge did not deliver: printed as one line, exit status 3."""
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(EnvParser):
     """argparse that reports a bad flag in one line (`tandem: error: --sampler: invalid choice ...`)
-    instead of the usage block."""
+    instead of the usage block; a variable standing for the flag is named in front."""
 
     def error(self, message: str):
         message = re.sub(r"^argument ([^:]+): ", lambda m: m.group(1).split("/")[0] + ": ", message)
-        self.exit(2, f"tandem: error: {message} (see `tandem generate --help`)\n")
+        self.exit(2, f"tandem: error: {self.name_variable(message)} (see `tandem generate --help`)\n")
+
+
+def _thread_count(text: str) -> int:
+    """--threads (and TANDEM_THREADS, its default): configure_threads' own check, made while parsing."""
+    try:
+        return parse_threads(text, "--threads")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
 
 
 @dataclass(frozen=True)
@@ -83,6 +93,8 @@ def default_packs() -> PackChoice:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from services.common.security import add_client_args, tandem_env
+
     parser = _Parser(prog="tandem", description="Split text-to-image diffusion (edge + device).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     gen = sub.add_parser("generate", help="generate one image through the split pipeline")
@@ -103,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--large", type=Path, help="edge model pack directory or hub id (default: demo pack)")
     gen.add_argument("--small", type=Path, help="device model pack directory or hub id (default: demo pack)")
     gen.add_argument("--device", help="torch device for both packs: cpu, cuda, cuda:N, mps (default: cuda if present, else cpu)")
-    gen.add_argument("--threads", type=int, help="CPU threads for torch (default: TANDEM_THREADS, else half the cores, 1..4)")
+    # An empty TANDEM_THREADS is unset, as configure_threads reads it for every other command.
+    gen.add_argument("--threads", type=_thread_count, default=tandem_env("threads", None) or None,
+                     help="CPU threads for torch (default: TANDEM_THREADS, else half the cores, 1..4)")
     gen.add_argument("--edge", metavar="HOST:PORT", help="run the edge steps on this edge server (gRPC)")
     gen.add_argument("--require-edge", action="store_true",
                      help="fail (exit 3) instead of finishing on the device model when the edge does not deliver")
@@ -118,8 +132,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="JSON file keeping the measured link between runs (default: $TANDEM_LINK_STATE, else "
                           "$XDG_CACHE_HOME/tandem/links.json)")
     gen.add_argument("--latency-budget", type=float, default=0.0, help="seconds the image may take, for the scheduler (0: none)")
-    from services.common.security import add_client_args, tandem_env
-
     add_client_args(gen, tandem_env, what="the edge, device service and scheduler")
     gen.add_argument("--json", action="store_true", help="print the breakdown as JSON on stdout")
     gen.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -190,8 +202,6 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise CliError(f"--out: directory {str(args.out.parent)!r} does not exist")
     if args.timeout <= 0:
         raise CliError(f"--timeout: must be positive, got {args.timeout:g}")
-    if args.threads is not None and args.threads < 1:
-        raise CliError(f"--threads: must be a positive integer, got {args.threads}")
     if args.device is not None and not _DEVICE.match(args.device):
         raise CliError(f"--device: unknown device {args.device!r} (cpu, cuda, cuda:N or mps)")
     for flag in ("edge", "ue", "scheduler"):

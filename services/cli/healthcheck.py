@@ -8,13 +8,13 @@ answers anything else or cannot be reached within the timeout, 2 on bad usage. P
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.cli.generate import CliError, check_address
+from services.common.envargs import EnvParser
 from services.common.security import ClientSecurity, SecurityError, add_client_args, client_security, sync_channel, tandem_env
 
 DEFAULT_TIMEOUT = 3.0
@@ -40,7 +40,7 @@ def check(address: str, service: str = "", timeout: float = DEFAULT_TIMEOUT,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.cli.healthcheck", description=__doc__.splitlines()[0])
+    parser = EnvParser(prog="python -m services.cli.healthcheck", description=__doc__.splitlines()[0])
     parser.add_argument("address", metavar="HOST:PORT")
     parser.add_argument("service", nargs="?", default="", help='service name (default "": the whole server)')
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help=f"seconds ({DEFAULT_TIMEOUT:g})")

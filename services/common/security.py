@@ -16,11 +16,15 @@ from typing import Protocol, TypeVar
 
 import grpc
 
+from services.common.envargs import EnvValue
+
 T = TypeVar("T")
 
 
 class EnvLookup(Protocol):
-    """Each service's ``_env(name, default)``: the variable's text when set, else ``default``."""
+    """Each service's ``_env(name, default)``: the variable's text when set (an EnvValue: give it to
+    argparse unconverted, as a flag's default, so that an EnvParser checks it like the flag and
+    names the variable), else ``default``."""
 
     def __call__(self, name: str, default: T, /) -> str | T: ...
 
@@ -31,7 +35,9 @@ def env_lookup(service: str = "") -> EnvLookup:
     prefix = f"TANDEM_{service.upper()}_" if service else "TANDEM_"
 
     def lookup(name: str, default: T, /) -> str | T:
-        return os.environ.get(prefix + name.upper(), default)
+        variable = prefix + name.upper()
+        text = os.environ.get(variable)
+        return default if text is None else EnvValue(text, variable)
 
     return lookup
 
