@@ -1,6 +1,7 @@
 """A TCP proxy on loopback that makes the link between a device and an edge server slow or lossy:
 every chunk waits `delay_s` before it is forwarded, and `cut_after_bytes` (server -> client)
-closes the connection mid-stream. Runs its own event loop on a thread, beside synchronous tests."""
+closes the connection mid-stream. Counts the TCP connections it accepts (how many a client opened).
+Runs its own event loop on a thread, beside synchronous tests."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ class LinkProxy:
         self.faults = faults
         self.address = ""
         self.cuts = 0
+        self.connections = 0  # accepted so far
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -44,6 +46,7 @@ class LinkProxy:
         server.close()
 
     async def _connection(self, client_reader, client_writer) -> None:
+        self.connections += 1
         try:
             server_reader, server_writer = await asyncio.open_connection(self.target_host, self.target_port)
         except OSError:

@@ -43,9 +43,9 @@ def echo_server() -> Iterator[int]:
 
 
 @contextmanager
-def delay_proxy(target_port: int, delay_ms: float) -> Iterator[int]:
+def delay_proxy(target_port: int, delay_ms: float, *extra: str) -> Iterator[int]:
     proc = subprocess.Popen([sys.executable, "-m", "tools.testbed.delay_proxy", "--listen", "127.0.0.1:0",
-                             "--target", f"127.0.0.1:{target_port}", "--delay-ms", str(delay_ms)],
+                             "--target", f"127.0.0.1:{target_port}", "--delay-ms", str(delay_ms), *extra],
                             stdout=subprocess.PIPE, text=True)
     try:
         banner = proc.stdout.readline()  # "delay proxy 127.0.0.1:PORT -> ..."
@@ -74,6 +74,22 @@ def test_round_trips_take_at_least_twice_the_delay_and_bytes_arrive_intact():
                 conn.sendall(message)
                 assert recv_exactly(conn, len(message)) == message
                 assert time.perf_counter() - began >= 2 * DELAY_MS / 1e3
+
+
+def test_with_handshake_a_new_connection_pays_the_tcp_handshakes_round_trip_once():
+    """The proxy accepts at once; with --handshake the client's first bytes still arrive as if
+    sent after a SYN / SYN-ACK round trip, and the connection's later round trips cost one RTT."""
+    with echo_server() as port, delay_proxy(port, DELAY_MS, "--handshake") as proxy_port:
+        began = time.perf_counter()
+        with socket.create_connection(("127.0.0.1", proxy_port), timeout=30) as conn:
+            conn.sendall(b"a" * 1000)  # at once, as a client whose connect() returned
+            assert recv_exactly(conn, 1000) == b"a" * 1000
+            first = time.perf_counter() - began
+            began = time.perf_counter()
+            conn.sendall(b"b" * 1000)
+            assert recv_exactly(conn, 1000) == b"b" * 1000
+            later = time.perf_counter() - began
+    assert first >= 4 * DELAY_MS / 1e3 and 2 * DELAY_MS / 1e3 <= later < first
 
 
 def test_a_bulk_transfer_arrives_whole_and_in_order_both_ways():

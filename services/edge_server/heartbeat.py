@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import grpc
 
+from services.common.channels import client_options
 from services.common.security import ClientSecurity, aio_channel, call_metadata
 from services.edge_server.engine import EngineLoad
 from tandem.v1 import scheduler_pb2, scheduler_pb2_grpc
@@ -23,7 +24,7 @@ async def send_heartbeats(scheduler: str, advertise: str, load: Callable[[], Eng
     loop = asyncio.get_running_loop()
     last, last_at = load(), loop.time()
     failing = False
-    async with aio_channel(scheduler, security) as channel:
+    async with aio_channel(scheduler, security, client_options()) as channel:  # one channel, kept alive, for its life
         stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
         while True:
             now_load, now = load(), loop.time()

@@ -19,7 +19,9 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from services.common.channels import SERVER_KEEPALIVE_OPTIONS
 from services.common.decoding import DecodeErrorInterceptor
+from services.common.envargs import EnvParser
 from services.common.lifecycle import NO_REUSEPORT, describe, enable_reflection, run_server, set_health, until_signalled
 from services.common.security import SecurityError, add_client_args, add_port, add_server_tls_args, client_security, env_flag, env_lookup, server_tls
 from services.common.tokens import add_tokens_arg, interceptors, load_tokens
@@ -42,45 +44,41 @@ MAX_SEND_BYTES = 4 * 1024 * 1024
 _env = env_lookup("edge")
 
 
-def _optional_int(name: str) -> int | None:
-    value = _env(name, None)
-    return None if value is None else int(value)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from tandem.packs import DEMO_PACK
 
-    parser = argparse.ArgumentParser(prog="tandem-edge", description=describe(__doc__))
+    # Variables go in as text: the flag's type= and the checks below apply to both (EnvParser).
+    parser = EnvParser(prog="tandem-edge", description=describe(__doc__))
     parser.add_argument("--pack", default=_env("pack", str(DEMO_PACK / "large")), help="large model pack")
     parser.add_argument("--host", default=_env("host", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(_env("port", 50051)))
-    parser.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", 9101)), help="0 = no metrics endpoint")
-    parser.add_argument("--max-batch", type=int, default=int(_env("max_batch", 16)))
-    parser.add_argument("--max-queue", type=int, default=int(_env("max_queue", 64)))
-    parser.add_argument("--max-streams-per-user", type=int, default=int(_env("max_streams_per_user", 0)),
+    parser.add_argument("--port", type=int, default=_env("port", 50051))
+    parser.add_argument("--metrics-port", type=int, default=_env("metrics_port", 9101), help="0 = no metrics endpoint")
+    parser.add_argument("--max-batch", type=int, default=_env("max_batch", 16))
+    parser.add_argument("--max-queue", type=int, default=_env("max_queue", 64))
+    parser.add_argument("--max-streams-per-user", type=int, default=_env("max_streams_per_user", 0),
                         help="concurrent Generate streams per user (the request's user, else the caller's host); 0 = no cap")
-    parser.add_argument("--min-image-side", type=int, default=_optional_int("min_image_side"),
+    parser.add_argument("--min-image-side", type=int, default=_env("min_image_side", None),
                         help="smallest image side served, px (default: a quarter of the pack's size)")
-    parser.add_argument("--max-image-side", type=int, default=_optional_int("max_image_side"),
+    parser.add_argument("--max-image-side", type=int, default=_env("max_image_side", None),
                         help="largest image side served, px (default: twice the pack's size)")
-    parser.add_argument("--max-request-cost", type=int, default=_optional_int("max_request_cost"),
+    parser.add_argument("--max-request-cost", type=int, default=_env("max_request_cost", None),
                         help="cap on height x width x split per request, pixel-steps; 0 = none "
                              "(default: the largest image at the pack's default steps)")
-    parser.add_argument("--coalesce-ms", type=float, default=float(_env("coalesce_ms", 10)),
+    parser.add_argument("--coalesce-ms", type=float, default=_env("coalesce_ms", 10),
                         help="an idle engine starts once no request has arrived for this long, so that requests "
                              "sent together start together; 0 = start at once")
-    parser.add_argument("--coalesce-max-ms", type=float, default=float(_env("coalesce_max_ms", 50)),
+    parser.add_argument("--coalesce-max-ms", type=float, default=_env("coalesce_max_ms", 50),
                         help="... and at the latest this long after the first arrival (>= --coalesce-ms)")
-    parser.add_argument("--max-growth", type=float, default=float(_env("max_growth", 0.5)),
+    parser.add_argument("--max-growth", type=float, default=_env("max_growth", 0.5),
                         help="per iteration, a running batch's step cost grows by this fraction at most "
                              "(newcomers wait a step beyond it); 0 = no cap")
     parser.add_argument("--trace-unet", action=argparse.BooleanOptionalAction,
                         default=env_flag(_env, "trace_unet", True),
                         help="on a CPU, run the UNet as a TorchScript trace checked equal to it (less Python "
                              "per step; a shape whose trace differs runs eager)")
-    parser.add_argument("--progress-interval", type=float, default=float(_env("progress_interval", 0.1)),
+    parser.add_argument("--progress-interval", type=float, default=_env("progress_interval", 0.1),
                         help="seconds between a request's progress events (the first and last always go)")
-    parser.add_argument("--drain-seconds", type=float, default=float(_env("drain_seconds", 30)))
+    parser.add_argument("--drain-seconds", type=float, default=_env("drain_seconds", 30))
     parser.add_argument("--device", default=_env("device", None))
     parser.add_argument("--scheduler", default=_env("scheduler", None), metavar="HOST:PORT",
                         help="send load heartbeats to this scheduler")
@@ -112,6 +110,7 @@ async def serve(args: argparse.Namespace) -> None:
             ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
             ("grpc.max_send_message_length", MAX_SEND_BYTES),
             NO_REUSEPORT,
+            *SERVER_KEEPALIVE_OPTIONS,  # devices keep one channel open, pinged while idle
         ]
     )
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

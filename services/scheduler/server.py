@@ -20,7 +20,9 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from services.common.channels import SERVER_KEEPALIVE_OPTIONS
 from services.common.decoding import DecodeErrorInterceptor
+from services.common.envargs import EnvParser
 from services.common.lifecycle import NO_REUSEPORT, describe, enable_reflection, run_server, set_health, until_signalled
 from services.common.security import SecurityError, add_port, add_server_tls_args, env_lookup, server_tls
 from services.common.tokens import add_tokens_arg, interceptors, load_tokens
@@ -63,10 +65,11 @@ _env = env_lookup("scheduler")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="tandem-scheduler", description=describe(__doc__))
+    # Variables go in as text: the flag's type= and the checks below apply to both (EnvParser).
+    parser = EnvParser(prog="tandem-scheduler", description=describe(__doc__))
     parser.add_argument("--host", default=_env("host", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(_env("port", 50071)))
-    parser.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", 9103)), help="0 = none")
+    parser.add_argument("--port", type=int, default=_env("port", 50071))
+    parser.add_argument("--metrics-port", type=int, default=_env("metrics_port", 9103), help="0 = none")
     parser.add_argument("--policy", default=_env("policy", str(DEFAULT_POLICY)),
                         help=f"trained policy directory, or a baseline: {', '.join(BASELINES)}, exact")
     parser.add_argument("--quality-profile", default=_env("quality_profile", str(DEFAULT_QUALITY)),
@@ -77,24 +80,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env_edges = [e for e in _env("edge", "").split(",") if e]
     parser.add_argument("--edge", action="append", default=None, metavar="HOST:PORT",
                         help="edge server used when no edge heartbeats (repeatable)")
-    parser.add_argument("--edge-ttl", type=float, default=float(_env("edge_ttl", 5.0)),
+    parser.add_argument("--edge-ttl", type=float, default=_env("edge_ttl", 5.0),
                         help="drop an edge not heard from for this many seconds (5)")
-    parser.add_argument("--polish-sweeps", type=int, default=int(_env("polish_sweeps", POLISH_SWEEPS)),
+    parser.add_argument("--polish-sweeps", type=int, default=_env("polish_sweeps", POLISH_SWEEPS),
                         help=f"1-opt sweeps at most after the policy's decision ({POLISH_SWEEPS}; 0 = the policy alone)")
-    parser.add_argument("--polish-visits", type=int, default=int(_env("polish_visits", POLISH_VISITS)),
+    parser.add_argument("--polish-visits", type=int, default=_env("polish_visits", POLISH_VISITS),
                         help=f"user visits at most for those sweeps in one frame ({POLISH_VISITS}: every sweep up "
                              "to 64 users, 1.28 sweeps at 100; a visit costs ~20-40 µs at 100 users on one core)")
-    parser.add_argument("--guard-every", type=int, default=int(_env("guard_every", 10)),
+    parser.add_argument("--guard-every", type=int, default=_env("guard_every", 10),
                         help="check the policy against greedy + local search on one frame in this many, in the "
                              "background, and serve that instead once the policy falls >2%% behind (10; 0 = off)")
-    parser.add_argument("--guard-window", type=int, default=int(_env("guard_window", 10)),
+    parser.add_argument("--guard-window", type=int, default=_env("guard_window", 10),
                         help="checked frames the guard's verdict sums over (10)")
-    parser.add_argument("--frame-ms", type=float, default=float(_env("frame_ms", 20.0)),
+    parser.add_argument("--frame-ms", type=float, default=_env("frame_ms", 20.0),
                         help="plan requests arriving within this window are decided together (20)")
-    parser.add_argument("--max-frame", type=int, default=int(_env("max_frame", MAX_FRAME)), help=f"largest frame ({MAX_FRAME})")
-    parser.add_argument("--bandwidth-hz", type=float, default=float(_env("bandwidth_hz", 10e6)),
+    parser.add_argument("--max-frame", type=int, default=_env("max_frame", MAX_FRAME), help=f"largest frame ({MAX_FRAME})")
+    parser.add_argument("--bandwidth-hz", type=float, default=_env("bandwidth_hz", 10e6),
                         help="downlink band the frame's users share (10e6)")
-    parser.add_argument("--budget-headroom", type=float, default=float(_env("budget_headroom", BUDGET_HEADROOM)),
+    parser.add_argument("--budget-headroom", type=float, default=_env("budget_headroom", BUDGET_HEADROOM),
                         help=f"plans aim at (1 - this) x each latency budget at most, so a prediction's noise "
                              f"does not carry them over it; lower for a user whose own reports measure more "
                              f"({BUDGET_HEADROOM}; 0: plan right up to the budget)")
@@ -104,10 +107,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help='edge credentials heartbeats must carry (the edge\'s --scheduler-token): JSON '
                              '{"token": "edge-name", ...}, none shared with --tokens; without it only --edge '
                              'addresses and edges advertising their own host may register')
-    parser.add_argument("--max-edges", type=int, default=int(_env("max_edges", MAX_EDGES)),
+    parser.add_argument("--max-edges", type=int, default=_env("max_edges", MAX_EDGES),
                         help=f"most live edges; heartbeats from more new ones are refused ({MAX_EDGES})")
     parser.add_argument("--max-pending-per-user", type=int,
-                        default=int(_env("max_pending_per_user", MAX_PENDING_PER_USER)),
+                        default=_env("max_pending_per_user", MAX_PENDING_PER_USER),
                         help=f"unreported plans kept per user; beyond it the user's oldest is forgotten "
                              f"({MAX_PENDING_PER_USER})")
     args = parser.parse_args(argv)
@@ -188,7 +191,8 @@ async def serve(args: argparse.Namespace) -> None:
     health = HealthServicer()
     heartbeat = f"/{SERVICE_NAME}/ReportEdgeLoad"  # takes an edge credential, checked by the servicer
     server = grpc.aio.server(interceptors=[*interceptors(args, exempt_methods=[heartbeat]), DecodeErrorInterceptor()],
-                             options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES), NO_REUSEPORT])
+                             options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES), NO_REUSEPORT,
+                                      *SERVER_KEEPALIVE_OPTIONS])
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     enable_reflection(
         (SERVICE_NAME, reflection.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)

@@ -12,6 +12,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from services.common.channels import ChannelPool
 from services.common.security import ClientSecurity
 from services.ue_client.integrity import HandoffLimits, HandoffRejected, check_header
 from services.ue_client.transport import EdgeError, EventCallback, LinkCallback, fetch_handoff
@@ -61,10 +62,13 @@ def generate_via_edge(
     security: ClientSecurity | None = None,
     cancel: CancelFlag | None = None,
     on_link: LinkCallback | None = None,
+    channels: ChannelPool | None = None,
 ) -> GenerationResult:
     """Steps [0, k) on the edge at `edge_address`, [k, T) here; all here when k = 0 or no edge.
     With `cancel`, raises Cancelled at the next step after it is set. `on_link` gets what the
-    edge round measured of the link (services/ue_client/link.py)."""
+    edge round measured of the link (services/ue_client/link.py). With `channels` (a long-lived
+    caller's pool, made on another thread's event loop), the edge call runs on that loop over
+    the pool's channel; without, on a loop and channel of its own."""
     request.validate()
     codec.validate()
     if cancel is not None:
@@ -76,7 +80,7 @@ def generate_via_edge(
     if request.split > 0 and edge_address:
         try:
             state, payload = _resume_from_edge(pack, request, codec, edge_address, timeout, step, security, timer,
-                                               cancel, on_link)
+                                               cancel, on_link, channels)
         except (EdgeError, CodecError) as exc:
             fallback = f"edge failed ({exc}); finished locally on the device model"
         except HandoffRejected as exc:
@@ -105,12 +109,17 @@ def generate_via_edge(
 
 def _resume_from_edge(pack: ModelPack, request: GenerationRequest, codec: CodecSpec, address: str, timeout: float,
                       on_event: EventCallback | None, security: ClientSecurity | None, timer: PhaseTimer,
-                      cancel: CancelFlag | None, on_link: LinkCallback | None = None) -> tuple[DenoiseState, bytes]:
+                      cancel: CancelFlag | None, on_link: LinkCallback | None = None,
+                      channels: ChannelPool | None = None) -> tuple[DenoiseState, bytes]:
     """The edge's handoff, checked against `request` before anything in it is used."""
     latent_shape = pack.latent_shape(request.height, request.width)
     limits = HandoffLimits.for_request(request, latent_shape, codec)
-    edge = asyncio.run(_until_cancelled(fetch_handoff(address, request, codec, timeout, on_event, security, limits, on_link),
-                                        cancel))
+    work = _until_cancelled(fetch_handoff(address, request, codec, timeout, on_event, security, limits, on_link,
+                                          channels), cancel)
+    if channels is None:
+        edge = asyncio.run(work)
+    else:  # grpc.aio channels work only on the loop they were made on: the pool's
+        edge = asyncio.run_coroutine_threadsafe(work, channels.loop).result()
     timer.seconds.update(edge.seconds)
     # Decoding the payload is transfer (it grows with the bytes); the device's own prompt encoding
     # inside resume is device work, so the scheduler's link model never sees text-encoder time.

@@ -22,7 +22,9 @@ from grpc_reflection.v1alpha import reflection
 from PIL import Image
 from prometheus_client import start_http_server
 
+from services.common.channels import SERVER_KEEPALIVE_OPTIONS, ChannelPool
 from services.common.decoding import DecodeErrorInterceptor
+from services.common.envargs import EnvParser
 from services.common.lifecycle import NO_REUSEPORT, describe, enable_reflection, run_server, set_health, until_signalled
 from services.common.security import (
     ClientSecurity,
@@ -54,11 +56,14 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
     UNAVAILABLE until `attach` hands it the pack."""
 
     def __init__(self, metrics: DeviceMetrics, edges: Sequence[str] = (),
-                 edge_security: ClientSecurity | None = None, pack: ModelPack | None = None):
+                 edge_security: ClientSecurity | None = None, pack: ModelPack | None = None,
+                 channels: ChannelPool | None = None):
         """`edges`: the only edges this service uses (the first is the default); its
-        `edge_security` (e.g. --edge-token) goes to them and nowhere else."""
+        `edge_security` (e.g. --edge-token) goes to them and nowhere else. `channels`: the
+        service's channels to its edges, on the server's event loop (None: one per request)."""
         self.pack: ModelPack | None = pack
         self.edge_security = edge_security
+        self.channels = channels
         self.metrics = metrics
         self.edges = tuple(edges)
         self.links = LinkBook()  # per edge, measured from every handoff received (services/ue_client/link.py)
@@ -89,12 +94,12 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             after_cancel = [0]  # device steps that finished once the call was cancelled
             measured: list[LinkSample] = []
 
-            def on_link(sample: LinkSample) -> None:  # on the worker thread, while this call holds the turn
+            def on_link(sample: LinkSample) -> None:  # while this call holds the turn
                 measured.append(sample)
                 if call.edge:
                     self.links.record(call.edge, sample)
 
-            def on_step(phase: str, done: int, total: int) -> None:  # called on the worker thread
+            def on_step(phase: str, done: int, total: int) -> None:  # worker thread, or this loop (edge events)
                 if phase == Phase.DEVICE_STEPS and cancel.is_set():
                     after_cancel[0] += 1
                 loop.call_soon_threadsafe(events.put_nowait, device_pb2.PhaseProgress(phase=phase, done=done, total=total))
@@ -102,7 +107,8 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             async with self._turn:
                 job = asyncio.ensure_future(
                     asyncio.to_thread(generate_via_edge, self.pack, call.request, call.codec, call.edge,
-                                      call.edge_timeout, on_step, self.edge_security, cancel, on_link)
+                                      call.edge_timeout, on_step, self.edge_security, cancel, on_link,
+                                      self.channels)
                 )
                 try:
                     while not job.done() or not events.empty():
@@ -183,14 +189,15 @@ _env = env_lookup("ue")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from tandem.packs import DEMO_PACK
 
-    parser = argparse.ArgumentParser(prog="tandem-ue", description=describe(__doc__))
+    # Variables go in as text, converted by the flag's type= (EnvParser names the variable in errors).
+    parser = EnvParser(prog="tandem-ue", description=describe(__doc__))
     parser.add_argument("--pack", default=_env("pack", str(DEMO_PACK / "small")), help="small model pack")
     parser.add_argument("--edge", action="append", metavar="HOST:PORT",
                         help="an edge server this service may use (repeatable; the first is the default; "
                              "TANDEM_UE_EDGE: comma-separated). Callers can pick only among these")
     parser.add_argument("--host", default=_env("host", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(_env("port", 50061)))
-    parser.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", 9102)), help="0 = none")
+    parser.add_argument("--port", type=int, default=_env("port", 50061))
+    parser.add_argument("--metrics-port", type=int, default=_env("metrics_port", 9102), help="0 = none")
     parser.add_argument("--device", default=_env("device", None))
     parser.add_argument("--offload", action="store_true",
                         default=env_flag(_env, "offload", False),
@@ -213,12 +220,14 @@ async def serve(args: argparse.Namespace) -> None:
     tls, edge_security = server_tls(args), client_security(args, "edge-")  # bad files fail before anything
     health = HealthServicer()
     server = grpc.aio.server(interceptors=[DecodeErrorInterceptor()],
-                             options=[("grpc.max_receive_message_length", 64 * 1024), NO_REUSEPORT])
+                             options=[("grpc.max_receive_message_length", 64 * 1024), NO_REUSEPORT,
+                                      *SERVER_KEEPALIVE_OPTIONS])
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     enable_reflection((SERVICE_NAME, reflection.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
                       server)
     metrics = DeviceMetrics()
-    servicer = DeviceServicer(metrics, args.edge, edge_security)
+    channels = ChannelPool()  # one connection per edge for the service's life, not one per request
+    servicer = DeviceServicer(metrics, args.edge, edge_security, channels=channels)
     device_pb2_grpc.add_DeviceServiceServicer_to_server(servicer, server)
     port = add_port(server, f"{args.host}:{args.port}", tls)
     await set_health(health, SERVICE_NAME, serving=False)
@@ -242,6 +251,7 @@ async def serve(args: argparse.Namespace) -> None:
     await until_signalled()
     await health.enter_graceful_shutdown()
     await server.stop(grace=30)
+    await channels.close()
     print("device service stopped", flush=True)
 
 

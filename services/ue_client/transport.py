@@ -1,14 +1,20 @@
-"""Talking to the edge server: stream a request's handoff, with a deadline on every call."""
+"""Talking to the edge server: stream a request's handoff, with a deadline on every call.
+
+Calls go over a ChannelPool's channel (services/common/channels.py: a long-lived process keeps
+one per edge); without a pool, over a channel opened for that call alone (one-shot callers).
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import grpc
 
-from services.common.security import ClientSecurity, aio_channel, call_metadata
+from services.common.channels import ChannelPool
+from services.common.security import ClientSecurity, call_metadata
 from services.common.wire import request_to_proto
 from services.ue_client.integrity import HandoffLimits
 from services.ue_client.link import LinkSample
@@ -40,8 +46,15 @@ class EdgeHandoff:
     link: LinkSample | None = None
 
 
-def channel_options(max_message: int = 8 * 1024 * 1024) -> list[tuple[str, int]]:
-    return [("grpc.max_receive_message_length", max_message)]
+@asynccontextmanager
+async def _channel(address: str, security: ClientSecurity | None,
+                   channels: ChannelPool | None) -> AsyncIterator[grpc.aio.Channel]:
+    """The pool's channel to `address`, or without a pool one for this call, closed after it."""
+    if channels is not None:
+        yield channels.get(address, security)
+        return
+    async with ChannelPool() as own:
+        yield own.get(address, security)
 
 
 async def fetch_handoff(
@@ -53,10 +66,12 @@ async def fetch_handoff(
     security: ClientSecurity | None = None,
     limits: HandoffLimits | None = None,
     on_link: LinkCallback | None = None,
+    channels: ChannelPool | None = None,
 ) -> EdgeHandoff:
     """Runs steps [0, k) on the edge and returns the handoff payload; raises EdgeError, or
     HandoffRejected when the stream goes past `limits` (the request's largest possible handoff).
-    A complete handoff's link measurement also goes to `on_link`.
+    A complete handoff's link measurement also goes to `on_link`. With `channels`, the call goes
+    over its channel to `address` (no connection setup when that channel is open).
 
     Timers: queue = call opened -> first progress (connecting, admission, step 1, waiting);
     edge_steps = first -> last progress (steps 2..k); transfer = last progress -> last handoff
@@ -68,13 +83,17 @@ async def fetch_handoff(
     chunks: list[bytes] = []
     received = 0
     expected_count = expected_total = None
-    # gRPC itself refuses a message larger than the whole allowed handoff, before buffering it.
-    options = channel_options(min(8 * 1024 * 1024, limits.max_bytes + MESSAGE_OVERHEAD))
-    async with aio_channel(address, security, options) as channel:
-        stub = edge_pb2_grpc.EdgeServiceStub(channel)
+    # One channel serves requests of every size, so this request's cap is checked here, on each
+    # message as it arrives: one larger than the whole allowed handoff (plus framing) is refused
+    # with gRPC's own status for it, before it is kept.
+    max_message = limits.max_bytes + MESSAGE_OVERHEAD
+    async with _channel(address, security, channels) as channel:
+        call = edge_pb2_grpc.EdgeServiceStub(channel).Generate(
+            request_to_proto(request, codec), timeout=timeout, metadata=call_metadata(security))
         try:
-            async for response in stub.Generate(request_to_proto(request, codec), timeout=timeout,
-                                                metadata=call_metadata(security)):
+            async for response in call:
+                if (size := response.ByteSize()) > max_message:
+                    raise EdgeError("RESOURCE_EXHAUSTED", f"received message larger than max ({size} vs. {max_message})")
                 kind = response.WhichOneof("event")
                 marks.setdefault("first_event", time.perf_counter())
                 if kind == "queued":
@@ -97,6 +116,8 @@ async def fetch_handoff(
                     _notify(on_event, Phase.TRANSFER, received, chunk.total_bytes)
         except grpc.aio.AioRpcError as exc:
             raise EdgeError(exc.code().name, exc.details() or "") from exc
+        finally:
+            call.cancel()  # refused or cancelled mid-stream: the edge stops sending (no-op once done)
     payload = b"".join(chunks)
     if expected_count is None or len(chunks) != expected_count or len(payload) != expected_total:
         raise EdgeError("DATA_LOSS", f"stream ended after {len(chunks)} of {expected_count or '?'} handoff chunks")
@@ -115,9 +136,9 @@ async def fetch_handoff(
     )
 
 
-async def get_capabilities(address: str, timeout: float,
-                           security: ClientSecurity | None = None) -> edge_pb2.GetCapabilitiesResponse:
-    async with aio_channel(address, security, channel_options()) as channel:
+async def get_capabilities(address: str, timeout: float, security: ClientSecurity | None = None,
+                           channels: ChannelPool | None = None) -> edge_pb2.GetCapabilitiesResponse:
+    async with _channel(address, security, channels) as channel:
         try:
             return await edge_pb2_grpc.EdgeServiceStub(channel).GetCapabilities(
                 edge_pb2.GetCapabilitiesRequest(), timeout=timeout, metadata=call_metadata(security))

@@ -8,7 +8,11 @@ while one chunk waits, the next ones are already being read (a proxy that slept 
 would divide the throughput by the delay). The rate comes from the shaped link beside it (tbf).
 
 Not a full link model: the proxy terminates TCP, so each side's congestion window sees its own
-short hop, not the delayed path (slow start over a long RTT is not reproduced).
+short hop, not the delayed path (slow start over a long RTT is not reproduced), and it answers
+a client's TCP handshake at once. With --handshake a new connection pays that handshake's round
+trip here: the server accepts 1.5 RTT after the client connected (SYN, SYN-ACK, ACK) and nothing
+the client sent before its side of the handshake would have completed (1 RTT) arrives earlier,
+so connection setup costs what it costs on a real link (bench/channels.py measures it).
 """
 
 from __future__ import annotations
@@ -31,16 +35,19 @@ class ProxyConfig:
     target_host: str
     target_port: int
     delay_s: float
+    handshake: bool = False  # a new connection pays the TCP handshake's round trip
 
 
-async def _read_side(reader: asyncio.StreamReader, queue: asyncio.Queue, delay_s: float) -> None:
-    """Stamps every chunk with the time it is due on the other side; EOF (or a reset) is queued too."""
+async def _read_side(reader: asyncio.StreamReader, queue: asyncio.Queue, delay_s: float,
+                     not_before: float = 0.0) -> None:
+    """Stamps every chunk with the time it is due on the other side (sent no earlier than
+    `not_before`); EOF (or a reset) is queued too."""
     try:
         while data := await reader.read(CHUNK):
-            await queue.put((time.monotonic() + delay_s, data))
+            await queue.put((max(time.monotonic(), not_before) + delay_s, data))
     except (ConnectionError, OSError):
         pass
-    await queue.put((time.monotonic() + delay_s, _EOF))
+    await queue.put((max(time.monotonic(), not_before) + delay_s, _EOF))
 
 
 async def _write_side(queue: asyncio.Queue, writer: asyncio.StreamWriter) -> None:
@@ -68,13 +75,23 @@ async def _direction(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
 
 def connection_handler(cfg: ProxyConfig):
     async def handle(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        # Client bytes are read (and stamped) from the start, also while the handshake is waited out.
+        handshake_rtt = 2 * cfg.delay_s if cfg.handshake else 0.0
+        upstream: asyncio.Queue = asyncio.Queue(MAX_QUEUED_CHUNKS)
+        reading = asyncio.ensure_future(_read_side(client_reader, upstream, cfg.delay_s,
+                                                   time.monotonic() + handshake_rtt))
         try:
+            if handshake_rtt:
+                await asyncio.sleep(handshake_rtt + cfg.delay_s)  # the client's ACK reaches the server
             server_reader, server_writer = await asyncio.open_connection(cfg.target_host, cfg.target_port)
-        except OSError:
+        except BaseException as exc:  # no server (or the proxy stops meanwhile)
+            reading.cancel()
             client_writer.close()
-            return
+            if isinstance(exc, OSError):
+                return
+            raise
         try:
-            await asyncio.gather(_direction(client_reader, server_writer, cfg.delay_s),
+            await asyncio.gather(reading, _write_side(upstream, server_writer),
                                  _direction(server_reader, client_writer, cfg.delay_s))
         finally:
             for writer in (client_writer, server_writer):
@@ -105,10 +122,13 @@ def parse_args(argv: list[str] | None = None) -> ProxyConfig:
     parser.add_argument("--listen", type=_address, required=True, help="HOST:PORT to accept on (port 0: any)")
     parser.add_argument("--target", type=_address, required=True, help="HOST:PORT to forward to")
     parser.add_argument("--delay-ms", type=float, required=True, help="one-way delay added in each direction")
+    parser.add_argument("--handshake", action="store_true",
+                        help="a new connection also pays the TCP handshake's round trip (the proxy answers it at once)")
     args = parser.parse_args(argv)
     if not 0 <= args.delay_ms <= 10_000:
         parser.error(f"--delay-ms: must be in 0..10000, got {args.delay_ms:g}")
-    return ProxyConfig(*args.listen, *args.target, args.delay_ms / 1e3)
+    (listen_host, listen_port), (target_host, target_port) = args.listen, args.target
+    return ProxyConfig(listen_host, listen_port, target_host, target_port, args.delay_ms / 1e3, args.handshake)
 
 
 def main(argv: list[str] | None = None) -> int:
