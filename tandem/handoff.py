@@ -153,4 +153,9 @@ def _decode(meta: dict[str, Any], blobs: dict[str, bytes], request: GenerationRe
             prev = unmerge(tensor("denoised"), plan)
             s, n = schedule.signal[step], schedule.noise[step]
             latent = s * prev + n * unmerge(tensor("noise"), plan)
+    # Tensor bytes are not covered by anything the device can check (the CRC is the packer's): a
+    # NaN or an infinity would run every remaining step and decode to a blank image, not fail over.
+    for name, value in (("latent", latent), ("prev_denoised", prev)):
+        if value is not None and not bool(torch.isfinite(value).all()):
+            raise CodecError(f"handoff {name} holds a NaN or an infinity")
     return Handoff(request=request, schedule=schedule, step=step, latent=latent, prev_denoised=prev)

@@ -152,6 +152,18 @@ def test_other_bytes_in_a_blob_are_refused_cleanly_or_decode_to_the_shapes_asked
     assert decoded.step == original.step and decoded.latent.shape == original.latent.shape
     assert decoded.prev_denoised is not None and original.prev_denoised is not None
     assert decoded.prev_denoised.shape == original.prev_denoised.shape
+    assert bool(torch.isfinite(decoded.latent).all() and torch.isfinite(decoded.prev_denoised).all())
+
+
+@pytest.mark.parametrize("which", ["exact", "denoised"])
+@pytest.mark.parametrize("half", [b"\x00\x7e", b"\x00\x7c", b"\x00\xfc"])  # fp16 NaN, +inf, -inf
+def test_a_nan_or_an_infinity_in_a_tensor_is_refused_not_run(which, half):
+    """Values no edge computes: the device fails over instead of denoising NaNs into a blank image."""
+    meta, blobs = unpack_container(VALID[which])
+    name = next(n for n in sorted(blobs) if n != "plan")
+    blobs[name] = half + blobs[name][2:]
+    with pytest.raises(CodecError, match="holds a NaN or an infinity"):
+        decode_handoff(pack_container(meta, blobs), HANDOFF.request, HANDOFF.schedule)
 
 
 REQUEST_FIELDS = {
