@@ -35,9 +35,8 @@ import grpc  # noqa: E402
 from service_procs import edge_server  # noqa: E402
 
 from services.common.wire import request_to_proto  # noqa: E402
-from tandem.handoff import CodecSpec  # noqa: E402
 from tandem.packs import load_pack  # noqa: E402
-from tandem.request import GenerationRequest  # noqa: E402
+from tandem.resolve import PartialRequest, resolve  # noqa: E402
 from tandem.stats import percentile
 from tandem.v1 import edge_pb2, edge_pb2_grpc  # noqa: E402
 
@@ -106,20 +105,20 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=3)
     args = parser.parse_args()
     pack = load_pack(args.pack, device="cpu")
-    size, steps, f = pack.default_image_size, pack.manifest.default_steps, pack.vae_scale_factor
+    defaults = pack.request_defaults()
+    size, steps, f = defaults.image_size, defaults.steps, pack.vae_scale_factor
     odd = size + f  # another latent shape, inside the served range
-    base = dict(prompt=PROMPT, sampler="dpmpp_2m", guidance_scale=pack.manifest.default_guidance)
-    users = [request_to_proto(GenerationRequest(**base, steps=steps, split=steps // 2, seed=i, height=size, width=size,
-                                                user=f"user{i}"), CodecSpec()) for i in range(args.clients)]
-    odd_requests = [request_to_proto(GenerationRequest(**base, steps=steps, split=steps // 2, seed=i, height=odd,
-                                                       width=odd), CodecSpec()) for i in range(4)]
-    same_requests = [request_to_proto(GenerationRequest(**base, steps=steps, split=steps // 2, seed=i, height=size,
-                                                        width=size), CodecSpec()) for i in range(4)]
-    large_requests = [request_to_proto(GenerationRequest(**base, steps=1, split=1, seed=i, height=side, width=side),
-                                       CodecSpec()) for i, side in enumerate((512, 768, 1024))]
+
+    def wire(**fields) -> edge_pb2.GenerateRequest:
+        """A request at the pack's defaults (half the steps on the edge) but for ``fields``."""
+        return request_to_proto(*resolve(PartialRequest(PROMPT, sampler="dpmpp_2m", **fields), defaults))
+
+    users = [wire(seed=i, user=f"user{i}") for i in range(args.clients)]
+    odd_requests = [wire(seed=i, height=odd, width=odd) for i in range(4)]
+    same_requests = [wire(seed=i) for i in range(4)]
+    large_requests = [wire(steps=1, split=1, seed=i, height=side, width=side) for i, side in enumerate((512, 768, 1024))]
     tokens = {f"tok-user{i}": f"user{i}" for i in range(args.clients)} | {"tok-mallory": "mallory"}
-    anonymous = request_to_proto(GenerationRequest(**base, steps=steps, split=steps // 2, height=size, width=size),
-                                 CodecSpec())
+    anonymous = wire()
     anonymous.user = ""
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -128,9 +127,8 @@ def main() -> None:
         with edge_server(args.pack, Path(tmp), "--tokens", str(tokens_file), "--max-streams-per-user", "2") as edge:
             caps_max = _capabilities(edge.address)
             largest_split = max(1, min(steps, caps_max.max_request_cost // (caps_max.max_image_side ** 2)))
-            largest = [request_to_proto(GenerationRequest(**base, steps=steps, split=largest_split, seed=i,
-                                                          height=caps_max.max_image_side, width=caps_max.max_image_side),
-                                        CodecSpec()) for i in range(2)]
+            side = caps_max.max_image_side
+            largest = [wire(split=largest_split, seed=i, height=side, width=side) for i in range(2)]
             attacks = {
                 "none": None,
                 # Not an attack: the same load as odd-size, batchable, to tell load from breakage.

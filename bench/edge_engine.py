@@ -103,7 +103,8 @@ def main() -> int:
 
     torch.set_num_threads(1)
     pack = load_pack(args.pack / "large", device="cpu")
-    guidance, size = float(pack.manifest.default_guidance), pack.default_image_size
+    defaults = pack.request_defaults()
+    guidance, size = float(defaults.guidance_scale), defaults.image_size
     pipe = diffusers_pipeline(args.pack)
     configs = {name: BatchConfig(max_batch_size=max(16, args.users), **kw) for name, (kw, _) in SETTINGS.items()}
     traced = {name: trace for name, (_, trace) in SETTINGS.items()}

@@ -28,7 +28,7 @@ from services.ue_client.transport import fetch_handoff  # noqa: E402
 from tandem.handoff import CodecSpec  # noqa: E402
 from tandem.packs import load_pack  # noqa: E402
 from tandem.pipeline import HybridPipeline  # noqa: E402
-from tandem.request import GenerationRequest  # noqa: E402
+from tandem.resolve import PartialRequest, resolve  # noqa: E402
 
 PROMPT = "a red circle at the left on a blue background"
 
@@ -42,11 +42,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     large, small = load_pack(args.large, device="cpu"), load_pack(args.small, device="cpu")
-    size = large.default_image_size
-    base = dict(prompt=PROMPT, steps=args.steps, sampler="dpmpp_2m", guidance_scale=large.manifest.default_guidance,
-                height=size, width=size)
+    defaults = large.request_defaults()
+    size = defaults.image_size
+
+    def request(**fields):
+        """A request at the large pack's defaults (half the steps on the edge) but for T and ``fields``."""
+        return resolve(PartialRequest(PROMPT, steps=args.steps, sampler="dpmpp_2m", **fields), defaults).request
+
     with tempfile.TemporaryDirectory() as tmp, edge_server(args.large, Path(tmp), "--max-batch", str(args.requests)) as edge:
-        edge_only = [GenerationRequest(**base, split=args.steps, seed=i) for i in range(args.requests)]
+        edge_only = [request(split=args.steps, seed=i) for i in range(args.requests)]
 
         async def concurrent():
             return await asyncio.gather(*(fetch_handoff(edge.address, r, CodecSpec(), 600) for r in edge_only))
@@ -71,15 +75,15 @@ def main() -> None:
         print(f"| {args.requests} concurrent (batched) | {bat:.2f} | {args.requests / bat:.2f} |")
         print(f"\n**throughput ratio: {seq / bat:.2f}×**\n")
 
-        request = GenerationRequest(**base, split=args.steps // 2, seed=1)
+        one = request(seed=1)
         pipeline = HybridPipeline(large, small)
         local_s, remote_s = [], []
         for _ in range(args.repeats):  # interleaved, so machine noise hits both alike
             began = time.perf_counter()
-            pipeline.generate(request, CodecSpec())
+            pipeline.generate(one, CodecSpec())
             local_s.append(time.perf_counter() - began)
             began = time.perf_counter()
-            result = generate_via_edge(small, request, CodecSpec(), edge.address, timeout=600)
+            result = generate_via_edge(small, one, CodecSpec(), edge.address, timeout=600)
             remote_s.append(time.perf_counter() - began)
             assert result.fallback is None, result.fallback
         local, remote = statistics.median(local_s), statistics.median(remote_s)
@@ -93,7 +97,7 @@ def main() -> None:
         png = io.BytesIO()
         Image.fromarray(result.image).save(png, format="PNG")
         for spec in (CodecSpec("fp32"), CodecSpec("fp16"), CodecSpec("int8"), CodecSpec("fp16", 0.5), CodecSpec("int8", 0.75)):
-            r = generate_via_edge(small, request, spec, edge.address, timeout=600)
+            r = generate_via_edge(small, one, spec, edge.address, timeout=600)
             name = spec.encoding + (f" r={spec.merge_ratio:g}" if spec.merge_ratio else "")
             print(f"| {name} | {r.handoff_bytes:,} |")
         print(f"| (PNG of the final {size}×{size} image) | {len(png.getvalue()):,} |")

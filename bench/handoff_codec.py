@@ -23,6 +23,7 @@ import torch
 
 from tandem.handoff import CodecSpec, Handoff, decode_handoff, encode_handoff
 from tandem.request import GenerationRequest
+from tandem.resolve import PartialRequest, resolve
 from tandem.sampling.schedule import make_schedule
 from tandem.tiny_pack import SD_SAMPLER_CONFIG
 
@@ -80,14 +81,14 @@ def image_fidelity_table(large: Path, small: Path, prompts: int, steps: int, use
 
     edge, ue = load_pack(large, device="cpu"), load_pack(small, device="cpu")
     pipeline = HybridPipeline(edge, ue)
-    size = edge.default_image_size
+    defaults = edge.request_defaults()
     rng = np.random.default_rng(0)
     requests = []
     for i in range(prompts):
         color, bg = rng.choice(COLORS, 2, replace=False)
         prompt = f"a {color} {rng.choice(SHAPES)} at the {rng.choice(POSITIONS)} on a {bg} background"
-        requests.append(GenerationRequest(prompt, steps=steps, split=steps // 2, sampler="dpmpp_2m",
-                                          guidance_scale=edge.manifest.default_guidance, seed=i, height=size, width=size, user=user))
+        given = PartialRequest(prompt, steps=steps, sampler="dpmpp_2m", seed=i, user=user)  # k = T/2: the default
+        requests.append(resolve(given, defaults).request)
     began = time.perf_counter()
     reference = [pipeline.generate(r, CodecSpec("fp32")).image.astype(np.float64) / 255 for r in requests]
     print(f"\n### Image fidelity vs the uncompressed hybrid output ({edge.name} → {ue.name}{' + ' + user if user else ''}, "

@@ -77,6 +77,17 @@ class Arm:
     def adaptive(self) -> bool:
         return self.steps == 0
 
+    def request(self, prompt: str, seed: int):
+        """This arm's request before the plan: the adaptive arm leaves T, k and the codec to it
+        (PartialRequest.with_plan), a fixed arm overrides them, as `tandem generate --scheduler
+        --split ...` does."""
+        from tandem.resolve import PartialRequest
+
+        if self.adaptive:
+            return PartialRequest(prompt, seed=seed)
+        return PartialRequest(prompt, seed=seed, steps=self.steps, split=self.split, encoding=self.encoding,
+                              merge_ratio=self.merge_ratio)
+
 
 @dataclass
 class Outcome:
@@ -147,8 +158,7 @@ def _run_job(job: dict, args: argparse.Namespace) -> Outcome:
     from services.common.wire import request_to_proto
     from services.scheduler.client import report, request_plan
     from services.ue_client.client import generate_on_device_service
-    from tandem.codec.spec import CodecSpec
-    from tandem.request import GenerationRequest
+    from tandem.resolve import RequestDefaults, resolve
 
     # Every request is planned and reported (a fixed arm's as an override of its plan, as `tandem
     # generate --scheduler --split ...` does), so the scheduler calibrates on all of this device's traffic.
@@ -159,21 +169,19 @@ def _run_job(job: dict, args: argparse.Namespace) -> Outcome:
                         latency_budget_s=job["budget"], user_id=args.host, timeout=10)
     if plan is None:
         raise SystemExit(f"links.py drive: {args.host}: the scheduler gave no plan")
-    steps, split, encoding, ratio = arm.steps, arm.split, arm.encoding, arm.merge_ratio
-    if arm.adaptive:
-        steps, split, encoding, ratio = plan.steps, plan.split, plan.encoding, plan.merge_ratio
-    request = GenerationRequest(job["prompt"], steps=steps, split=split, seed=job["seed"], height=SIZE, width=SIZE,
-                                guidance_scale=job["guidance"], sampler=job["sampler"])
+    defaults = RequestDefaults(**job["defaults"])
+    request, codec = resolve(arm.request(job["prompt"], job["seed"]).with_plan(plan), defaults)
     began = time.perf_counter()
-    result = generate_on_device_service(args.device, request_to_proto(request, CodecSpec(encoding, ratio)), None, 120)
+    result = generate_on_device_service(args.device, request_to_proto(request, codec), None, 120)
     wall = time.perf_counter() - began
     report(args.scheduler, plan.plan_id, dict(result.seconds), result.edge_steps, result.device_steps,
            result.handoff_bytes, bool(result.fallback), timeout=10)
     ended = time.time()
     png = Path(job["out"])
     png.write_bytes(result.png)
-    return Outcome(args.host, args.link, arm.name, job["index"], job["prompt"], job["seed"], steps, split, encoding,
-                   ratio, sum(result.seconds.values()), wall, dict(result.seconds), result.handoff_bytes, result.fallback, str(png),
+    return Outcome(args.host, args.link, arm.name, job["index"], job["prompt"], job["seed"], request.steps,
+                   request.split, codec.encoding, codec.merge_ratio, sum(result.seconds.values()), wall,
+                   dict(result.seconds), result.handoff_bytes, result.fallback, str(png),
                    predicted=plan.predicted_seconds["total"] if arm.adaptive else None,
                    sent_bps=sent_bps, link_bps=plan.link_bps, link_rtt_s=plan.link_rtt_s,
                    link_source=plan.link_sources,
@@ -204,6 +212,13 @@ class Packs:
     quality_profile: Path
     guidance: float
     sampler: str
+
+    @property
+    def defaults(self):
+        """What the benchmark's requests leave unset becomes: the large pack's, at SIZE."""
+        from tandem.resolve import RequestDefaults
+
+        return RequestDefaults(sampler=self.sampler, guidance_scale=self.guidance, image_size=SIZE)
 
 
 @dataclass
@@ -396,7 +411,7 @@ class Settings:
 
 def job(arm: Arm, index: int, settings: Settings, label: str) -> dict:
     return {"arm": asdict(arm), "index": index, "prompt": PROMPTS[index % len(PROMPTS)], "seed": index,
-            "budget": settings.budget_s, "guidance": settings.packs.guidance, "sampler": settings.packs.sampler,
+            "budget": settings.budget_s, "defaults": asdict(settings.packs.defaults),
             "out": str(settings.out / f"{label}-{index}-{arm.name.replace(' ', '_')}.png")}
 
 
@@ -478,19 +493,17 @@ def add_fidelity(outcomes: list[Outcome], packs: Packs) -> None:
     from PIL import Image
 
     from services.onboard.fidelity import psnr
-    from tandem.codec.spec import CodecSpec
     from tandem.packs import load_pack
     from tandem.pipeline import HybridPipeline
-    from tandem.request import GenerationRequest
+    from tandem.resolve import PartialRequest, resolve
 
     pipeline = HybridPipeline(load_pack(packs.large, device="cpu"), load_pack(packs.small, device="cpu"))
     references: dict[tuple, np.ndarray] = {}
     for o in outcomes:
         key = (o.prompt, o.seed, o.steps, o.split)
         if key not in references:
-            request = GenerationRequest(o.prompt, steps=o.steps, split=o.split, seed=o.seed, height=SIZE, width=SIZE,
-                                        guidance_scale=packs.guidance, sampler=packs.sampler)
-            references[key] = pipeline.generate(request, CodecSpec("fp32", 0.0)).image
+            lossless = PartialRequest(o.prompt, steps=o.steps, split=o.split, seed=o.seed, encoding="fp32")
+            references[key] = pipeline.generate(*resolve(lossless, packs.defaults)).image
         o.psnr = psnr(np.asarray(Image.open(o.png).convert("RGB")), references[key])
 
 

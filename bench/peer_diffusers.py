@@ -359,7 +359,8 @@ def main() -> int:
 
         torch.set_num_threads(1)
         manifest = PackManifest.read(args.pack / "large")
-        guidance, size = float(manifest.default_guidance), int(manifest.image_size or 64)
+        defaults = manifest.request_defaults()  # before the pack loads: a size it declares, else the library's
+        guidance, size = float(defaults.guidance_scale), defaults.image_size
         pipe = diffusers_pipeline(args.pack)
         with tempfile.TemporaryDirectory() as tmp, edge_server(args.pack / "large", Path(tmp), "--max-batch",
                                                                str(max(16, args.users))) as edge:

@@ -1,13 +1,20 @@
-"""A generation request and its validation: every bad value is named (CLI flag or gRPC field)."""
+"""A generation request and its validation: every bad value is named (CLI flag or gRPC field).
+
+The one home of a request's limits (the edge, the device and the scheduler check against these)
+and of the defaults of a pack that declares none. What a given request leaves unset is filled in
+one place, tandem/resolve.py.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from tandem.echo import shown
 from tandem.sampling.names import SAMPLERS
 
 MAX_PROMPT_CHARS = 1000
@@ -15,6 +22,13 @@ MAX_STEPS = 200
 MAX_IMAGE_SIDE = 2048
 MAX_GUIDANCE = 50.0
 MAX_SEED = 2**63 - 1
+
+# A pack's defaults when its manifest declares none (tandem.packs.PackManifest), and so a request's
+# built in code without them.
+DEFAULT_STEPS = 20
+DEFAULT_SAMPLER = "dpmpp_2m"
+DEFAULT_GUIDANCE = 7.5
+DEFAULT_IMAGE_SIZE = 64  # height and width, in pixels
 
 
 class RequestError(ValueError):
@@ -31,38 +45,38 @@ class GenerationRequest:
     """One image: what to draw, how many steps in all (T) and how many run on the edge (k = split)."""
 
     prompt: str
-    steps: int = 20
-    split: int = 10
-    sampler: str = "dpmpp_2m"
-    guidance_scale: float = 7.5
+    steps: int = DEFAULT_STEPS
+    split: int = DEFAULT_STEPS // 2  # default_split(DEFAULT_STEPS)
+    sampler: str = DEFAULT_SAMPLER
+    guidance_scale: float = DEFAULT_GUIDANCE
     seed: int = 0
     negative_prompt: str = ""
-    height: int = 64
-    width: int = 64
+    height: int = DEFAULT_IMAGE_SIZE
+    width: int = DEFAULT_IMAGE_SIZE
     user: str | None = None
 
     def validate(self) -> "GenerationRequest":
         _require(isinstance(self.prompt, str) and self.prompt.strip() != "", "prompt", "must not be empty")
         _require(len(self.prompt) <= MAX_PROMPT_CHARS, "prompt", f"longer than {MAX_PROMPT_CHARS} characters")
         _require(len(self.negative_prompt) <= MAX_PROMPT_CHARS, "negative_prompt", f"longer than {MAX_PROMPT_CHARS} characters")
-        _require(_is_int(self.steps) and 1 <= self.steps <= MAX_STEPS, "steps", f"must be in 1..{MAX_STEPS}, got {self.steps!r}")
+        _require(_is_int(self.steps) and 1 <= self.steps <= MAX_STEPS, "steps", f"must be in 1..{MAX_STEPS}, got {shown(self.steps)}")
         _require(
             _is_int(self.split) and 0 <= self.split <= self.steps,
             "split",
-            f"must be in 0..steps ({self.steps}), got {self.split!r}",
+            f"must be in 0..steps ({self.steps}), got {shown(self.split)}",
         )
-        _require(self.sampler in SAMPLERS, "sampler", f"unknown {self.sampler!r}; expected one of {', '.join(SAMPLERS)}")
+        _require(self.sampler in SAMPLERS, "sampler", f"unknown {shown(self.sampler)}; expected one of {', '.join(SAMPLERS)}")
         _require(
             isinstance(self.guidance_scale, (int, float)) and 1.0 <= self.guidance_scale <= MAX_GUIDANCE,
             "guidance_scale",
-            f"must be in 1..{MAX_GUIDANCE:g}, got {self.guidance_scale!r}",
+            f"must be in 1..{MAX_GUIDANCE:g}, got {shown(self.guidance_scale)}",
         )
-        _require(_is_int(self.seed) and 0 <= self.seed <= MAX_SEED, "seed", f"must be in 0..2^63-1, got {self.seed!r}")
+        _require(_is_int(self.seed) and 0 <= self.seed <= MAX_SEED, "seed", f"must be in 0..2^63-1, got {shown(self.seed)}")
         for name in ("height", "width"):
             value = getattr(self, name)
-            _require(_is_int(value) and 8 <= value <= MAX_IMAGE_SIDE, name, f"must be in 8..{MAX_IMAGE_SIDE}, got {value!r}")
+            _require(_is_int(value) and 8 <= value <= MAX_IMAGE_SIDE, name, f"must be in 8..{MAX_IMAGE_SIDE}, got {shown(value)}")
         if self.user is not None:
-            _require(self.user.isidentifier() and len(self.user) <= 64, "user", f"invalid user name {self.user!r}")
+            _require(self.user.isidentifier() and len(self.user) <= 64, "user", f"invalid user name {shown(self.user)}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -84,6 +98,17 @@ class GenerationRequest:
         if unknown:
             raise RequestError(sorted(unknown)[0], "unknown request field")
         return cls(**data).validate()
+
+
+def default_split(steps: int) -> int:
+    """The split k of a request that names none: half its steps on the edge (rounded down)."""
+    return steps // 2
+
+
+def split_for(steps: int, fraction: float) -> int:
+    """Integer split k for a split fraction (round half up, so 0.5 of 15 -> 8): the scheduler's
+    options, and a plan's share of steps applied to another T."""
+    return int(math.floor(fraction * steps + 0.5))
 
 
 def as_float32(value: float) -> float:

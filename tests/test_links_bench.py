@@ -95,3 +95,18 @@ def test_the_objective_check_ties_within_the_latency_terms_noise(links):
     change = links.RateChange([50.0, 2.0], 1, 2.0, 1)
     checks = links.check_targets([result(links, "adaptive", 0.8410), noisy], change, False, latency_weight=0.03)
     assert [t.met for t in checks if "objective" in t.name] == [True]
+
+
+def test_an_arm_takes_from_the_plan_what_it_does_not_fix_as_tandem_generate_does(links):
+    """One home for applying a plan (PartialRequest.with_plan): the merge strategy included."""
+    from types import SimpleNamespace
+
+    from tandem.resolve import resolve
+
+    plan = SimpleNamespace(steps=10, split=8, encoding="int8", merge_ratio=0.25, merge_strategy="denoised")
+    defaults = replace(settings(links, together=True).packs, sampler="ddim").defaults
+    request, codec = resolve(links.Arm("adaptive").request("a cat", 3).with_plan(plan), defaults)
+    assert (request.steps, request.split, request.seed, request.guidance_scale, request.height) == (10, 8, 3, 4.0, 512)
+    assert (codec.encoding, codec.merge_ratio, codec.strategy) == ("int8", 0.25, "denoised")
+    request, codec = resolve(links.Arm("fp16 r=0", 10, 5).request("a cat", 3).with_plan(plan), defaults)
+    assert (request.steps, request.split, codec.encoding, codec.merge_ratio) == (10, 5, "fp16", 0.0)

@@ -13,7 +13,7 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.cli.generate import CliError, check_address
+from services.common.addresses import AddressError, check_address
 from services.common.envargs import EnvParser
 from services.common.security import ClientSecurity, SecurityError, add_client_args, client_security, sync_channel, tandem_env
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--timeout: must be > 0")
     try:
         check_address(args.address, "address")
-    except CliError as exc:  # gRPC would read "127.0.0.1" as port 443 and report it unreachable
+    except AddressError as exc:  # gRPC would read "127.0.0.1" as port 443 and report it unreachable
         print(f"error: {exc}", flush=True)
         return 2
     try:

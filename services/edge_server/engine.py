@@ -30,6 +30,7 @@ from tandem.handoff import CodecSpec, encode_handoff
 from tandem.packs import ModelPack
 from tandem.pipeline import make_handoff
 from tandem.request import GenerationRequest
+from tandem.resolve import PartialRequest, resolve
 from tandem.sampling.denoise import DenoiseState, advance
 from tandem.traced import call_fast
 
@@ -146,10 +147,9 @@ class EdgeEngine:
         """One step of a request at the pack's defaults through the UNet the engine calls, before it
         serves: a traced UNet traces and checks the default shape here (~0.5 s for the demo pack)
         instead of in the first user's request. Call before `start`."""
-        manifest, size = self.pack.manifest, self.pack.default_image_size
-        request = GenerationRequest("warm-up", steps=manifest.default_steps, split=manifest.default_steps,
-                                    sampler=manifest.default_sampler, guidance_scale=manifest.default_guidance,
-                                    height=size, width=size)
+        defaults = self.pack.request_defaults()
+        every_step_on_the_edge = PartialRequest("warm-up", split=defaults.steps)
+        request = resolve(every_step_on_the_edge, defaults, validate=False).request
         started = self.starter.start([request])[0]
         if started.state is not None:
             advance(self.unet, [started.state])

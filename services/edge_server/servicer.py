@@ -41,8 +41,8 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
     def attach(self, engine: EdgeEngine, limits: EdgeLimits | None = None) -> None:
         self.pack = engine.pack
         self.metrics = engine.metrics
-        self.limits = limits or EdgeLimits.for_pack(
-            self.pack.default_image_size, self.pack.vae_scale_factor, self.pack.manifest.default_steps)
+        defaults = self.pack.request_defaults()
+        self.limits = limits or EdgeLimits.for_pack(defaults.image_size, self.pack.vae_scale_factor, defaults.steps)
         self.engine = engine
 
     def _caller(self, request, context) -> str:

@@ -16,7 +16,7 @@ import grpc
 
 from services.common.channels import SyncChannelPool
 from services.common.security import ClientSecurity, call_metadata
-from tandem.codec.spec import DEFAULT_STRATEGY
+from tandem.codec.spec import DEFAULT_ENCODING, DEFAULT_STRATEGY
 from tandem.phases import Phase
 from tandem.v1 import scheduler_pb2, scheduler_pb2_grpc
 
@@ -80,7 +80,7 @@ def request_plan(
         plan_id=response.plan_id,
         steps=response.steps,
         split=response.split,
-        encoding=response.codec.encoding or "fp16",
+        encoding=response.codec.encoding or DEFAULT_ENCODING,
         merge_ratio=round(response.codec.merge_ratio, 6),  # float32 on the wire: 0.25 stays 0.25
         merge_strategy=response.codec.merge_strategy or DEFAULT_STRATEGY,
         edge_address=response.edge_address,

@@ -15,11 +15,11 @@ Every edge round gives one :class:`LinkSample` (services/ue_client/transport.py 
 A :class:`LinkBook` keeps, per edge, a window of each quantity (tandem/link.py: medians, bounds,
 a minimum sample count) for the last ``MAX_EDGES`` edges used.
 
-The device service keeps its book in memory; the CLI (one image per process) persists it as JSON
-(:func:`state_path`: ``$TANDEM_LINK_STATE``, else ``$XDG_CACHE_HOME/tandem/links.json``), written
-atomically; a corrupt file is ignored with one warning. An edge's saved estimate is dropped once it
-is ``MAX_AGE_S`` old (a link belongs to where the device is now: a laptop changes networks within
-hours). Pure logic, no gRPC.
+The device service keeps its book in memory; the CLI (one image per process, its run's link a
+:class:`LinkState`) persists it as JSON (:func:`state_path`: ``$TANDEM_LINK_STATE``, else
+``$XDG_CACHE_HOME/tandem/links.json``), written atomically; a corrupt file is ignored with one
+warning. An edge's saved estimate is dropped once it is ``MAX_AGE_S`` old (a link belongs to
+where the device is now: a laptop changes networks within hours). Pure logic, no gRPC.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from tandem.link import WINDOW, LinkEstimate, LinkWindow, is_number, rate_bps
@@ -146,3 +147,68 @@ def save_book(book: LinkBook, path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@dataclass
+class LinkState:
+    """One CLI run's link (the CLI makes one image per process): the estimate read before the
+    plan, what the Plan request carried, this run's handoff measured and, when the CLI talks to an
+    edge itself, the book kept in ``path`` across runs. With --ue the device service measures and
+    keeps its own link; ``remote`` is its estimate (GetLinkEstimate)."""
+
+    path: Path | None  # None: nothing kept
+    book: LinkBook
+    edge: str | None  # the edge the user named (None: a scheduler's plan picks one)
+    override_bps: float | None  # --link-mbps
+    remote: LinkEstimate | None = None
+    sent: dict | None = None  # the link the Plan request carried
+    sample: LinkSample | None = None  # this run's measurement
+
+    @classmethod
+    def kept(cls, path: Path, edge: str | None, override_bps: float | None) -> tuple[LinkState, str | None]:
+        """The state kept in ``path``, and a warning when the file was there but unusable."""
+        book, warning = load_book(path)
+        return cls(path, book, edge, override_bps), warning
+
+    @classmethod
+    def unkept(cls, edge: str | None, override_bps: float | None, remote: LinkEstimate | None = None) -> LinkState:
+        return cls(None, LinkBook(), edge, override_bps, remote)
+
+    def for_plan(self) -> tuple[float, float]:
+        """(bandwidth b/s, RTT s) for the Plan request; 0 = unknown (the scheduler's own then)."""
+        estimate = self.remote or (self.book.estimate(self.edge) if self.path is not None else LinkEstimate())
+        source = "override" if self.override_bps else "measured" if estimate.known else "unknown"
+        bandwidth = self.override_bps or estimate.bandwidth_bps
+        self.sent = {"bandwidth_bps": bandwidth, "rtt_s": estimate.rtt_s, "source": source,
+                     "rate_samples": estimate.rate_samples, "rtt_samples": estimate.rtt_samples,
+                     "text": _describe(bandwidth, estimate, source)}
+        return bandwidth, estimate.rtt_s
+
+    def record(self, sample: LinkSample, edge: str | None = None) -> None:
+        """This run's measurement, kept in the book for ``edge`` when the state is kept."""
+        self.sample = sample
+        if self.path is not None and edge:
+            self.book.record(edge, sample)
+
+    def recorder(self, edge: str | None) -> Callable[[LinkSample], None]:
+        return partial(self.record, edge=edge)
+
+    def save(self) -> None:
+        """Writes the book back when this run measured something; raises OSError."""
+        if self.path is not None and self.sample is not None:
+            save_book(self.book, self.path)
+
+    def report(self) -> dict | None:
+        if self.sent is None and self.sample is None:
+            return None
+        s = self.sample
+        measured = None if s is None else {"handoff_bytes": s.nbytes, "transfer_s": round(s.transfer_s, 6),
+                                           "rtt_s": round(s.rtt_s, 6), "rate_bps": s.rate_bps}
+        return {"sent": self.sent, "measured": measured, "state": str(self.path) if self.path else None}
+
+
+def _describe(bandwidth_bps: float, estimate: LinkEstimate, source: str) -> str:
+    if source == "override":
+        rtt = f", rtt {estimate.rtt_s * 1e3:.0f} ms (measured)" if estimate.rtt_s > 0 else ""
+        return f"{bandwidth_bps / 1e6:.3g} Mbit/s (--link-mbps){rtt}"
+    return estimate.describe() if source == "measured" else "unknown (no measured handoffs yet): the scheduler's own"

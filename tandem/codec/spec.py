@@ -20,9 +20,11 @@ from numbers import Real
 from typing import Any, Literal
 
 from tandem.codec.container import container_size
+from tandem.echo import shown
 from tandem.request import RequestError
 
 ENCODINGS: tuple[str, ...] = ("fp32", "fp16", "int8")
+DEFAULT_ENCODING = "fp16"
 BYTES_PER_ELEMENT: dict[str, int] = {"fp32": 4, "fp16": 2, "int8": 1}
 INT8_SCALE_BYTES = 4  # one fp32 scale per channel, ahead of the int8 values
 Window = Literal["local", "global"]
@@ -36,7 +38,7 @@ MAX_MERGE_RATIO = 0.75
 class CodecSpec:
     """How the handoff's tensors travel: precision, merge ratio, how a noisy latent is merged."""
 
-    encoding: str = "fp16"
+    encoding: str = DEFAULT_ENCODING
     merge_ratio: float = 0.0
     strategy: str = DEFAULT_STRATEGY
     window: Window = "local"
@@ -47,14 +49,14 @@ class CodecSpec:
 
     def validate(self) -> "CodecSpec":
         if self.encoding not in ENCODINGS:
-            raise RequestError("codec", f"unknown {self.encoding!r}; expected one of {', '.join(ENCODINGS)}")
+            raise RequestError("codec", f"unknown {shown(self.encoding)}; expected one of {', '.join(ENCODINGS)}")
         ratio = self.merge_ratio
         if not (isinstance(ratio, Real) and not isinstance(ratio, bool) and 0.0 <= ratio <= MAX_MERGE_RATIO):
-            raise RequestError("merge_ratio", f"must be in 0..{MAX_MERGE_RATIO}, got {ratio!r}")
+            raise RequestError("merge_ratio", f"must be in 0..{MAX_MERGE_RATIO}, got {shown(ratio)}")
         if self.strategy not in STRATEGIES:
-            raise RequestError("merge_strategy", f"unknown {self.strategy!r}; expected one of {', '.join(STRATEGIES)}")
+            raise RequestError("merge_strategy", f"unknown {shown(self.strategy)}; expected one of {', '.join(STRATEGIES)}")
         if self.window not in WINDOWS:
-            raise RequestError("merge_window", f"unknown {self.window!r}; expected one of {', '.join(WINDOWS)}")
+            raise RequestError("merge_window", f"unknown {shown(self.window)}; expected one of {', '.join(WINDOWS)}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -123,22 +125,22 @@ def handoff_tensor_bytes(channels: int, height: int, width: int, spec: CodecSpec
 def check_grid(height: int, width: int) -> None:
     for name, value in (("H", height), ("W", width)):
         if not _is_int(value) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise ValueError(f"{name} must be a positive integer, got {shown(value)}")
 
 
 def check_window(window: str) -> None:
     if window not in WINDOWS:
-        raise ValueError(f"unknown merge window {window!r}; valid windows: {', '.join(WINDOWS)}")
+        raise ValueError(f"unknown merge window {shown(window)}; valid windows: {', '.join(WINDOWS)}")
 
 
 def check_ratio(ratio: float) -> None:
     if not (isinstance(ratio, Real) and 0.0 <= ratio <= MAX_MERGE_RATIO):
-        raise ValueError(f"merge ratio must be in [0, {MAX_MERGE_RATIO}], got {ratio!r}")
+        raise ValueError(f"merge ratio must be in [0, {MAX_MERGE_RATIO}], got {shown(ratio)}")
 
 
 def check_encoding(encoding: str) -> None:
     if encoding not in ENCODINGS:
-        raise ValueError(f"unknown tensor encoding {encoding!r}; valid encodings: {', '.join(ENCODINGS)}")
+        raise ValueError(f"unknown tensor encoding {shown(encoding)}; valid encodings: {', '.join(ENCODINGS)}")
 
 
 def check_shape(shape: Sequence[int], encoding: str) -> tuple[int, ...]:

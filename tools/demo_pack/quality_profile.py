@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     large = load_pack(args.pack / "large", device=device, dtype=torch.float32)
     small = load_pack(args.pack / "small", device=large.device, dtype=torch.float32)
     evaluator = Evaluator.load(args.pack / "evaluator", large.device)
-    guidance = args.guidance if args.guidance is not None else float(small.manifest.default_guidance or 4.0)
+    guidance = args.guidance if args.guidance is not None else float(small.request_defaults().guidance_scale)
     users = args.users.split(",") if args.users else [BASE_USER, *small.users]
     strategies = args.strategies.split(",")
     ratios = _floats(args.ratios)

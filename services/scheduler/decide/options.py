@@ -8,13 +8,13 @@ k = 0 runs everything on the device (nothing is sent, the merge ratio is irrelev
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tandem.codec.spec import DEFAULT_ENCODING, MAX_MERGE_RATIO
 from tandem.codec.spec import ENCODINGS as CODECS
-from tandem.codec.spec import MAX_MERGE_RATIO
+from tandem.request import split_for  # the library's, so a plan's split and a request's agree
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class Option:
     steps: int  # T
     split: int  # k: steps [0, k) on the edge, [k, T) on the device
     merge_ratio: float  # r
-    codec: str = "fp16"
+    codec: str = DEFAULT_ENCODING
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -51,7 +51,7 @@ class Option:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Option":
-        return cls(int(d["steps"]), int(d["split"]), float(d["merge_ratio"]), str(d.get("codec", "fp16")))
+        return cls(int(d["steps"]), int(d["split"]), float(d["merge_ratio"]), str(d.get("codec", DEFAULT_ENCODING)))
 
 
 @dataclass(frozen=True)
@@ -84,16 +84,11 @@ class OptionTable:
         return cls(tuple(Option.from_dict(d) for d in items))
 
 
-def split_for(steps: int, fraction: float) -> int:
-    """Integer split k for a split fraction (round half up, so 0.5 of 15 -> 8)."""
-    return int(math.floor(fraction * steps + 0.5))
-
-
 def build_option_table(
     steps: Sequence[int] = (10, 15, 20, 25),
     split_fractions: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
     merge_ratios: Sequence[float] = (0.0, 0.25, 0.5, 0.75),
-    codecs: Sequence[str] = ("fp16",),
+    codecs: Sequence[str] = (DEFAULT_ENCODING,),
 ) -> OptionTable:
     """All combinations, deduplicated (k = 0 sends nothing, so only r = 0 and the first codec)."""
     seen: dict[Option, None] = {}
