@@ -40,6 +40,7 @@ from tandem.codec.spec import (  # noqa: F401  (the codec vocabulary, re-exporte
     handoff_tensors,
 )
 from tandem.codec.token_merge import merge, pack_plan, plan_merge, unmerge, unpack_plan
+from tandem.echo import capped, shown
 from tandem.request import GenerationRequest, RequestError
 from tandem.sampling.schedule import Schedule
 
@@ -103,9 +104,9 @@ def decode_handoff(payload: bytes, request: GenerationRequest, schedule: Schedul
     except CodecError:
         raise
     except RequestError as exc:
-        raise CodecError(f"handoff carries an invalid {exc}") from exc
+        raise CodecError(f"handoff carries an invalid {capped(str(exc), 300)}") from exc
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
-        raise CodecError(f"malformed handoff: {type(exc).__name__}: {exc}") from exc
+        raise CodecError(f"malformed handoff: {type(exc).__name__}: {capped(str(exc), 300)}") from exc
 
 
 def _decode(meta: dict[str, Any], blobs: dict[str, bytes], request: GenerationRequest, schedule: Schedule) -> Handoff:
@@ -113,7 +114,7 @@ def _decode(meta: dict[str, Any], blobs: dict[str, bytes], request: GenerationRe
         raise CodecError("payload is not a handoff")
     version = meta.get("handoff_version")
     if version != HANDOFF_VERSION:
-        raise CodecError(f"handoff version {version!r} is not supported (this build reads {HANDOFF_VERSION})")
+        raise CodecError(f"handoff version {shown(version)} is not supported (this build reads {HANDOFF_VERSION})")
     if meta.get("request") != request.digest():
         raise CodecError("handoff answers another request (its request digest differs)")
     if meta.get("schedule") != schedule.digest():
@@ -121,16 +122,16 @@ def _decode(meta: dict[str, Any], blobs: dict[str, bytes], request: GenerationRe
                          "(different noise process or sampler settings)")
     step = meta["step"]
     if not (isinstance(step, int) and not isinstance(step, bool) and 0 <= step <= schedule.steps):
-        raise CodecError(f"handoff step {step!r} outside 0..{schedule.steps}")
+        raise CodecError(f"handoff step {shown(step)} outside 0..{schedule.steps}")
     spec = CodecSpec(**meta["codec"]).validate()
     shape = meta["latent_shape"]
     if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(x, int) and x >= 1 for x in shape)):
-        raise CodecError(f"bad latent shape {shape!r}")
+        raise CodecError(f"bad latent shape {shown(shape)}")
     channels, height, width = shape
     strategy, layout = handoff_tensors(channels, height, width, spec, step, schedule.steps)
     if meta["strategy"] != strategy or meta["shapes"] != dict(layout):
-        raise CodecError(f"handoff header is inconsistent: strategy {meta['strategy']!r} with tensors "
-                         f"{meta['shapes']!r}, expected {strategy!r} with {dict(layout)!r}")
+        raise CodecError(f"handoff header is inconsistent: strategy {shown(meta['strategy'])} with tensors "
+                         f"{shown(meta['shapes'])}, expected {strategy!r} with {dict(layout)!r}")
     expected_blobs = {name for name, _ in layout} | ({"plan"} if strategy != "exact" else set())
     if set(blobs) != expected_blobs:
         raise CodecError(f"handoff blobs {sorted(blobs)} are not the expected {sorted(expected_blobs)}")

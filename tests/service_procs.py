@@ -119,8 +119,8 @@ def edge_server(pack: Path, tmp_path: Path, *args: str, credentials: grpc.Channe
     return _service("services.edge_server", pack, tmp_path, *args, credentials=credentials, port=port)
 
 
-def device_service(pack: Path, tmp_path: Path, *args: str):
-    return _service("services.ue_client", pack, tmp_path, *args)
+def device_service(pack: Path, tmp_path: Path, *args: str, credentials: grpc.ChannelCredentials | None = None):
+    return _service("services.ue_client", pack, tmp_path, *args, credentials=credentials)
 
 
 def scheduler_service(tmp_path: Path, *args: str):

@@ -9,6 +9,7 @@ last, so that authentication (the token interceptor) still answers first.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import grpc
@@ -50,8 +51,14 @@ class DecodeErrorInterceptor(grpc.aio.ServerInterceptor):
                 async for response in inner_stream(request, context):
                     yield response
 
+            async def writer(request, context):  # a handler that writes with context.write (health Watch)
+                if isinstance(request, Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _message(method, request))
+                return await inner_stream(request, context)
+
             return grpc.unary_stream_rpc_method_handler(
-                stream, _safe(handler.request_deserializer), handler.response_serializer)
+                stream if inspect.isasyncgenfunction(inner_stream) else writer,
+                _safe(handler.request_deserializer), handler.response_serializer)
         inner_unary = handler.unary_unary
 
         async def unary(request, context):

@@ -2,7 +2,8 @@
 
 Every RPC except health and reflection needs ``authorization: Bearer TOKEN``: a missing or
 unknown token is UNAUTHENTICATED; a request naming another user (its ``user``,
-``personalized_user`` or ``user_id`` field: whose LoRA / identity it uses) is PERMISSION_DENIED.
+``personalized_user`` or ``user_id`` field, or one of a message it carries: whose LoRA / identity
+it uses) is PERMISSION_DENIED.
 `check_access` is the whole decision, pure; `TokenInterceptor` only applies it to each call.
 """
 
@@ -19,6 +20,7 @@ from pathlib import Path
 import grpc
 
 from services.common.security import EnvLookup, SecurityError
+from tandem.echo import shown
 
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 USER_FIELDS = ("user", "personalized_user", "user_id")
@@ -72,10 +74,16 @@ def token_user(tokens: Mapping[str, str], token: str | None) -> str | None:
     return found
 
 
-def claimed_users(request) -> list[str]:
-    """The identities a request acts as (non-empty user fields it has)."""
-    fields = getattr(getattr(request, "DESCRIPTOR", None), "fields_by_name", {})
-    return [getattr(request, name) for name in USER_FIELDS if name in fields and getattr(request, name)]
+def claimed_users(request, depth: int = 2) -> list[str]:
+    """The identities a request acts as: the non-empty user fields it has, and those of the
+    messages it carries (the device service's request holds an edge GenerateRequest and its user)."""
+    descriptor = getattr(request, "DESCRIPTOR", None)
+    fields = getattr(descriptor, "fields_by_name", {})
+    users = [getattr(request, name) for name in USER_FIELDS if name in fields and getattr(request, name)]
+    for field in getattr(descriptor, "fields", ()) if depth > 0 else ():
+        if field.message_type is not None and not field.is_repeated and request.HasField(field.name):
+            users += claimed_users(getattr(request, field.name), depth - 1)
+    return users
 
 
 def check_access(tokens: Mapping[str, str], token: str | None, claimed: Iterable[str]) -> Denial | None:
@@ -87,7 +95,7 @@ def check_access(tokens: Mapping[str, str], token: str | None, claimed: Iterable
         return Denial(grpc.StatusCode.UNAUTHENTICATED, "unknown token")
     for other in claimed:
         if other != user:
-            return Denial(grpc.StatusCode.PERMISSION_DENIED, f"user: the token is {user!r}'s, not {other!r}'s")
+            return Denial(grpc.StatusCode.PERMISSION_DENIED, f"user: the token is {shown(user)}'s, not {shown(other)}'s")
     return None
 
 

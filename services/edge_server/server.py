@@ -21,6 +21,7 @@ from prometheus_client import start_http_server
 
 from services.common.channels import SERVER_KEEPALIVE_OPTIONS
 from services.common.decoding import DecodeErrorInterceptor
+from services.common.details import DetailsCapInterceptor
 from services.common.envargs import EnvParser
 from services.common.lifecycle import NO_REUSEPORT, describe, enable_reflection, run_server, set_health, until_signalled
 from services.common.security import SecurityError, add_client_args, add_port, add_server_tls_args, client_security, env_flag, env_lookup, server_tls
@@ -105,7 +106,7 @@ async def serve(args: argparse.Namespace) -> None:
     servicer = EdgeServicer(max_streams_per_user=args.max_streams_per_user,
                             tokens=load_tokens(args.tokens) if args.tokens else None)
     server = grpc.aio.server(
-        interceptors=[*interceptors(args), DecodeErrorInterceptor()],
+        interceptors=[DetailsCapInterceptor(), *interceptors(args), DecodeErrorInterceptor()],
         options=[
             ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
             ("grpc.max_send_message_length", MAX_SEND_BYTES),
@@ -122,7 +123,8 @@ async def serve(args: argparse.Namespace) -> None:
     log.info("loading pack %s", args.pack)
     try:
         pack = await asyncio.to_thread(load_pack, args.pack, args.device)
-        limits = EdgeLimits.for_pack(pack.default_image_size, pack.vae_scale_factor, pack.manifest.default_steps,
+        defaults = pack.request_defaults()
+        limits = EdgeLimits.for_pack(defaults.image_size, pack.vae_scale_factor, defaults.steps,
                                      args.min_image_side, args.max_image_side, args.max_request_cost)
     except (PackError, LimitError):
         await server.stop(grace=None)  # else its finalizer complains after the one-line error

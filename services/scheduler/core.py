@@ -25,9 +25,10 @@ from services.scheduler.edges import EdgeLoad, EdgeRegistry
 from services.scheduler.occupancy import EdgeOccupancy, EdgeSpan
 from services.scheduler.pending import PendingPlans
 from tandem.codec.spec import DEFAULT_STRATEGY
+from tandem.echo import shown
 from tandem.lru import Lru
+from tandem.request import MAX_PROMPT_CHARS, MAX_STEPS  # a request's limits: a plan's prompt, a report's steps
 
-MAX_PROMPT_CHARS = 1000
 MAX_RECORDS = 10_000  # plans awaiting a report, all users together
 MAX_PENDING_PER_USER = 512  # beyond it a user's own oldest unreported plan is forgotten
 PHASES = ("edge", "transfer", "device", "total")
@@ -38,7 +39,6 @@ MAX_SPECTRAL_EFFICIENCY = 100.0  # b/s/Hz; real links stay under ~30
 MAX_BUDGET_S = 86_400.0
 MAX_BUDGET_J = 1e7
 MAX_PHASE_S = 3600.0
-MAX_STEPS = 1000
 MAX_HANDOFF_BYTES = 1 << 30
 MAX_STEPS_PER_SECOND = 1e6
 # An edge report's calibration waits until every plan issued before its edge steps ended has been
@@ -209,14 +209,14 @@ class SchedulerCore:
             _require(len(text) <= MAX_ID_CHARS, field_name, f"longer than {MAX_ID_CHARS} characters ({len(text)})")
         if request.device_class not in self.costs.devices:
             known = ", ".join(self.costs.devices)
-            raise PlanInputError("device_class", f"unknown device class {request.device_class!r} (known: {known})")
+            raise PlanInputError("device_class", f"unknown device class {shown(request.device_class)} (known: {known})")
         link = request.link
         for link_field, number, most in (("bandwidth_bps", link.bandwidth_bps, MAX_BANDWIDTH_BPS),
                                          ("rtt_seconds", link.rtt_s, MAX_RTT_S),
                                          ("spectral_efficiency", link.spectral_efficiency, MAX_SPECTRAL_EFFICIENCY)):
             _require_range(number, f"link.{link_field}", most)
         name = request.personalized_user
-        _require(not name or (name.isidentifier() and len(name) <= 64), "personalized_user", f"invalid user name {name!r}")
+        _require(not name or (name.isidentifier() and len(name) <= 64), "personalized_user", f"invalid user name {shown(name)}")
         for field_name, budget, most in (("latency_budget_seconds", request.latency_budget_s, MAX_BUDGET_S),
                                          ("energy_budget_joules", request.energy_budget_j, MAX_BUDGET_J)):
             _require_range(budget, field_name, most, "(0: none)")
@@ -440,7 +440,7 @@ def check_heartbeat(load: EdgeLoad) -> None:
              f"longer than {MAX_ADDRESS_CHARS} characters ({len(load.address)})")
     host, _, port = load.address.rpartition(":")
     _require(bool(host) and port.isdigit() and 0 < int(port) < 65536, "address",
-             f"must be HOST:PORT, got {load.address!r}")
+             f"must be HOST:PORT, got {shown(load.address)}")
     _require_range(load.steps_per_second, "steps_per_second", MAX_STEPS_PER_SECOND)
 
 
@@ -486,4 +486,4 @@ def _require(ok: bool, field: str, message: str) -> None:
 
 def _require_range(value: float, field: str, most: float, note: str = "") -> None:
     _require(math.isfinite(value) and 0 <= value <= most, field,
-             f"must be a finite number in [0, {most:g}]{' ' + note if note else ''}, got {value!r}")
+             f"must be a finite number in [0, {most:g}]{' ' + note if note else ''}, got {shown(value)}")

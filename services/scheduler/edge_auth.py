@@ -15,6 +15,8 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from tandem.echo import shown
+
 MAX_ADDRESS_CHARS = 255  # a DNS name (253) + ":" + a port would not fit any longer
 
 
@@ -75,5 +77,5 @@ def check_edge(address: str, edge_tokens: Mapping[str, str] | None, token: str |
     if caller_ip is not None and caller_ip in {_normal(ip) for ip in host_ips}:
         return None
     return EdgeDenial("PERMISSION_DENIED",
-                      f"address: {address_host(address)!r} is not the caller's own address ({caller_ip or 'unknown'}); "
+                      f"address: {shown(address_host(address))} is not the caller's own address ({caller_ip or 'unknown'}); "
                       "list the edge with the scheduler's --edge, or give it an edge credential (--edge-tokens)")

@@ -29,6 +29,7 @@ from services.scheduler.edge_auth import address_host, check_edge, literal_ip, p
 from services.scheduler.edges import EdgeLoad, TooManyEdges
 from services.scheduler.frames import FrameCollector, FrameConfig
 from services.scheduler.metrics import SchedulerMetrics
+from tandem.echo import shown
 from tandem.v1 import edge_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger("tandem.scheduler")
@@ -149,13 +150,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             await self._abort(context, "Report", grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except AlreadyReported:
             await self._abort(context, "Report", grpc.StatusCode.FAILED_PRECONDITION,
-                              f"plan_id: already reported: {request.plan_id!r} (a plan counts once)")
+                              f"plan_id: already reported: {shown(request.plan_id)} (a plan counts once)")
         except NotYourPlan:
             await self._abort(context, "Report", grpc.StatusCode.PERMISSION_DENIED,
-                              f"plan_id: {request.plan_id!r} is another user's plan")
+                              f"plan_id: {shown(request.plan_id)} is another user's plan")
         except UnknownPlan:
             await self._abort(context, "Report", grpc.StatusCode.NOT_FOUND,
-                              f"plan_id: unknown or forgotten: {request.plan_id!r}")
+                              f"plan_id: unknown or forgotten: {shown(request.plan_id)}")
         for phase, error in outcome.relative_errors.items():
             self.metrics.relative_error.labels(phase=phase).observe(error)
         if outcome.budget_violated:

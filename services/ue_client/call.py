@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from services.common.wire import request_from_proto
 from services.ue_client.device import DEFAULT_TIMEOUT
+from tandem.echo import shown
 from tandem.handoff import CodecSpec
 from tandem.packs import ModelPack
 from tandem.request import GenerationRequest, RequestError
@@ -34,11 +35,11 @@ def parse_call(message: device_pb2.DeviceServiceGenerateRequest, pack: ModelPack
     request, codec = request_from_proto(message.request, pack)
     if request.user is not None and request.user not in pack.users:
         known = ", ".join(pack.users) or "none"
-        raise RequestError("user", f"unknown user {request.user!r} (users: {known})")
+        raise RequestError("user", f"unknown user {shown(request.user)} (users: {known})")
     timeout = message.edge_timeout_seconds
     if not (math.isfinite(timeout) and 0.0 <= timeout <= MAX_EDGE_TIMEOUT):
         raise RequestError("edge_timeout_seconds",
-                           f"must be in 0..{MAX_EDGE_TIMEOUT:g} seconds (0: the default), got {timeout!r}")
+                           f"must be in 0..{MAX_EDGE_TIMEOUT:g} seconds (0: the default), got {shown(timeout)}")
     return DeviceCall(request, codec, choose_edge(message.edge_address, edges), timeout or DEFAULT_TIMEOUT)
 
 
@@ -46,6 +47,6 @@ def choose_edge(requested: str, edges: tuple[str, ...]) -> str | None:
     if not requested:
         return edges[0] if edges else None
     if requested not in edges:
-        raise RequestError("edge_address", f"{requested[:200]!r} is not an edge this device service is configured "
+        raise RequestError("edge_address", f"{shown(requested)} is not an edge this device service is configured "
                                            "with (its --edge flags); leave it empty for the default edge")
     return requested

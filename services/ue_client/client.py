@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import atexit
+import math
 
 import grpc
 
 from services.common.channels import SyncChannelPool
 from services.common.security import ClientSecurity, call_metadata
+from services.ue_client.call import MAX_EDGE_TIMEOUT
+from services.ue_client.device import DEFAULT_TIMEOUT
 from services.ue_client.transport import EdgeError, EventCallback
 from tandem.link import LinkEstimate
 from tandem.v1 import device_pb2, device_pb2_grpc, edge_pb2
@@ -30,8 +33,7 @@ def generate_on_device_service(
         request=request, edge_address=edge_address or "", edge_timeout_seconds=timeout
     )
     stub = device_pb2_grpc.DeviceServiceStub(_channels.get(address, security))
-    # The device's own deadline: the edge's plus time for the late steps and decode.
-    call = stub.Generate(message, timeout=2 * timeout + 60, metadata=call_metadata(security))
+    call = stub.Generate(message, timeout=device_deadline(timeout), metadata=call_metadata(security))
     try:
         for response in call:
             if response.WhichOneof("event") == "progress" and on_event is not None:
@@ -43,6 +45,15 @@ def generate_on_device_service(
     finally:
         call.cancel()  # left early (a result, an error, or on_event raised): nothing more is read
     raise EdgeError("DATA_LOSS", "device service ended the stream without a result")
+
+
+def device_deadline(edge_timeout: float) -> float:
+    """The call's own deadline: the edge's plus time for the late steps and decode. A timeout the
+    device service will refuse (not in 0..MAX_EDGE_TIMEOUT) still gets a finite deadline, so that
+    the refusal (INVALID_ARGUMENT naming edge_timeout_seconds) is what the caller sees, never an
+    instant DEADLINE_EXCEEDED from an infinite or NaN deadline."""
+    usable = math.isfinite(edge_timeout) and 0 < edge_timeout <= MAX_EDGE_TIMEOUT
+    return 2 * (edge_timeout if usable else DEFAULT_TIMEOUT) + 60
 
 
 def get_link_estimate(address: str, edge_address: str | None, timeout: float,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from tandem.codec.spec import CodecSpec, handoff_size
+from tandem.echo import shown
 from tandem.request import GenerationRequest, as_float32
 
 MAX_CHUNKS = 1024  # the edge sends 256 KiB chunks: a 2048 px handoff is a few of them
@@ -60,6 +61,6 @@ def check_header(meta: dict[str, Any], request: GenerationRequest, latent_shape:
     if meta.get("request") != request.digest():
         raise HandoffRejected("handoff answers another request (its request digest differs)")
     if meta.get("step") != request.split:
-        raise HandoffRejected(f"handoff stops at step {meta.get('step')!r}, the request splits at {request.split}")
+        raise HandoffRejected(f"handoff stops at step {shown(meta.get('step'))}, the request splits at {request.split}")
     if meta.get("latent_shape") != list(latent_shape):
-        raise HandoffRejected(f"handoff latent shape {meta.get('latent_shape')!r} is not the expected {list(latent_shape)}")
+        raise HandoffRejected(f"handoff latent shape {shown(meta.get('latent_shape'))} is not the expected {list(latent_shape)}")
