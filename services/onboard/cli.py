@@ -11,6 +11,14 @@
    one, --no-evaluator for fidelity anyway);
 4. writes DIR/cost_profile.json and DIR/quality_profile.json and prints the scheduler command.
 
+A pair whose manifests say `random: true` (tiny test packs, tandem-pack's true-size pairs) has no
+quality to measure: its images are noise. Its cost profile is measured as for any pair (--quick:
+the cheapest faithful settings, since a true-size step takes tens of seconds on a CPU: 2 repeats
+after 1 warm-up, edge batches 1 and 2, the two points a + b·n needs, handoff bytes checked against
+real payloads at T 2 and 4); its quality profile says there is none (`random_weights`, every
+option the same), so the scheduler plans by cost alone. --measure-random measures the SSIM
+fidelity anyway (how a split changes a noise trajectory: a systems figure, not quality).
+
 Both stages resume: a cost profile already in DIR is kept (--force measures again), quality points
 already measured (DIR/quality_points.jsonl) are not measured again.
 """
@@ -18,6 +26,7 @@ already measured (DIR/quality_points.jsonl) are not measured again.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -53,7 +62,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="name of the device class the small pack's timings go to (onboarded)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="torch device (default: cuda if present)")
     parser.add_argument("--quick", action="store_true",
-                        help="a small grid (T=4, k/T 0, 0.5, 1, r 0, 0.5, 2 prompts) and 2 timing repeats: minutes")
+                        help="a small grid (T=4, k/T 0, 0.5, 1, r 0, 0.5, 2 prompts) and 2 timing repeats: minutes "
+                             "(random weights: edge batches 1 and 2, handoff bytes checked at T 2 and 4)")
+    parser.add_argument("--measure-random", action="store_true",
+                        help="measure quality (SSIM fidelity) even where the packs' weights are random (their "
+                             "manifests say random: true): it measures how the split changes noise, not quality "
+                             "(default: a quality profile that says there is none)")
     parser.add_argument("--n", type=int, help="prompts per quality point (16; --quick: 2)")
     parser.add_argument("--steps", type=positive_ints, help="total steps T of the quality grid (10,20; --quick: 4)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: as the services pick)")
@@ -109,7 +123,13 @@ def _users(requested: str | None, available: list[str]) -> list[str]:
     return users
 
 
-def _cost_profile(args: argparse.Namespace, out: Path) -> None:
+# --quick on a pair with random weights (only costs are measured: at true size a step is tens of
+# seconds on a CPU): the two edge batch sizes a + b·n needs, and handoffs after 1 and 2 real steps.
+RANDOM_QUICK_BATCHES = (1, 2)
+RANDOM_QUICK_HANDOFF_STEPS = (2, 4)
+
+
+def _cost_profile(args: argparse.Namespace, out: Path, random_weights: bool = False) -> None:
     from services.scheduler.learn import profiling
 
     if out.is_file() and not args.force:
@@ -119,17 +139,40 @@ def _cost_profile(args: argparse.Namespace, out: Path) -> None:
             raise OnboardError(f"{exc} (--force measures it again)") from None
         _log(f"cost profile: keeping {out} (--force measures again)")
         return
-    quick = args.quick
+    quick, cheapest = args.quick, args.quick and random_weights
     cfg = profiling.ProfilingConfig(args.large, args.small, args.device_class, args.device,
                                     repeats=2 if quick else 7, warmup=1 if quick else 2,
-                                    batches=(1, 2, 4) if quick else profiling.DEFAULT_BATCHES, threads=args.threads,
-                                    trace_unet=args.trace_unet)
+                                    batches=RANDOM_QUICK_BATCHES if cheapest else (1, 2, 4) if quick
+                                    else profiling.DEFAULT_BATCHES, threads=args.threads,
+                                    trace_unet=args.trace_unet,
+                                    handoff_steps=RANDOM_QUICK_HANDOFF_STEPS if cheapest else profiling.HANDOFF_STEPS)
+    _log(f"cost: {cfg.repeats} timed repeats after {cfg.warmup} warm-up of the edge step at batch "
+         f"{', '.join(map(str, cfg.batches))} (UNet {'traced on a CPU' if cfg.trace_unet else 'eager'}), the device step and "
+         f"decode; handoff bytes checked against real payloads at T {', '.join(map(str, cfg.handoff_steps))}"
+         + (" (--quick on random weights: the cheapest faithful settings)" if cheapest else ""))
     measured, measurement = profiling.profile(cfg, lambda line: _log(f"cost: {line}"))
     profiling.write(measured, measurement, out)
-    edge = measurement.edge
+    edge, handoff = measurement.edge, measurement.handoff
+    exact = (f"predicted exactly ({handoff.payloads} real payloads)" if handoff.max_error_bytes == 0
+             else f"predicted up to {handoff.max_error_bytes} B off (WARNING: the scheduler prices them so)")
     _log(f"cost profile: edge step {edge.a_s * 1e3:.1f} + {edge.b_s * 1e3:.1f}·n ms (R² {edge.r2:.3f}), "
-         f"device step {measurement.small.step_s * 1e3:.1f} ms, decode {measurement.small.decode_s * 1e3:.1f} ms "
-         f"-> {out}")
+         f"device step {measurement.small.step_s * 1e3:.1f} ms, decode {measurement.small.decode_s * 1e3:.1f} ms, "
+         f"handoff bytes {exact} -> {out}")
+
+
+def _no_quality_profile(args: argparse.Namespace, pair: str, users: list[str], out_dir: Path) -> Path:
+    """Random weights: a quality profile that says there is none (flat), with the codecs asked for
+    priced at no loss, so a scheduler ranks every option by its costs alone."""
+    from services.scheduler.decide.quality import BASE_USER, random_weights_profile
+
+    profile = random_weights_profile(pair, (BASE_USER, *users), args.codecs)
+    path = out_dir / "quality_profile.json"
+    path.write_text(json.dumps(profile.to_dict(), indent=1) + "\n")
+    _log(f"quality: none: the packs' weights are random (their manifests say random: true), so their images are "
+         f"noise and there is no quality to measure (--measure-random measures their SSIM fidelity anyway); "
+         f"wrote a quality profile that says so (random_weights: every option the same): a scheduler on it "
+         f"plans by cost alone -> {path}")
+    return path
 
 
 def _quality_profile(args: argparse.Namespace, large, small, users: list[str], out_dir: Path) -> Path:
@@ -156,11 +199,11 @@ def _quality_profile(args: argparse.Namespace, large, small, users: list[str], o
         _log(f"quality: scored by the pack's evaluator {evaluator} (accuracy; --no-evaluator for fidelity)")
     else:
         prompts = load_prompts(args.large, grid.n_prompts)
-    guidance = float(large.manifest.default_guidance or 7.5)
-    sampler = large.manifest.default_sampler or "dpmpp_2m"
+    defaults = large.request_defaults()  # the pack's, as every request to it resolves them (tandem.resolve)
     # one file per measure, so a resumed run never mixes fidelity and accuracy points
     store = PointStore(out_dir / ("quality_points_evaluator.jsonl" if scorer else "quality_points.jsonl"))
-    measurer = QualityMeasurer(large, small, prompts, grid, guidance, sampler, scorer)
+    measurer = QualityMeasurer(large, small, prompts, grid, float(defaults.guidance_scale), defaults.sampler,
+                               scorer)
     total = grid.size(len(everyone))
     _log(f"quality: {total} points (T {', '.join(map(str, grid.steps))}; users {', '.join(everyone)}; "
          f"{grid.n_prompts} prompts each), {len(store.points)} already measured")
@@ -198,13 +241,23 @@ def run(args: argparse.Namespace) -> int:
     users = _users(args.users, small.users)
     _log(f"pair {large.name} + {small.name} on {large.device}: checked")
     cost_path = out_dir / "cost_profile.json"
-    _cost_profile(args, cost_path)
-    quality_path = _quality_profile(args, large, small, users, out_dir)
+    random_weights = (large.manifest.random or small.manifest.random) and not args.measure_random
+    if random_weights:  # no quality to measure: the cost profiling loads the packs it times itself
+        pair = f"{large.name}+{small.name}"
+        del large, small
+        gc.collect()
+        _cost_profile(args, cost_path, random_weights=True)
+        quality_path = _no_quality_profile(args, pair, users, out_dir)
+    else:
+        _cost_profile(args, cost_path)
+        quality_path = _quality_profile(args, large, small, users, out_dir)
     _log(f"done in {time.perf_counter() - started:.0f} s; start a scheduler on these profiles with:")
     general = DEFAULT_POLICY.parent / "general"  # trained on profile families: no retraining for a new pair
     print(f"python -m services.scheduler --policy {general} --quality-profile {quality_path} --cost-profile {cost_path}")
     print("# (--policy greedy_ls also chooses the handoff codec per link; slower in large frames)")
     print(f"# and plan as this device class: tandem generate ... --scheduler HOST:PORT --device-class {args.device_class}")
+    if random_weights:
+        print("# the quality profile says none (random weights): the scheduler plans by cost alone")
     return 0
 
 

@@ -22,6 +22,7 @@ from prometheus_client import start_http_server
 
 from services.common.channels import SERVER_KEEPALIVE_OPTIONS
 from services.common.decoding import DecodeErrorInterceptor
+from services.common.details import DetailsCapInterceptor
 from services.common.envargs import EnvParser
 from services.common.lifecycle import NO_REUSEPORT, describe, enable_reflection, run_server, set_health, until_signalled
 from services.common.security import SecurityError, add_port, add_server_tls_args, env_lookup, server_tls
@@ -156,6 +157,8 @@ def build_core(args: argparse.Namespace) -> SchedulerCore:
     log.info("quality profile: %s; cost profile: %s; frames %s",
              "SYNTHETIC" if quality.synthetic else args.quality_profile,
              "built-in (synthetic)" if builtin else args.cost_profile, frames)
+    if not quality.has_quality:  # flat: every option scores the same, so the objective's costs decide
+        log.warning("quality profile %s: none (random weights): plans by cost alone", args.quality_profile)
     return SchedulerCore(quality, costs, load_decider(args),
                          EdgeRegistry(args.edge_ttl, args.edge, max_edges=args.max_edges),
                          FrameContext(bandwidth_hz=args.bandwidth_hz),
@@ -190,7 +193,8 @@ async def serve(args: argparse.Namespace) -> None:
     edge_tokens = edge_credentials(args)
     health = HealthServicer()
     heartbeat = f"/{SERVICE_NAME}/ReportEdgeLoad"  # takes an edge credential, checked by the servicer
-    server = grpc.aio.server(interceptors=[*interceptors(args, exempt_methods=[heartbeat]), DecodeErrorInterceptor()],
+    server = grpc.aio.server(interceptors=[DetailsCapInterceptor(), *interceptors(args, exempt_methods=[heartbeat]),
+                                           DecodeErrorInterceptor()],
                              options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES), NO_REUSEPORT,
                                       *SERVER_KEEPALIVE_OPTIONS])
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

@@ -4,6 +4,8 @@ pair and per user, measured offline by the demo pack's evaluator (or synthetic u
 JSON format::
 
     {"synthetic": false,                      # optional; true marks made-up numbers
+     "random_weights": false,                 # optional; true: the packs' weights are random, so
+                                              # there is no quality: every point is the same (flat)
      "metric": "evaluator accuracy",          # optional free text
      "pairs": {"<large>+<small>": {"users": {"<user or base>": {"points": [
          {"steps": 20, "split_fraction": 0.5, "merge_ratio": 0.0, "accuracy": 0.81}, ...]}}}}}
@@ -12,6 +14,10 @@ Points of one user should cover a grid (every combination of the steps, split fr
 ratios that occur); missing grid nodes are filled from the nearest measured point. Between grid
 nodes the accuracy is interpolated multilinearly; outside, it is clamped to the nearest edge.
 A user without an entry uses "base".
+
+A profile with ``random_weights`` (tandem-onboard on packs whose manifests say ``random: true``) is
+a statement that the pair has no quality to measure: its points must all be equal and its codec
+losses 0, so every option scores the same and a planner ranks options by their costs alone.
 """
 
 from __future__ import annotations
@@ -98,6 +104,9 @@ class QualityProfile:
     # Accuracy a handoff codec loses against the points' own (fp16), measured (tandem-onboard
     # --codecs): only codecs measured here are offered to the planner, priced by their loss.
     codec_loss: Mapping[str, float] = ranged(0, default_factory=dict)
+    # The packs' weights are random (their manifests say so): there is no quality, and the points
+    # say none (all equal), so options are ranked by their costs alone.
+    random_weights: bool = False
     _grids: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -116,6 +125,16 @@ class QualityProfile:
                 for i, point in enumerate(pts):
                     check(point, f"pairs.{pair}.users.{user}.points[{i}]", QualityProfileError)
                 self._grids[(pair, user)] = _Grid.from_points(tuple(pts))
+        if self.random_weights:
+            values = {p.accuracy for users in self.points.values() for pts in users.values() for p in pts}
+            if len(values) > 1 or any(loss != 0 for loss in self.codec_loss.values()):
+                raise QualityProfileError("random_weights: a profile for random weights has no quality to rank "
+                                          "options by: its points must all be equal and its codec losses 0")
+
+    @property
+    def has_quality(self) -> bool:
+        """False for a profile of random weights: its accuracy is the same for every option."""
+        return not self.random_weights
 
     @property
     def pairs(self) -> tuple[str, ...]:
@@ -163,6 +182,7 @@ class QualityProfile:
     def to_dict(self) -> dict[str, Any]:
         return {
             "synthetic": self.synthetic,
+            **({"random_weights": True} if self.random_weights else {}),
             "metric": self.metric,
             "pairs": {pair: {"users": {user: {"points": [
                 {"steps": p.steps, "split_fraction": p.split_fraction, "merge_ratio": p.merge_ratio,
@@ -183,9 +203,13 @@ class QualityProfile:
                 for pair, body in pairs.items()
             }
             codec_loss = {str(c): float(v) for c, v in dict(data.get("codec_loss", {})).items()}
+            random_weights = data.get("random_weights", False)
         except (KeyError, TypeError, AttributeError, ValueError, OverflowError) as exc:
             raise QualityProfileError(f"malformed quality profile: {type(exc).__name__}: {exc}") from exc
-        return cls(points, bool(data.get("synthetic", False)), str(data.get("metric", "accuracy")), codec_loss)
+        if not isinstance(random_weights, bool):
+            raise QualityProfileError(f"random_weights = {random_weights!r}: must be true or false")
+        return cls(points, bool(data.get("synthetic", False)), str(data.get("metric", "accuracy")), codec_loss,
+                   random_weights)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1))
@@ -204,6 +228,22 @@ class QualityProfile:
 def _point(p: Any) -> QualityPoint:
     """Steps as written: the profile's check refuses 2.5, NaN or inf (int() truncates or overflows)."""
     return QualityPoint(p["steps"], float(p["split_fraction"]), float(p["merge_ratio"]), float(p["accuracy"]))
+
+
+# --- random weights: no quality ---------------------------------------------------------------
+RANDOM_WEIGHTS_METRIC = ("none: the packs' weights are random (their manifests say random: true), so their images "
+                         "are noise and there is no quality to measure; every option scores the same and the "
+                         "scheduler plans by cost alone")
+
+
+def random_weights_profile(pair: str, users: tuple[str, ...] = (BASE_USER,),
+                           codecs: tuple[str, ...] = ()) -> QualityProfile:
+    """The quality profile of a pair with random weights: it says there is none. One point per
+    user (accuracy 0 for every option: flat), and each of ``codecs`` priced at no loss, so a
+    planner that chooses codecs ranks them by their bytes alone."""
+    flat = (QualityPoint(1, 0.0, 0.0, 0.0),)
+    return QualityProfile({pair: {user: flat for user in users}}, metric=RANDOM_WEIGHTS_METRIC,
+                          codec_loss={codec: 0.0 for codec in codecs}, random_weights=True)
 
 
 # --- synthetic default ------------------------------------------------------------------------

@@ -94,11 +94,11 @@ def interleaved_medians(calls: Mapping[K, Callable[[], object]], repeats: int, w
 
 
 def _request(pack, steps: int, split: int, seed: int = 0):
-    from tandem.request import GenerationRequest
+    """A request at the pack's defaults; ``steps`` may be a count of timed calls beyond a user's T."""
+    from tandem.resolve import PartialRequest, resolve
 
-    size = pack.default_image_size
-    return GenerationRequest(PROMPT, steps=steps, split=split, sampler=pack.manifest.default_sampler,
-                             guidance_scale=pack.manifest.default_guidance, seed=seed, height=size, width=size)
+    return resolve(PartialRequest(PROMPT, steps=steps, split=split, seed=seed), pack.request_defaults(),
+                   validate=False).request
 
 
 def _states(pack, n: int, steps: int):
@@ -166,7 +166,8 @@ def _real_handoff_bytes(pack, steps: int, split: int, codec: str, ratio: float, 
     return len(encode_handoff(cache[key], CodecSpec(codec, ratio)))
 
 
-def check_handoff(pack, latent: LatentShape, log: Callable[[str], None]) -> HandoffCheck:
+def check_handoff(pack, latent: LatentShape, log: Callable[[str], None],
+                  steps: Sequence[int] = HANDOFF_STEPS) -> HandoffCheck:
     """Real payloads of ``pack`` against the cost model's exact prediction, over codecs, merge
     ratios and T (they must agree to the byte: the header is fixed by shape, codec and k)."""
     profile = CostProfile(latent=latent)
@@ -174,7 +175,7 @@ def check_handoff(pack, latent: LatentShape, log: Callable[[str], None]) -> Hand
     checked, worst = 0, 0
     for codec in ("fp32", "fp16", "int8"):
         for ratio in (0.0, 0.25, 0.75):
-            for t in HANDOFF_STEPS:
+            for t in steps:
                 real = _real_handoff_bytes(pack, t, t // 2, codec, ratio, cache)
                 worst = max(worst, abs(profile.handoff_bytes(t, t // 2, codec, ratio) - real))
                 checked += 1
@@ -221,6 +222,7 @@ class ProfilingConfig:
     threads: int | None = None  # torch CPU threads (None: torch's default); match the services'
     base: CostProfile = CostProfile()
     trace_unet: bool = True  # the edge's UNet traced on a CPU, as the edge server runs it by default
+    handoff_steps: tuple[int, ...] = HANDOFF_STEPS  # T of the handoff-size check (each runs T // 2 real steps)
 
 
 def profile(cfg: ProfilingConfig, log: Callable[[str], None] = lambda _: None) -> tuple[CostProfile, Measurement]:
@@ -239,7 +241,7 @@ def profile(cfg: ProfilingConfig, log: Callable[[str], None] = lambda _: None) -
     latent = LatentShape(channels, height, width)
     edge = measure_edge(large, cfg.batches, cfg.repeats, cfg.warmup, log, cfg.trace_unet)
     dev = measure_device(small, cfg.repeats, cfg.warmup, log)
-    handoff = check_handoff(large, latent, log)
+    handoff = check_handoff(large, latent, log, cfg.handoff_steps)
     rtt = measure_rtt(cfg.repeats, cfg.warmup, log) if cfg.rtt else None
     base = cfg.base
     power = cfg.power_w or (base.devices[cfg.device_class].power_w if cfg.device_class in base.devices else DEFAULT_POWER_W)
