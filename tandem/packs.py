@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tandem.request import RequestError
+from tandem.request import DEFAULT_GUIDANCE, DEFAULT_IMAGE_SIZE, DEFAULT_SAMPLER, DEFAULT_STEPS, RequestError
+from tandem.resolve import RequestDefaults
 from tandem.sampling.names import SAMPLERS
 from tandem.vocabulary import apply_aliases
 
@@ -55,10 +56,10 @@ class PackManifest:
 
     name: str
     role: str = "any"  # "large" (edge), "small" (device) or "any"
-    default_sampler: str = "dpmpp_2m"
-    default_steps: int = 20
-    default_guidance: float = 7.5
-    image_size: int | None = None
+    default_sampler: str = DEFAULT_SAMPLER
+    default_steps: int = DEFAULT_STEPS
+    default_guidance: float = DEFAULT_GUIDANCE
+    image_size: int | None = None  # None: the UNet's sample size times the VAE's factor (ModelPack)
     # Component name → directory relative to the pack, for components shared with another pack.
     components: dict[str, str] = field(default_factory=dict)
     # User name → LoRA safetensors file relative to the pack.
@@ -74,6 +75,13 @@ class PackManifest:
 
     def normalize_prompt(self, prompt: str) -> str:
         return apply_aliases(prompt, self.aliases)
+
+    def request_defaults(self, image_size: int | None = None) -> RequestDefaults:
+        """What a request to this pack leaves unset becomes (tandem.resolve). Without the loaded
+        pack's ``image_size``, a manifest that declares none gives the library's default size."""
+        return RequestDefaults(steps=self.default_steps, sampler=self.default_sampler,
+                               guidance_scale=self.default_guidance,
+                               image_size=image_size or int(self.image_size or DEFAULT_IMAGE_SIZE))
 
     @classmethod
     def read(cls, root: Path) -> "PackManifest":
@@ -129,19 +137,46 @@ class ModelPack:
     compact: dict[str, torch.dtype] = field(default_factory=dict)
     active_user: str | None = None
     text: TextModel | None = None
+    # The text encoder held only while a prompt is encoded (a device short of memory): loaded for
+    # each encoding, freed when the last one in flight ends, so its weights never sit beside the
+    # UNet's step and the VAE's decode at the peak.
+    transient_text: bool = False
     _text_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _text_users: int = field(default=0, repr=False, compare=False)
+
+    @contextmanager
+    def encoding_text(self) -> Iterator[TextModel]:
+        """The text model for one encoding; with `transient_text` it goes when no encoding needs it."""
+        with self._text_lock:
+            model = self._text_locked()
+            self._text_users += 1
+        try:
+            yield model
+        finally:
+            with self._text_lock:
+                self._text_users -= 1
+                if self.transient_text and self._text_users == 0:
+                    self.text = None
+            if self.transient_text:
+                from tandem.memory import give_back_freed
+
+                del model
+                give_back_freed()  # its memory back to the OS now, before the steps that follow
 
     def text_model(self) -> TextModel:
         """The tokenizer and text encoder, loaded on first use (once, whichever thread asks)."""
         with self._text_lock:
-            if self.text is None:
-                stored = self.compact.get("text_encoder", self.dtype)
-                self.text = _load_text(self.root, *self.text_dirs, self.device, stored, self.offload)
-                if "text_encoder" in self.compact:
-                    from tandem.compact import compact
+            return self._text_locked()
 
-                    compact(self.text.encoder, self.dtype)
-            return self.text
+    def _text_locked(self) -> TextModel:
+        if self.text is None:
+            stored = self.compact.get("text_encoder", self.dtype)
+            self.text = _load_text(self.root, *self.text_dirs, self.device, stored, self.offload)
+            if "text_encoder" in self.compact:
+                from tandem.compact import compact
+
+                compact(self.text.encoder, self.dtype)
+        return self.text
 
     @property
     def text_encoder(self) -> Any:
@@ -171,6 +206,10 @@ class ModelPack:
         if self.manifest.image_size:
             return int(self.manifest.image_size)
         return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    def request_defaults(self) -> RequestDefaults:
+        """What a request to this pack leaves unset becomes (tandem.resolve.resolve)."""
+        return self.manifest.request_defaults(self.default_image_size)
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         f = self.vae_scale_factor
@@ -314,6 +353,7 @@ def load_pack(
     offload: bool = False,
     lazy_text: bool = False,
     compact: bool = False,
+    transient_text: bool = False,
 ) -> ModelPack:
     """Loads a pack for inference (eval mode, no grad), weights safetensors-only. With `offload`
     (a CUDA device smaller than the pack), the weights stay in CPU memory and accelerate moves
@@ -321,7 +361,8 @@ def load_pack(
     first prompt encoded (never, for a process given its prompt embeddings); by default it loads
     now, so a broken one fails at startup, not in a server's first request. With `compact` (a
     device short of memory), each component whose weights are all stored in one dtype narrower
-    than `dtype` keeps them so (tandem/compact.py); the others load as usual."""
+    than `dtype` keeps them so (tandem/compact.py); the others load as usual. With
+    `transient_text`, the text encoder is held only while it encodes a prompt (ModelPack.encoding_text)."""
     import torch
 
     # Each class from its own module: diffusers' package __init__s still load every model class
@@ -372,9 +413,11 @@ def load_pack(
         text_dirs=(dirs["text_encoder"], dirs["tokenizer"]),
         offload=offload,
         compact=narrow,
+        transient_text=transient_text,
     )
-    if not lazy_text:
-        pack.text_model()
+    if not lazy_text:  # a broken text encoder fails now (a transient one is then let go)
+        with pack.encoding_text():
+            pass
     if user is not None:
         pack.use_user(user)
     return pack

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from tandem.handoff import CodecSpec, Handoff, decode_handoff, encode_handoff
+from tandem.memory import give_back_freed
 from tandem.packs import ModelPack, check_pair
 from tandem.phases import Phase
 from tandem.request import GenerationRequest, RequestError
@@ -37,15 +38,16 @@ def encode_prompt(pack: ModelPack, prompt: str, negative_prompt: str, guidance_s
     pack's aliases apply first (the demo pack reads "an" as "a"), for every client, not just the CLI."""
     prompt, negative_prompt = pack.manifest.normalize_prompt(prompt), pack.manifest.normalize_prompt(negative_prompt)
     texts = [prompt, negative_prompt] if guidance_scale != 1.0 else [prompt]
-    text = pack.text_model()  # loaded on the first prompt this pack encodes
-    tokens = text.tokenizer(
-        texts,
-        padding="max_length",
-        max_length=text.tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    )
-    hidden = text.encoder(tokens.input_ids.to(pack.device))[0].float()
+    with pack.encoding_text() as text:  # loaded on the first prompt this pack encodes
+        tokens = text.tokenizer(
+            texts,
+            padding="max_length",
+            max_length=text.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        hidden = text.encoder(tokens.input_ids.to(pack.device))[0].float()
+        del text  # the pack's reference is the last one: a transient encoder goes as the block ends
     return Guidance(cond=hidden[0], uncond=hidden[1] if len(texts) == 2 else None, scale=float(guidance_scale))
 
 
@@ -166,6 +168,8 @@ def finish_on_device(pack: ModelPack, state: DenoiseState, total_steps: int, tim
     with timer.phase(Phase.DEVICE_STEPS):
         run_steps(pack, state, total_steps, Phase.DEVICE_STEPS, on_step)
     with timer.phase(Phase.DECODE):
+        if pack.transient_text:  # a lean device: the steps' temporaries go before the decode's arrive
+            give_back_freed()
         image = decode(pack, state.latent)
     if on_step is not None:
         on_step(Phase.DECODE, 1, 1)

@@ -189,6 +189,9 @@ def test_the_device_service_takes_compact_weights_from_its_flag_or_environment(m
     assert parse_args([]).compact_weights is False
     monkeypatch.setenv("TANDEM_UE_COMPACT_WEIGHTS", "1")
     assert parse_args([]).compact_weights is True
+    assert parse_args(["--transient-text"]).transient_text is True and parse_args([]).transient_text is False
+    monkeypatch.setenv("TANDEM_UE_TRANSIENT_TEXT", "yes")
+    assert parse_args([]).transient_text is True
 
 
 def test_a_device_service_with_compact_weights_makes_the_users_images(demo, tmp_path, capsys):
@@ -203,14 +206,14 @@ def test_a_device_service_with_compact_weights_makes_the_users_images(demo, tmp_
     from services.cli import generate as cli
 
     large, plain = demo
-    with device_service(DEMO_PACK / "small", tmp_path, "--compact-weights") as ue:
+    with device_service(DEMO_PACK / "small", tmp_path, "--compact-weights", "--transient-text") as ue:
         out = tmp_path / "x.png"
         assert cli.main(["generate", PROMPT, "--out", str(out), "--ue", ue.address, "--user", "alice", "--steps", "8",
                          "--split", "0", "--seed", "4", "--guidance", "4", "--json", "--quiet"]) == 0
         report = json.loads(capsys.readouterr().out)
         assert report["mode"] == "device-service" and report["device_steps"] == 8
         # the flag reached load_pack: the service says which components it holds compact
-        assert "weights held compact: unet, vae, text_encoder" in ue.log()
+        assert "weights held compact: unet, vae, text_encoder, text encoder held only while it encodes" in ue.log()
     request = GenerationRequest(PROMPT, steps=8, split=0, seed=4, guidance_scale=4.0, height=64, width=64,
                                 user="alice")
     expected = HybridPipeline(large, plain).generate(request).image
