@@ -27,7 +27,7 @@ from tandem.demo.evaluator import Evaluator
 from tandem.demo.grammar import USER_STYLES, Scene
 from tandem.demo.world import sample_scenes
 from tools.demo_pack.assemble_pack import set_default_guidance
-from tools.demo_pack.common import resolve_device
+from tools.demo_pack.runs import resolve_device
 
 
 @dataclass

@@ -15,15 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from tandem.demo.evaluator import HEADS, Evaluator, EvaluatorNet
-from tools.demo_pack.common import (
-    Run,
-    Trainer,
-    add_common_args,
-    autocast,
-    render_bank,
-    resolve_args,
-    trainable,
-)
+from tools.demo_pack.data import render_bank
+from tools.demo_pack.runs import Run, add_common_args, autocast, resolve_args
+from tools.demo_pack.trainer import Trainer, trainable
 
 STAGE = "evaluator"
 TINY_CONFIG = {"channels": [8, 8, 16, 16], "hidden": 32}

@@ -19,22 +19,10 @@ import torch.nn.functional as F
 
 from tandem.demo.grammar import USER_STYLES
 from tandem.demo.tokenizer import MAX_LENGTH
-from tools.demo_pack.common import (
-    EpsModel,
-    NoiseSchedule,
-    Run,
-    Trainer,
-    add_common_args,
-    add_denoising_args,
-    autocast,
-    eps_sample_args,
-    graphed_for_training,
-    latent_bank,
-    load_text,
-    require,
-    resolve_args,
-    trainable,
-)
+from tools.demo_pack.graphs import EpsModel, eps_sample_args, graphed_for_training
+from tools.demo_pack.latents import NoiseSchedule, latent_bank, load_text, require
+from tools.demo_pack.runs import Run, add_common_args, add_denoising_args, autocast, resolve_args
+from tools.demo_pack.trainer import Trainer, trainable
 
 STAGE = "lora"
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"

@@ -15,24 +15,11 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from tools.demo_pack.common import (
-    EpsModel,
-    NoiseSchedule,
-    Run,
-    Trainer,
-    add_common_args,
-    add_denoising_args,
-    autocast,
-    captured_for_inference,
-    eps_sample_args,
-    graphed_for_training,
-    latent_bank,
-    load_text,
-    require,
-    resolve_args,
-    trainable,
-)
+from tools.demo_pack.graphs import EpsModel, captured_for_inference, eps_sample_args, graphed_for_training
+from tools.demo_pack.latents import NoiseSchedule, latent_bank, load_text, require
 from tools.demo_pack.models import small_unet_config
+from tools.demo_pack.runs import Run, add_common_args, add_denoising_args, autocast, resolve_args
+from tools.demo_pack.trainer import Trainer, trainable
 
 STAGE = "small"
 

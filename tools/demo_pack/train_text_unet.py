@@ -16,23 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from tandem.demo.tokenizer import build_tokenizer
-from tools.demo_pack.common import (
-    EpsModel,
-    NoiseSchedule,
-    Run,
-    Trainer,
-    add_common_args,
-    add_denoising_args,
-    autocast,
-    eps_sample_args,
-    graphed_for_training,
-    latent_bank,
-    require,
-    resolve_args,
-    trainable,
-    write_scheduler,
-)
+from tools.demo_pack.graphs import EpsModel, eps_sample_args, graphed_for_training
+from tools.demo_pack.latents import NoiseSchedule, latent_bank, require, write_scheduler
 from tools.demo_pack.models import large_unet_config, text_encoder_config
+from tools.demo_pack.runs import Run, add_common_args, add_denoising_args, autocast, resolve_args
+from tools.demo_pack.trainer import Trainer, trainable
 
 STAGE = "text_unet"
 

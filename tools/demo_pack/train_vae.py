@@ -13,19 +13,12 @@ import argparse
 
 import torch
 
-from tools.demo_pack.common import (
-    Run,
-    Trainer,
-    add_common_args,
-    autocast,
-    encode_latents,
-    graphed_for_training,
-    render_bank,
-    resolve_args,
-    to_model_images,
-    trainable,
-)
+from tools.demo_pack.data import render_bank, to_model_images
+from tools.demo_pack.graphs import graphed_for_training
+from tools.demo_pack.latents import encode_latents
 from tools.demo_pack.models import LATENT_CHANNELS, LATENT_SIZE, vae_config
+from tools.demo_pack.runs import Run, add_common_args, autocast, resolve_args
+from tools.demo_pack.trainer import Trainer, trainable
 
 STAGE = "vae"
 
