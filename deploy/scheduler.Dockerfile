@@ -31,7 +31,10 @@ ENV PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 \
     PATH=/opt/venv/bin:$PATH \
     PYTHONPATH=/app
-RUN useradd --create-home --uid 10001 --user-group tandem
+# /var/lib/tandem: the --state-file volume (docker-compose.yml), the service user's own (a new
+# named volume takes the ownership of the directory it mounts over)
+RUN useradd --create-home --uid 10001 --user-group tandem \
+    && install -d -o 10001 -g 10001 /var/lib/tandem
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 COPY tandem ./tandem

@@ -215,7 +215,9 @@ def test_a_burst_through_grpc_starts_as_one_batch(tiny_packs, tmp_path):
     with edge_server(tiny_packs["large"], tmp_path, "--max-batch", "6", "--coalesce-ms", "60000",
                      "--coalesce-max-ms", "60000") as server:
         async def burst():
-            return await asyncio.gather(*(fetch_handoff(server.address, req(i), CodecSpec(), 120) for i in range(6)))
+            # six users: one user's would run four at a time (--max-running-per-user)
+            return await asyncio.gather(*(fetch_handoff(server.address, req(i, user=f"client{i}"), CodecSpec(), 120)
+                                          for i in range(6)))
 
         assert all(r.payload for r in asyncio.run(burst()))
         text = server.metrics()

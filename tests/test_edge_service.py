@@ -53,7 +53,8 @@ def test_sixteen_concurrent_clients_complete_in_shared_batches(edge):
     before = edge.metrics()
 
     async def run_all():
-        requests = [req(seed=i, steps=12, split=10) for i in range(16)]
+        # sixteen users: one user's requests would run four at a time (--max-running-per-user)
+        requests = [req(seed=i, steps=12, split=10, user=f"client{i}") for i in range(16)]
         return await asyncio.gather(*(fetch_handoff(edge.address, r, CodecSpec(), timeout=120) for r in requests))
 
     results = asyncio.run(run_all())

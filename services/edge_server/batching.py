@@ -1,8 +1,11 @@
 """Continuous (iteration-level) batching policy, free of models and gRPC so it tests alone.
 
-Requests wait in a bounded FIFO queue; at every engine iteration finished, cancelled and expired
-requests leave the running set, and free slots (up to max_batch_size) go to the oldest waiting
-requests. A request therefore joins a batch at any step and leaves it as soon as it is done.
+Requests wait in a bounded queue, one FIFO per identity (fairness.FairQueue); at every engine
+iteration finished, cancelled and expired requests leave the running set, and free slots (up to
+max_batch_size) go to the waiting identities in turn, each its oldest request, so a user with many
+requests queued takes one slot per round like everyone else. Per-identity caps bound what one user
+holds: requests waiting (beyond it: OwnerQueueFull, RESOURCE_EXHAUSTED) and running (its others
+wait while it is at the cap). A request joins a batch at any step and leaves it as soon as it is done.
 Only requests of one latent shape can share a UNet call: `buckets` splits a batch into such
 groups, and the engine runs every group at every iteration, so no shape waits for another.
 `due` paces requests larger than the usual size, so that each takes a usual request's share.
@@ -14,10 +17,12 @@ together start together, and a running batch grows by a bounded step cost per it
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
+
+from services.edge_server.fairness import FairQueue
 
 
 class Schedulable(Protocol):
@@ -34,6 +39,10 @@ T = TypeVar("T", bound=Schedulable)
 
 class QueueFull(Exception):
     """The wait queue is at capacity (maps to RESOURCE_EXHAUSTED)."""
+
+
+class OwnerQueueFull(QueueFull):
+    """The caller has as many requests waiting as one identity may (maps to RESOURCE_EXHAUSTED)."""
 
 
 class Closed(Exception):
@@ -54,10 +63,17 @@ class BatchConfig:
     # pack on one CPU thread: a ≈ 38 ms, b ≈ 5 ms; on a GPU a batch is nearly free: a/b is larger).
     max_growth: float = 0.5
     fixed_cost: float = 8.0
+    # Per identity (0 = no cap): requests queued beyond those it may run (max_running_per_owner, or
+    # the batch), past which a new one is refused, and requests running, past which its waiting
+    # ones let the others' go first. Off here (an engine in a test or a bench is one user); the
+    # server turns them on (--max-queued-per-user, --max-running-per-user).
+    max_queued_per_owner: int = 0
+    max_running_per_owner: int = 0
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_queue < 0 or not 0 <= self.coalesce_s <= self.coalesce_max_s \
-                or self.max_growth < 0 or self.fixed_cost < 0:
+                or self.max_growth < 0 or self.fixed_cost < 0 or self.max_queued_per_owner < 0 \
+                or self.max_running_per_owner < 0:
             raise ValueError(f"invalid batch config {self}")
 
     def admissible(self, running: int) -> int:
@@ -85,15 +101,22 @@ class Iteration(Generic[T]):
     hold_until: float | None = None  # idle engine in its coalescing window: look again then
 
 
+def owner_attribute(item: object) -> Hashable:
+    """An item's identity: its ``owner`` attribute ("" when it has none: one shared identity)."""
+    return getattr(item, "owner", "")
+
+
 class Batcher(Generic[T]):
     """The edge's admission and batch selection (vLLM calls its counterpart a scheduler; ours is
     the batcher, the scheduler being the planning service). The engine talks to it only through
-    these methods."""
+    these methods. ``owner``: whose an item is (fair turns and per-identity caps go by it)."""
 
-    def __init__(self, config: BatchConfig = BatchConfig()):
+    def __init__(self, config: BatchConfig = BatchConfig(), owner: Callable[[T], Hashable] = owner_attribute):
         self.config = config
-        self._waiting: deque[T] = deque()
+        self.owner = owner
+        self._waiting: FairQueue[T] = FairQueue(owner)
         self._running: list[T] = []
+        self._running_by: Counter[Hashable] = Counter()
         self._closed = False
 
     @property
@@ -114,20 +137,46 @@ class Batcher(Generic[T]):
         leftovers = list(self._waiting) + self._running
         self._waiting.clear()
         self._running.clear()
+        self._running_by.clear()
         return leftovers
 
     def submit(self, item: T) -> int:
-        """Queues `item`; returns its position (0 = next). Raises QueueFull or Closed."""
+        """Queues `item`; returns its position (0 = next). Raises QueueFull (OwnerQueueFull when its
+        owner has the most requests waiting that one identity may) or Closed."""
         if self._closed:
             raise Closed("server is shutting down")
         if len(self._waiting) >= self.config.max_queue:
             raise QueueFull(f"queue full ({self.config.max_queue} waiting); retry later")
+        owner, cap = self.owner(item), self.config.max_queued_per_owner
+        if cap:
+            waiting, running = self._waiting.count(owner), self._running_by[owner]
+            if waiting >= cap + self._startable(running):
+                raise OwnerQueueFull(f"{owner} already has {waiting} requests waiting on this edge and {running} "
+                                     f"running: the per-user cap (--max-queued-per-user {cap} beyond those it may "
+                                     f"run); retry when one of them finishes")
         self._waiting.append(item)
-        return len(self._waiting) - 1
+        return self.position(item)
+
+    def _startable(self, running: int) -> int:
+        """How many more of an owner's requests may run at once: those do not count as queued (a
+        burst that arrives in the coalescing window waits a few ms for its batch, not for a slot)."""
+        most = self.config.max_running_per_owner or self.config.max_batch_size
+        return max(0, most - running)
+
+    def position(self, item: T) -> int:
+        """Where a waiting `item` stands in the turn order (0 = next; -1 when not waiting)."""
+        return next((i for i, waiting in enumerate(self._waiting) if waiting is item), -1)
+
+    def running_of(self, owner: Hashable) -> int:
+        return self._running_by[owner]
+
+    def waiting_of(self, owner: Hashable) -> int:
+        return self._waiting.count(owner)
 
     def next_iteration(self, now: float) -> Iteration[T]:
-        """Drops finished, cancelled and expired requests, admits the oldest waiting ones into free
-        slots (as many as `BatchConfig.admissible` allows), and returns the batch to run.
+        """Drops finished, cancelled and expired requests, admits waiting ones into free slots (as
+        many as `BatchConfig.admissible` allows; the waiting identities in turn, each its oldest,
+        an identity at its running cap skipped), and returns the batch to run.
 
         When nothing runs, the newest waiting request arrived less than `coalesce_s` ago, the
         oldest less than `coalesce_max_s` ago and the batch is not full yet, nothing starts:
@@ -146,12 +195,18 @@ class Batcher(Generic[T]):
                 else:
                     continue
                 pool.remove(item)
+        self._running_by = Counter(self.owner(r) for r in self._running)
         hold = self._hold_until(now)
         limit = 0 if hold is not None else self.config.admissible(len(self._running))
+        cap = self.config.max_running_per_owner
+        at_cap = (lambda owner: self._running_by[owner] >= cap) if cap else (lambda owner: False)
         while self._waiting and len(self._running) < self.config.max_batch_size and len(step.admitted) < limit:
-            item = self._waiting.popleft()
-            self._running.append(item)
-            step.admitted.append(item)
+            chosen = self._waiting.pop(skip=at_cap)
+            if chosen is None:  # every identity waiting is at its running cap
+                break
+            self._running.append(chosen)
+            self._running_by[self.owner(chosen)] += 1
+            step.admitted.append(chosen)
         step.batch = list(self._running)
         step.queue_changed = len(self._waiting) != before
         step.hold_until = hold
@@ -162,8 +217,9 @@ class Batcher(Generic[T]):
             return None
         if self.config.coalesce_s == 0:
             return None
-        until = min(self._waiting[0].submitted_at + self.config.coalesce_max_s,
-                    self._waiting[-1].submitted_at + self.config.coalesce_s)
+        oldest = min(item.submitted_at for item in self._waiting.heads())
+        newest = max(item.submitted_at for item in self._waiting.tails())
+        until = min(oldest + self.config.coalesce_max_s, newest + self.config.coalesce_s)
         return until if now < until else None
 
     def positions(self) -> list[tuple[T, int]]:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.edge_server.batching import BatchConfig, Batcher, Closed, QueueFull, buckets, due
+from services.edge_server.batching import BatchConfig, Batcher, Closed, OwnerQueueFull, QueueFull, buckets, due
 from services.edge_server.conditioning import Starter
 from services.edge_server.memory import release_memory
 from services.edge_server.metrics import EdgeMetrics
@@ -36,7 +36,7 @@ from tandem.traced import call_fast
 
 log = logging.getLogger("tandem.edge")
 
-__all__ = ["EdgeEngine", "QueueFull", "Closed", "Queued", "Progress", "Finished", "Failed"]
+__all__ = ["EdgeEngine", "QueueFull", "OwnerQueueFull", "Closed", "Queued", "Progress", "Finished", "Failed"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,7 @@ class EngineRequest:
     weight: float = 1.0  # pixels relative to the pack's usual image (see batching.due)
     credit: float = 0.0
     reported_at: float = float("-inf")  # when its last Progress event went out
+    owner: str = ""  # whose it is: fair turns and per-user caps (batching.Batcher) go by it
 
     @property
     def finished(self) -> bool:
@@ -156,8 +157,10 @@ class EdgeEngine:
 
     # --- client side (any thread) ---------------------------------------------------------
 
-    def submit(self, request: GenerationRequest, codec: CodecSpec, sink: Sink, timeout: float | None = None) -> EngineRequest:
-        """Queues a validated request. Raises QueueFull or Closed; never blocks on the model."""
+    def submit(self, request: GenerationRequest, codec: CodecSpec, sink: Sink, timeout: float | None = None,
+               owner: str = "") -> EngineRequest:
+        """Queues a validated request of ``owner`` (the servicer's user key; "" one shared identity).
+        Raises QueueFull (OwnerQueueFull beyond the owner's cap) or Closed; never blocks on the model."""
         now = time.monotonic()
         entry = EngineRequest(
             id=next(self._ids),
@@ -166,6 +169,7 @@ class EdgeEngine:
             sink=sink,
             deadline=None if timeout is None else now + timeout,
             submitted_at=now,
+            owner=owner,
         )
         with self._wake:
             entry.position = self.batcher.submit(entry)

@@ -29,9 +29,11 @@ class StreamLimiter:
 
 
 def user_key(claimed_user: str, peer: str, token_user: str | None = None) -> str:
-    """Who a stream counts against: with tokens on, the token's user (so leaving `user` empty
-    does not escape the cap); else the request's user, else the caller's host
-    ("ipv4:10.0.0.7:51234" -> "host 10.0.0.7")."""
+    """Who a request counts against (its stream slot, its turn in the fair queue, the per-user
+    caps): with tokens on, the token's user (so leaving `user` empty does not escape the cap);
+    else the request's user, which a caller may claim freely (without tokens a user who sends
+    each request under a new name is many users: turn tokens on where that matters); else the
+    caller's host ("ipv4:10.0.0.7:51234" -> "host 10.0.0.7")."""
     if token_user:
         return f"user {token_user}"
     if claimed_user:

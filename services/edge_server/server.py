@@ -43,6 +43,10 @@ MAX_SEND_BYTES = 4 * 1024 * 1024
 
 
 _env = env_lookup("edge")
+# One user's share of the edge by default: a quarter of the default batch running, an eighth of the
+# default queue waiting beyond that; a 13th request of one user at once is refused, nobody else's.
+MAX_QUEUED_PER_USER = 8
+MAX_RUNNING_PER_USER = 4
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,8 +60,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--metrics-port", type=int, default=_env("metrics_port", 9101), help="0 = no metrics endpoint")
     parser.add_argument("--max-batch", type=int, default=_env("max_batch", 16))
     parser.add_argument("--max-queue", type=int, default=_env("max_queue", 64))
+    parser.add_argument("--max-queued-per-user", type=int, default=_env("max_queued_per_user", MAX_QUEUED_PER_USER),
+                        help="requests one user may have waiting beyond those it may run (--max-running-per-user, "
+                             "else the batch); beyond it a request is refused (RESOURCE_EXHAUSTED): by default one "
+                             "user holds 4 + 8 at most. A user: the token's with --tokens, else the request's `user` "
+                             "(claimed: anyone can claim any name), else the caller's host. Waiting requests start "
+                             f"round-robin by user, not first come first served; 0 = no cap ({MAX_QUEUED_PER_USER})")
+    parser.add_argument("--max-running-per-user", type=int, default=_env("max_running_per_user", MAX_RUNNING_PER_USER),
+                        help="requests of one user in the running batch at once; its others wait, the other users' "
+                             f"go first; 0 = no cap ({MAX_RUNNING_PER_USER})")
     parser.add_argument("--max-streams-per-user", type=int, default=_env("max_streams_per_user", 0),
-                        help="concurrent Generate streams per user (the request's user, else the caller's host); 0 = no cap")
+                        help="concurrent Generate streams per user (as for --max-queued-per-user); 0 = no cap (0)")
     parser.add_argument("--min-image-side", type=int, default=_env("min_image_side", None),
                         help="smallest image side served, px (default: a quarter of the pack's size)")
     parser.add_argument("--max-image-side", type=int, default=_env("max_image_side", None),
@@ -89,8 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_tokens_arg(parser, _env)
     add_client_args(parser, _env, prefix="scheduler-", what="the --scheduler")
     args = parser.parse_args(argv)
-    if args.max_streams_per_user < 0:
-        parser.error(f"--max-streams-per-user: must be >= 0, got {args.max_streams_per_user}")
+    for flag in ("max_streams_per_user", "max_queued_per_user", "max_running_per_user"):
+        if getattr(args, flag) < 0:
+            parser.error(f"--{flag.replace('_', '-')}: must be >= 0, got {getattr(args, flag)}")
     for flag in ("coalesce_ms", "coalesce_max_ms", "max_growth", "progress_interval"):
         value = getattr(args, flag)
         if not math.isfinite(value) or value < 0:
@@ -131,7 +145,8 @@ async def serve(args: argparse.Namespace) -> None:
         raise
     metrics = EdgeMetrics()
     config = BatchConfig(args.max_batch, args.max_queue, coalesce_s=args.coalesce_ms / 1000,
-                         coalesce_max_s=args.coalesce_max_ms / 1000, max_growth=args.max_growth)
+                         coalesce_max_s=args.coalesce_max_ms / 1000, max_growth=args.max_growth,
+                         max_queued_per_owner=args.max_queued_per_user, max_running_per_owner=args.max_running_per_user)
     engine = EdgeEngine(pack, config, metrics, progress_interval_s=args.progress_interval, trace_unet=args.trace_unet)
     await asyncio.to_thread(engine.warm_up)  # still NOT_SERVING: the first request pays no trace
     servicer.attach(engine, limits)

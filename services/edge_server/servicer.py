@@ -46,7 +46,8 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         self.engine = engine
 
     def _caller(self, request, context) -> str:
-        """Whose stream slot a call takes (see user_key)."""
+        """Whose a call is (see user_key): its stream slot, its turn in the engine's fair queue and
+        its per-user caps on waiting and running requests."""
         user = token_user(self.tokens, bearer_token(context.invocation_metadata())) if self.tokens else None
         return user_key(request.user, context.peer(), user)
 
@@ -105,8 +106,8 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
             try:
-                entry = self.engine.submit(domain_request, codec, sink, timeout=context.time_remaining())
-            except QueueFull as exc:
+                entry = self.engine.submit(domain_request, codec, sink, timeout=context.time_remaining(), owner=key)
+            except QueueFull as exc:  # the whole queue, or this caller's share of it (OwnerQueueFull)
                 code = grpc.StatusCode.RESOURCE_EXHAUSTED
                 recorded = record_call(self.metrics, code.name, began)
                 await context.abort(code, str(exc))

@@ -25,6 +25,8 @@ The service (only servicer, server and client import grpc):
   frames      frame collector (requests within a window decided together)
   edges       edge registry: heartbeats, expiry, least-loaded routing
   core        plan requests → frames → plans; reports → calibration
+  ratelimit   a token bucket per caller on Plan
+  state       --state-file: what the core learned, saved atomically and restored at start
   metrics     Prometheus metrics
   servicer    the SchedulerService gRPC servicer
   server      `python -m services.scheduler`

@@ -11,8 +11,10 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
+from services.scheduler.decide import checks
 from services.scheduler.decide.calibration import MAX_RTT_S, RobustCalibrator, UserLinks, UserMargins
 from services.scheduler.decide.costs import CostProfile, PhaseObservation
 from services.scheduler.decide.isolation import best_effort_plan, split_infeasible
@@ -26,6 +28,7 @@ from services.scheduler.occupancy import EdgeOccupancy, EdgeSpan
 from services.scheduler.pending import PendingPlans
 from tandem.codec.spec import DEFAULT_STRATEGY
 from tandem.echo import shown
+from tandem.link import LinkEstimate
 from tandem.lru import Lru
 from tandem.request import MAX_PROMPT_CHARS, MAX_STEPS  # a request's limits: a plan's prompt, a report's steps
 
@@ -186,6 +189,7 @@ class SchedulerCore:
     options: OptionTable = DEFAULT_OPTIONS
     objective: ObjectiveConfig = ObjectiveConfig()  # its budget_headroom: --budget-headroom
     clock: Callable[[], float] = time.monotonic
+    wall: Callable[[], float] = time.time  # what the state file's times are in (the clock's restart with the process)
 
     def __post_init__(self) -> None:
         self._pending: PendingPlans[_Record] = PendingPlans(self.max_records, self.max_pending_per_user)
@@ -197,6 +201,7 @@ class SchedulerCore:
         self._issued: dict[str, float] = {}  # plan id -> issue time, the last SETTLE_S, oldest first
         self._held: deque[_Held] = deque()
         self._lock = threading.Lock()  # frames are decided on a worker thread, reports on the loop
+        self._revision = 0  # counts the changes to what export_state gives
 
     # --- plans ------------------------------------------------------------------------------
     def user_spec(self, request: PlanInput, owner: str | None = None) -> UserSpec:
@@ -308,6 +313,7 @@ class SchedulerCore:
                 out.append(assigned)
             while len(self._issued) > self.max_records:
                 del self._issued[next(iter(self._issued))]
+            self._revision += 1
         return out
 
     def _on_edges(self, now: float, frame_owners: set[str]) -> float:
@@ -348,6 +354,7 @@ class SchedulerCore:
                 raise NotYourPlan(report.plan_id)
             self._pending.pop(report.plan_id)
             self._reported.put(report.plan_id, True)
+            self._revision += 1
         plan = record.assigned.plan
         edge_steps, device_steps = report.edge_steps, report.device_steps
         if edge_steps == 0 and device_steps == 0:
@@ -433,6 +440,160 @@ class SchedulerCore:
     @property
     def pending_reports(self) -> int:
         return len(self._pending)
+
+    @property
+    def prior_costs(self) -> CostProfile:
+        """The cost profile as loaded, before any calibration (what the state file is tied to)."""
+        return self._calibrator.prior
+
+    def margin_of(self, user: str) -> float:
+        """A user's own margin (calibration.UserMargins), by its owner key ("id:alice", "user:alice")."""
+        with self._lock:
+            return self._margins.margin(user)
+
+    def link_of(self, user: str) -> LinkEstimate:
+        """A user's own link estimate from its reports, by its owner key."""
+        with self._lock:
+            return self._links.get(user)
+
+    # --- kept across restarts (services/scheduler/state.py) ----------------------------------
+    @property
+    def revision(self) -> int:
+        """Changes so far to what :meth:`export_state` gives (a saver skips an unchanged state)."""
+        return self._revision
+
+    def export_state(self) -> dict[str, Any]:
+        """What this scheduler has learned, as plain JSON: the calibration of the shared cost model,
+        each user's own link and margin (keyed by owner, never merged), the edge spans reports
+        measured, the plans awaiting a report (so a report after a restart still counts, once), the
+        edge observations waiting for their batch and the edges live by heartbeat (a restart within
+        their TTL routes to them before they beat again). Times are wall-clock seconds (the core's
+        clock starts anew with the process)."""
+        with self._lock:  # copies (of immutable records: references) under the lock, JSON after it
+            offset = self.wall() - self.clock()
+            calibration, links, margins = self._calibrator.export(), self._links.export(), self._margins.export()
+            spans, pending, held = self._occupancy.spans(), self._pending.items(), list(self._held)
+            issued, reported = list(self._issued.items()), [plan_id for plan_id, _ in self._reported.items()]
+        edges = self.edges.export(self.wall())
+        return {
+            "calibration": calibration,
+            "links": links,
+            "margins": margins,
+            "occupancy": [_span_json(span, offset) for span in spans],
+            "pending": [_record_json(plan_id, record, offset) for plan_id, _, record in pending],
+            "issued": [[plan_id, at + offset] for plan_id, at in issued],
+            "held": [{"observation": _plain(h.observation), "span": _span_json(h.span, offset)} for h in held],
+            "reported": reported,
+            "edges": edges,
+        }
+
+    def restore_state(self, data: Any) -> None:
+        """Takes back what :meth:`export_state` gave (of a core with the same cost profile), within
+        this core's bounds (each LRU and table keeps its size: the most recent kept). Raises
+        ValueError naming what is wrong; then nothing changed."""
+        checks.require_keys(data, {"calibration", "links", "margins", "occupancy", "pending", "issued", "held", "reported",
+                                   "edges"}, "state")
+        offset = self.clock() - self.wall()  # wall-clock seconds -> this process's clock
+        old = self._calibrator
+        calibrator = RobustCalibrator.restored(old.prior, data["calibration"], old.window, old.outlier_factor,
+                                               old.max_rtt_s)
+        links, margins = UserLinks.restored(data["links"]), UserMargins.restored(data["margins"])
+        occupancy = EdgeOccupancy()
+        for i, entry in enumerate(checks.as_list(data["occupancy"], "occupancy")):
+            occupancy.add(_span_from(entry, f"occupancy[{i}]", offset))
+        pending: PendingPlans[_Record] = PendingPlans(self.max_records, self.max_pending_per_user)
+        for i, entry in enumerate(checks.as_list(data["pending"], "pending")):
+            plan_id, record = _record_from(entry, f"pending[{i}]", offset)
+            if pending.get(plan_id) is not None:
+                raise ValueError(f"pending[{i}].plan_id: {plan_id!r:.40} twice")
+            pending.add(plan_id, record.owner, record)
+        issued: dict[str, float] = {}
+        for i, entry in enumerate(checks.as_list(data["issued"], "issued")):
+            if not isinstance(entry, list) or len(entry) != 2:
+                raise ValueError(f"issued[{i}]: expected [plan id, time]")
+            at = checks.number(entry[1], f"issued[{i}][1]") + offset
+            if issued and at < next(reversed(issued.values())):
+                raise ValueError(f"issued[{i}]: out of order (plans are listed as issued)")
+            issued[checks.text(entry[0], f"issued[{i}][0]", MAX_ID_CHARS)] = at
+        while len(issued) > self.max_records:
+            del issued[next(iter(issued))]
+        kept = {span: span for span in occupancy.spans()}  # a held span is the very one occupancy holds
+        held: deque[_Held] = deque()
+        for i, entry in enumerate(checks.as_list(data["held"], "held")):
+            checks.require_keys(entry, {"observation", "span"}, f"held[{i}]")
+            observation = checks.typed(PhaseObservation, entry["observation"], f"held[{i}].observation",
+                                       choices={"phase": ("edge", "transfer", "device", "decode")})
+            span = _span_from(entry["span"], f"held[{i}].span", offset)
+            held.append(_Held(observation, kept.get(span, span)))
+        while len(held) > MAX_HELD:
+            held.popleft()
+        reported: Lru[str, bool] = Lru(self.max_records)
+        for i, plan_id in enumerate(checks.as_list(data["reported"], "reported")):
+            reported.put(checks.text(plan_id, f"reported[{i}]", MAX_ID_CHARS), True)
+        edges = []
+        for i, entry in enumerate(checks.as_list(data["edges"], "edges")):
+            where = f"edges[{i}]"
+            checks.require_keys(entry, {"address", "queue_depth", "running_requests", "steps_per_second", "seen_at"},
+                                where)
+            load = EdgeLoad(checks.text(entry["address"], f"{where}.address", MAX_ADDRESS_CHARS),
+                            checks.count(entry["queue_depth"], f"{where}.queue_depth"),
+                            checks.count(entry["running_requests"], f"{where}.running_requests"),
+                            checks.number(entry["steps_per_second"], f"{where}.steps_per_second", 0.0,
+                                          MAX_STEPS_PER_SECOND))
+            try:
+                check_heartbeat(load)
+            except PlanInputError as exc:
+                raise ValueError(f"{where}: {exc}") from None
+            edges.append((load, checks.number(entry["seen_at"], f"{where}.seen_at")))
+        with self._lock:
+            self._calibrator, self.costs = calibrator, calibrator.profile()
+            self._links, self._margins, self._occupancy = links, margins, occupancy
+            self._pending, self._issued, self._held, self._reported = pending, issued, held, reported
+            self._revision += 1
+        self.edges.restore(edges, self.wall())
+
+
+def _span_json(span: EdgeSpan, offset: float) -> dict[str, Any]:
+    return {"edge": span.edge, "start": span.start + offset, "end": span.end + offset, "owner": span.owner}
+
+
+def _span_from(entry: Any, where: str, offset: float) -> EdgeSpan:
+    span = checks.typed(EdgeSpan, entry, where)
+    if not span.end >= span.start:
+        raise ValueError(f"{where}: ends before it starts")
+    return replace(span, start=span.start + offset, end=span.end + offset)
+
+
+_RECORD_KEYS = {"plan_id", "owner", "user", "plan", "edge_address", "merge_strategy", "frame_size", "infeasible_reason",
+                "link", "rate_bps", "on_edge_until"}
+
+
+def _plain(instance: Any) -> dict[str, Any]:
+    """A dataclass of plain fields as a dict (dataclasses.asdict deep-copies: slower, not needed)."""
+    return {f.name: getattr(instance, f.name) for f in fields(instance)}
+
+
+def _record_json(plan_id: str, record: _Record, offset: float) -> dict[str, Any]:
+    a = record.assigned
+    return {"plan_id": plan_id, "owner": record.owner, "user": _plain(record.user), "plan": _plain(a.plan),
+            "edge_address": a.edge_address, "merge_strategy": a.merge_strategy, "frame_size": a.frame_size,
+            "infeasible_reason": a.infeasible_reason, "link": _plain(a.link) if a.link is not None else None,
+            "rate_bps": record.rate_bps, "on_edge_until": record.on_edge_until + offset}
+
+
+def _record_from(entry: Any, where: str, offset: float) -> tuple[str, _Record]:
+    checks.require_keys(entry, _RECORD_KEYS, where)
+    plan_id = checks.text(entry["plan_id"], f"{where}.plan_id", MAX_ID_CHARS, empty=False)
+    user = checks.typed(UserSpec, entry["user"], f"{where}.user", infinite=("latency_budget_s", "energy_budget_j"))
+    plan = checks.typed(Plan, entry["plan"], f"{where}.plan")
+    link = None if entry["link"] is None else checks.typed(PlannedLink, entry["link"], f"{where}.link")
+    assigned = AssignedPlan(plan_id, plan, checks.text(entry["edge_address"], f"{where}.edge_address", MAX_ADDRESS_CHARS),
+                            checks.text(entry["merge_strategy"], f"{where}.merge_strategy"),
+                            checks.count(entry["frame_size"], f"{where}.frame_size"),
+                            checks.text(entry["infeasible_reason"], f"{where}.infeasible_reason"), link)
+    rate = checks.number(entry["rate_bps"], f"{where}.rate_bps", 0.0, MAX_BANDWIDTH_BPS)
+    owner = checks.text(entry["owner"], f"{where}.owner", 2 * MAX_ID_CHARS, empty=False)
+    return plan_id, _Record(user, assigned, rate, owner, checks.number(entry["on_edge_until"], f"{where}.on_edge_until") + offset)
 
 
 def check_heartbeat(load: EdgeLoad) -> None:

@@ -102,6 +102,27 @@ class EdgeRegistry:
                 return next(iter(self._edges)) if len(self._edges) == 1 else ""
             return self.static[0] if len(self.static) == 1 else ""
 
+    def export(self, wall_now: float) -> list[dict]:
+        """The live edges heard by heartbeat, each with its last load and when it was heard (in
+        wall-clock seconds, ``wall_now`` being now): a scheduler restarted within their TTL routes
+        to them at once, before their next heartbeat reaches it."""
+        with self._lock:
+            self._prune()
+            offset = wall_now - self._clock()
+            return [{"address": e.load.address, "queue_depth": e.load.queue_depth,
+                     "running_requests": e.load.running_requests, "steps_per_second": e.load.steps_per_second,
+                     "seen_at": e.seen_at + offset} for e in self._edges.values()]
+
+    def restore(self, entries: list[tuple[EdgeLoad, float]], wall_now: float) -> None:
+        """Takes back what :meth:`export` gave (as (load, seen at) pairs, checked by the caller):
+        those still within their TTL are live until it ends or they beat again, up to ``max_edges``."""
+        with self._lock:
+            offset = self._clock() - wall_now
+            for load, seen_at in entries:
+                if len(self._edges) < self.max_edges and load.address not in self._edges:
+                    self._edges[load.address] = _Entry(load, min(seen_at + offset, self._clock()))
+            self._prune()
+
     def _next_static(self) -> str:
         if not self.static:
             return ""

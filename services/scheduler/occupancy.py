@@ -55,6 +55,10 @@ class EdgeOccupancy:
     def __len__(self) -> int:
         return len(self._spans)
 
+    def spans(self) -> list[EdgeSpan]:
+        """The spans kept, oldest first (what a restarted scheduler adds back)."""
+        return list(self._spans)
+
     def add(self, span: EdgeSpan) -> None:
         if not span.seconds > 0:
             return

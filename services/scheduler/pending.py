@@ -30,6 +30,11 @@ class PendingPlans(Generic[T]):
     def count(self, owner: str) -> int:
         return len(self._by_owner.get(owner, ()))
 
+    def items(self) -> list[tuple[str, str, T]]:
+        """(plan id, owner, value) of every plan, the oldest first: adding them back in this order
+        to an empty table gives the same table (what a restarted scheduler does)."""
+        return [(plan_id, owner, value) for plan_id, (owner, value) in self._items.items()]
+
     def get(self, plan_id: str) -> T | None:
         item = self._items.get(plan_id)
         return item[1] if item is not None else None

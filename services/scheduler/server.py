@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -53,13 +54,16 @@ from services.scheduler.edges import MAX_EDGES, EdgeRegistry
 from services.scheduler.frames import FrameConfig
 from services.scheduler.guard import GuardConfig, PolicyGuard
 from services.scheduler.metrics import SchedulerMetrics
+from services.scheduler.ratelimit import PLAN_BURST, PLAN_RATE, RateLimiter
 from services.scheduler.servicer import SchedulerServicer
+from services.scheduler.state import restore, save
 from tandem.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger("tandem.scheduler")
 SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name
 MAX_RECEIVE_BYTES = 16 * 1024  # every message is a handful of numbers
 STARTUP_ERRORS = (OSError, ValueError, json.JSONDecodeError, CostProfileError, QualityProfileError, PolicyFormatError)
+STATE_INTERVAL_S = 10.0
 
 
 _env = env_lookup("scheduler")
@@ -114,6 +118,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         default=_env("max_pending_per_user", MAX_PENDING_PER_USER),
                         help=f"unreported plans kept per user; beyond it the user's oldest is forgotten "
                              f"({MAX_PENDING_PER_USER})")
+    parser.add_argument("--plan-rate", type=float, default=_env("plan_rate", PLAN_RATE),
+                        help=f"Plan requests per second one user may make (the token's user with --tokens, else "
+                             f"the request's user_id, which a caller may claim freely, else its address); beyond "
+                             f"it RESOURCE_EXHAUSTED; 0 = no limit ({PLAN_RATE:g})")
+    parser.add_argument("--plan-burst", type=int, default=_env("plan_burst", PLAN_BURST),
+                        help=f"... and at once, after a pause ({PLAN_BURST})")
+    parser.add_argument("--state-file", default=_env("state_file", None), metavar="PATH",
+                        help="keep what the scheduler learns (the cost model's calibration, each user's link and "
+                             "margin, edge occupancy, plans awaiting a report) in this JSON file, restored at "
+                             "start: a restart forgets nothing. Written atomically; a corrupt file or one saved "
+                             "with another cost profile is ignored with a warning (default: none)")
+    parser.add_argument("--state-interval", type=float, default=_env("state_interval", STATE_INTERVAL_S),
+                        help=f"seconds between saves of --state-file when something changed; also saved on "
+                             f"shutdown ({STATE_INTERVAL_S:g})")
     args = parser.parse_args(argv)
     args.edge = args.edge if args.edge is not None else env_edges
     for flag, ok in (("--frame-ms", args.frame_ms >= 0), ("--max-frame", args.max_frame >= 1),
@@ -121,7 +139,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      ("--budget-headroom", 0 <= args.budget_headroom < 1),
                      ("--polish-sweeps", args.polish_sweeps >= 0), ("--polish-visits", args.polish_visits >= 1),
                      ("--guard-every", args.guard_every >= 0), ("--guard-window", args.guard_window >= 1),
-                     ("--max-edges", args.max_edges >= 1), ("--max-pending-per-user", args.max_pending_per_user >= 1)):
+                     ("--max-edges", args.max_edges >= 1), ("--max-pending-per-user", args.max_pending_per_user >= 1),
+                     ("--plan-rate", math.isfinite(args.plan_rate) and args.plan_rate >= 0),
+                     ("--plan-burst", args.plan_burst >= 1),
+                     ("--state-interval", math.isfinite(args.state_interval) and args.state_interval > 0)):
         if not ok:
             parser.error(f"{flag}: out of range, got {getattr(args, flag[2:].replace('-', '_'))}")
     return args
@@ -206,8 +227,15 @@ async def serve(args: argparse.Namespace) -> None:
     metrics.watch_pending(lambda: core.pending_reports)
     if isinstance(core.decider, PolicyGuard):
         metrics.watch_guard(core.decider.status)
+    if args.state_file:
+        restore(core, args.state_file)
+        try:  # at once: an unwritable path fails the start, not the first save minutes later
+            save(core, args.state_file)
+        except OSError as exc:
+            raise OSError(f"--state-file: cannot write {args.state_file}: {exc.strerror or exc}") from None
     servicer = SchedulerServicer(core, metrics, FrameConfig(args.frame_ms / 1000.0, args.max_frame),
-                                 edge_tokens=edge_tokens, static_edges=args.edge)
+                                 edge_tokens=edge_tokens, static_edges=args.edge,
+                                 plan_limit=RateLimiter(args.plan_rate, args.plan_burst))
     scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, server)
     port = add_port(server, f"{args.host}:{args.port}", tls)
     await set_health(health, SERVICE_NAME, serving=False)
@@ -218,11 +246,34 @@ async def serve(args: argparse.Namespace) -> None:
     await set_health(health, SERVICE_NAME, serving=True)
     print(f"scheduler ready on {args.host}:{port} (policy {args.policy}); metrics :{args.metrics_port}", flush=True)
 
+    saver = asyncio.ensure_future(keep_saving(core, args.state_file, args.state_interval)) if args.state_file else None
+
     await until_signalled()
     await health.enter_graceful_shutdown()
     await server.stop(grace=5.0)  # open frames are decided and answered within the grace
     await servicer.collector.drain()
+    if saver is not None:
+        saver.cancel()
+        await save_quietly(core, args.state_file)
     print("scheduler stopped", flush=True)
+
+
+async def keep_saving(core: SchedulerCore, path: str, interval_s: float) -> None:
+    """Saves the state every ``interval_s`` seconds when it changed since the last save."""
+    saved = core.revision
+    while True:
+        await asyncio.sleep(interval_s)
+        if core.revision != saved:
+            saved = core.revision
+            await save_quietly(core, path)
+
+
+async def save_quietly(core: SchedulerCore, path: str) -> None:
+    """One save, off the event loop; a failure is a warning (the service goes on, the next save may work)."""
+    try:
+        await asyncio.to_thread(save, core, path)
+    except OSError as exc:
+        log.warning("state file %s: saving failed (%s); the last good save stays", path, exc.strerror or exc)
 
 
 def main(argv: list[str] | None = None) -> int:

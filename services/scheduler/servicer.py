@@ -29,6 +29,7 @@ from services.scheduler.edge_auth import address_host, check_edge, literal_ip, p
 from services.scheduler.edges import EdgeLoad, TooManyEdges
 from services.scheduler.frames import FrameCollector, FrameConfig
 from services.scheduler.metrics import SchedulerMetrics
+from services.scheduler.ratelimit import RateLimiter
 from tandem.echo import shown
 from tandem.v1 import edge_pb2, scheduler_pb2, scheduler_pb2_grpc
 
@@ -102,12 +103,15 @@ async def resolve_host(host: str) -> list[str]:
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     """``edge_tokens``: the edge credentials heartbeats must carry (None: only ``static_edges``
-    and edges advertising the caller's own address may register)."""
+    and edges advertising the caller's own address may register). ``plan_limit``: Plans per
+    caller (see owner_of; None: no limit)."""
 
     def __init__(self, core: SchedulerCore, metrics: SchedulerMetrics, frames: FrameConfig = FrameConfig(),
-                 edge_tokens: Mapping[str, str] | None = None, static_edges: Collection[str] = ()):
+                 edge_tokens: Mapping[str, str] | None = None, static_edges: Collection[str] = (),
+                 plan_limit: RateLimiter | None = None):
         self.core = core
         self.metrics = metrics
+        self.plan_limit = plan_limit if plan_limit is not None else RateLimiter(rate=0)
         self.edge_tokens = dict(edge_tokens) if edge_tokens is not None else None
         self.static_edges = frozenset(static_edges)
         self.collector: FrameCollector[tuple[PlanInput, str], AssignedPlan] = FrameCollector(self._decide_frame, frames)
@@ -134,8 +138,15 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             self.core.user_spec(plan_input)  # here, so one bad request never fails its frame
         except PlanInputError as exc:
             await self._abort(context, "Plan", grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        owner = owner_of(plan_input.user_id, context.peer())  # its fields checked: a bounded key
+        wait = self.plan_limit.take(owner)
+        if wait > 0:
+            limit = self.plan_limit
+            await self._abort(context, "Plan", grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"rate limit: {shown(owner)} asked for more than {limit.rate:g} plans/s (burst "
+                              f"{limit.burst}; the per-user limit, --plan-rate/--plan-burst); retry in {wait:.2f} s")
         try:
-            assigned = await self.collector.submit((plan_input, owner_of(plan_input.user_id, context.peer())))
+            assigned = await self.collector.submit((plan_input, owner))
         except Exception as exc:  # noqa: BLE001 - the caller gets a status, the log the traceback
             log.exception("deciding a frame failed")
             await self._abort(context, "Plan", grpc.StatusCode.INTERNAL, f"deciding the frame failed: {exc}")

@@ -22,9 +22,11 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from statistics import fmean
+from typing import Any
 
+from services.scheduler.decide.checks import as_list, count, numbers, require_keys
 from services.scheduler.decide.costs import CostProfile, EdgeCoefficients, PhaseObservation
-from tandem.link import MAX_RTT_S, LinkEstimate, LinkWindow
+from tandem.link import MAX_BPS, MAX_RTT_S, MIN_BPS, LinkEstimate, LinkWindow
 from tandem.lru import Lru
 
 PRIOR_WEIGHT = 2  # the profile's value as this many samples: a lone sample is always trimmed
@@ -121,6 +123,36 @@ class RobustCalibrator:
                 rtt = value
         return replace(p, edge=edge, devices=devices, rtt_s=rtt)
 
+    # --- kept across restarts (services/scheduler/state.py) ------------------------------------
+    def export(self) -> dict[str, Any]:
+        """Plain JSON: every estimate's window of samples (the prior's copies included)."""
+        return {"rejected": self.rejected,
+                "estimates": [{"kind": kind, "name": name, "samples": list(estimate.samples)}
+                              for (kind, name), estimate in self._estimates.items()]}
+
+    @classmethod
+    def restored(cls, profile: CostProfile, data: Any, window: int = WINDOW, outlier_factor: float = OUTLIER_FACTOR,
+                 max_rtt_s: float = MAX_RTT_S) -> "RobustCalibrator":
+        """A calibrator of ``profile`` holding what :meth:`export` gave (its last ``window`` samples
+        each); ValueError naming what is wrong when ``data`` is not that."""
+        calibrator = cls(profile, window, outlier_factor, max_rtt_s)
+        require_keys(data, {"rejected", "estimates"}, "calibration")
+        calibrator.rejected = count(data["rejected"], "calibration.rejected")
+        for i, entry in enumerate(as_list(data["estimates"], "calibration.estimates")):
+            where = f"calibration.estimates[{i}]"
+            require_keys(entry, {"kind", "name", "samples"}, where)
+            kind, name = entry["kind"], entry["name"]
+            known = {"edge": profile.edge, "step": profile.devices, "decode": profile.devices, "rtt": {"": None}}
+            if kind not in known or not isinstance(name, str) or name not in known[kind]:
+                raise ValueError(f"{where}: no {kind!r} figure {name!r} in the cost profile")
+            if (kind, name) in calibrator._estimates:
+                raise ValueError(f"{where}: {kind} {name!r} twice")
+            samples = numbers(entry["samples"], f"{where}.samples", low=0.0, high=math.inf, positive=True)
+            if not samples:
+                raise ValueError(f"{where}.samples: empty")
+            calibrator._estimates[(kind, name)] = _Estimate(deque(samples, maxlen=window))
+        return calibrator
+
 
 
 class UserLinks:
@@ -147,6 +179,24 @@ class UserLinks:
     def get(self, user: str) -> LinkEstimate:
         window = self._users.peek(user)
         return window.estimate() if window is not None else LinkEstimate()
+
+    def export(self) -> list[dict[str, Any]]:
+        """Plain JSON, the least recently reporting user first."""
+        return [{"user": user, "rates": list(window.rates), "rtts": list(window.rtts)} for user, window in self._users.items()]
+
+    @classmethod
+    def restored(cls, data: Any, max_users: int = MAX_LINK_USERS) -> "UserLinks":
+        """What :meth:`export` gave, each user's window its own (the most recent ``max_users`` users
+        kept); ValueError naming what is wrong when ``data`` is not that."""
+        links = cls(max_users)
+        for i, entry in enumerate(as_list(data, "links")):
+            where = f"links[{i}]"
+            require_keys(entry, {"user", "rates", "rtts"}, where)
+            user = _user(entry["user"], where, links._users)
+            rates = numbers(entry["rates"], f"{where}.rates", low=MIN_BPS, high=MAX_BPS)
+            rtts = numbers(entry["rtts"], f"{where}.rtts", low=0.0, high=MAX_RTT_S, positive=True)
+            links._users.put(user, LinkWindow(rates, rtts))
+        return links
 
 
 MAX_MARGIN = 0.5  # a user's own margin never shrinks its target below budget / 1.5
@@ -179,6 +229,23 @@ class UserMargins:
         window.append(min(measured_s / predicted_s, 1.0 + 2 * MAX_MARGIN))
         self._users.put(user, window)  # now the most recently reporting
 
+    def export(self) -> list[dict[str, Any]]:
+        """Plain JSON, the least recently reporting user first."""
+        return [{"user": user, "ratios": list(window)} for user, window in self._users.items()]
+
+    @classmethod
+    def restored(cls, data: Any, max_users: int = MAX_LINK_USERS) -> "UserMargins":
+        """What :meth:`export` gave, each user's ratios its own (the most recent ``max_users`` users
+        kept); ValueError naming what is wrong when ``data`` is not that."""
+        margins = cls(max_users)
+        for i, entry in enumerate(as_list(data, "margins")):
+            where = f"margins[{i}]"
+            require_keys(entry, {"user", "ratios"}, where)
+            user = _user(entry["user"], where, margins._users)
+            ratios = numbers(entry["ratios"], f"{where}.ratios", low=0.0, high=1.0 + 2 * MAX_MARGIN, positive=True)
+            margins._users.put(user, deque(ratios, maxlen=MARGIN_WINDOW))
+        return margins
+
     def margin(self, user: str) -> float:
         window = self._users.peek(user)
         if window is None or len(window) < MARGIN_MIN_SAMPLES:
@@ -186,3 +253,12 @@ class UserMargins:
         ratios = sorted(window)
         ratio = ratios[min(len(ratios) - 1, int(MARGIN_QUANTILE * len(ratios)))]
         return min(max(ratio - 1.0, 0.0), MAX_MARGIN)
+
+
+
+def _user(value: Any, where: str, seen: Lru) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{where}.user: expected a non-empty string")
+    if value in seen:
+        raise ValueError(f"{where}.user: {value!r:.60} twice")
+    return value
