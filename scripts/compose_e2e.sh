@@ -16,7 +16,8 @@
 #   No package host is written here: scripts/package_sources.py reads them from the host.
 # Checks: images build (cold, then warm), ue/scheduler images hold no CUDA library and no image
 # the extra CA (history, config), the stack gets healthy, `tandem generate --ue` through the device
-# container and `--edge` to the edge container give images, Prometheus has scraped the tandem
+# container and `--edge` to the edge container give images, the `openai` package makes one through
+# the device container's published HTTP port (the --ue image, byte for byte), Prometheus has scraped the tandem
 # series, `docker compose restart edge` mid-request ends in a fallback image, `docker compose down`
 # leaves no container, network or volume.
 set -euo pipefail
@@ -231,13 +232,14 @@ else
 fi
 
 # free published ports on loopback only
-read -r P_EDGE P_EDGE_M P_UE P_UE_M P_SCHED P_SCHED_M P_PROM P_GRAF < <("$PYTHON" -c '
+read -r P_EDGE P_EDGE_M P_UE P_UE_M P_SCHED P_SCHED_M P_PROM P_GRAF P_UE_HTTP < <("$PYTHON" -c '
 import socket
-socks = [socket.socket() for _ in range(8)]
+socks = [socket.socket() for _ in range(9)]
 for s in socks: s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in socks))')
 export TANDEM_EDGE_PUBLISH_PORT=127.0.0.1:$P_EDGE TANDEM_EDGE_METRICS_PUBLISH_PORT=127.0.0.1:$P_EDGE_M \
     TANDEM_UE_PUBLISH_PORT=127.0.0.1:$P_UE TANDEM_UE_METRICS_PUBLISH_PORT=127.0.0.1:$P_UE_M \
+    TANDEM_UE_HTTP_PUBLISH_PORT=127.0.0.1:$P_UE_HTTP \
     TANDEM_SCHEDULER_PUBLISH_PORT=127.0.0.1:$P_SCHED TANDEM_SCHEDULER_METRICS_PUBLISH_PORT=127.0.0.1:$P_SCHED_M \
     TANDEM_PROMETHEUS_PUBLISH_PORT=127.0.0.1:$P_PROM TANDEM_GRAFANA_PUBLISH_PORT=127.0.0.1:$P_GRAF
 
@@ -294,6 +296,20 @@ size="$(check_png "$OUT/edge.png")"
 figure "generate --edge (host device, edge container): $size PNG in $(since "$t0") s"
 cmp -s "$OUT/ue.png" "$OUT/edge.png" && same=identical || same=different
 figure "the two images (same seed and packs, device in a container vs on the host): $same bytes"
+# the same image through the device container's OpenAI-compatible endpoint, with the openai package
+t0=$(now)
+"$PYTHON" - "$P_UE_HTTP" "$PROMPT" "$OUT/openai.png" <<'EOF' || fail "the openai package could not make an image through the device container's HTTP port"
+import base64, sys
+from openai import OpenAI
+port, prompt, out = sys.argv[1], sys.argv[2], sys.argv[3]
+client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300)
+result = client.images.generate(prompt=prompt, extra_body={"seed": 1})
+assert result.model_extra["tandem"][0]["fallback"] is None, result.model_extra["tandem"]
+open(out, "wb").write(base64.b64decode(result.data[0].b64_json))
+EOF
+size="$(check_png "$OUT/openai.png")"
+cmp -s "$OUT/ue.png" "$OUT/openai.png" || fail "the image through HTTP differs from the --ue one (same fields and seed)"
+figure "openai images.generate (device container's HTTP port -> edge container): $size PNG in $(since "$t0") s, the --ue image byte for byte"
 mkdir -p out && cp "$OUT/ue.png" out/compose_e2e_ue.png && cp "$OUT/edge.png" out/compose_e2e_edge.png
 
 # Prometheus (container) has scraped the tandem series

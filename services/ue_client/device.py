@@ -8,14 +8,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from services.common.channels import ChannelPool
 from services.common.security import ClientSecurity
 from services.ue_client.integrity import HandoffLimits, HandoffRejected, check_header
-from services.ue_client.transport import EdgeError, EventCallback, LinkCallback, fetch_handoff
+from services.ue_client.transport import EdgeError, EdgeHandoff, EventCallback, LinkCallback, fetch_handoff
 from tandem.codec.container import CodecError, unpack_container
 from tandem.handoff import CodecSpec, decode_handoff
 from tandem.packs import ModelPack
@@ -28,6 +28,10 @@ from tandem.sampling.schedule import make_schedule
 log = logging.getLogger("tandem.ue")
 DEFAULT_TIMEOUT = 120.0
 T = TypeVar("T")
+# on_state(state): the device's own trajectory, on the worker thread: once when the device holds
+# it (the edge's handoff resumed, or its own start), then after every device step. Read-only: it
+# must not change the state (previews decode a copy of its prediction, services/ue_client/previews.py).
+StateCallback = Callable[[DenoiseState], None]
 
 
 class Cancelled(Exception):
@@ -63,12 +67,17 @@ def generate_via_edge(
     cancel: CancelFlag | None = None,
     on_link: LinkCallback | None = None,
     channels: ChannelPool | None = None,
+    on_state: StateCallback | None = None,
+    round_started: Awaitable[EdgeHandoff] | None = None,
 ) -> GenerationResult:
     """Steps [0, k) on the edge at `edge_address`, [k, T) here; all here when k = 0 or no edge.
     With `cancel`, raises Cancelled at the next step after it is set. `on_link` gets what the
     edge round measured of the link (services/ue_client/link.py). With `channels` (a long-lived
     caller's pool, made on another thread's event loop), the edge call runs on that loop over
-    the pool's channel; without, on a loop and channel of its own."""
+    the pool's channel; without, on a loop and channel of its own. `on_state`: see
+    StateCallback. `round_started`: this request's edge round (`edge_round`) already under way
+    on `channels`' loop, used instead of starting one (a caller with several images starts
+    their rounds together so that the edge batches them); its failure falls back as any."""
     request.validate()
     codec.validate()
     if cancel is not None:
@@ -80,7 +89,7 @@ def generate_via_edge(
     if request.split > 0 and edge_address:
         try:
             state, payload = _resume_from_edge(pack, request, codec, edge_address, timeout, step, security, timer,
-                                               cancel, on_link, channels)
+                                               cancel, on_link, channels, round_started)
         except (EdgeError, CodecError) as exc:
             fallback = f"edge failed ({exc}); finished locally on the device model"
         except HandoffRejected as exc:
@@ -95,6 +104,9 @@ def generate_via_edge(
         with timer.phase(Phase.DEVICE_STEPS):
             state = start(pack, request)
     edge_steps = 0 if fallback else request.split
+    if on_state is not None:
+        on_state(state)
+        step = _watching(step, state, on_state)
     image = finish_on_device(pack, state, request.steps, timer, step)
     return GenerationResult(
         image=image,
@@ -107,15 +119,28 @@ def generate_via_edge(
     )
 
 
+def edge_round(pack: ModelPack, request: GenerationRequest, codec: CodecSpec, address: str, timeout: float,
+               on_event: EventCallback | None = None, security: ClientSecurity | None = None,
+               on_link: LinkCallback | None = None,
+               channels: ChannelPool | None = None) -> Coroutine[Any, Any, EdgeHandoff]:
+    """Steps [0, k) of `request` on the edge at `address`, as generate_via_edge runs them (the
+    handoff capped at what the request may need): a coroutine to run on `channels`' loop."""
+    limits = HandoffLimits.for_request(request, pack.latent_shape(request.height, request.width), codec)
+    return fetch_handoff(address, request, codec, timeout, on_event, security, limits, on_link, channels)
+
+
 def _resume_from_edge(pack: ModelPack, request: GenerationRequest, codec: CodecSpec, address: str, timeout: float,
                       on_event: EventCallback | None, security: ClientSecurity | None, timer: PhaseTimer,
                       cancel: CancelFlag | None, on_link: LinkCallback | None = None,
-                      channels: ChannelPool | None = None) -> tuple[DenoiseState, bytes]:
+                      channels: ChannelPool | None = None,
+                      round_started: Awaitable[EdgeHandoff] | None = None) -> tuple[DenoiseState, bytes]:
     """The edge's handoff, checked against `request` before anything in it is used."""
     latent_shape = pack.latent_shape(request.height, request.width)
-    limits = HandoffLimits.for_request(request, latent_shape, codec)
-    work = _until_cancelled(fetch_handoff(address, request, codec, timeout, on_event, security, limits, on_link,
-                                          channels), cancel)
+    if round_started is not None and channels is None:
+        raise ValueError("an edge round already started runs on a ChannelPool's loop: pass its channels")
+    work = _until_cancelled(round_started if round_started is not None else
+                            edge_round(pack, request, codec, address, timeout, on_event, security, on_link, channels),
+                            cancel)
     if channels is None:
         edge = asyncio.run(work)
     else:  # grpc.aio channels work only on the loop they were made on: the pool's
@@ -149,6 +174,18 @@ async def _until_cancelled(work: Awaitable[T], cancel: CancelFlag | None, poll_s
             await asyncio.wait({task})
             raise Cancelled("cancelled while waiting for the edge")
     return await task
+
+
+def _watching(on_step: StepCallback | None, state: DenoiseState, on_state: StateCallback) -> StepCallback:
+    """`on_step`, then `on_state(state)` after each device step (once the step's cancel check passed)."""
+
+    def step(phase: str, done: int, total: int) -> None:
+        if on_step is not None:
+            on_step(phase, done, total)
+        if phase == Phase.DEVICE_STEPS:
+            on_state(state)
+
+    return step
 
 
 def _cancellable(on_step: StepCallback | None, cancel: CancelFlag | None) -> StepCallback | None:

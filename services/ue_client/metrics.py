@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.edge_server.metrics import BYTES_BUCKETS, LATENCY_BUCKETS
 
@@ -23,3 +23,13 @@ class DeviceMetrics:
         # Cooperative cancellation's cost: ≤ 1 per cancelled call (the step in flight).
         self.steps_after_cancel = Counter("tandem_ue_steps_after_cancel_total",
                                           "Device steps that finished after their call was cancelled", registry=r)
+        # The OpenAI-compatible HTTP listener (--http-port): every answer by route and status; route
+        # is the matched path (or "unmatched"), so a scan of random paths adds no series.
+        self.http_requests = Counter("tandem_ue_http_requests_total", "HTTP requests by route and status",
+                                     ["route", "status"], registry=r)
+        self.http_seconds = Histogram("tandem_ue_http_request_seconds", "HTTP request latency (a stream: to its end)",
+                                      ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.http_in_flight = Gauge("tandem_ue_http_in_flight", "HTTP requests being answered", registry=r)
+        self.http_images = Counter("tandem_ue_http_images_total", "Images asked over HTTP, by outcome",
+                                   ["outcome"], registry=r)
+        self.http_previews = Counter("tandem_ue_http_previews_total", "Streamed preview images decoded", registry=r)

@@ -6,7 +6,8 @@ One generation at a time (one device accelerator); others wait their turn. Calle
 on the edge and the scheduler (services/common/security.py, tokens.py): --tls-cert/--tls-key
 [--tls-client-ca] for TLS (mTLS), --tokens for per-user bearer tokens (health and reflection
 exempt; a request naming another user than its token's is PERMISSION_DENIED). Every flag also
-reads TANDEM_UE_<FLAG> from the environment.
+reads TANDEM_UE_<FLAG> from the environment. --http-port serves OpenAI's images API over HTTP
+beside gRPC, in the same event loop (services/ue_client/http_app.py).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from services.common.security import (
     env_lookup,
     server_tls,
 )
-from services.common.tokens import add_tokens_arg, interceptors
+from services.common.tokens import add_tokens_arg, interceptors, load_tokens
 from services.edge_server.metrics import record_call
 from services.ue_client.call import choose_edge, parse_call
 from services.ue_client.device import CancelFlag, Cancelled, generate_via_edge
@@ -203,6 +204,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default=_env("host", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=_env("port", 50061))
     parser.add_argument("--metrics-port", type=int, default=_env("metrics_port", 9102), help="0 = none")
+    parser.add_argument("--http-port", type=int, default=_env("http_port", 0),
+                        help="serve OpenAI's images API (POST /v1/images/generations, GET /v1/models, GET /health) "
+                             "over HTTP on this port, on --host, with the same TLS and --tokens (0 = off)")
+    parser.add_argument("--http-max-images-per-user", type=int, default=_env("http_max_images_per_user", 8),
+                        help="images one caller may have in flight over HTTP; more is a 429 (0 = no cap)")
+    parser.add_argument("--http-previews", choices=("approx", "vae"), default=_env("http_previews", "approx"),
+                        help="how streamed previews (partial_images) are decoded: approx, a linear map of the latent "
+                             "to colours fitted to the pack's VAE (microseconds), or vae, the VAE itself (a decode "
+                             "each) (approx)")
+    parser.add_argument("--scheduler", metavar="HOST:PORT", default=_env("scheduler", None),
+                        help="the scheduler that plans an HTTP request's latency_budget (else such a request is a 400)")
+    parser.add_argument("--device-class", default=_env("device_class", "laptop-gpu"),
+                        help="this device's class, for the scheduler's plans (laptop-gpu)")
     parser.add_argument("--device", default=_env("device", None))
     parser.add_argument("--offload", action="store_true",
                         default=env_flag(_env, "offload", False),
@@ -222,7 +236,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_server_tls_args(parser, _env)
     add_tokens_arg(parser, _env)
     add_client_args(parser, _env, prefix="edge-", what="edge servers")
+    add_client_args(parser, _env, prefix="scheduler-", what="the scheduler")
     args = parser.parse_args(argv)
+    if args.http_port < 0 or args.http_max_images_per_user < 0:
+        parser.error("--http-port and --http-max-images-per-user must be >= 0")
+    if args.scheduler:
+        from services.common.addresses import AddressError, check_address
+
+        try:
+            check_address(args.scheduler, "--scheduler")
+        except AddressError as exc:
+            parser.error(str(exc))
     if args.edge is None:  # argparse would append flags to a default list, so the env is read here
         args.edge = [edge.strip() for edge in str(_env("edge", "")).split(",") if edge.strip()]
     return args
@@ -230,6 +254,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 async def serve(args: argparse.Namespace) -> None:
     tls, edge_security = server_tls(args), client_security(args, "edge-")  # bad files fail before anything
+    scheduler_security = client_security(args, "scheduler-")
+    http_socket = None
+    if args.http_port:
+        from services.ue_client.http_app import bind
+
+        http_socket = bind(args.host, args.http_port)  # a busy port fails now, in one line
     health = HealthServicer()
     server = grpc.aio.server(interceptors=[DetailsCapInterceptor(), *interceptors(args), DecodeErrorInterceptor()],
                              options=[("grpc.max_receive_message_length", 64 * 1024), NO_REUSEPORT,
@@ -244,6 +274,7 @@ async def serve(args: argparse.Namespace) -> None:
     port = add_port(server, f"{args.host}:{args.port}", tls)
     await set_health(health, SERVICE_NAME, serving=False)
     await server.start()  # health answers NOT_SERVING while the pack loads
+    http = await _start_http(args, http_socket, servicer, metrics, scheduler_security) if http_socket else None
     try:
         pack = await asyncio.to_thread(load_pack, args.pack, args.device, offload=args.offload,
                                         compact=args.compact_weights, transient_text=args.transient_text)
@@ -252,6 +283,8 @@ async def serve(args: argparse.Namespace) -> None:
         pack.use_user(None)
     except PackError:
         await server.stop(grace=None)  # else its finalizer complains after the one-line error
+        if http is not None:
+            await http.stop()
         raise
     servicer.attach(pack)
     if args.metrics_port:
@@ -259,13 +292,32 @@ async def serve(args: argparse.Namespace) -> None:
     await set_health(health, SERVICE_NAME, serving=True)
     held = f", weights held compact: {', '.join(pack.compact)}" if pack.compact else ""
     held += ", text encoder held only while it encodes" if pack.transient_text else ""
+    http_note = f"; OpenAI images API http{'s' if tls else ''}://{args.host}:{http.port}/v1" if http else ""
     print(f"device service ready on {args.host}:{port} (pack {pack.name}, {pack.device}{held}); "
-          f"metrics :{args.metrics_port}", flush=True)
+          f"metrics :{args.metrics_port}{http_note}", flush=True)
     await until_signalled()
+    if http is not None:
+        http.state.draining = True  # new HTTP generations: 503 while those in flight finish
     await health.enter_graceful_shutdown()
-    await server.stop(grace=30)
+    await asyncio.gather(server.stop(grace=30), *([http.stop()] if http is not None else []))
     await channels.close()
     print("device service stopped", flush=True)
+
+
+async def _start_http(args: argparse.Namespace, sock, servicer: DeviceServicer, metrics: DeviceMetrics,
+                      scheduler_security: ClientSecurity):
+    """The HTTP listener on the servicer's parts and turn, answering 503 until the pack is attached."""
+    from services.ue_client.http_app import HttpListener, HttpState, build_app
+    from services.ue_client.images import ImagesService, Quota, Scheduler
+
+    scheduler = Scheduler(args.scheduler, scheduler_security, args.device_class) if args.scheduler else None
+    images = ImagesService(servicer, servicer._turn, scheduler, Quota(args.http_max_images_per_user, total=32),
+                           args.http_previews)
+    state = HttpState(started=int(time.time()), in_flight=lambda: sum(images.quota.held.values()))
+    app = build_app(images, metrics, load_tokens(args.tokens) if args.tokens else None, state)
+    http = HttpListener(app, sock, args.tls_cert, args.tls_key, args.tls_client_ca, state)
+    await http.start()
+    return http
 
 
 def main(argv: list[str] | None = None) -> int:
