@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/attack_device.py [--large DIR --small DIR] [--rounds 3] [--cancelled 12]
 
-1. RSS of the device service after each hostile handoff (tests/fake_edge.py) vs before it.
+1. RSS of the device service after each hostile handoff (tools/testbed/fake_edge.py) vs before it.
 2. User tokens that reach an edge known only from a scheduler's plan over plaintext (target 0).
 3. Device steps run after a call was cancelled (target ≤ 1 per call).
 4. Latency of a valid request right after N cancelled calls vs the same request without them.
@@ -14,20 +14,19 @@ import argparse
 import contextlib
 import io
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import grpc
 
-import grpc  # noqa: E402
-from service_procs import device_service, fake_edge, metric_value, rss_bytes, scheduler_service  # noqa: E402
+from services.cli import generate as cli
+from services.common.launcher import ONE_THREAD, device_service, metric_value, rss_bytes, running, scheduler_service
+from services.ue_client.client import generate_on_device_service
+from tandem.v1 import device_pb2, device_pb2_grpc, edge_pb2
 
-from services.cli import generate as cli  # noqa: E402
-from services.ue_client.client import generate_on_device_service  # noqa: E402
-from tandem.v1 import device_pb2, device_pb2_grpc, edge_pb2  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent  # where tools.testbed.fake_edge runs from (tools is not installed)
 
 PROMPT = "a red circle at the left on a blue background"
 ATTACKS = ("other", "big", "fewer", "flood")
@@ -56,7 +55,7 @@ def tokens_to_unverified_edge(edge, small: Path, tmp: Path) -> None:
         return metric_value(edge.metrics(), "fake_edge_generate_total", f'token="{label}"')
 
     yes, no = count("yes"), count("no")
-    with scheduler_service(tmp, "--edge", edge.address) as sched, \
+    with scheduler_service(tmp, "--edge", edge.address, env=ONE_THREAD) as sched, \
             contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
         for i in range(3):
             cli.main(["generate", f"other: {PROMPT}", "--small", str(small), "--device", "cpu", "--steps", "4",
@@ -118,8 +117,10 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
-        with fake_edge(args.large, tmp) as edge, device_service(args.small, tmp, "--edge", edge.address,
-                                                                "--edge-token", "device-secret") as ue:
+        with running("tools.testbed.fake_edge", "--pack", str(args.large), "--device", "cpu", log_dir=tmp, cwd=ROOT,
+                     env=ONE_THREAD) as edge, \
+                device_service(args.small, tmp, "--edge", edge.address, "--edge-token", "device-secret",
+                               env=ONE_THREAD) as ue:
             rss_per_attack(ue, args.rounds)
             tokens_to_unverified_edge(edge, args.small, tmp)
             cancelled_then_valid(ue, args.cancelled, args.steps, args.rounds)

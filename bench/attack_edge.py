@@ -23,22 +23,19 @@ import argparse
 import asyncio
 import json
 import math
-import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import grpc
 
-import grpc  # noqa: E402
-from service_procs import edge_server  # noqa: E402
-
-from services.common.wire import request_to_proto  # noqa: E402
-from tandem.packs import load_pack  # noqa: E402
-from tandem.resolve import PartialRequest, resolve  # noqa: E402
+from services.common.launcher import ONE_THREAD, edge_server
+from services.common.wire import request_to_proto
+from tandem.packs import load_pack
+from tandem.resolve import PartialRequest, resolve
 from tandem.stats import percentile
-from tandem.v1 import edge_pb2, edge_pb2_grpc  # noqa: E402
+from tandem.v1 import edge_pb2, edge_pb2_grpc
 
 PROMPT = "a red circle at the left on a blue background"
 MIB = 1024 * 1024
@@ -124,7 +121,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tokens_file = Path(tmp) / "tokens.json"
         tokens_file.write_text(json.dumps(tokens))
-        with edge_server(args.pack, Path(tmp), "--tokens", str(tokens_file), "--max-streams-per-user", "2") as edge:
+        with edge_server(args.pack, Path(tmp), "--tokens", str(tokens_file), "--max-streams-per-user", "2",
+                         env=ONE_THREAD) as edge:
             caps_max = _capabilities(edge.address)
             largest_split = max(1, min(steps, caps_max.max_request_cost // (caps_max.max_image_side ** 2)))
             side = caps_max.max_image_side

@@ -19,18 +19,14 @@ import asyncio
 import json
 import os
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # the schedulers started here inherit it
 
 import grpc  # noqa: E402
-from service_procs import free_port, metric_value, rss_bytes, scheduler_service  # noqa: E402
 
+from services.common.launcher import free_port, metric_value, rss_bytes, scheduler_service  # noqa: E402
 from tandem.v1 import scheduler_pb2 as pb  # noqa: E402
 from tandem.v1 import scheduler_pb2_grpc  # noqa: E402
 

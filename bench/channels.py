@@ -1,6 +1,6 @@
 """Persistent gRPC channels against a new channel per call (issue 31): what connection setup costs.
 
-    .venv/bin/python bench/channels.py [--quick] [--calls N] [--rtt-ms 50,150] [--loopback]
+    .venv/bin/python -m bench.channels [--quick] [--calls N] [--rtt-ms 50,150] [--loopback]
 
 A tiny gRPC server (the health service: Check, a unary call, and Watch, a stream whose first
 message comes at once, like a handoff's first event), plaintext and TLS (scripts/dev_certs.sh),
@@ -33,8 +33,9 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from services.common import launcher
+
+ROOT = Path(__file__).resolve().parent.parent  # where the processes run (python -m bench..., -m tools...)
 
 REQUIRED_SAVING = {False: 1.0, True: 2.0}  # round trips per request, plaintext / TLS (issue 31)
 TLS_NAME = "localhost"  # the dev server certificate's name; the testbed's addresses are not in it
@@ -117,20 +118,16 @@ def measure(targets: list[dict], certs: Path, calls: int) -> list[dict]:
 
 @contextmanager
 def started(argv: list[str], prefix: list[str]) -> Iterator[str]:
-    """A process whose first stdout line says it is ready; yields that line."""
-    proc = subprocess.Popen([*prefix, *argv], cwd=ROOT, stdout=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"))
+    """A process (in a host: `prefix`) whose first stdout line says it is ready; yields that line."""
+    process = launcher.spawn(argv[2], argv, wrap=lambda command: [*prefix, *command], cwd=ROOT, env=launcher.ONE_THREAD,
+                             stdout=subprocess.PIPE, text=True)
     try:
-        line = proc.stdout.readline() if proc.stdout else ""
+        line = process.proc.stdout.readline() if process.proc.stdout else ""
         if not line:
-            raise RuntimeError(f"{' '.join(argv[:3])} did not start (exit {proc.wait(10)})")
+            raise RuntimeError(f"{' '.join(argv[:3])} did not start (exit {process.proc.wait(10)})")
         yield line
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        process.stop(grace=10)
 
 
 def run(args: argparse.Namespace, certs: Path, stack: ExitStack) -> tuple[str, list[dict]]:
@@ -147,7 +144,7 @@ def run(args: argparse.Namespace, certs: Path, stack: ExitStack) -> tuple[str, l
             listen_host, where = link.a_ip, "namespace testbed (veth, tbf 100 Mbit/s)"
         else:
             print(f"channels.py: no namespace testbed ({reason}); on loopback", file=sys.stderr)
-    ports = json.loads(stack.enter_context(started([sys.executable, str(Path(__file__).resolve()), "serve",
+    ports = json.loads(stack.enter_context(started([sys.executable, "-m", "bench.channels", "serve",
                                                     "--certs", str(certs)], server_prefix)))
     targets = []
     for rtt_ms in args.rtt_ms:
@@ -157,7 +154,7 @@ def run(args: argparse.Namespace, certs: Path, stack: ExitStack) -> tuple[str, l
                  f"127.0.0.1:{ports['tls' if tls else 'plain']}", "--delay-ms", str(rtt_ms / 2), "--handshake"],
                 server_prefix))
             targets.append({"rtt_ms": rtt_ms, "tls": tls, "address": banner.split()[2]})  # "delay proxy HOST:PORT -> ..."
-    done = subprocess.run([*client_prefix, sys.executable, str(Path(__file__).resolve()), "measure", "--certs",
+    done = subprocess.run([*client_prefix, sys.executable, "-m", "bench.channels", "measure", "--certs",
                            str(certs), "--calls", str(args.calls), "--targets", json.dumps(targets)],
                           cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:

@@ -13,13 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from services.scheduler.decide.allocator import DeadlineAllocator, closed_form, deadline_shares  # noqa: E402
+from services.scheduler.decide.allocator import DeadlineAllocator, closed_form, deadline_shares
 from tandem.stats import percentile
 
 

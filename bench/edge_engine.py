@@ -1,6 +1,6 @@
 """The edge engine against diffusers' own pipeline in ONE process, side by side (ratios, not absolutes).
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/edge_engine.py [--pack tandem/demo_pack] [--users 16]
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.edge_engine [--pack tandem/demo_pack] [--users 16]
         [--steps 20] [--rounds 3] [--gap 0.1]
 
 bench/peer_diffusers.py compares the edge *server* (its own process, gRPC) with diffusers in the
@@ -23,16 +23,14 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT.parent))
-
-from peer_diffusers import (  # noqa: E402
+from bench.peer_diffusers import (
     diffusers_pipeline,
     diffusers_staggered,
     edge_requests,
     run_diffusers,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # name -> (BatchConfig arguments, trace the UNet)
 SETTINGS = {"plain": (dict(coalesce_s=0.0, max_growth=0.0), False), "eager": ({}, False), "default": ({}, True)}
@@ -89,7 +87,7 @@ def agreement(pack, pipe, requests, payloads: dict[int, bytes], steps: int, guid
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pack", type=Path, default=ROOT.parent / "tandem/demo_pack")
+    parser.add_argument("--pack", type=Path, default=ROOT / "tandem/demo_pack")
     parser.add_argument("--users", type=int, default=16)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)

@@ -13,22 +13,19 @@ import argparse
 import asyncio
 import io
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from PIL import Image
 
-from PIL import Image  # noqa: E402
-from service_procs import edge_server  # noqa: E402
-
-from services.ue_client.device import generate_via_edge  # noqa: E402
-from services.ue_client.transport import fetch_handoff  # noqa: E402
-from tandem.handoff import CodecSpec  # noqa: E402
-from tandem.packs import load_pack  # noqa: E402
-from tandem.pipeline import HybridPipeline  # noqa: E402
-from tandem.resolve import PartialRequest, resolve  # noqa: E402
+from services.common.launcher import ONE_THREAD, edge_server
+from services.ue_client.device import generate_via_edge
+from services.ue_client.transport import fetch_handoff
+from tandem.handoff import CodecSpec
+from tandem.packs import load_pack
+from tandem.pipeline import HybridPipeline
+from tandem.resolve import PartialRequest, resolve
 
 PROMPT = "a red circle at the left on a blue background"
 
@@ -49,7 +46,8 @@ def main() -> None:
         """A request at the large pack's defaults (half the steps on the edge) but for T and ``fields``."""
         return resolve(PartialRequest(PROMPT, steps=args.steps, sampler="dpmpp_2m", **fields), defaults).request
 
-    with tempfile.TemporaryDirectory() as tmp, edge_server(args.large, Path(tmp), "--max-batch", str(args.requests)) as edge:
+    with tempfile.TemporaryDirectory() as tmp, edge_server(args.large, Path(tmp), "--max-batch", str(args.requests),
+                                                                 env=ONE_THREAD) as edge:
         edge_only = [request(split=args.steps, seed=i) for i in range(args.requests)]
 
         async def concurrent():

@@ -36,14 +36,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from services.cli.pack import default_cache
+from services.scheduler.learn.profiling import interleaved_medians, positive_ints
+from tandem.request import GenerationRequest
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from services.cli.pack import default_cache  # noqa: E402
-from services.scheduler.learn.profiling import interleaved_medians, positive_ints  # noqa: E402
-from tandem.request import GenerationRequest  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse"
 BATCHES = (1, 2, 4, 8, 16)

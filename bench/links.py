@@ -1,6 +1,6 @@
 """Real links: the scheduler's plans against fixed strategies on shaped links between separate hosts.
 
-    .venv/bin/python bench/links.py [--quick] [--devices 2] [--rounds 5] [--classes 5G,LTE] [--oracle]
+    .venv/bin/python -m bench.links [--quick] [--devices 2] [--rounds 5] [--classes 5G,LTE] [--oracle]
                                     [--unsynced] [--json FILE]
 
 A testbed (tools/testbed: network namespaces) with an edge host, a scheduler host and device hosts
@@ -42,10 +42,10 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parent.parent  # where every host's processes run (python -m bench.links, -m tools...)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from services.common import launcher  # noqa: E402
 from tandem.stats import percentile  # noqa: E402
 
 DEVICE_CLASS = "sd-cpu"
@@ -145,10 +145,8 @@ def drive(argv: list[str]) -> int:
 def _wait_serving(address: str, timeout: float) -> None:
     """Until ``address``'s grpc.health.v1 says SERVING (the services run in other hosts, started
     by the bench's main process)."""
-    from services.cli.healthcheck import check
-
     deadline = time.monotonic() + timeout
-    while not check(address, timeout=2.0)[0]:
+    while not launcher.health_check(address, timeout=2.0):
         if time.monotonic() > deadline:
             raise TimeoutError(f"{address} not SERVING after {timeout:g} s")
         time.sleep(0.2)
@@ -227,7 +225,7 @@ class DeviceHost:
     link_class: LinkClass
     link: object  # tools.testbed.netns.Link to the edge (shaped)
     driver: subprocess.Popen | None = None
-    processes: list[subprocess.Popen] = field(default_factory=list)  # its proxy, device service, driver
+    processes: list[launcher.Process] = field(default_factory=list)  # its proxy, device service, driver
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def run(self, job: dict) -> Outcome:
@@ -272,10 +270,11 @@ class Topology:
         self.devices: list[DeviceHost] = []
         self._started = False
 
-    def _popen(self, host, label: str, argv: list[str], **kwargs) -> subprocess.Popen:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-        out = open(self.logs / f"{label}.log", "w")
-        return self.bed.popen(host, argv, cwd=ROOT, env=env, stderr=out, stdout=kwargs.pop("stdout", out), **kwargs)
+    def _spawn(self, host, label: str, argv: list[str], **options) -> launcher.Process:
+        """`argv` inside `host` (the launcher's wrap hook: the host's namespace), its output in LOGS/label.log."""
+        return launcher.spawn(label, argv, wrap=lambda command: self.bed.command(host, command), cwd=ROOT,
+                              env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, log_path=self.logs / f"{label}.log",
+                              **options)
 
     def add_device(self, label: str, link_class: LinkClass) -> DeviceHost:
         host = self.bed.host(label)
@@ -286,41 +285,37 @@ class Topology:
         proxy = f"{link.a_ip}:{PROXY_PORT}"
         device = DeviceHost(label, link_class, link)
         oracle = [str(link_class.rate_mbit * 1e6), str(link_class.rtt_ms / 1e3)] if self.oracle else ["0", "0"]
-        device.processes.append(self._popen(self.edge, f"proxy-{label}", [sys.executable, "-m", "tools.testbed.delay_proxy", "--listen", proxy,
-                                                   "--target", f"127.0.0.1:{EDGE_PORT}",
-                                                   "--delay-ms", str(link_class.rtt_ms / 2)]))
-        device.processes.append(self._popen(host, f"device-{label}", [sys.executable, "-m", "services.ue_client", "--pack",
-                                               str(self.packs.small), "--port", str(DEVICE_PORT), "--metrics-port", "0",
-                                               "--device", "cpu", "--edge", proxy]))
-        device.driver = self._popen(
+        device.processes.append(self._spawn(self.edge, f"proxy-{label}", [
+            sys.executable, "-m", "tools.testbed.delay_proxy", "--listen", proxy, "--target", f"127.0.0.1:{EDGE_PORT}",
+            "--delay-ms", str(link_class.rtt_ms / 2)]))
+        device.processes.append(self._spawn(host, f"device-{label}", [
+            sys.executable, "-m", "services.ue_client", "--pack", str(self.packs.small), "--port", str(DEVICE_PORT),
+            "--metrics-port", "0", "--device", "cpu", "--edge", proxy]))
+        driver = self._spawn(
             host, f"driver-{label}",
-            [sys.executable, str(Path(__file__).resolve()), "drive", "--device", f"127.0.0.1:{DEVICE_PORT}",
+            [sys.executable, "-m", "bench.links", "drive", "--device", f"127.0.0.1:{DEVICE_PORT}",
              "--scheduler", f"{control.a_ip}:{SCHEDULER_PORT}", "--edge", proxy, "--host", label,
              "--link", link_class.name, "--oracle-bps", oracle[0], "--oracle-rtt", oracle[1]],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        device.processes.append(device.driver)
+        device.driver = driver.proc
+        device.processes.append(driver)
         self.devices.append(device)
         return device
 
     def remove(self, device: DeviceHost) -> None:
         """Stops a device host's processes (its namespace goes at teardown)."""
-        for proc in reversed(device.processes):
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        launcher.terminate(reversed(device.processes), grace=30)
         self.devices.remove(device)
 
     def _start_servers(self, first_link) -> None:
         self._started = True
-        self._popen(self.edge, "edge", [sys.executable, "-m", "services.edge_server", "--pack", str(self.packs.large),
+        self._spawn(self.edge, "edge", [sys.executable, "-m", "services.edge_server", "--pack", str(self.packs.large),
                                         "--host", "0.0.0.0", "--port", str(EDGE_PORT), "--metrics-port", "0",
                                         "--device", "cpu"])
         # The scheduler's own frame window (20 ms): requests that arrive together are planned in one
         # frame, their edge steps in one batch (each device's measured rate is its own link, not a
         # share of one band, whatever the frame).
-        self._popen(self.scheduler, "scheduler",
+        self._spawn(self.scheduler, "scheduler",
                     [sys.executable, "-m", "services.scheduler", "--host", "0.0.0.0", "--port", str(SCHEDULER_PORT),
                      "--metrics-port", "0", "--policy", self.policy,
                      "--cost-profile", str(self.packs.cost_profile), "--quality-profile",

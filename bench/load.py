@@ -16,21 +16,17 @@ import argparse
 import asyncio
 import os
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from service_procs import edge_server, scheduler_service  # noqa: E402
-
-from services.scheduler.client import report, request_plan  # noqa: E402
-from services.ue_client.transport import EdgeError, fetch_handoff  # noqa: E402
-from tandem.codec.container import unpack_container  # noqa: E402
-from tandem.handoff import CodecSpec  # noqa: E402
-from tandem.request import GenerationRequest  # noqa: E402
+from services.common.launcher import ONE_THREAD, edge_server, scheduler_service
+from services.scheduler.client import report, request_plan
+from services.ue_client.transport import EdgeError, fetch_handoff
+from tandem.codec.container import unpack_container
+from tandem.handoff import CodecSpec
+from tandem.request import GenerationRequest
 from tandem.stats import percentile
 
 PROMPTS = [f"a {c} {s} at the {p} on a {b} background" for c, s, p, b in
@@ -109,8 +105,8 @@ def main() -> None:
     parser.add_argument("--pack", type=Path, default=Path("tandem/demo_pack/large"))
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    with tempfile.TemporaryDirectory() as tmp, scheduler_service(Path(tmp)) as sched, \
-            edge_server(args.pack, Path(tmp), "--scheduler", sched.address) as edge:
+    with tempfile.TemporaryDirectory() as tmp, scheduler_service(Path(tmp), env=ONE_THREAD) as sched, \
+            edge_server(args.pack, Path(tmp), "--scheduler", sched.address, env=ONE_THREAD) as edge:
         time.sleep(2.0)  # first heartbeat
         procs = {"edge": edge.proc.pid, "scheduler": sched.proc.pid}
         warm = Tally()

@@ -40,7 +40,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
 
 PROMPTS = ["a red circle at the left on a blue background", "a green square at the top on a black background",
            "a yellow triangle at the center on a white background", "a blue circle at the bottom on a red background"]
@@ -124,7 +123,6 @@ def diffusers_staggered(pipe, n: int, gap: float, steps: int, guidance: float, s
 
 MEMORY_SCRIPT = """
 import json, resource, sys, time
-sys.path.insert(0, {root!r})
 role, pack, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 from tandem.threads import configure_threads
 configure_threads(1)
@@ -197,7 +195,6 @@ FLOOR_STEPS = ("torch", "torch._dynamo", "scipy.stats", "scipy.optimize", "accel
                "services.ue_client.service")
 FLOOR_STEPS_SCRIPT = """
 import importlib.util, json, sys
-sys.path.insert(0, {root!r})
 def rss_kib():
     return int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1])
 seen = {{"python": rss_kib()}}
@@ -260,14 +257,16 @@ def sd_text_lines(rounds: int) -> list[str]:
 
 
 def fresh_python(script: str, *args: str, python: str = sys.executable) -> str:
+    # PYTHONPATH: the checkout's own code (the device environment has no tandem installed, bench/device_env.sh)
     done = subprocess.run([python, "-c", script, *args], capture_output=True, text=True, check=True,
-                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
+                               "PYTHONPATH": str(ROOT)})
     return done.stdout.strip().splitlines()[-1]
 
 
 def memory(pack: Path, steps: int, rounds: int, pythons: dict[str, str]) -> dict[str, dict[str, dict[str, float]]]:
     """Each environment's and role's figures, medians over `rounds` interleaved fresh processes."""
-    script = MEMORY_SCRIPT.format(root=str(ROOT))
+    script = MEMORY_SCRIPT.format()  # (its doubled braces)
     runs: dict[str, dict[str, list[dict[str, int]]]] = {env: {role: [] for role in MEMORY_ROLES} for env in pythons}
     for _ in range(rounds):
         for env, python in pythons.items():
@@ -291,7 +290,7 @@ def import_floors(rounds: int, pythons: dict[str, str]) -> dict[str, float]:
 
 def floor_steps(rounds: int, pythons: dict[str, str]) -> dict[str, dict[str, float]]:
     """Per environment, the median RSS (KiB) after each of FLOOR_STEPS (those installed)."""
-    script = FLOOR_STEPS_SCRIPT.format(root=str(ROOT), steps=FLOOR_STEPS)
+    script = FLOOR_STEPS_SCRIPT.format(steps=FLOOR_STEPS)
     seen: dict[str, list[dict[str, int]]] = {env: [] for env in pythons}
     for _ in range(rounds):
         for env, python in pythons.items():
@@ -353,8 +352,8 @@ def main() -> int:
     lines = []
     if parts & {"batch", "staggered"}:
         import torch
-        from service_procs import edge_server
 
+        from services.common.launcher import ONE_THREAD, edge_server
         from tandem.packs import PackManifest
 
         torch.set_num_threads(1)
@@ -363,7 +362,7 @@ def main() -> int:
         guidance, size = float(defaults.guidance_scale), defaults.image_size
         pipe = diffusers_pipeline(args.pack)
         with tempfile.TemporaryDirectory() as tmp, edge_server(args.pack / "large", Path(tmp), "--max-batch",
-                                                               str(max(16, args.users))) as edge:
+                                                               str(max(16, args.users)), env=ONE_THREAD) as edge:
             run_diffusers(pipe, PROMPTS[:2], [0, 1], args.steps, guidance, size)  # warm-up both
             asyncio.run(edge_together(edge.address, edge_requests(2, args.steps, guidance, size)))
             if "batch" in parts:

@@ -31,10 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from services.scheduler.decide import planner  # noqa: E402
-from services.scheduler.decide.baselines import (  # noqa: E402
+from services.scheduler.decide import planner
+from services.scheduler.decide.baselines import (
     all_device,
     all_edge,
     best_fixed_split,
@@ -43,15 +41,15 @@ from services.scheduler.decide.baselines import (  # noqa: E402
     polished,
     random_choice,
 )
-from services.scheduler.decide.costs import CostProfile  # noqa: E402
-from services.scheduler.decide.options import DEFAULT_OPTIONS  # noqa: E402
-from services.scheduler.decide.planner import schedule_frame  # noqa: E402
-from services.scheduler.decide.policy import SchedulerPolicy  # noqa: E402
-from services.scheduler.decide.problem import FrameProblem  # noqa: E402
-from services.scheduler.decide.quality import QualityProfile, synthetic_profile  # noqa: E402
-from services.scheduler.decide.scenario import ScenarioConfig, sample_frame, scenario_for  # noqa: E402
-from services.scheduler.defaults import DEFAULT_QUALITY, DEMO_COSTS, POLISH_SWEEPS, POLISH_VISITS  # noqa: E402
-from services.scheduler.learn.families import ProfileFamily  # noqa: E402
+from services.scheduler.decide.costs import CostProfile
+from services.scheduler.decide.options import DEFAULT_OPTIONS
+from services.scheduler.decide.planner import schedule_frame
+from services.scheduler.decide.policy import SchedulerPolicy
+from services.scheduler.decide.problem import FrameProblem
+from services.scheduler.decide.quality import QualityProfile, synthetic_profile
+from services.scheduler.decide.scenario import ScenarioConfig, sample_frame, scenario_for
+from services.scheduler.defaults import DEFAULT_QUALITY, DEMO_COSTS, POLISH_SWEEPS, POLISH_VISITS
+from services.scheduler.learn.families import ProfileFamily
 from tandem.stats import percentile
 
 ROOT = Path(__file__).resolve().parents[1]

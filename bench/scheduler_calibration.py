@@ -31,10 +31,8 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch loads, here and in the services
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
 
-from service_procs import edge_server, metric_value, scheduler_service, wait_edges_live  # noqa: E402
-
+from services.common.launcher import edge_server, metric_value, scheduler_service, wait_metric  # noqa: E402
 from services.scheduler.core import Measured, measured_phases  # noqa: E402
 from tandem.stats import percentile  # noqa: E402
 
@@ -151,7 +149,7 @@ def main() -> int:
         with scheduler_service(tmp_path, "--cost-profile", str(args.cost_profile), "--edge-ttl", "30") as sched, \
                 edge_server(args.large, tmp_path, "--scheduler", sched.address) as edge:
             try:
-                wait_edges_live(sched, 1, 60, "the edge never heartbeated to the scheduler")
+                wait_metric(sched, "tandem_scheduler_edges_live", 1, 60, "the edge never heartbeated to the scheduler")
             except AssertionError as exc:
                 raise SystemExit(f"scheduler_calibration: error: {exc}") from None
             print(f"profile {args.cost_profile.relative_to(ROOT)}: {calibration_state(sched.metrics(), args.device_class)}")

@@ -25,17 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from services.scheduler.decide import planner  # noqa: E402
-from services.scheduler.decide.baselines import BASELINES, polished  # noqa: E402
-from services.scheduler.decide.exact import exact_optimum  # noqa: E402
-from services.scheduler.decide.options import DEFAULT_OPTIONS  # noqa: E402
-from services.scheduler.decide.planner import schedule_frame  # noqa: E402
-from services.scheduler.decide.policy import SchedulerPolicy  # noqa: E402
-from services.scheduler.decide.problem import FrameProblem  # noqa: E402
-from services.scheduler.decide.scenario import DEFAULT_SCENARIO, sample_frame, scenario_for  # noqa: E402
-from services.scheduler.defaults import BUILTIN, DEFAULT_QUALITY, MAX_FRAME, POLISH_SWEEPS, POLISH_VISITS, default_cost_profile, display_path, load_profiles  # noqa: E402
+from services.scheduler.decide import planner
+from services.scheduler.decide.baselines import BASELINES, polished
+from services.scheduler.decide.exact import exact_optimum
+from services.scheduler.decide.options import DEFAULT_OPTIONS
+from services.scheduler.decide.planner import schedule_frame
+from services.scheduler.decide.policy import SchedulerPolicy
+from services.scheduler.decide.problem import FrameProblem
+from services.scheduler.decide.scenario import DEFAULT_SCENARIO, sample_frame, scenario_for
+from services.scheduler.defaults import BUILTIN, DEFAULT_QUALITY, MAX_FRAME, POLISH_SWEEPS, POLISH_VISITS, default_cost_profile, display_path, load_profiles
 from tandem.stats import percentile
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,6 +1,6 @@
 """The testbed's shaped link, measured: the rate a bulk TCP transfer gets beside the rate tbf was set to.
 
-    .venv/bin/python bench/testbed_link.py [--quick]
+    .venv/bin/python -m bench.testbed_link [--quick]     # from the repository root (tools is not installed)
 
 Two namespaces joined by one veth pair (tools/testbed/netns.py), reshaped before each row; a
 transfer from one end to the other, directly or through tools/testbed/delay_proxy.py in the
@@ -20,10 +20,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from tools.testbed.netns import Link, Testbed
 
-from tools.testbed.netns import Link, Testbed  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 RECEIVER_PORT, PROXY_PORT = 5301, 5302
 TOLERANCE = 0.2

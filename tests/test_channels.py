@@ -12,7 +12,6 @@ from concurrent import futures
 
 import grpc
 import pytest
-from link_proxy import LinkFaults, LinkProxy
 from service_procs import device_service, edge_server, free_port
 
 from services.cli import generate as cli
@@ -34,6 +33,7 @@ from tandem.v1 import (
     scheduler_pb2,
     scheduler_pb2_grpc,
 )
+from tools.testbed.delay_proxy import DelayProxy
 
 PROMPT = "a red circle at the left on a blue background"
 CHUNK = 256 * 1024  # as the edge sends
@@ -124,7 +124,7 @@ def test_idle_keepalive_pings_are_allowed_by_the_servers_so_the_connection_stays
     server_options["grpc.http2.min_ping_interval_without_data_ms"] = 500
     port = free_port()
 
-    async def scenario(link: LinkProxy) -> None:
+    async def scenario(link: DelayProxy) -> None:
         server = grpc.aio.server(options=[NO_REUSEPORT, *server_options.items()])
         edge_pb2_grpc.add_EdgeServiceServicer_to_server(FakeEdge(), server)
         server.add_insecure_port(f"127.0.0.1:{port}")
@@ -137,7 +137,7 @@ def test_idle_keepalive_pings_are_allowed_by_the_servers_so_the_connection_stays
         finally:
             await server.stop(None)
 
-    with LinkProxy(f"127.0.0.1:{port}", LinkFaults()) as link:
+    with DelayProxy(f"127.0.0.1:{port}") as link:
         asyncio.run(scenario(link))
         assert link.connections == 1
 
@@ -148,7 +148,7 @@ def test_handoffs_over_a_pool_share_one_connection():
     """Fails on the code before issue 31: every fetch_handoff opened (and closed) its own channel."""
     port = free_port()
 
-    async def scenario(link: LinkProxy) -> None:
+    async def scenario(link: DelayProxy) -> None:
         server, _ = await start_edge(FakeEdge(), port)
         try:
             async with ChannelPool() as pool:
@@ -161,7 +161,7 @@ def test_handoffs_over_a_pool_share_one_connection():
         finally:
             await server.stop(None)
 
-    with LinkProxy(f"127.0.0.1:{port}", LinkFaults()) as link:
+    with DelayProxy(f"127.0.0.1:{port}") as link:
         asyncio.run(scenario(link))
 
 
@@ -259,11 +259,12 @@ def test_an_edge_restart_mid_request_ends_in_the_device_fallback(small_pack):
 
 # --- the device service, as a process -----------------------------------------------------------
 
+@pytest.mark.slow
 def test_the_device_service_keeps_one_connection_to_its_edge(tiny_packs, tmp_path, capsys):
     """Fails on the code before issue 31 (a connection per handoff): three images through the
     device service, one TCP connection to the edge."""
     argv = ["generate", PROMPT, "--steps", "4", "--split", "2", "--json", "--quiet"]
-    with edge_server(tiny_packs["large"], tmp_path) as edge, LinkProxy(edge.address, LinkFaults()) as link, \
+    with edge_server(tiny_packs["large"], tmp_path) as edge, DelayProxy(edge.address) as link, \
             device_service(tiny_packs["small"], tmp_path, "--edge", link.address) as ue:
         for i in range(3):
             assert cli.main(argv + ["--ue", ue.address, "--out", str(tmp_path / f"{i}.png")]) == 0
@@ -307,8 +308,8 @@ def test_the_scheduler_and_device_clients_keep_one_channel_per_target():
         lambda s: scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(FakeScheduler(), s))
     device, device_address = sync_server(lambda s: device_pb2_grpc.add_DeviceServiceServicer_to_server(FakeDevice(), s))
     try:
-        with LinkProxy(scheduler_address, LinkFaults()) as to_scheduler, \
-                LinkProxy(device_address, LinkFaults()) as to_device:
+        with DelayProxy(scheduler_address) as to_scheduler, \
+                DelayProxy(device_address) as to_device:
             for _ in range(2):
                 assert ue_client.get_link_estimate(to_device.address, None, 5).rtt_s == 0.05
                 plan = scheduler_client.request_plan(to_scheduler.address, "phone", timeout=5)

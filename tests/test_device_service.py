@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 from service_procs import device_service, edge_server, free_port, metric_value
 
@@ -14,6 +15,7 @@ from tandem.pipeline import HybridPipeline
 from tandem.request import GenerationRequest
 
 
+@pytest.mark.slow
 def test_cli_through_device_service_and_edge(tiny_packs, tmp_path, capsys, large_pack, small_pack):
     with edge_server(tiny_packs["large"], tmp_path) as edge, \
             device_service(tiny_packs["small"], tmp_path, "--edge", edge.address) as ue:
@@ -55,6 +57,7 @@ def test_cli_through_device_service_and_edge(tiny_packs, tmp_path, capsys, large
         assert metric_value(text, "tandem_ue_steps_total") == 2 + 6
 
 
+@pytest.mark.slow
 def test_device_service_reconnects_to_a_restarted_edge(tiny_packs, tmp_path, capsys):
     """The edge goes down and comes back on the same address: while it is down the device finishes
     alone (and says so); once it is back the next request uses it again, no restart of the device."""

@@ -178,14 +178,13 @@ def test_the_cli_sends_its_token_only_to_trusted_edges(hostile, tmp_path, capsys
 def test_honest_handoffs_pass_the_checks_and_fit_the_cap(large_pack, small_pack, sampler):
     """No false alarms: a real edge's handoff for every sampler and codec, at the largest split
     with history, passes the device's checks within its byte cap; each attack's does not."""
-    from fake_edge import hostile_payload, tampered
-
     from services.ue_client.integrity import HandoffLimits, HandoffRejected, check_header, wire_codec
     from tandem.codec.container import CodecError, unpack_container
     from tandem.handoff import CodecSpec, decode_handoff, encode_handoff
     from tandem.pipeline import make_handoff, run_steps, start
     from tandem.request import GenerationRequest
     from tandem.sampling.schedule import make_schedule
+    from tools.testbed.fake_edge import hostile_payload, tampered
 
     request = GenerationRequest(PROMPT, steps=5, split=4, sampler=sampler, guidance_scale=3.3, seed=7,
                                 height=32, width=32, negative_prompt="blurry").validate()

@@ -215,6 +215,7 @@ def _rss_bytes(pid: int) -> int:
     return int(line.split()[1]) * 1024
 
 
+@pytest.mark.slow
 def test_memory_returns_to_its_level_after_large_requests(tiny_packs, tmp_path):
     with edge_server(tiny_packs["large"], tmp_path, "--max-image-side", "512", "--max-request-cost", "0") as server:
         small = [req(seed=i) for i in range(4)]

@@ -150,6 +150,7 @@ def test_unmeetable_budget_unknown_device_class_and_refused_token(tmp_path):
 
 # --- item 4: failures that used to exit 0 --------------------------------------------------------
 
+@pytest.mark.slow
 def test_require_edge_fails_instead_of_falling_back(tmp_path, tiny_packs):
     dead = f"127.0.0.1:{free_port()}"
     args = ("generate", PROMPT, "--out", str(tmp_path / "x.png"), "--quiet", "--steps", "2", "--timeout", "5",
@@ -160,6 +161,7 @@ def test_require_edge_fails_instead_of_falling_back(tmp_path, tiny_packs):
     assert line.startswith("tandem: error: --require-edge: edge failed") and dead in line
 
 
+@pytest.mark.slow
 def test_tls_and_token_misconfigurations_say_so(tmp_path, tiny_packs):
     certs = tmp_path / "certs"
     subprocess.run(["bash", str(ROOT / "scripts" / "dev_certs.sh"), str(certs)], check=True, capture_output=True)
@@ -179,6 +181,7 @@ def test_tls_and_token_misconfigurations_say_so(tmp_path, tiny_packs):
 
 # --- item 2: ports -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_busy_ports_are_one_line_each_and_reflection_v1_and_batch_buckets(tmp_path, tiny_packs):
     from grpc_reflection.v1alpha import reflection_pb2
 
@@ -219,8 +222,10 @@ def test_topology_with_busy_port_is_one_line_and_never_up(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
+        others = [arg for flag in ("--edge-metrics-port", "--ue-port", "--ue-metrics-port")  # free: not the defaults,
+                  for arg in (flag, str(free_port()))]  # which another topology on this host may hold
         result = subprocess.run([sys.executable, "-m", "services.cli.topology", "--no-scheduler", "--edge-port", str(port),
-                                 "--log-dir", str(tmp_path / "logs")], cwd=ROOT, env=ENV, capture_output=True,
+                                 *others, "--log-dir", str(tmp_path / "logs")], cwd=ROOT, env=ENV, capture_output=True,
                                 text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == (f"tandem topology: error: already in use on 127.0.0.1: edge gRPC port {port} "
@@ -255,6 +260,7 @@ def test_topology_names_a_tandem_command_that_runs():
 
 # --- item 6: rough edges -------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_device_service_report_has_the_in_process_keys(tmp_path, tiny_packs):
     common = ("generate", PROMPT, "--quiet", "--json", "--steps", "2", "--seed", "4", "--sampler", "ddim")
     local = tandem(*common, "--out", str(tmp_path / "a.png"), "--large", str(tiny_packs["large"]),

@@ -38,6 +38,7 @@ def dry_run(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_the_dry_run_writes_every_result_into_one_folder_the_device_tool_brings_back(dry_run):
     files = {p.relative_to(dry_run).as_posix() for p in dry_run.rglob("*") if p.is_file()}
     assert files == RESULTS
@@ -46,6 +47,7 @@ def test_the_dry_run_writes_every_result_into_one_folder_the_device_tool_brings_
                                    for f in files)
 
 
+@pytest.mark.slow
 def test_every_stage_passed_and_the_tables_say_what_ran(dry_run):
     summary = json.loads((dry_run / "stages.json").read_text())
     assert summary["ok"] and summary["dry_run"]
@@ -65,6 +67,7 @@ def test_every_stage_passed_and_the_tables_say_what_ran(dry_run):
     assert "Dry run: tiny packs on the CPU" in readme
 
 
+@pytest.mark.slow
 def test_the_profiles_load_with_the_schedulers_loader(dry_run):
     for name, edge, device_class in (("demo_cuda.json", "tandem-demo-large", "cuda-demo"),
                                      ("sd15_cuda.json", "tiny-random-large", "cuda-sd15")):

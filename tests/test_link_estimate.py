@@ -11,7 +11,6 @@ import time
 
 import grpc
 import pytest
-from link_proxy import LinkFaults, LinkProxy
 from service_procs import device_service, edge_server, scheduler_service
 
 from services.cli import generate as cli
@@ -19,6 +18,7 @@ from services.ue_client.link import LinkBook, LinkSample, load_book, save_book, 
 from tandem.link import MIN_RATE_BYTES, MIN_SAMPLES, WINDOW, LinkEstimate
 from tandem.tiny_pack import build_sd_geometry_pair
 from tandem.v1 import device_pb2, device_pb2_grpc
+from tools.testbed.delay_proxy import DelayProxy
 
 SD_FP16 = 67_000  # bytes of an SD-sized fp16 handoff
 
@@ -170,7 +170,7 @@ def sd_packs(tmp_path_factory):
     return build_sd_geometry_pair(tmp_path_factory.mktemp("sd-packs"))
 
 
-SLOW = LinkFaults(delay_s=0.004)  # every 4 KB read waits 4 ms
+SLOW = {"rate_bps": 8e6, "delay_s": 0.002}  # 1 MB/s each way, then 2 ms: a 67 KB handoff takes ~70 ms
 
 
 def reported_round_trip(*reports: dict) -> float:
@@ -204,7 +204,7 @@ def test_successive_images_send_the_measured_link_and_the_scheduler_plans_with_i
         return {**report, "stderr": err}
 
     with scheduler_service(tmp) as sched, edge_server(large, tmp) as edge, \
-            LinkProxy(edge.address, SLOW) as proxy:
+            DelayProxy(edge.address, **SLOW) as proxy:
         first = generate("1.png")
         second = generate("2.png")
         third = generate("3.png")
@@ -249,6 +249,7 @@ def test_successive_images_send_the_measured_link_and_the_scheduler_plans_with_i
     assert json.loads(state.read_text())["version"] == 1
 
 
+@pytest.mark.slow
 def test_the_device_service_measures_its_link_and_the_cli_sends_it_along(sd_packs, tmp_path_factory, capsys):
     """--ue: the long-running device service keeps the link per edge in memory, answers
     GetLinkEstimate, and the CLI sends that estimate with its plan request."""
@@ -263,7 +264,7 @@ def test_the_device_service_measures_its_link_and_the_cli_sends_it_along(sd_pack
         assert report["fallback"] is None and report["plan"]["reported"]
         return report
 
-    with scheduler_service(tmp) as sched, edge_server(large, tmp) as edge, LinkProxy(edge.address, SLOW) as proxy, \
+    with scheduler_service(tmp) as sched, edge_server(large, tmp) as edge, DelayProxy(edge.address, **SLOW) as proxy, \
             device_service(small, tmp, "--edge", proxy.address) as ue, grpc.insecure_channel(ue.address) as channel:
         stub = device_pb2_grpc.DeviceServiceStub(channel)
         before = stub.GetLinkEstimate(device_pb2.GetLinkEstimateRequest(), timeout=30)

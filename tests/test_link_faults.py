@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from link_proxy import LinkFaults, LinkProxy
 from service_procs import edge_server, metric_value, scheduler_service
 
 from services.cli import generate as cli
+from tools.testbed.delay_proxy import DelayProxy
 
 PROMPT = "a red circle at the left on a blue background"
 
@@ -31,13 +31,13 @@ def generate(tiny_packs, tmp_path, capsys, name: str, *args: str) -> dict:
 
 
 def test_a_slow_link_still_delivers_the_edge_steps(edge, tiny_packs, tmp_path, capsys):
-    with LinkProxy(edge.address, LinkFaults(delay_s=0.05)) as link:
+    with DelayProxy(edge.address, delay_s=0.05) as link:
         report = generate(tiny_packs, tmp_path, capsys, "slow.png", "--edge", link.address, "--split", "4")
     assert report["fallback"] is None and report["edge_steps"] == 4
 
 
 def test_the_deadline_holds_on_a_very_slow_link(edge, tiny_packs, tmp_path, capsys):
-    with LinkProxy(edge.address, LinkFaults(delay_s=1.5)) as link:
+    with DelayProxy(edge.address, delay_s=1.5) as link:
         report = generate(tiny_packs, tmp_path, capsys, "late.png", "--edge", link.address, "--split", "4",
                           "--timeout", "1")
     assert report["fallback"] and "DEADLINE_EXCEEDED" in report["fallback"]
@@ -45,11 +45,11 @@ def test_the_deadline_holds_on_a_very_slow_link(edge, tiny_packs, tmp_path, caps
 
 
 def test_a_link_cut_mid_stream_falls_back_to_the_device(edge, tiny_packs, tmp_path, capsys):
-    with LinkProxy(edge.address, LinkFaults(cut_after_bytes=400)) as link:
+    with DelayProxy(edge.address, cut_after_bytes=400) as link:
         report = generate(tiny_packs, tmp_path, capsys, "cut.png", "--edge", link.address, "--split", "4")
         assert link.cuts >= 1
     assert report["fallback"] and report["edge_steps"] == 0 and report["device_steps"] == 6
-    with LinkProxy(edge.address, LinkFaults()) as link:  # the edge itself was never disturbed
+    with DelayProxy(edge.address) as link:  # the edge itself was never disturbed
         assert generate(tiny_packs, tmp_path, capsys, "fine.png", "--edge", link.address)["fallback"] is None
 
 
@@ -65,10 +65,10 @@ def test_the_scheduler_learns_the_slow_link(tiny_packs, tmp_path, capsys):
             assert report["fallback"] is None and report["edge_steps"] > 0 and report["plan"]["reported"]
 
     with scheduler_service(tmp_path) as sched, edge_server(tiny_packs["large"], tmp_path) as edge:
-        with LinkProxy(edge.address, LinkFaults()) as fast:
+        with DelayProxy(edge.address) as fast:
             three_images(fast.address, "fast")
         rtt_fast = metric_value(sched.metrics(), "tandem_scheduler_rtt_seconds")
-        with LinkProxy(edge.address, LinkFaults(delay_s=0.2)) as slow:
+        with DelayProxy(edge.address, delay_s=0.2) as slow:
             three_images(slow.address, "slow")
         rtt_slow = metric_value(sched.metrics(), "tandem_scheduler_rtt_seconds")
     assert rtt_fast > 0 and rtt_slow > rtt_fast

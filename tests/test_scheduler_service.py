@@ -161,6 +161,7 @@ def test_plans_go_to_the_least_loaded_live_edge_and_silent_edges_are_dropped(tmp
         assert metric_value(service.metrics(), "tandem_scheduler_edges_live") == 1
 
 
+@pytest.mark.slow
 def test_cli_takes_the_plan_and_the_edge_that_heartbeats_and_reports(tiny_packs, tmp_path, capsys):
     with scheduler_service(tmp_path) as sched, \
             edge_server(tiny_packs["large"], tmp_path, "--scheduler", sched.address) as edge:
@@ -199,6 +200,7 @@ def test_cli_without_a_scheduler_keeps_its_defaults_and_says_so(tiny_packs, tmp_
     assert report["split"] == report["total_steps"] // 2
 
 
+@pytest.mark.slow
 def test_two_real_edges_share_the_load_and_a_killed_one_is_routed_around(tiny_packs, tmp_path, capsys):
     """Scale-out on loopback: two edge servers heartbeat; plans spread over both; after one is
     killed (-9) new requests go to the other, and an image still comes from an edge."""

@@ -13,10 +13,12 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 from service_procs import ROOT, metric_value
 
 from services.cli import generate as cli
-from services.cli.topology import scheduler_available, terminate
+from services.cli.topology import scheduler_available
+from services.common.launcher import terminate
 
 PROMPT = "a red circle at the left on a blue background"
 
@@ -131,6 +133,7 @@ def test_killed_topology_leaves_no_children(tmp_path):
         assert wait_gone(pids) == [], "a service outlived a killed topology"
 
 
+@pytest.mark.slow
 def test_then_runs_one_generation_through_the_services_and_stops(tmp_path):
     """`--then` (the README's main job): up, one image via device service + scheduler, all down."""
     log_dir, out = tmp_path / "logs", tmp_path / "then.png"

@@ -152,7 +152,7 @@ def test_too_little_memory_is_one_line_before_loading(tiny_pair, monkeypatch, ca
     assert line.startswith("tandem-pack: error: building tiny needs about") and "GiB free" in line
 
 
-@pytest.mark.slow
+@pytest.mark.truesize
 def test_the_true_size_pair_splits_at_512_px(tmp_path_factory):
     """SD 1.5 on the edge, BK-SDM-Small on the device, one 512 px request (T = 2, k = 1) in
     process: minutes on two cores."""

@@ -4,8 +4,8 @@ plans by cost alone), then the three services (scheduler -> edge -> device servi
 512 px image on a real plan, its handoff bytes predicted exactly.
 
 At true size (SD 1.5 on the edge, BK-SDM-Small on the device, tandem-pack's sd15 pair) this needs
-minutes on a CPU: marked slow (pytest -m slow; the pair comes from $TANDEM_PACK_CACHE/sd15 as
-`tandem-pack build sd15` leaves it, built there if absent). The same paths run always on tiny
+minutes on a CPU: marked truesize (pytest -m truesize; not in CI; the pair comes from
+$TANDEM_PACK_CACHE/sd15 as `tandem-pack build sd15` leaves it, built there if absent). The same paths run always on tiny
 random pairs: the session's tiny packs, and the SD-geometry pair (512 px, 4x64x64 latents, tiny
 UNets), in seconds.
 """
@@ -216,6 +216,7 @@ def _served(seen: dict, capsys, show: bool = False) -> tuple[dict, dict]:
     return report, summary
 
 
+@pytest.mark.slow
 def test_the_three_services_serve_a_512px_image_on_a_plan_sd_geometry(tmp_path, capsys):
     """The slow test's twin: SD's 512 px geometry with tiny random UNets (under a minute)."""
     from tandem.tiny_pack import build_sd_geometry_pair
@@ -228,7 +229,7 @@ def test_the_three_services_serve_a_512px_image_on_a_plan_sd_geometry(tmp_path, 
     assert "random weights: the cheapest faithful settings" in seen["onboard_stderr"]
 
 
-@pytest.mark.slow
+@pytest.mark.truesize
 def test_the_three_services_serve_a_512px_image_at_true_size(tmp_path, capsys):
     """SD 1.5 (860 M UNet) on the edge and BK-SDM-Small (482 M) on the device, random weights:
     onboarding's cost profile at true size, then one 512 px image through the three services on

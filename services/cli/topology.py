@@ -10,29 +10,28 @@ seconds). Children also get SIGTERM if this process dies without cleaning up (PR
 so none is left behind. If a service exits on its own, the rest are stopped and the exit status
 is 1. A port already in use is one line naming it and exit status 2, before anything starts: the
 health checks would otherwise find somebody else's servers there and call the topology up.
+The processes are started, waited for and stopped by services/common/launcher.py (as in the tests
+and benches).
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import importlib.util
 import json
 import os
 import shlex
 import signal
-import socket
-import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.cli.healthcheck import check
+from services.common import launcher
+from services.common.launcher import LaunchError, Process
 from tandem.packs import DEMO_PACK
 
-PR_SET_PDEATHSIG = 1
+ServiceFailed = LaunchError  # a service exited, or was not SERVING in time (the message has its log's tail)
 
 
 @dataclass
@@ -45,8 +44,7 @@ class Service:
     args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     health_service: str = ""
-    proc: subprocess.Popen | None = None
-    log_path: Path | None = None
+    process: Process | None = None  # once started
 
     @property
     def address(self) -> str:
@@ -56,15 +54,13 @@ class Service:
     def metrics_url(self) -> str:
         return f"http://{self.host}:{self.metrics_port}/metrics"
 
-
-class ServiceFailed(RuntimeError):
-    pass
+    @property
+    def log_path(self) -> Path | None:
+        return self.process.log_path if self.process else None
 
 
 def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return launcher.free_port(host)
 
 
 def busy_ports(services: list[Service]) -> list[str]:
@@ -89,75 +85,40 @@ def scheduler_available() -> bool:
                 and any((Path(p) / "__main__.py").exists() for p in spec.submodule_search_locations))
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):  # not Linux: graceful stop still applies
-        pass
-
-
-def terminate(procs: list[subprocess.Popen], grace: float) -> None:
-    """SIGTERM to every process still running, SIGKILL to those not gone after `grace` seconds."""
-    running = [proc for proc in procs if proc.poll() is None]
-    for proc in running:
-        proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for proc in running:
-        try:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 class Topology:
+    """The services as one launcher.Group: started together, each one's output in LOG_DIR/NAME.log,
+    stopped together."""
+
     def __init__(self, services: list[Service], log_dir: Path):
         self.services = services
         self.log_dir = log_dir
+        self.group = launcher.Group()
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for service in self.services:
-            service.log_path = self.log_dir / f"{service.name}.log"
-            command = [sys.executable, "-m", service.module, *service.args]
-            env = dict(os.environ, PYTHONUNBUFFERED="1", **service.env)
-            with open(service.log_path, "w") as log:
-                log.write(f"$ {' '.join(command)}\n")
-                log.flush()
-                service.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                                env=env, preexec_fn=_die_with_parent)
+            service.process = self.group.spawn(
+                service.name, [sys.executable, "-m", service.module, *service.args],
+                log_path=self.log_dir / f"{service.name}.log", env=service.env, header=True, die_with_parent=True,
+                address=service.address, metrics_port=service.metrics_port, metrics_host=service.host,
+                health_service=service.health_service)
 
     def check_alive(self) -> None:
-        for service in self.services:
-            if service.proc is not None and service.proc.poll() is not None:
-                raise ServiceFailed(f"{service.name} exited with status {service.proc.returncode}; "
-                                    f"last lines of {service.log_path}:\n{self.tail(service)}")
+        self.group.check_alive()
 
     def wait_healthy(self, timeout: float, stop: threading.Event) -> None:
-        deadline = time.monotonic() + timeout
-        waiting = list(self.services)
-        while waiting:
-            self.check_alive()
-            if stop.is_set():
-                raise KeyboardInterrupt
-            if time.monotonic() > deadline:
-                raise ServiceFailed(f"not SERVING after {timeout:g} s: {', '.join(s.name for s in waiting)}")
-            waiting = [s for s in waiting if not check(s.address, s.health_service, timeout=1.0)[0]]
-            if waiting:
-                stop.wait(0.3)
+        self.group.wait_healthy(timeout, stop)
 
     def stop(self, grace: float) -> None:
-        terminate([s.proc for s in self.services if s.proc is not None], grace)
+        self.group.stop(grace)
 
     @staticmethod
     def tail(service: Service, lines: int = 15) -> str:
-        if service.log_path is None or not service.log_path.exists():
-            return ""
-        return "\n".join(service.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return service.process.tail(lines) if service.process else ""
 
     def describe(self) -> dict:
         return {"pid": os.getpid(), "log_dir": str(self.log_dir), "services": {
-            s.name: {"address": s.address, "metrics_url": s.metrics_url, "pid": s.proc.pid if s.proc else None,
+            s.name: {"address": s.address, "metrics_url": s.metrics_url, "pid": s.process.pid if s.process else None,
                      "log": str(s.log_path)} for s in self.services}}
 
 

@@ -13,6 +13,12 @@ a client's TCP handshake at once. With --handshake a new connection pays that ha
 trip here: the server accepts 1.5 RTT after the client connected (SYN, SYN-ACK, ACK) and nothing
 the client sent before its side of the handshake would have completed (1 RTT) arrives earlier,
 so connection setup costs what it costs on a real link (bench/channels.py measures it).
+
+Also the tests' and benches' faulty link on loopback, in their own process (`DelayProxy`, on an
+event loop thread of its own): --rate-mbit paces each direction in user space where no tbf shapes
+the link (bytes leave no faster than the rate, then wait the delay), --cut-after-bytes resets a
+connection once that many bytes went from the server to the client (a link dying mid-stream), and
+it counts the connections it accepted (how many a client opened) and the ones it cut.
 """
 
 from __future__ import annotations
@@ -20,11 +26,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 CHUNK = 64 * 1024
 MAX_QUEUED_CHUNKS = 1024  # ~64 MiB in flight per direction before reading pauses (backpressure)
+PACED_PIECE = 4096  # with a rate: bytes stamped (and sent) at once, so a chunk does not arrive as one burst
 _EOF = b""
 
 
@@ -36,22 +45,41 @@ class ProxyConfig:
     target_port: int
     delay_s: float
     handshake: bool = False  # a new connection pays the TCP handshake's round trip
+    rate_bps: float = 0.0  # each direction paced to this rate (0: as fast as it comes)
+    cut_after_bytes: int | None = None  # server -> client bytes after which a connection is reset
+
+
+@dataclass
+class Counts:
+    connections: int = 0  # accepted so far
+    cuts: int = 0  # connections reset by cut_after_bytes
 
 
 async def _read_side(reader: asyncio.StreamReader, queue: asyncio.Queue, delay_s: float,
-                     not_before: float = 0.0) -> None:
+                     not_before: float = 0.0, rate_bps: float = 0.0) -> None:
     """Stamps every chunk with the time it is due on the other side (sent no earlier than
-    `not_before`); EOF (or a reset) is queued too."""
+    `not_before`; with `rate_bps`, in pieces that leave one after another at that rate, then
+    wait the delay); EOF (or a reset) is queued too."""
+    free_at = 0.0  # with a rate: when the last piece has left
     try:
         while data := await reader.read(CHUNK):
-            await queue.put((max(time.monotonic(), not_before) + delay_s, data))
+            if not rate_bps:
+                await queue.put((max(time.monotonic(), not_before) + delay_s, data))
+                continue
+            for start in range(0, len(data), PACED_PIECE):
+                piece = data[start:start + PACED_PIECE]
+                free_at = max(time.monotonic(), not_before, free_at) + len(piece) * 8 / rate_bps
+                await queue.put((free_at + delay_s, piece))
     except (ConnectionError, OSError):
         pass
-    await queue.put((max(time.monotonic(), not_before) + delay_s, _EOF))
+    await queue.put((max(time.monotonic(), not_before, free_at) + delay_s, _EOF))
 
 
-async def _write_side(queue: asyncio.Queue, writer: asyncio.StreamWriter) -> None:
-    """Writes each chunk when it is due, in arrival order; at EOF half-closes the other side."""
+async def _write_side(queue: asyncio.Queue, writer: asyncio.StreamWriter, cut_after_bytes: int | None = None,
+                      cut: Callable[[], None] | None = None) -> None:
+    """Writes each chunk when it is due, in arrival order; at EOF half-closes the other side.
+    After `cut_after_bytes` bytes, calls `cut` (which resets the connection) and stops."""
+    budget = cut_after_bytes
     try:
         while True:
             due, data = await queue.get()
@@ -62,24 +90,29 @@ async def _write_side(queue: asyncio.Queue, writer: asyncio.StreamWriter) -> Non
                 if writer.can_write_eof():
                     writer.write_eof()
                 return
+            if budget is not None and len(data) >= budget:
+                writer.write(data[:budget])
+                if cut is not None:
+                    cut()
+                return
+            if budget is not None:
+                budget -= len(data)
             writer.write(data)
             await writer.drain()
     except (ConnectionError, OSError):
         pass
 
 
-async def _direction(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay_s: float) -> None:
-    queue: asyncio.Queue = asyncio.Queue(MAX_QUEUED_CHUNKS)
-    await asyncio.gather(_read_side(reader, queue, delay_s), _write_side(queue, writer))
+def connection_handler(cfg: ProxyConfig, counts: Counts | None = None):
+    counts = counts if counts is not None else Counts()
 
-
-def connection_handler(cfg: ProxyConfig):
     async def handle(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        counts.connections += 1
         # Client bytes are read (and stamped) from the start, also while the handshake is waited out.
         handshake_rtt = 2 * cfg.delay_s if cfg.handshake else 0.0
         upstream: asyncio.Queue = asyncio.Queue(MAX_QUEUED_CHUNKS)
         reading = asyncio.ensure_future(_read_side(client_reader, upstream, cfg.delay_s,
-                                                   time.monotonic() + handshake_rtt))
+                                                   time.monotonic() + handshake_rtt, cfg.rate_bps))
         try:
             if handshake_rtt:
                 await asyncio.sleep(handshake_rtt + cfg.delay_s)  # the client's ACK reaches the server
@@ -87,12 +120,22 @@ def connection_handler(cfg: ProxyConfig):
         except BaseException as exc:  # no server (or the proxy stops meanwhile)
             reading.cancel()
             client_writer.close()
-            if isinstance(exc, OSError):
+            if isinstance(exc, (OSError, asyncio.CancelledError)):  # cancelled: the proxy stops (DelayProxy)
                 return
             raise
+
+        def cut() -> None:  # the link dies mid-stream: both sides see a reset
+            counts.cuts += 1
+            for writer in (client_writer, server_writer):
+                writer.transport.abort()
+
+        downstream: asyncio.Queue = asyncio.Queue(MAX_QUEUED_CHUNKS)
         try:
             await asyncio.gather(reading, _write_side(upstream, server_writer),
-                                 _direction(server_reader, client_writer, cfg.delay_s))
+                                 _read_side(server_reader, downstream, cfg.delay_s, rate_bps=cfg.rate_bps),
+                                 _write_side(downstream, client_writer, cfg.cut_after_bytes, cut))
+        except asyncio.CancelledError:  # the proxy stops (DelayProxy): the connection goes with it
+            pass
         finally:
             for writer in (client_writer, server_writer):
                 writer.close()
@@ -100,14 +143,76 @@ def connection_handler(cfg: ProxyConfig):
     return handle
 
 
+async def _start(cfg: ProxyConfig, counts: Counts | None = None) -> asyncio.Server:
+    return await asyncio.start_server(connection_handler(cfg, counts), cfg.listen_host, cfg.listen_port)
+
+
 async def serve(cfg: ProxyConfig, ready: asyncio.Event | None = None) -> None:
-    server = await asyncio.start_server(connection_handler(cfg), cfg.listen_host, cfg.listen_port)
+    server = await _start(cfg)
     print(f"delay proxy {cfg.listen_host}:{server.sockets[0].getsockname()[1]} -> "
-          f"{cfg.target_host}:{cfg.target_port}, {cfg.delay_s * 1e3:g} ms each way", flush=True)
+          f"{cfg.target_host}:{cfg.target_port}, {cfg.delay_s * 1e3:g} ms each way"
+          + (f", {cfg.rate_bps / 1e6:g} Mbit/s" if cfg.rate_bps else "")
+          + (f", cut after {cfg.cut_after_bytes} B" if cfg.cut_after_bytes is not None else ""), flush=True)
     if ready is not None:
         ready.set()
     async with server:
         await server.serve_forever()
+
+
+class DelayProxy:
+    """The proxy inside this process, on an event loop thread of its own (beside synchronous tests
+    and benches); prints nothing.
+
+        with DelayProxy(edge.address, delay_s=0.05) as link:   # link.address: where clients connect
+            ...                                                  # link.connections, link.cuts
+    """
+
+    def __init__(self, target: str, delay_s: float = 0.0, *, rate_bps: float = 0.0,
+                 cut_after_bytes: int | None = None, handshake: bool = False, listen: str = "127.0.0.1:0"):
+        (listen_host, listen_port), (target_host, target_port) = _address(listen), _address(target)
+        self.config = ProxyConfig(listen_host, listen_port, target_host, target_port, delay_s, handshake, rate_bps,
+                                  cut_after_bytes)
+        self.counts = Counts()
+        self.address = ""
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="delay-proxy", daemon=True)
+
+    @property
+    def connections(self) -> int:
+        return self.counts.connections
+
+    @property
+    def cuts(self) -> int:
+        return self.counts.cuts
+
+    def __enter__(self) -> "DelayProxy":
+        self._thread.start()
+        if not self._ready.wait(10) or self._error is not None:
+            raise RuntimeError(f"delay proxy did not start: {self._error}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            server = self._loop.run_until_complete(_start(self.config, self.counts))
+        except BaseException as exc:  # a busy --listen: said by __enter__
+            self._error = exc
+            self._ready.set()
+            return
+        self.address = f"{self.config.listen_host}:{server.sockets[0].getsockname()[1]}"
+        self._ready.set()
+        self._loop.run_forever()
+        server.close()
+        for task in asyncio.all_tasks(self._loop):  # connections still open: dropped with the proxy
+            task.cancel()
+        self._loop.run_until_complete(asyncio.gather(*asyncio.all_tasks(self._loop), return_exceptions=True))
+        self._loop.close()
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -124,11 +229,20 @@ def parse_args(argv: list[str] | None = None) -> ProxyConfig:
     parser.add_argument("--delay-ms", type=float, required=True, help="one-way delay added in each direction")
     parser.add_argument("--handshake", action="store_true",
                         help="a new connection also pays the TCP handshake's round trip (the proxy answers it at once)")
+    parser.add_argument("--rate-mbit", type=float, default=0.0,
+                        help="pace each direction to this rate in user space (0: unpaced; the testbed shapes with tbf)")
+    parser.add_argument("--cut-after-bytes", type=int, default=None,
+                        help="reset a connection after this many bytes from the server to the client")
     args = parser.parse_args(argv)
     if not 0 <= args.delay_ms <= 10_000:
         parser.error(f"--delay-ms: must be in 0..10000, got {args.delay_ms:g}")
+    if args.rate_mbit < 0:
+        parser.error(f"--rate-mbit: must be >= 0, got {args.rate_mbit:g}")
+    if args.cut_after_bytes is not None and args.cut_after_bytes < 0:
+        parser.error(f"--cut-after-bytes: must be >= 0, got {args.cut_after_bytes}")
     (listen_host, listen_port), (target_host, target_port) = args.listen, args.target
-    return ProxyConfig(listen_host, listen_port, target_host, target_port, args.delay_ms / 1e3, args.handshake)
+    return ProxyConfig(listen_host, listen_port, target_host, target_port, args.delay_ms / 1e3, args.handshake,
+                       args.rate_mbit * 1e6, args.cut_after_bytes)
 
 
 def main(argv: list[str] | None = None) -> int:

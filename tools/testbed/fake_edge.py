@@ -1,6 +1,6 @@
 """A hostile edge server for the device's tenancy tests and bench/attack_device.py.
 
-    python -m tests.fake_edge --pack PACK --port P --metrics-port M
+    python -m tools.testbed.fake_edge --pack PACK --port P --metrics-port M
 
 It speaks EdgeService, counts the Generate calls it gets with and without a bearer token
 (`fake_edge_generate_total{token="yes"|"no"}` on the metrics port), and answers each with the
