@@ -1,9 +1,9 @@
 # Edge server image: CUDA torch from the base image, the project with the `edge` extra, the demo
-# pack inside as the default. Another pack: mount it and set TANDEM_EDGE_PACK (see README).
+# pack inside as the default. Another pack: mount it and set TANDEM_EDGE_PACK (see docs/deploy.md).
 #   docker build -f deploy/edge.Dockerfile -t tandem-edge .
 # On a CPU host (docker-compose.cpu.yml): a Python 3.11 base with TORCH_SOURCE=wheelhouse or the
 # CPU index URL.
-# Air-gapped (README "Building without a registry"): --build-arg BASE_IMAGE=<local Python 3.11
+# Air-gapped (docs/deploy.md "Building without a registry"): --build-arg BASE_IMAGE=<local Python 3.11
 # base> --build-arg TORCH_SOURCE=wheelhouse [--build-arg EXTRA_CA_CERT="$(cat proxy-ca.pem)"].
 ARG BASE_IMAGE=pytorch/pytorch:2.7.1-cuda12.6-cudnn9-runtime
 # torch: base (the base image's CUDA torch satisfies the project's range), wheelhouse, or an

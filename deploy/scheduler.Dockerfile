@@ -1,7 +1,7 @@
 # Scheduler service image: CPU torch only (the policy's actor; never a CUDA build), the project
 # with the `scheduler` extra.
 #   docker build -f deploy/scheduler.Dockerfile -t tandem-scheduler .
-# Air-gapped (README "Building without a registry"): --build-arg BASE_IMAGE=<local Python 3.11
+# Air-gapped (docs/deploy.md "Building without a registry"): --build-arg BASE_IMAGE=<local Python 3.11
 # base> --build-arg TORCH_SOURCE=wheelhouse [--build-arg EXTRA_CA_CERT="$(cat proxy-ca.pem)"].
 ARG BASE_IMAGE=python:3.11-slim
 # torch: an index URL, or wheelhouse. Declared before FROM so that the build stages of the three

@@ -1,7 +1,7 @@
 # Device (UE) service image: CPU torch only (never a CUDA build), the project with the `ue` extra,
-# the demo pack inside as the default. Another pack: mount it and set TANDEM_UE_PACK (see README).
+# the demo pack inside as the default. Another pack: mount it and set TANDEM_UE_PACK (see docs/deploy.md).
 #   docker build -f deploy/ue.Dockerfile -t tandem-ue .
-# Air-gapped (README "Building without a registry"): --build-arg BASE_IMAGE=<local Python 3.11
+# Air-gapped (docs/deploy.md "Building without a registry"): --build-arg BASE_IMAGE=<local Python 3.11
 # base> --build-arg TORCH_SOURCE=wheelhouse [--build-arg EXTRA_CA_CERT="$(cat proxy-ca.pem)"].
 ARG BASE_IMAGE=python:3.11-slim
 # torch: an index URL, or wheelhouse. Declared before FROM so that the build stages of the three
