@@ -6,8 +6,9 @@
 #                                           ~12 min each on a CPU) and the CUDA ones (-m cuda), which need
 #                                           their own hosts (scripts/gpu_check.sh runs the CUDA ones)
 #   scripts/test.sh --quick [PYTEST_ARGS]   the inner loop: ruff and the import contracts (no mypy), then the
-#                                           suite without the tests marked slow (a minute or more each; the
-#                                           full suite and CI run them)
+#                                           suite without the tests marked slow (10 s or more each on 2 idle
+#                                           cores: the multi-service integration tests, the GPU check's dry run;
+#                                           the full suite and CI run them)
 #
 # PYTEST_ARGS go to pytest after these (a file, -k EXPR, -x, -m EXPR, -n 0 for one process ...).
 # TANDEM_TEST_WORKERS: pytest-xdist workers (default 2; 0: one process, no xdist).

@@ -229,6 +229,7 @@ def test_sigterm_drains_in_flight_and_refuses_new(tiny_packs, tmp_path):
         assert "edge server stopped" in server.log()
 
 
+@pytest.mark.slow
 def test_kill_9_mid_stream_every_client_finishes_locally(tiny_packs, tmp_path, small_pack):
     with edge_server(tiny_packs["large"], tmp_path) as server:
         results, errors = [None] * 4, []

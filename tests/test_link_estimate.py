@@ -181,6 +181,7 @@ def reported_round_trip(*reports: dict) -> float:
 PLAN_ARGS = ("--steps", "3", "--split", "2", "--codec", "fp16", "--merge-ratio", "0", "--device-class", "cpu")
 
 
+@pytest.mark.slow
 def test_successive_images_send_the_measured_link_and_the_scheduler_plans_with_it(sd_packs, tmp_path_factory,
                                                                                  capsys, monkeypatch):
     """Real edge and scheduler processes, the CLI as the device, the edge behind a delaying proxy

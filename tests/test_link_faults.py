@@ -53,6 +53,7 @@ def test_a_link_cut_mid_stream_falls_back_to_the_device(edge, tiny_packs, tmp_pa
         assert generate(tiny_packs, tmp_path, capsys, "fine.png", "--edge", link.address)["fallback"] is None
 
 
+@pytest.mark.slow
 def test_the_scheduler_learns_the_slow_link(tiny_packs, tmp_path, capsys):
     """The same edge reached first over a fast link, then over a slow one: after the slow images
     are reported, the scheduler's calibrated round-trip cost is above what the fast ones taught

@@ -7,6 +7,7 @@ import asyncio
 import importlib.util
 from pathlib import Path
 
+import pytest
 from service_procs import ROOT, edge_server, metric_value, scheduler_service, wait_edges_live
 
 
@@ -17,6 +18,7 @@ def load_bench():
     return module
 
 
+@pytest.mark.slow
 def test_concurrent_clients_lose_nothing(tiny_packs, tmp_path: Path):
     bench = load_bench()
     with scheduler_service(tmp_path) as sched, \

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
 from service_procs import edge_server, metric_value, scheduler_service
 
 import tandem.pipeline
@@ -23,6 +24,7 @@ def generate(tiny_packs, tmp_path, capsys, name: str, *args: str) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+@pytest.mark.slow
 def test_a_slow_device_text_encoder_is_device_time_and_leaves_the_link_model_alone(tiny_packs, tmp_path, capsys,
                                                                                    monkeypatch):
     encode = tandem.pipeline.encode_prompt

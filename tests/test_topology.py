@@ -81,6 +81,7 @@ def generate(tmp_path: Path, capsys, name: str, *args: str) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+@pytest.mark.slow
 def test_topology_serves_generations_exposes_metrics_and_stops_cleanly(tmp_path, capsys):
     with topology(tmp_path) as (proc, state):
         services = state["services"]
@@ -124,6 +125,7 @@ def test_topology_serves_generations_exposes_metrics_and_stops_cleanly(tmp_path,
         assert not (tmp_path / "logs" / "topology.json").exists()
 
 
+@pytest.mark.slow
 def test_killed_topology_leaves_no_children(tmp_path):
     with topology(tmp_path, "--no-scheduler") as (proc, state):
         assert set(state["services"]) == {"edge", "ue"}
