@@ -70,28 +70,22 @@ class DetailsCapInterceptor(grpc.aio.ServerInterceptor):
                     except Exception as exc:  # noqa: BLE001 - re-raised or answered, cut
                         await capped_context.escaped(method, exc)
                 behaviour = generator
-            else:
-                async def coroutine(request, context):
-                    capped_context = CappedContext(context)
-                    try:
-                        return await inner_stream(request, capped_context)
-                    except (grpc.aio.AbortError, grpc.aio.UsageError):
-                        raise
-                    except Exception as exc:  # noqa: BLE001 - re-raised or answered, cut
-                        await capped_context.escaped(method, exc)
-                behaviour = coroutine
+            else:  # a stream written with context.write: awaited like a unary handler
+                behaviour = _awaited(inner_stream, method)
             return grpc.unary_stream_rpc_method_handler(
                 behaviour, handler.request_deserializer, handler.response_serializer)
-        inner_unary = handler.unary_unary
-
-        async def unary(request, context):
-            capped_context = CappedContext(context)
-            try:
-                return await inner_unary(request, capped_context)
-            except (grpc.aio.AbortError, grpc.aio.UsageError):
-                raise
-            except Exception as exc:  # noqa: BLE001 - re-raised or answered, cut
-                await capped_context.escaped(method, exc)
-
         return grpc.unary_unary_rpc_method_handler(
-            unary, handler.request_deserializer, handler.response_serializer)
+            _awaited(handler.unary_unary, method), handler.request_deserializer, handler.response_serializer)
+
+
+def _awaited(inner, method: str):
+    """A coroutine handler run on a CappedContext, an escaping exception answered with cut details."""
+    async def behaviour(request, context):
+        capped_context = CappedContext(context)
+        try:
+            return await inner(request, capped_context)
+        except (grpc.aio.AbortError, grpc.aio.UsageError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - re-raised or answered, cut
+            await capped_context.escaped(method, exc)
+    return behaviour
