@@ -24,7 +24,7 @@ from services.scheduler.decide.channel import (  # noqa: F401  (re-exported: the
     snr_linear,
     spectral_efficiency,
 )
-from services.scheduler.decide.ranges import check, ranged
+from services.scheduler.decide.ranges import check, load_json, ranged
 from tandem.codec.spec import ENCODINGS, CodecSpec, handoff_size
 
 COST_FORMAT = "tandem.scheduler.costs"
@@ -174,12 +174,7 @@ class CostProfile:
     @classmethod
     def load(cls, path: str | Path) -> "CostProfile":
         """The profile at ``path``; a bad one raises CostProfileError, one line naming the file."""
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except json.JSONDecodeError as exc:
-            raise CostProfileError(f"{path}: not JSON: {exc}") from None
-        except CostProfileError as exc:
-            raise CostProfileError(f"{path}: {exc}") from None
+        return load_json(path, cls.from_dict, CostProfileError)
 
 
 # --- handoff bytes and transfer -----------------------------------------------------------------

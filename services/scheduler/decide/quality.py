@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from services.scheduler.decide.ranges import check, ranged
+from services.scheduler.decide.ranges import check, load_json, ranged
 from tandem.codec.spec import ENCODINGS as CODECS
 
 BASE_CODEC = "fp16"  # the codec a profile's points are measured with
@@ -217,12 +217,7 @@ class QualityProfile:
     @classmethod
     def load(cls, path: str | Path) -> "QualityProfile":
         """The profile at ``path``; a bad one raises QualityProfileError, one line naming the file."""
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except json.JSONDecodeError as exc:
-            raise QualityProfileError(f"{path}: not JSON: {exc}") from None
-        except QualityProfileError as exc:
-            raise QualityProfileError(f"{path}: {exc}") from None
+        return load_json(path, cls.from_dict, QualityProfileError)
 
 
 def _point(p: Any) -> QualityPoint:

@@ -5,12 +5,16 @@ one line naming its key, instead of silently poisoning every plan made with it.
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from functools import cache
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
+
+Loaded = TypeVar("Loaded")
 
 RANGE = "range"  # the dataclass field metadata key
 
@@ -73,3 +77,14 @@ def _is_number(x: Any, integer: bool) -> bool:
 def _key(*parts: Any) -> str:
     """The dotted key path, as the profile's JSON nests it ("edge.large.a_s")."""
     return ".".join(str(p) for p in parts if p not in ("", None))
+
+
+def load_json(path: str | Path, from_dict: Callable[[Any], Loaded], error: type[ValueError]) -> Loaded:
+    """A profile file through ``from_dict``; unreadable JSON or a bad value raises ``error``, one
+    line naming the file."""
+    try:
+        return from_dict(json.loads(Path(path).read_text()))
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: not JSON: {exc}") from None
+    except error as exc:
+        raise error(f"{path}: {exc}") from None
