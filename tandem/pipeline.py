@@ -132,6 +132,21 @@ def decode_batch(pack: ModelPack, latents: torch.Tensor) -> np.ndarray:
     return images.permute(0, 2, 3, 1).cpu().numpy()
 
 
+def warm_up(pack: ModelPack) -> None:
+    """One request's work at the pack's defaults, untimed, before a service serves: prompt
+    encoding, one step and one decode, so the first user's request pays no first-call costs
+    (allocator growth, kernel selection) that later requests do not; the cost profile the
+    scheduler predicts with is measured warm."""
+    from tandem.resolve import PartialRequest, resolve
+
+    request = resolve(PartialRequest("warm-up", split=0), pack.request_defaults(), validate=False).request
+    state = start(pack, request)
+    run_steps(pack, state, 1)
+    decode(pack, state.latent)
+    if pack.transient_text:
+        give_back_freed()
+
+
 @dataclass
 class GenerationResult:
     """An image and how it was made."""

@@ -46,6 +46,10 @@ def test_profile_loads_with_the_measured_entries_first(profiled):
     assert set(measured["edge"]["step_seconds"]) == {"1", "2"}
     assert measured["handoff"]["max_error_bytes"] == 0 and measured["handoff"]["payloads"] > 0
     assert measured["edge"]["traced"]  # timed as the edge server runs its UNet on a CPU
+    # the round's fixed cost: the gRPC round trip, the edge's admission and its coalescing window
+    assert measured["round_trip_s"] > 0 and measured["admission_s"] > 0 and measured["coalesce_s"] == 0.010
+    assert profile.rtt_s == pytest.approx(measured["round_trip_s"] + measured["admission_s"] + 0.010)
+    assert measured["rtt_s"] == profile.rtt_s
 
 
 def test_the_edge_is_timed_eager_when_the_edge_runs_so(large_pack, monkeypatch):
@@ -87,3 +91,13 @@ def test_a_missing_pack_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("profiling: error:")
     assert not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--edge-coalesce-ms", "-1"), ("--edge-coalesce-ms", "nan"), ("--repeats", "0")])
+def test_a_bad_flag_is_one_line_naming_it(flag, value, capsys):
+    from services.scheduler.learn.profiling import parse_args
+
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["--large", "l", "--small", "s", "--device-class", "c", "--out", "o.json", flag, value])
+    assert exited.value.code == 2
+    assert f"{flag}: out of range" in capsys.readouterr().err

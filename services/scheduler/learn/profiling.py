@@ -9,7 +9,11 @@ cost logic in ``costs.py`` stays torch-free).
   edge server calls it (traced on a CPU, ``tandem.traced``; ``--no-trace-unet`` for an edge run so);
 * device class: the small pack's step (batch 1, CFG) and VAE decode seconds;
 * latent shape, and a check that the predicted handoff bytes equal real ``encode_handoff`` payloads;
-* RTT (``--rtt``): one unary gRPC call on a fresh loopback channel, as the device pays per handoff.
+* an edge round's fixed cost (``--rtt``): what one edge round costs beyond its k steps and its
+  bytes, as the device measures it (``measured_phases`` in the scheduler puts it in transfer):
+  one unary gRPC call on a kept loopback channel, the edge's admission of one request (prompt
+  encoding with CFG, seeded noise) and the edge's coalescing window for a lone request
+  (``--edge-coalesce-ms``, the edge's ``--coalesce-ms``). The profile's ``rtt_s`` is their sum.
 
 Each figure is the median of ``--repeats`` runs after warm-up. The profile starts from ``--base``
 (default: the built-in one) so other device classes and edge packs survive; measured entries are
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -34,6 +39,7 @@ PROMPT = "a red circle at the left on a blue background"
 DEFAULT_BATCHES = (1, 2, 4, 8, 16)
 HANDOFF_STEPS = (10, 20, 25)  # T values the handoff-size check encodes
 DEFAULT_POWER_W = 30.0  # a laptop CPU package under load; power is not measured here
+EDGE_COALESCE_S = 0.010  # the edge server's --coalesce-ms default (the scheduler imports no edge code)
 K = TypeVar("K")
 
 
@@ -72,7 +78,10 @@ class Measurement:
     edge: EdgeFit
     small: DeviceFit
     handoff: HandoffCheck
-    rtt_s: float | None
+    rtt_s: float | None  # the edge round's fixed cost written as the profile's rtt_s (the sum below)
+    round_trip_s: float | None = None  # one gRPC call on a kept channel
+    admission_s: float | None = None  # the edge's admission of one request
+    coalesce_s: float | None = None  # the edge's coalescing window for a lone request
 
 
 def interleaved_medians(calls: Mapping[K, Callable[[], object]], repeats: int, warmup: int,
@@ -211,6 +220,17 @@ def measure_rtt(repeats: int, warmup: int, log: Callable[[str], None]) -> float:
     return rtt
 
 
+def measure_admission(pack, repeats: int, warmup: int, log: Callable[[str], None]) -> float:
+    """The edge's admission of one request before its first step: the prompt encoded (with CFG)
+    and the seeded noise made, as ``start`` does it for every request the edge takes."""
+    from tandem.pipeline import start
+
+    request = _request(pack, 10, 10)
+    seconds = interleaved_medians({"admission": lambda: start(pack, request)}, repeats, warmup, _sync(pack))["admission"]
+    log(f"edge admission (prompt encoding + noise) {pack.name}: {seconds * 1000:.2f} ms")
+    return seconds
+
+
 @dataclass(frozen=True)
 class ProfilingConfig:
     large: Path
@@ -226,6 +246,7 @@ class ProfilingConfig:
     base: CostProfile = CostProfile()
     trace_unet: bool = True  # the edge's UNet traced on a CPU, as the edge server runs it by default
     handoff_steps: tuple[int, ...] = HANDOFF_STEPS  # T of the handoff-size check (each runs T // 2 real steps)
+    edge_coalesce_s: float = EDGE_COALESCE_S  # the edge's --coalesce-ms: a lone request's wait for company
 
 
 def profile(cfg: ProfilingConfig, log: Callable[[str], None] = lambda _: None) -> tuple[CostProfile, Measurement]:
@@ -245,7 +266,14 @@ def profile(cfg: ProfilingConfig, log: Callable[[str], None] = lambda _: None) -
     edge = measure_edge(large, cfg.batches, cfg.repeats, cfg.warmup, log, cfg.trace_unet)
     dev = measure_device(small, cfg.repeats, cfg.warmup, log)
     handoff = check_handoff(large, latent, log, cfg.handoff_steps)
-    rtt = measure_rtt(cfg.repeats, cfg.warmup, log) if cfg.rtt else None
+    round_trip = admission = None
+    if cfg.rtt:
+        round_trip = measure_rtt(cfg.repeats, cfg.warmup, log)
+        admission = measure_admission(large, cfg.repeats, cfg.warmup, log)
+    rtt = None if round_trip is None or admission is None else round_trip + admission + cfg.edge_coalesce_s
+    if rtt is not None:
+        log(f"edge round fixed cost (rtt_s): {rtt * 1000:.2f} ms = round trip + admission + "
+            f"coalescing window {cfg.edge_coalesce_s * 1000:g} ms")
     base = cfg.base
     power = cfg.power_w or (base.devices[cfg.device_class].power_w if cfg.device_class in base.devices else DEFAULT_POWER_W)
     measured = replace(
@@ -258,7 +286,8 @@ def profile(cfg: ProfilingConfig, log: Callable[[str], None] = lambda _: None) -
         max_batch=max(base.max_batch, max(cfg.batches)),
         synthetic=False,
     )
-    return measured, Measurement(str(large.device), cfg.repeats, torch.get_num_threads(), edge, dev, handoff, rtt)
+    return measured, Measurement(str(large.device), cfg.repeats, torch.get_num_threads(), edge, dev, handoff, rtt,
+                                 round_trip, admission, cfg.edge_coalesce_s if cfg.rtt else None)
 
 
 def write(profile_: CostProfile, measurement: Measurement, out: Path) -> None:
@@ -291,7 +320,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs first (2)")
     parser.add_argument("--batches", type=positive_ints, default=DEFAULT_BATCHES, help="edge batch sizes (1,2,4,8,16)")
     parser.add_argument("--power-w", type=float, help="device power while computing (default: the base profile's, else 30)")
-    parser.add_argument("--rtt", action="store_true", help="also measure the loopback gRPC round trip")
+    parser.add_argument("--rtt", action="store_true",
+                        help="also measure an edge round's fixed cost: loopback gRPC round trip + the edge's admission "
+                             "+ its coalescing window")
+    parser.add_argument("--edge-coalesce-ms", type=float, default=EDGE_COALESCE_S * 1000,
+                        help="the edge's --coalesce-ms, counted in the round's fixed cost with --rtt "
+                             f"({EDGE_COALESCE_S * 1000:g})")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; use what the services get)")
     parser.add_argument("--base", type=Path, help="profile to start from (default: the built-in one)")
     parser.add_argument("--trace-unet", action=argparse.BooleanOptionalAction, default=True,
@@ -299,7 +333,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     for flag, ok in (("--repeats", args.repeats >= 1), ("--warmup", args.warmup >= 0),
                      ("--power-w", args.power_w is None or args.power_w > 0),
-                     ("--threads", args.threads is None or args.threads >= 1)):
+                     ("--threads", args.threads is None or args.threads >= 1),
+                     ("--edge-coalesce-ms", math.isfinite(args.edge_coalesce_ms) and 0 <= args.edge_coalesce_ms <= 1000)):
         if not ok:
             parser.error(f"{flag}: out of range, got {getattr(args, flag[2:].replace('-', '_'))}")
     if not args.device_class.strip():
@@ -321,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
             if not torch.cuda.is_available():
                 raise ProfilingError("--device cuda: no CUDA device here")
         cfg = ProfilingConfig(args.large, args.small, args.device_class, args.device, args.repeats, args.warmup,
-                              args.batches, args.power_w, args.rtt, args.threads, base, args.trace_unet)
+                              args.batches, args.power_w, args.rtt, args.threads, base, args.trace_unet,
+                              edge_coalesce_s=args.edge_coalesce_ms / 1000)
         measured, measurement = profile(cfg, log)
         write(measured, measurement, args.out)
     except (ProfilingError, CostProfileError, OSError, ValueError, json.JSONDecodeError) as exc:
