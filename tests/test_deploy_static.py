@@ -409,16 +409,7 @@ def test_compose_e2e_with_a_running_engine():
 
 # --- Kubernetes -------------------------------------------------------------------------------
 
-def test_kubernetes_manifests_validate_against_the_schemas():
-    validator = _tool("kubernetes-validate")
-    if validator is None:
-        pytest.skip(f"kubernetes-validate is not installed ({INSTALL_DEV})")
-    manifests = sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))
-    assert {m.stem for m in manifests} == {"namespace", "edge", "ue", "scheduler"}
-    done = subprocess.run([validator, "--strict", "--quiet", *map(str, manifests)], capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
-
+# Schema validation (strict, offline) and the probes/metrics/drain checks: tests/test_k8s_manifests.py.
 
 def test_kubernetes_deployments_probe_grpc_health_and_reserve_the_gpu():
     import yaml
