@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from services.scheduler.decide.costs import CostProfile, fit_linear
+from services.scheduler.decide.costs import CostProfile
 from services.scheduler.learn.profiling import main
+from tandem.stats import fit_linear
 
 
 @pytest.fixture(scope="module", autouse=True)

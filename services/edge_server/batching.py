@@ -255,7 +255,7 @@ def due(items: list[P]) -> list[P]:
     chosen = []
     for item in items:
         item.credit += 1.0
-        if item.credit >= item.weight:
+        if item.credit >= item.weight - 1e-9:  # weights from a fit: no float dust between steps
             chosen.append(item)
     chosen = chosen or list(items)
     for item in chosen:

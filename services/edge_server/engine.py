@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.edge_server.batching import BatchConfig, Batcher, Closed, OwnerQueueFull, QueueFull, buckets, due
+from services.edge_server.call_cost import CallCostFit
 from services.edge_server.conditioning import Starter
 from services.edge_server.memory import release_memory
 from services.edge_server.metrics import EdgeMetrics
@@ -78,8 +79,10 @@ class EngineRequest:
     cancelled: bool = False
     done: bool = False
     position: int = -1
-    weight: float = 1.0  # pixels relative to the pack's usual image (see batching.due)
+    pixels: float = 1.0  # its pixels relative to the pack's usual image, >= 1
+    weight: float = 1.0  # its cost per step relative to a usual request (see batching.due, _pace)
     credit: float = 0.0
+    paced: bool = False  # its credit set by its first `_pace`
     reported_at: float = float("-inf")  # when its last Progress event went out
     owner: str = ""  # whose it is: fair turns and per-user caps (batching.Batcher) go by it
 
@@ -134,6 +137,7 @@ class EdgeEngine:
         # A request above the pack's own size is paced (batching.due), and leaves its
         # activations in the allocator's pool when it goes.
         self._usual_pixels = pack.default_image_size ** 2
+        self.call_cost = CallCostFit()  # what a second UNet call in an iteration costs (`_pace`)
         self._release_pending = False
 
     @property
@@ -249,7 +253,7 @@ class EdgeEngine:
                 entry.sink(Queued(position))
         self._admit(iteration.admitted)
         batch = [e for e in iteration.batch if not e.done]
-        stepping = due([e for e in batch if e.running.step < e.request.split])
+        stepping = due(self._pace([e for e in batch if e.running.step < e.request.split]))
         if stepping:
             self._execute(stepping)
         for entry in batch:
@@ -265,8 +269,7 @@ class EdgeEngine:
         now = time.monotonic()
         for entry in entries:
             entry.started_at = now
-            entry.weight = max(1.0, entry.request.height * entry.request.width / self._usual_pixels)
-            entry.credit = entry.weight - 1.0  # its first step comes at once
+            entry.pixels = max(1.0, entry.request.height * entry.request.width / self._usual_pixels)
             self.metrics.queue_seconds.observe(now - entry.submitted_at)
         for entry, started in zip(entries, self.starter.start([e.request for e in entries])):
             entry.state = started.state
@@ -274,8 +277,23 @@ class EdgeEngine:
                 log.error("could not start request %s: %s", entry.id, started.error)
                 self._fail(entry, "INTERNAL", f"could not start: {started.error}")
 
+    def _pace(self, runnable: list[EngineRequest]) -> list[EngineRequest]:
+        """Sets each request's weight for `due`: its pixels, plus, outside the iteration's main
+        shape group (the one with the most pixels), its share of its own group's UNet call's fixed
+        cost (``call_cost.overhead_rows`` split among the group): a lone odd-sized request then
+        steps about once per that many iterations, and costs the others about one usual request."""
+        groups = buckets(runnable, key=_shape_key)
+        main = max(groups, key=lambda g: sum(e.pixels for e in g), default=[])
+        overhead = self.call_cost.overhead_rows
+        for group in groups:
+            for entry in group:
+                entry.weight = entry.pixels if group is main else entry.pixels + overhead / len(group)
+                if not entry.paced:  # its first step comes at once
+                    entry.credit, entry.paced = entry.weight - 1.0, True
+        return runnable
+
     def _execute(self, batch: list[EngineRequest]) -> None:
-        for group in buckets(batch, key=lambda e: (tuple(e.running.latent.shape), e.running.latent.dtype)):
+        for group in buckets(batch, key=_shape_key):
             steps = [e.running.step for e in group]
             error = self._call(group)
             if error is not None:
@@ -294,7 +312,9 @@ class EdgeEngine:
         self.stats.max_batch = max(self.stats.max_batch, len(group))
         self.stats.batch_sizes[len(group)] += 1
         self.stats.steps += len(group)
-        self.metrics.observe_batch(len(group), time.perf_counter() - began)
+        seconds = time.perf_counter() - began
+        self.call_cost.observe(sum(e.pixels for e in group), seconds)
+        self.metrics.observe_batch(len(group), seconds)
         for entry in group:
             self._progress(entry)
         return None
@@ -343,3 +363,8 @@ class EdgeEngine:
         entry.state = None  # free the latents now; the payload is all the client needs
         if entry.request.height * entry.request.width > self._usual_pixels:
             self._release_pending = True
+
+
+def _shape_key(entry: EngineRequest) -> tuple:
+    """Requests that can share a UNet call: the same latent shape and dtype."""
+    return (tuple(entry.running.latent.shape), entry.running.latent.dtype)

@@ -26,6 +26,7 @@ from services.scheduler.decide.channel import (  # noqa: F401  (re-exported: the
 )
 from services.scheduler.decide.ranges import check, load_json, ranged
 from tandem.codec.spec import ENCODINGS, CodecSpec, handoff_size
+from tandem.stats import fit_linear
 
 COST_FORMAT = "tandem.scheduler.costs"
 COST_VERSION = 1
@@ -235,12 +236,3 @@ class PhaseObservation:
     device_class: str | None = None
     nbytes: int = 0
     rate_bps: float = 0.0
-
-
-def fit_linear(x: Sequence[float], y: Sequence[float]) -> tuple[float, float, float]:
-    """Least-squares y = a + b·x and its R²."""
-    xs, ys = np.asarray(x, float), np.asarray(y, float)
-    (a, b), *_ = np.linalg.lstsq(np.stack([np.ones_like(xs), xs], 1), ys, rcond=None)
-    residual = float(((ys - a - b * xs) ** 2).sum())
-    total = float(((ys - ys.mean()) ** 2).sum())
-    return float(a), float(b), 1.0 - residual / total if total > 0 else 1.0
