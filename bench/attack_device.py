@@ -1,6 +1,6 @@
 """Device-side attacks of issue 14, measured after the fix, side by side in one run.
 
-    .venv/bin/python bench/attack_device.py [--large DIR --small DIR] [--rounds 3] [--cancelled 12]
+    .venv/bin/python -m bench.attack_device [--large DIR --small DIR] [--rounds 3] [--cancelled 12]
 
 1. RSS of the device service after each hostile handoff (tools/testbed/fake_edge.py) vs before it.
 2. User tokens that reach an edge known only from a scheduler's plan over plaintext (target 0).

@@ -1,6 +1,6 @@
 """Hostile callers against one real edge server: do well-behaved users notice? (issue 14)
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/attack_edge.py [--pack DIR] [--seconds 8] [--rounds 3] [--clients 3]
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.attack_edge [--pack DIR] [--seconds 8] [--rounds 3] [--clients 3]
 
 Starts an edge (the demo pack by default, tokens and --max-streams-per-user 2 on), then runs
 `--clients` well-behaved users, each sending one request after another (the pack's size and

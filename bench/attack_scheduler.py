@@ -1,6 +1,6 @@
 """Scheduler multi-tenant attacks (issue 14), measured against real scheduler processes.
 
-    .venv/bin/python bench/attack_scheduler.py [--plans 200] [--flood 10000]
+    .venv/bin/python -m bench.attack_scheduler [--plans 200] [--flood 10000]
 
 For each attack, what a hostile caller achieves after the fix:
   hijack     fake edge heartbeats (every plan's turn) for an address not its own, with and without

@@ -1,6 +1,6 @@
 """Deadline-aware shares: the exact active-set solver vs cvxpy (Clarabel), same frames, one run.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/deadline_allocator.py [--frames 400] [--seed 0]
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.deadline_allocator [--frames 400] [--seed 0]
 
 Random frames of N = 1..100 edge users (GPU work, transfer time, local seconds, weights), with
 latency budgets between 0.4x and 1.3x of what the closed-form shares give (30% without a budget),

@@ -1,6 +1,6 @@
 """Which requests should step in each edge iteration? The a + b·n model, simulated (no models, no timing).
 
-    .venv/bin/python bench/edge_scheduling.py [--fixed-costs 2.8,8] [--anneal 20000]
+    .venv/bin/python -m bench.edge_scheduling [--fixed-costs 2.8,8] [--anneal 20000]
 
 With a step costing a + b·n, the engine steps every admitted request at every iteration
 (processor sharing); diffusers' serving loop in bench/peer_diffusers.py runs each batch to its end

@@ -1,6 +1,6 @@
 """Edge service figures, measured side by side in one run on this machine (ratios, not absolutes).
 
-    .venv/bin/python bench/edge_service.py [--large DIR --small DIR] [--requests 16] [--steps 20]
+    .venv/bin/python -m bench.edge_service [--large DIR --small DIR] [--requests 16] [--steps 20]
 
 1. Edge throughput: N concurrent requests (continuous batching) vs the same N one at a time.
 2. End-to-end latency of one request over loopback gRPC vs the in-process hybrid pipeline.

@@ -1,8 +1,8 @@
 """The edge's batching and the device's GPU memory on a CUDA GPU, at true size (issue 26, part 4).
 
-    python bench/gpu_batching.py --out DIR [--pair-dir DIR] [--tiny] [--device cuda|cpu]
+    python -m bench.gpu_batching --out DIR [--pair-dir DIR] [--tiny] [--device cuda|cpu]
         [--batches 1,2,4,8,16] [--repeats 5] [--warmup 2]
-    python bench/gpu_batching.py --build-only [--pair-dir DIR] [--tiny]
+    python -m bench.gpu_batching --build-only [--pair-dir DIR] [--tiny]
 
 1. Batching: one edge step of the pair's large pack (sd15: SD 1.5's UNet, fp16 on CUDA) at each
    batch size as the edge server runs it (tandem.sampling.denoise.advance on N requests: per-request

@@ -1,6 +1,6 @@
 """Handoff bytes and fidelity per codec, merge ratio and merge strategy.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/handoff_codec.py [--large DIR --small DIR] [--prompts 16] [--steps 20]
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.handoff_codec [--large DIR --small DIR] [--prompts 16] [--steps 20]
 
 1. Bytes of a real handoff payload (DPM-Solver++ at k = T/2, so the multistep history travels)
    for the demo latent and Stable-Diffusion-shaped latents (4×64×64, 4×128×128).

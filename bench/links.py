@@ -153,8 +153,8 @@ def _wait_serving(address: str, timeout: float) -> None:
 
 
 def _run_job(job: dict, args: argparse.Namespace) -> Outcome:
+    from services.common.scheduler_client import report, request_plan
     from services.common.wire import request_to_proto
-    from services.scheduler.client import report, request_plan
     from services.ue_client.client import generate_on_device_service
     from tandem.resolve import RequestDefaults, resolve
 

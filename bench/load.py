@@ -1,7 +1,7 @@
 """Load: N concurrent device clients against a scheduler and an edge server on loopback, for a
 bounded time (stops by itself).
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/load.py [--clients 8] [--minutes 3] [--pack tandem/demo_pack/large]
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.load [--clients 8] [--minutes 3] [--pack tandem/demo_pack/large]
 
 Each client loops: Plan (scheduler) -> the plan's edge steps (edge server, streamed handoff) ->
 decode the handoff (what a device does before its own steps) -> Report. The device's own steps
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from services.common.launcher import ONE_THREAD, edge_server, scheduler_service
-from services.scheduler.client import report, request_plan
+from services.common.scheduler_client import report, request_plan
 from services.ue_client.transport import EdgeError, fetch_handoff
 from tandem.codec.container import unpack_container
 from tandem.handoff import CodecSpec

@@ -1,6 +1,6 @@
 """Tandem against diffusers' own pipeline, side by side in one run (ratios, not absolutes).
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/peer_diffusers.py [--pack tandem/demo_pack] [--users 16]
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.peer_diffusers [--pack tandem/demo_pack] [--users 16]
         [--steps 20] [--rounds 3] [--gap 0.1] [--only batch,staggered,memory]
         [--device-python "$(bench/device_env.sh)"]
 
@@ -192,7 +192,7 @@ print(next(line for line in open("/proc/self/status") if line.startswith("VmRSS"
 # code (file-backed pages of libtorch) that running each op kind once touches, whatever the model.
 FLOOR_STEPS = ("torch", "torch._dynamo", "scipy.stats", "scipy.optimize", "accelerate", "transformers", "peft",
                "diffusers.models.unets.unet_2d_condition", "diffusers.models.autoencoders.autoencoder_kl",
-               "services.ue_client.service")
+               "services.ue_client.server")
 FLOOR_STEPS_SCRIPT = """
 import importlib.util, json, sys
 def rss_kib():

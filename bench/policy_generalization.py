@@ -1,7 +1,7 @@
 """A general scheduler policy on profiles it never saw in training, against greedy + local search
 and the best fixed split.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/policy_generalization.py [--quick] [--policy DIR]
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.policy_generalization [--quick] [--policy DIR]
 
 Held-out profiles: the demo pack on a CPU (its measured quality and cost profiles), the synthetic
 SD-scale ones, the SD-geometry pack pair onboarded here (``profiles/sd_geometry_*.json``, from

@@ -1,6 +1,6 @@
 """Scheduler: predicted vs measured end-to-end latency, live over loopback.
 
-    .venv/bin/python bench/scheduler_calibration.py [--generations 30] [--window 10]
+    .venv/bin/python -m bench.scheduler_calibration [--generations 30] [--window 10]
         [--cost-profile services/scheduler/profiles/demo_cpu.json] [--device-class cpu-demo]
 
 Starts the scheduler (with the measured cost profile) and an edge server on the demo pack that
@@ -34,12 +34,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 from services.common.launcher import edge_server, metric_value, scheduler_service, wait_metric  # noqa: E402
 from services.scheduler.core import Measured, measured_phases  # noqa: E402
+from tandem.phases import COARSE_PHASES  # noqa: E402
 from tandem.stats import percentile  # noqa: E402
 
 PROMPTS = [f"a {c} {s} at the {p} on a {b} background" for c, s, p, b in [
     ("red", "circle", "left", "blue"), ("green", "square", "top", "black"), ("yellow", "triangle", "right", "white"),
     ("blue", "circle", "bottom", "gray"), ("white", "square", "center", "red")]]
-PHASES = ("edge", "transfer", "device", "total")
 CALIBRATION = ("tandem_scheduler_edge_step_seconds", "tandem_scheduler_device_step_seconds",
                "tandem_scheduler_device_decode_seconds", "tandem_scheduler_rtt_seconds")
 
@@ -110,7 +110,7 @@ def calibration_state(metrics: str, device_class: str) -> str:
 
 def summarize(label: str, gens: list[Generation]) -> str:
     rows = [f"{label}: {len(gens)} generations, plans {sorted({(g.steps, g.split, g.merge_ratio) for g in gens})}"]
-    for phase in PHASES:
+    for phase in COARSE_PHASES:
         errors = [e for g in gens if not g.fallback and (e := g.relative_error(phase)) is not None]
         if errors:
             pred = statistics.median(g.predicted[phase] for g in gens)

@@ -1,6 +1,6 @@
 """Scheduler quality and speed: trained policy vs greedy+LS vs baselines vs the exact optimum.
 
-    .venv/bin/python bench/scheduler_quality.py [--instances 500] [--frames 200] [--policy DIR]
+    .venv/bin/python -m bench.scheduler_quality [--instances 500] [--frames 200] [--policy DIR]
 
 1. Small frames (N = 2..5, random scenario): objective J of each decider relative to the exact
    optimum (branch and bound + vectorized enumeration).

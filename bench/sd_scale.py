@@ -1,7 +1,7 @@
 """True size on this machine: the sd15 pair (SD 1.5 on the edge, BK-SDM-Small on the device, seeded
 random weights; tandem-pack) measured where the demo pack cannot tell.
 
-    .venv/bin/python bench/sd_scale.py [--quick] [--pair-dir DIR]
+    .venv/bin/python -m bench.sd_scale [--quick] [--pair-dir DIR]
 
 1. Parameters and fp16 weight bytes per component, next to the published counts.
 2. Handoff bytes at 512 px: predicted (tandem.codec.spec.handoff_size) = measured (encode_handoff

@@ -9,6 +9,17 @@ report, the wire's MeasuredPhases and the scheduler's calibration all use these 
 
 Whatever the device computes (its text encoding too) is device work, never transfer: the
 scheduler calibrates the link model from `transfer` alone.
+
+The planner works in four coarser phases (`CoarsePhase`): a plan's predicted latencies (the
+wire's PredictedPhases) and the scheduler's measured-against-predicted errors use these names.
+
+    edge          edge_steps, and the part of queue that is the first edge step
+    transfer      transfer, and the rest of queue (connection, admission, waiting): a fixed
+                  cost of every edge round, which the link model carries in its RTT
+    device        device_steps + decode
+    total         the whole request
+
+(services/scheduler/core.py `measured_phases` makes that split of queue.)
 """
 
 from __future__ import annotations
@@ -25,3 +36,19 @@ class Phase(StrEnum):
 
 
 PHASES: tuple[Phase, ...] = tuple(Phase)
+
+
+class CoarsePhase(StrEnum):
+    EDGE = "edge"
+    TRANSFER = "transfer"
+    DEVICE = "device"
+    TOTAL = "total"
+
+
+COARSE_PHASES: tuple[CoarsePhase, ...] = tuple(CoarsePhase)
+# The fine phases each coarse one sums, queue aside (split between edge and transfer, above).
+FINE_PHASES: dict[CoarsePhase, tuple[Phase, ...]] = {
+    CoarsePhase.EDGE: (Phase.EDGE_STEPS,),
+    CoarsePhase.TRANSFER: (Phase.TRANSFER,),
+    CoarsePhase.DEVICE: (Phase.DEVICE_STEPS, Phase.DECODE),
+}

@@ -45,7 +45,7 @@ class RequestDefaults:
 
 
 class Plan(Protocol):
-    """The part of a scheduler's plan that sets a request's fields (services.scheduler.client.ReceivedPlan)."""
+    """The part of a scheduler's plan that sets a request's fields (services.common.scheduler_client.ReceivedPlan)."""
 
     @property
     def steps(self) -> int: ...

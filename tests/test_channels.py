@@ -15,10 +15,10 @@ import pytest
 from service_procs import device_service, edge_server, free_port
 
 from services.cli import generate as cli
+from services.common import scheduler_client
 from services.common.channels import CLIENT_OPTIONS, SERVER_KEEPALIVE_OPTIONS, ChannelPool, SyncChannelPool
 from services.common.lifecycle import NO_REUSEPORT
 from services.common.security import ClientSecurity
-from services.scheduler import client as scheduler_client
 from services.ue_client import client as ue_client
 from services.ue_client.device import generate_via_edge
 from services.ue_client.integrity import HandoffLimits

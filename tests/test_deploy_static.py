@@ -213,7 +213,10 @@ def test_prometheus_scrapes_every_service_metrics_port():
     import yaml
 
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
-    targets = {t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
+    jobs = config["scrape_configs"]
+    targets = {t for job in jobs for sc in job.get("static_configs", []) for t in sc["targets"]}
+    # a scaled service (the edge): every address its name resolves to (tests/test_compose_scale.py)
+    targets |= {f"{name}:{sd['port']}" for job in jobs for sd in job.get("dns_sd_configs", []) for name in sd["names"]}
     services = compose_model("ue")["services"]
     for name, prefix in TANDEM_SERVICES.items():
         port = services[name]["environment"][prefix + "_METRICS_PORT"]

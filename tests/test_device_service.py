@@ -93,7 +93,7 @@ def test_the_device_service_answers_health_while_its_pack_loads(tiny_packs, tmp_
     port = free_port()
     slow = ("import time, tandem.packs as p; load = p.load_pack; "
             "p.load_pack = lambda *a, **k: (time.sleep(3), load(*a, **k))[1]; "
-            "import services.ue_client.service as s; s.load_pack = p.load_pack; "
+            "import services.ue_client.server as s; s.load_pack = p.load_pack; "
             f"raise SystemExit(s.main(['--pack', {str(tiny_packs['small'])!r}, '--device', 'cpu', "
             f"'--port', '{port}', '--metrics-port', '0']))")
     proc = subprocess.Popen([sys.executable, "-c", slow], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVERS = {  # the entry point's parse function, the prefix of its variables
     "edge": ("services.edge_server.server", "TANDEM_EDGE_"),
     "scheduler": ("services.scheduler.server", "TANDEM_SCHEDULER_"),
-    "ue": ("services.ue_client.service", "TANDEM_UE_"),
+    "ue": ("services.ue_client.server", "TANDEM_UE_"),
 }
 
 

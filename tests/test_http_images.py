@@ -392,7 +392,7 @@ def test_loading_busy_edge_plan_and_draining(tiny_packs, tmp_path):
             scheduler_service(tmp_path) as scheduler:
         slow = ("import time, tandem.packs as p; load = p.load_pack; "
                 "p.load_pack = lambda *a, **k: (time.sleep(4), load(*a, **k))[1]; "
-                "import services.ue_client.service as s; s.load_pack = p.load_pack; "
+                "import services.ue_client.server as s; s.load_pack = p.load_pack; "
                 f"raise SystemExit(s.main(['--pack', {str(tiny_packs['small'])!r}, '--device', 'cpu', "
                 f"'--port', '{port}', '--metrics-port', '0', '--http-port', '{http_port}', "
                 f"'--edge', '{edge.address}', '--scheduler', '{scheduler.address}']))")

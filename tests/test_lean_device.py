@@ -183,7 +183,7 @@ def test_compact_weights_and_offload_are_one_clear_error(tiny_packs):
 
 
 def test_the_device_service_takes_compact_weights_from_its_flag_or_environment(monkeypatch):
-    from services.ue_client.service import parse_args
+    from services.ue_client.server import parse_args
 
     assert parse_args(["--compact-weights"]).compact_weights is True
     assert parse_args([]).compact_weights is False

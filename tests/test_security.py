@@ -17,9 +17,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from service_procs import ROOT, device_service, edge_server, scheduler_service
 
 from services.cli import generate as cli
+from services.common.scheduler_client import request_plan
 from services.common.security import ClientSecurity, SecurityError, client_security, read_pem, server_tls
 from services.common.tokens import bearer_token, check_access, claimed_users, load_tokens
-from services.scheduler.client import request_plan
 from services.ue_client.client import generate_on_device_service, get_link_estimate
 from services.ue_client.transport import EdgeError, fetch_handoff, get_capabilities
 from tandem.echo import MAX_DETAILS_BYTES
@@ -117,7 +117,7 @@ def test_flag_combinations_and_env(monkeypatch, certs):
     monkeypatch.setenv("TANDEM_EDGE_SCHEDULER_TOKEN", "s")
     parsed = parse_args([])
     assert (parsed.tls_cert, parsed.tokens, parsed.scheduler_token) == ("c.pem", "t.json", "s")
-    from services.ue_client.service import parse_args as device_args
+    from services.ue_client.server import parse_args as device_args
 
     for name, value in (("TLS_CERT", "d.pem"), ("TLS_KEY", "d.key"), ("TLS_CLIENT_CA", "ca.pem"), ("TOKENS", "u.json")):
         monkeypatch.setenv(f"TANDEM_UE_{name}", value)

@@ -30,14 +30,15 @@ from services.ue_client.link import LinkSample, LinkState, state_path
 from tandem.codec.spec import DEFAULT_ENCODING, DEFAULT_STRATEGY, ENCODINGS, STRATEGIES, CodecSpec
 from tandem.link import LinkEstimate
 from tandem.packs import DEMO_PACK
+from tandem.phases import CoarsePhase
 from tandem.request import RequestError
 from tandem.resolve import PartialRequest, resolve, resolve_codec
 from tandem.sampling.names import SAMPLERS
 from tandem.threads import parse_threads
 
 if TYPE_CHECKING:
+    from services.common.scheduler_client import ReceivedPlan
     from services.common.security import ClientSecurity
-    from services.scheduler.client import ReceivedPlan
 
 TINY_PACK_CACHE = Path.home() / ".cache" / "tandem" / "tiny-random-v1"
 MAX_TIMEOUT_S = 3600.0  # the device service's limit on an edge deadline (services/ue_client/call.py)
@@ -487,7 +488,7 @@ def _note_budget(opts: Options, plan: ReceivedPlan) -> None:
     """An unmeetable --latency-budget: say so, and what the best-effort plan gave up for speed."""
     if not opts.latency_budget or (plan.meets_budget and not getattr(plan, "budget_infeasible", False)):
         return
-    why = getattr(plan, "infeasible_reason", "") or f"predicted {plan.predicted_seconds['total']:.2f} s at best"
+    why = getattr(plan, "infeasible_reason", "") or f"predicted {plan.predicted_seconds[CoarsePhase.TOTAL]:.2f} s at best"
     print(f"tandem: NOTE: --latency-budget {opts.latency_budget:g} s cannot be met ({why}); the plan traded quality "
           f"for speed: {plan.steps} steps, {plan.split} on the edge, codec {plan.encoding}, merge ratio "
           f"{plan.merge_ratio:g} (predicted quality {plan.predicted_quality:.2f})", file=sys.stderr)
@@ -495,7 +496,7 @@ def _note_budget(opts: Options, plan: ReceivedPlan) -> None:
 
 def _request_plan(opts: Options, given: PartialRequest, links: LinkState) -> ReceivedPlan | None:
     """--scheduler: a plan for the options the user did not set; None (said on stderr): the defaults."""
-    from services.scheduler.client import request_plan
+    from services.common.scheduler_client import request_plan
 
     assert opts.scheduler is not None
     errors: list[str] = []

@@ -8,9 +8,11 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tandem.phases import CoarsePhase
+
 if TYPE_CHECKING:
+    from services.common.scheduler_client import ReceivedPlan
     from services.common.security import ClientSecurity
-    from services.scheduler.client import ReceivedPlan
     from tandem.handoff import CodecSpec
     from tandem.request import GenerationRequest
     from tandem.resolve import PartialRequest
@@ -47,7 +49,7 @@ class ProgressBars:
 
 def report_plan(plan: ReceivedPlan, scheduler: str, result, timeout: float, security: ClientSecurity | None) -> dict:
     """Sends the measured phases of ``result`` for the plan (best effort); the plan as the breakdown shows it."""
-    from services.scheduler.client import report
+    from services.common.scheduler_client import report
 
     reported = report(scheduler, plan.plan_id, dict(result.seconds), result.edge_steps, result.device_steps,
                       result.handoff_bytes, bool(result.fallback), timeout=min(timeout, 5.0), security=security)
@@ -127,7 +129,7 @@ def as_text(report: dict[str, Any]) -> str:
     if report["plan"]:
         plan = report["plan"]
         lines.append(f"  plan   {plan['id'][:8]} from {plan['scheduler']} (frame of {plan['frame_size']}): "
-                     f"predicted {plan['predicted_seconds']['total']:.3f} s")
+                     f"predicted {plan['predicted_seconds'][CoarsePhase.TOTAL]:.3f} s")
     if report.get("link") and report["link"]["sent"]:
         lines.append(f"  link   {report['link']['sent']['text']}")
     if report["fallback"]:

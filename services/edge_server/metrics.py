@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import time
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-# Diffusion latencies run from milliseconds (one step of a tiny model) to minutes (a queue).
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+from services.common.metrics import BYTES_BUCKETS, LATENCY_BUCKETS
+
 # Batch sizes are integers: bucket edges sit half-way between them, so Prometheus' linear
 # interpolation inside a bucket lands on the size itself (edges at 1, 2, ... put a constant
 # batch of 1 in [0, 1] and report a p50 of 0.5-0.6). The empty le=0.5 bucket starts the range.
 BATCH_BUCKETS = (0.5, 1.5, 2.5, 3.5, 4.5, 6.5, 8.5, 12.5, 16.5, 24.5, 32.5, 48.5, 64.5)
-BYTES_BUCKETS = (256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
 
 
 class EdgeMetrics:
@@ -43,11 +40,3 @@ class EdgeMetrics:
         if torch.cuda.is_available():
             self.gpu_memory.set(torch.cuda.memory_allocated())
 
-
-def record_call(metrics, code_name: str, began: float) -> bool:
-    """Counts one finished call by status and observes its latency. Servicers call it *before*
-    `context.abort`, because grpc.aio sends an abort's status before the handler's `finally` runs
-    (a client could otherwise read metrics that miss its own call). Returns True: "recorded"."""
-    metrics.requests.labels(code=code_name).inc()
-    metrics.request_seconds.observe(time.perf_counter() - began)
-    return True

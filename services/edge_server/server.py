@@ -26,12 +26,12 @@ from services.common.envargs import EnvParser
 from services.common.lifecycle import NO_REUSEPORT, describe, enable_reflection, run_server, set_health, until_signalled
 from services.common.security import SecurityError, add_client_args, add_port, add_server_tls_args, client_security, env_flag, env_lookup, server_tls
 from services.common.tokens import add_tokens_arg, interceptors, load_tokens
-from services.edge_server.admission import EdgeLimits, LimitError
 from services.edge_server.batching import BatchConfig
 from services.edge_server.engine import EdgeEngine
-from services.edge_server.heartbeat import send_heartbeats
+from services.edge_server.heartbeat import LEAVING_TIMEOUT_S, Work, send_heartbeats
 from services.edge_server.metrics import EdgeMetrics
 from services.edge_server.servicer import EdgeServicer
+from tandem.admission import EdgeLimits, LimitError
 from tandem.packs import PackError, load_pack
 from tandem.v1 import edge_pb2, edge_pb2_grpc
 
@@ -155,16 +155,16 @@ async def serve(args: argparse.Namespace) -> None:
         start_http_server(args.metrics_port, addr=args.host, registry=metrics.registry)
     await set_health(health, SERVICE_NAME, serving=True)
     print(f"edge server ready on {args.host}:{port} (pack {pack.name}, {pack.device}); metrics :{args.metrics_port}", flush=True)
-    heartbeats = None
+    heartbeats, leaving = None, asyncio.Event()
     if args.scheduler:
         advertise = args.advertise or f"{args.host}:{port}"
         heartbeats = asyncio.ensure_future(send_heartbeats(args.scheduler, advertise, engine.load,
-                                                                security=scheduler_security))
+                                                           security=scheduler_security, work=lambda: work_done(metrics),
+                                                           leaving=leaving))
 
     await until_signalled()
     print("edge server draining: new requests get UNAVAILABLE", flush=True)
-    if heartbeats is not None:  # silent from now on: the scheduler stops routing here after its TTL
-        heartbeats.cancel()
+    leaving.set()  # the last heartbeat says so, now: the scheduler routes no new plan here (not after its TTL)
     await health.enter_graceful_shutdown()
     engine.close()
     loop = asyncio.get_running_loop()
@@ -173,7 +173,21 @@ async def serve(args: argparse.Namespace) -> None:
         await asyncio.sleep(0.05)
     await server.stop(grace=min(5.0, max(0.0, deadline - loop.time())) + 1.0)
     engine.stop()
+    if heartbeats is not None:  # sent long ago unless the scheduler is slow; its own timeout bounds it
+        try:
+            await asyncio.wait_for(heartbeats, LEAVING_TIMEOUT_S + 1.0)
+        except Exception:  # noqa: BLE001 - best effort: a heartbeat never fails the shutdown
+            log.debug("the last heartbeat did not finish", exc_info=True)
     print("edge server stopped", flush=True)
+
+
+def work_done(metrics: EdgeMetrics) -> Work:
+    """The engine's UNet counters (iterations, request-steps, seconds) as its metrics count them."""
+    def sample(name: str) -> float:
+        return metrics.registry.get_sample_value(name) or 0.0
+
+    return Work(int(sample("tandem_edge_iteration_seconds_count")), int(sample("tandem_edge_steps_total")),
+                sample("tandem_edge_iteration_seconds_sum"))
 
 
 def main(argv: list[str] | None = None) -> int:

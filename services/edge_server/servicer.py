@@ -10,13 +10,13 @@ from collections.abc import Mapping
 
 import grpc
 
+from services.common.metrics import record_call
 from services.common.tokens import bearer_token, token_user
 from services.common.wire import request_from_proto
-from services.edge_server.admission import EdgeLimits
 from services.edge_server.batching import Closed, QueueFull
 from services.edge_server.engine import EdgeEngine, Failed, Finished, Progress, Queued
 from services.edge_server.limits import StreamLimiter, user_key
-from services.edge_server.metrics import record_call
+from tandem.admission import EdgeLimits
 from tandem.codec.spec import ENCODINGS, MAX_MERGE_RATIO
 from tandem.request import MAX_PROMPT_CHARS, MAX_STEPS, RequestError
 from tandem.sampling.schedule import SAMPLERS, noise_process

@@ -23,7 +23,8 @@ Modules, one job each:
 
 The service (only servicer, server and client import grpc):
   frames      frame collector (requests within a window decided together)
-  edges       edge registry: heartbeats, expiry, least-loaded routing
+  edges       edge registry: heartbeats, expiry, a leaving edge dropped at once
+  routing     the edge a plan goes to: the earliest predicted finish (measured speed × load)
   core        plan requests → frames → plans; reports → calibration
   ratelimit   a token bucket per caller on Plan
   state       --state-file: what the core learned, saved atomically and restored at start

@@ -26,6 +26,7 @@ from services.scheduler.edge_auth import MAX_ADDRESS_CHARS
 from services.scheduler.edges import EdgeLoad, EdgeRegistry
 from services.scheduler.occupancy import EdgeOccupancy, EdgeSpan
 from services.scheduler.pending import PendingPlans
+from services.scheduler.routing import StepModel
 from tandem.codec.spec import DEFAULT_STRATEGY
 from tandem.echo import shown
 from tandem.link import LinkEstimate
@@ -288,7 +289,8 @@ class SchedulerCore:
         with self._lock:
             others = self._on_edges(now, set(owners))
         # One snapshot for the whole frame; its steps share each edge with the plans still on it.
-        costs = self.costs.with_edge_load(others / max(1, len(self.edges.live())), self.ctx.edge_pack)
+        base = self.costs
+        costs = base.with_edge_load(others / max(1, len(self.edges.live())), self.ctx.edge_pack)
         specs = [self._spec(r, owner) for r, owner in zip(requests, owners)]
         users, links = [u for u, _ in specs], [link for _, link in specs]
         reasons = split_infeasible(users, self.quality, costs, self.ctx, self.options)
@@ -298,8 +300,12 @@ class SchedulerCore:
                                           options=self.options, objective=self.objective)))
         for i in reasons:
             plans[i] = best_effort_plan(users[i], self.quality, costs, self.ctx, self.options)
-        remote = [i for i in range(len(users)) if plans[i].split > 0]
-        addresses = dict(zip(remote, self.edges.route(len(remote))))
+        # Each to the edge where its k steps finish first (the edges' own loads and measured speeds
+        # price them: the frame's model without the other frames' plans, which those loads count),
+        # in the canonical order too, each seeing the frame's plans routed before it.
+        remote = sorted((i for i in range(len(users)) if plans[i].split > 0), key=lambda i: _canonical(users[i]))
+        routed = self.edges.route([plans[i].split for i in remote], StepModel.of(base, self.ctx.edge_pack))
+        addresses = dict(zip(remote, routed))
         out = []
         with self._lock:
             for i, (link, user, owner) in enumerate(zip(links, users, owners)):
@@ -335,7 +341,8 @@ class SchedulerCore:
 
     # --- edges ------------------------------------------------------------------------------
     def heartbeat(self, load: EdgeLoad) -> int:
-        """Registers an edge's load; returns how many edges are live."""
+        """Registers an edge's load and measured work (a leaving one: drops it from routing at
+        once); returns how many edges are live."""
         check_heartbeat(load)
         self.edges.heartbeat(load)  # TooManyEdges for a new edge beyond the cap
         return len(self.edges.live())
@@ -603,6 +610,12 @@ def check_heartbeat(load: EdgeLoad) -> None:
     _require(bool(host) and port.isdigit() and 0 < int(port) < 65536, "address",
              f"must be HOST:PORT, got {shown(load.address)}")
     _require_range(load.steps_per_second, "steps_per_second", MAX_STEPS_PER_SECOND)
+    _require_range(load.interval_busy_s, "interval_busy_seconds", MAX_PHASE_S)
+    for name, count in (("interval_iterations", load.interval_iterations), ("interval_steps", load.interval_steps)):
+        _require(0 <= count < 1 << 32, name, f"must be in 0..{(1 << 32) - 1}, got {count}")
+    _require(load.interval_steps >= load.interval_iterations, "interval_steps",
+             f"fewer request-steps ({load.interval_steps}) than iterations ({load.interval_iterations}): "
+             "an iteration advances one request at least")
 
 
 def check_report(report: PlanReport) -> None:

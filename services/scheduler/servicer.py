@@ -179,7 +179,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                                             budget_violated=outcome.budget_violated)
 
     async def ReportEdgeLoad(self, request, context):
-        load = EdgeLoad(request.address, request.queue_depth, request.running_requests, request.steps_per_second)
+        load = EdgeLoad(request.address, request.queue_depth, request.running_requests, request.steps_per_second,
+                        request.leaving, request.interval_iterations, request.interval_steps,
+                        request.interval_busy_seconds)
         try:
             check_heartbeat(load)
         except PlanInputError as exc:
@@ -194,5 +196,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             live = self.core.heartbeat(load)
         except TooManyEdges as exc:
             await self._abort(context, "ReportEdgeLoad", grpc.StatusCode.RESOURCE_EXHAUSTED, f"address: {exc}")
+        if load.leaving:
+            log.info("edge %s is leaving (draining): no new plans go to it", shown(load.address))
         self._ok("ReportEdgeLoad")
         return scheduler_pb2.ReportEdgeLoadResponse(live_edges=live, ttl_seconds=self.core.edges.ttl_s)

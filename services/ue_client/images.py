@@ -29,7 +29,6 @@ import grpc
 from services.common.channels import ChannelPool
 from services.common.security import ClientSecurity
 from services.common.wire import partial_to_proto
-from services.edge_server.admission import EdgeLimits, LimitError
 from services.ue_client.call import DeviceCall, parse_call
 from services.ue_client.device import CancelFlag, Cancelled, edge_round, generate_via_edge
 from services.ue_client.link import LinkBook, LinkSample
@@ -37,6 +36,7 @@ from services.ue_client.metrics import DeviceMetrics
 from services.ue_client.openai_api import ApiError, ImagesCall, check_previews, from_request_error, invalid, size_text
 from services.ue_client.previews import ApproxDecoder, PreviewTaker, VaeDecoder, png_bytes, preview_decoder
 from services.ue_client.transport import EdgeError, get_capabilities
+from tandem.admission import EdgeLimits, LimitError
 from tandem.packs import ModelPack
 from tandem.phases import Phase
 from tandem.pipeline import GenerationResult
@@ -54,7 +54,7 @@ _PLAN_FIELDS = {"latency_budget_seconds": "latency_budget", "personalized_user":
 
 
 class DeviceParts(Protocol):
-    """What the listener shares with the gRPC servicer (services/ue_client/service.py DeviceServicer)."""
+    """What the listener shares with the gRPC servicer (services/ue_client/servicer.py DeviceServicer)."""
 
     pack: ModelPack | None
     edges: tuple[str, ...]
@@ -113,7 +113,7 @@ class Prepared:
     rounds: list[asyncio.Future | None]
     size: str
     release: Callable[[], None]
-    plan: Any = None  # services.scheduler.client.ReceivedPlan
+    plan: Any = None  # services.common.scheduler_client.ReceivedPlan
     plan_note: str = ""
     measured: list[LinkSample] = field(default_factory=list)
 
@@ -216,7 +216,7 @@ class ImagesService:
         for an outage, 400 when it refuses a field."""
         if self.scheduler is None:
             raise invalid("latency_budget", "this device service has no scheduler to plan it (its --scheduler)")
-        from services.scheduler.client import request_plan
+        from services.common.scheduler_client import request_plan
 
         errors: list[str] = []
         estimate = self.parts.links.estimate(self.parts.edges[0] if self.parts.edges else None)
@@ -359,7 +359,7 @@ class ImagesService:
         """What the image measured, back to the scheduler that planned it (best effort, not awaited)."""
         if prepared.plan is None or self.scheduler is None:
             return
-        from services.scheduler.client import report
+        from services.common.scheduler_client import report
 
         plan, scheduler = prepared.plan, self.scheduler
         task = asyncio.ensure_future(asyncio.to_thread(

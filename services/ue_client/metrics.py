@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from services.edge_server.metrics import BYTES_BUCKETS, LATENCY_BUCKETS
+from services.common.metrics import BYTES_BUCKETS, LATENCY_BUCKETS
 
 
 class DeviceMetrics:

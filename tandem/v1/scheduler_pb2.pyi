@@ -121,16 +121,24 @@ class ReportResponse(_message.Message):
     def __init__(self, total_relative_error: _Optional[float] = ..., budget_violated: _Optional[bool] = ...) -> None: ...
 
 class ReportEdgeLoadRequest(_message.Message):
-    __slots__ = ("address", "queue_depth", "running_requests", "steps_per_second")
+    __slots__ = ("address", "queue_depth", "running_requests", "steps_per_second", "leaving", "interval_iterations", "interval_steps", "interval_busy_seconds")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     STEPS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    LEAVING_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_BUSY_SECONDS_FIELD_NUMBER: _ClassVar[int]
     address: str
     queue_depth: int
     running_requests: int
     steps_per_second: float
-    def __init__(self, address: _Optional[str] = ..., queue_depth: _Optional[int] = ..., running_requests: _Optional[int] = ..., steps_per_second: _Optional[float] = ...) -> None: ...
+    leaving: bool
+    interval_iterations: int
+    interval_steps: int
+    interval_busy_seconds: float
+    def __init__(self, address: _Optional[str] = ..., queue_depth: _Optional[int] = ..., running_requests: _Optional[int] = ..., steps_per_second: _Optional[float] = ..., leaving: _Optional[bool] = ..., interval_iterations: _Optional[int] = ..., interval_steps: _Optional[int] = ..., interval_busy_seconds: _Optional[float] = ...) -> None: ...
 
 class ReportEdgeLoadResponse(_message.Message):
     __slots__ = ("live_edges", "ttl_seconds")

@@ -75,7 +75,7 @@ class SchedulerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReportEdgeLoad(self, request, context):
-        """An edge server's heartbeat (about once a second).
+        """An edge server's heartbeat (about once a second, and once more when it starts draining).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,4 +1,6 @@
-"""What one request may cost the edge: the image sides it serves and a cap on pixel-steps.
+"""What one request may cost an edge: the image sides it serves and a cap on pixel-steps.
+The edge enforces these limits (from its flags) and advertises them; a device checks a request
+against an edge's advertised limits before it sends it (services/ue_client/images.py).
 
 The engine runs every admitted request at every iteration, so one request's size sets how long
 everyone's iteration takes, and its size times its edge steps how long it holds a slot. Both are

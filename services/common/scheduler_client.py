@@ -17,7 +17,7 @@ import grpc
 from services.common.channels import SyncChannelPool
 from services.common.security import ClientSecurity, call_metadata
 from tandem.codec.spec import DEFAULT_ENCODING, DEFAULT_STRATEGY
-from tandem.phases import Phase
+from tandem.phases import CoarsePhase, Phase
 from tandem.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 DEFAULT_TIMEOUT = 2.0
@@ -35,7 +35,7 @@ class ReceivedPlan:
     merge_ratio: float
     merge_strategy: str
     edge_address: str  # "" when k = 0 or the scheduler knows no edge
-    predicted_seconds: Mapping[str, float]  # edge, transfer, device, total
+    predicted_seconds: Mapping[str, float]  # by CoarsePhase: edge, transfer, device, total
     predicted_quality: float
     meets_budget: bool
     frame_size: int
@@ -84,7 +84,7 @@ def request_plan(
         merge_ratio=round(response.codec.merge_ratio, 6),  # float32 on the wire: 0.25 stays 0.25
         merge_strategy=response.codec.merge_strategy or DEFAULT_STRATEGY,
         edge_address=response.edge_address,
-        predicted_seconds={"edge": p.edge, "transfer": p.transfer, "device": p.device, "total": p.total},
+        predicted_seconds={phase.value: getattr(p, phase.value) for phase in CoarsePhase},
         predicted_quality=response.predicted_quality,
         meets_budget=response.meets_budget,
         frame_size=response.frame_size,
