@@ -56,6 +56,19 @@ class CancelFlag:
             raise Cancelled(f"cancelled at {where}")
 
 
+async def stop_after_current_step(job: asyncio.Future, cancel: CancelFlag) -> None:
+    """The caller left: the worker stops after its current step, and the caller keeps the device's
+    turn until it has, so abandoned work neither delays the next request nor runs beside it."""
+    cancel.set()
+    while not job.done():
+        try:
+            await asyncio.wait({job})
+        except asyncio.CancelledError:  # cancelled again (e.g. shutdown): still wait, at most one step
+            continue
+    if not job.cancelled() and job.exception() is not None and not isinstance(job.exception(), Cancelled):
+        log.warning("cancelled generation ended with %r", job.exception())
+
+
 def generate_via_edge(
     pack: ModelPack,
     request: GenerationRequest,

@@ -30,7 +30,7 @@ from services.common.channels import ChannelPool
 from services.common.security import ClientSecurity
 from services.common.wire import partial_to_proto
 from services.ue_client.call import DeviceCall, parse_call
-from services.ue_client.device import CancelFlag, Cancelled, edge_round, generate_via_edge
+from services.ue_client.device import CancelFlag, edge_round, generate_via_edge, stop_after_current_step
 from services.ue_client.link import LinkBook, LinkSample
 from services.ue_client.metrics import DeviceMetrics
 from services.ue_client.openai_api import ApiError, ImagesCall, check_previews, from_request_error, invalid, size_text
@@ -316,7 +316,7 @@ class ImagesService:
                 await asyncio.wait({job})
             finally:
                 if not job.done():  # cancelled: the worker stops after its step, holding the turn till then
-                    await _stop(job, cancel)
+                    await stop_after_current_step(job, cancel)
                     parts.metrics.steps_after_cancel.inc(after_cancel[0])
                     parts.metrics.http_images.labels(outcome="cancelled").inc()
         try:
@@ -378,16 +378,3 @@ def _observe(metrics: DeviceMetrics, result: GenerationResult) -> None:
         metrics.fallbacks.inc()
     if result.handoff_bytes:
         metrics.handoff_bytes.observe(result.handoff_bytes)
-
-
-async def _stop(job: asyncio.Future, cancel: CancelFlag) -> None:
-    """The client left: the worker stops after its current step, and the caller keeps the turn
-    until it has (as the gRPC servicer's _stop), so abandoned work never runs beside the next."""
-    cancel.set()
-    while not job.done():
-        try:
-            await asyncio.wait({job})
-        except asyncio.CancelledError:  # cancelled again (shutdown): still wait, at most one step
-            continue
-    if not job.cancelled() and job.exception() is not None and not isinstance(job.exception(), Cancelled):
-        log.warning("cancelled generation ended with %r", job.exception())

@@ -176,7 +176,7 @@ async def _start_http(args: argparse.Namespace, sock, servicer: DeviceServicer, 
     from services.ue_client.images import ImagesService, Quota, Scheduler
 
     scheduler = Scheduler(args.scheduler, scheduler_security, args.device_class) if args.scheduler else None
-    images = ImagesService(servicer, servicer._turn, scheduler, Quota(args.http_max_images_per_user, total=32),
+    images = ImagesService(servicer, servicer.turn, scheduler, Quota(args.http_max_images_per_user, total=32),
                            args.http_previews)
     state = HttpState(started=int(time.time()), in_flight=lambda: sum(images.quota.held.values()))
     app = build_app(images, metrics, load_tokens(args.tokens) if args.tokens else None, state)

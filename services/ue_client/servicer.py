@@ -17,7 +17,7 @@ from services.common.channels import ChannelPool
 from services.common.metrics import record_call
 from services.common.security import ClientSecurity
 from services.ue_client.call import choose_edge, parse_call
-from services.ue_client.device import CancelFlag, Cancelled, generate_via_edge
+from services.ue_client.device import CancelFlag, generate_via_edge, stop_after_current_step
 from services.ue_client.link import LinkBook, LinkSample
 from services.ue_client.metrics import DeviceMetrics
 from tandem.packs import ModelPack
@@ -44,7 +44,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         self.metrics = metrics
         self.edges = tuple(edges)
         self.links = LinkBook()  # per edge, measured from every handoff received (services/ue_client/link.py)
-        self._turn = asyncio.Lock()
+        self.turn = asyncio.Lock()  # one generation at a time on this device: gRPC and HTTP calls take it
 
     def attach(self, pack: ModelPack) -> None:
         self.pack = pack
@@ -81,7 +81,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                     after_cancel[0] += 1
                 loop.call_soon_threadsafe(events.put_nowait, device_pb2.PhaseProgress(phase=phase, done=done, total=total))
 
-            async with self._turn:
+            async with self.turn:
                 job = asyncio.ensure_future(
                     asyncio.to_thread(generate_via_edge, self.pack, call.request, call.codec, call.edge,
                                       call.edge_timeout, on_step, self.edge_security, cancel, on_link,
@@ -99,7 +99,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                             yield device_pb2.DeviceServiceGenerateResponse(progress=getter.result())
                 finally:  # left early: cancelled (CancelledError) or the stream closed (GeneratorExit)
                     if not job.done():
-                        await self._stop(job, cancel)
+                        await stop_after_current_step(job, cancel)
                         self.metrics.steps_after_cancel.inc(after_cancel[0])
                 result = job.result()
             delivered = True  # a client that stops reading after the result has not cancelled it
@@ -112,18 +112,6 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         finally:
             if not recorded:
                 record_call(self.metrics, code.name, began)
-
-    async def _stop(self, job: asyncio.Future, cancel: CancelFlag) -> None:
-        """The call was cancelled: the worker stops after its current step, and this call keeps the
-        turn until it has, so abandoned work neither delays the next request nor runs beside it."""
-        cancel.set()
-        while not job.done():
-            try:
-                await asyncio.wait({job})
-            except asyncio.CancelledError:  # cancelled again (e.g. shutdown): still wait, ≤ one step
-                continue
-        if not job.cancelled() and job.exception() is not None and not isinstance(job.exception(), Cancelled):
-            log.warning("cancelled generation ended with %r", job.exception())
 
     async def GetLinkEstimate(self, request, context):
         try:
