@@ -19,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from services.common.launcher import ONE_THREAD, edge_server
+from services.common.launcher import NO_PER_USER_CAPS, ONE_THREAD, edge_server
 from services.ue_client.device import generate_via_edge
 from services.ue_client.transport import fetch_handoff
 from tandem.handoff import CodecSpec
@@ -47,7 +47,7 @@ def main() -> None:
         return resolve(PartialRequest(PROMPT, steps=args.steps, sampler="dpmpp_2m", **fields), defaults).request
 
     with tempfile.TemporaryDirectory() as tmp, edge_server(args.large, Path(tmp), "--max-batch", str(args.requests),
-                                                                 env=ONE_THREAD) as edge:
+                                                                 *NO_PER_USER_CAPS, env=ONE_THREAD) as edge:
         edge_only = [request(split=args.steps, seed=i) for i in range(args.requests)]
 
         async def concurrent():

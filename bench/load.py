@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from services.common.launcher import ONE_THREAD, edge_server, scheduler_service
+from services.common.launcher import NO_PER_USER_CAPS, ONE_THREAD, edge_server, scheduler_service
 from services.common.scheduler_client import report, request_plan
 from services.ue_client.transport import EdgeError, fetch_handoff
 from tandem.codec.container import unpack_container
@@ -106,7 +106,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory() as tmp, scheduler_service(Path(tmp), env=ONE_THREAD) as sched, \
-            edge_server(args.pack, Path(tmp), "--scheduler", sched.address, env=ONE_THREAD) as edge:
+            edge_server(args.pack, Path(tmp), "--scheduler", sched.address, *NO_PER_USER_CAPS, env=ONE_THREAD) as edge:
         time.sleep(2.0)  # first heartbeat
         procs = {"edge": edge.proc.pid, "scheduler": sched.proc.pid}
         warm = Tally()

@@ -353,7 +353,7 @@ def main() -> int:
     if parts & {"batch", "staggered"}:
         import torch
 
-        from services.common.launcher import ONE_THREAD, edge_server
+        from services.common.launcher import NO_PER_USER_CAPS, ONE_THREAD, edge_server
         from tandem.packs import PackManifest
 
         torch.set_num_threads(1)
@@ -362,7 +362,8 @@ def main() -> int:
         guidance, size = float(defaults.guidance_scale), defaults.image_size
         pipe = diffusers_pipeline(args.pack)
         with tempfile.TemporaryDirectory() as tmp, edge_server(args.pack / "large", Path(tmp), "--max-batch",
-                                                               str(max(16, args.users)), env=ONE_THREAD) as edge:
+                                                               str(max(16, args.users)), *NO_PER_USER_CAPS,
+                                                               env=ONE_THREAD) as edge:
             run_diffusers(pipe, PROMPTS[:2], [0, 1], args.steps, guidance, size)  # warm-up both
             asyncio.run(edge_together(edge.address, edge_requests(2, args.steps, guidance, size)))
             if "batch" in parts:

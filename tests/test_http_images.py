@@ -381,6 +381,7 @@ def test_fuzzed_bodies_and_headers_are_4xx_in_openais_shape(stack):
 
 
 # --- 503 while the pack loads and while draining; 429 when the edge refuses for load ---------------
+@pytest.mark.slow  # three service starts and a pack load held on purpose: ~19 s on 2 idle cores
 def test_loading_busy_edge_plan_and_draining(tiny_packs, tmp_path):
     """One device whose pack loads slowly: 503 (pack_loading) and health NOT_SERVING until it is
     up; an edge that takes one stream per caller: n=2 is a 429 (edge_busy); a latency_budget is

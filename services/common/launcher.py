@@ -264,6 +264,9 @@ def running(module: str, *args: str, grace: float = DEFAULT_GRACE, **options: An
 
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # what the tests and benches give a service beside others on few cores
+# Edge flags for a bench whose one client stands for many users (its requests share one identity,
+# which the edge's per-user caps, 8 queued and 4 running by default, would refuse beyond them).
+NO_PER_USER_CAPS = ("--max-queued-per-user", "0", "--max-running-per-user", "0")
 
 
 def edge_server(pack: Path | str, log_dir: Path, *args: str, device: str = "cpu", **options: Any):
