@@ -1,5 +1,5 @@
 """Multi-edge routing: does sending each plan to the edge where it finishes first (the scheduler's
-routing, services/scheduler/routing.py) beat round robin and least queue when edges differ in
+routing, services/scheduler/decide/routing.py) beat round robin and least queue when edges differ in
 speed, and match them when they do not?
 
     .venv/bin/python -m bench.multi_edge [--quick] [--no-loopback]
@@ -41,8 +41,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.scheduler.edges import EdgeLoad, EdgeRegistry
-from services.scheduler.routing import ROUTERS, StepModel
+from services.scheduler.decide.routing import ROUTERS, StepModel
+from services.scheduler.live.edges import EdgeLoad, EdgeRegistry
 
 POLICIES = ROUTERS  # ("finish", "least-load", "round-robin")
 STEPS = (4, 8, 12, 16)  # a request's edge steps k

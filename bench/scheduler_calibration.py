@@ -33,7 +33,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch loads, here and in
 ROOT = Path(__file__).resolve().parent.parent
 
 from services.common.launcher import edge_server, metric_value, scheduler_service, wait_metric  # noqa: E402
-from services.scheduler.core import Measured, measured_phases  # noqa: E402
+from services.scheduler.live.core import Measured, measured_phases  # noqa: E402
 from tandem.phases import COARSE_PHASES  # noqa: E402
 from tandem.stats import percentile  # noqa: E402
 

@@ -19,7 +19,7 @@ wire's PredictedPhases) and the scheduler's measured-against-predicted errors us
     device        device_steps + decode
     total         the whole request
 
-(services/scheduler/core.py `measured_phases` makes that split of queue.)
+(services/scheduler/live/core.py `measured_phases` makes that split of queue.)
 """
 
 from __future__ import annotations

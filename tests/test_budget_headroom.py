@@ -8,11 +8,11 @@ import itertools
 
 import pytest
 
-from services.scheduler.core import LinkInput, PlanInput, SchedulerCore
 from services.scheduler.decide.costs import CostProfile
 from services.scheduler.decide.quality import synthetic_profile
 from services.scheduler.decide.scenario import ObjectiveConfig
-from services.scheduler.edges import EdgeLoad, EdgeRegistry
+from services.scheduler.live.core import LinkInput, PlanInput, SchedulerCore
+from services.scheduler.live.edges import EdgeLoad, EdgeRegistry
 
 LINK = LinkInput(bandwidth_bps=20e6, rtt_s=0.03)
 
@@ -64,7 +64,7 @@ def test_a_users_own_under_predictions_move_only_its_own_target():
     """A user whose plans ran 1.4x slower than predicted (three reports) gets plans aimed at
     budget / 1.4; another user's plans with the same budget are identical before and after,
     and the slow user's budget is still judged feasible against the budget itself."""
-    from services.scheduler.core import Measured, PlanReport
+    from services.scheduler.live.core import Measured, PlanReport
 
     c = core(0.1)
     budget = 1.2 * plan(c).plan.latency_seconds  # the free plan fits in 90% of it, not in 90% / 1.4
@@ -111,7 +111,7 @@ def test_user_margins_need_three_reports_take_a_high_quantile_and_are_bounded():
 def test_a_users_margin_and_the_headroom_do_not_stack():
     """A user whose plans ran 1.05x slower than predicted aims at 90 % of its budget (the headroom
     is the larger safety), not at 0.9 / 1.05 of it: a plan predicted at 0.88x its budget is kept."""
-    from services.scheduler.core import Measured, PlanReport
+    from services.scheduler.live.core import Measured, PlanReport
 
     c = core(0.1)
     free = plan(c).plan  # no budget: the best plan at any latency

@@ -175,7 +175,7 @@ SLOW = {"rate_bps": 8e6, "delay_s": 0.002}  # 1 MB/s each way, then 2 ms: a 67 K
 
 def reported_round_trip(*reports: dict) -> float:
     """The median round's fixed cost the scheduler takes from these reports (split 2: the time
-    before the first progress event less one edge step, see core.measured_phases)."""
+    before the first progress event less one edge step, see live.core.measured_phases)."""
     costs = sorted(r["seconds"]["queue"] - min(r["seconds"]["edge_steps"], r["seconds"]["queue"]) for r in reports)
     return (costs[(len(costs) - 1) // 2] + costs[len(costs) // 2]) / 2
 PLAN_ARGS = ("--steps", "3", "--split", "2", "--codec", "fp16", "--merge-ratio", "0", "--device-class", "cpu")

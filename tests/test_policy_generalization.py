@@ -144,7 +144,7 @@ def test_local_search_with_the_utility_bound_moves_exactly_as_enumeration(family
 
 
 def test_the_committed_general_policy_serves_without_the_trained_elsewhere_warning(caplog, family):
-    from services.scheduler.guard import PolicyGuard
+    from services.scheduler.live.guard import PolicyGuard
     from services.scheduler.server import load_decider, parse_args
 
     general = SchedulerPolicy.load(POLICIES / "general", DEFAULT_OPTIONS)

@@ -1,4 +1,4 @@
-"""The policy guard (services/scheduler/guard.py): a policy that falls behind greedy + local search
+"""The policy guard (services/scheduler/live/guard.py): a policy that falls behind greedy + local search
 on the sampled frames is replaced by it (one log line, plans then equal greedy + LS's); a good one
 is left alone; the service exposes the verdict as metrics."""
 
@@ -20,7 +20,7 @@ from services.scheduler.decide.planner import plan_frame
 from services.scheduler.decide.policy import SchedulerPolicy
 from services.scheduler.decide.quality import synthetic_profile
 from services.scheduler.decide.scenario import DEFAULT_SCENARIO, sample_frame
-from services.scheduler.guard import GuardConfig, PolicyGuard
+from services.scheduler.live.guard import GuardConfig, PolicyGuard
 from tandem.v1 import scheduler_pb2 as pb
 from tandem.v1 import scheduler_pb2_grpc
 

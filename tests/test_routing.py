@@ -1,4 +1,4 @@
-"""Routing across edges of different speeds (services/scheduler/routing.py) and the registry's
+"""Routing across edges of different speeds (services/scheduler/decide/routing.py) and the registry's
 drain (an edge that says it is leaving): pure, no network, an injected clock."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ import math
 
 import pytest
 
-from services.scheduler.core import PlanInputError, SchedulerCore, check_heartbeat
 from services.scheduler.decide.costs import CostProfile, EdgeCoefficients
-from services.scheduler.edges import EdgeLoad, EdgeRegistry
-from services.scheduler.routing import EdgeView, Speed, StepModel, finish_seconds, route
+from services.scheduler.decide.routing import EdgeView, Speed, StepModel, finish_seconds, route
+from services.scheduler.live.core import PlanInputError, SchedulerCore, check_heartbeat
+from services.scheduler.live.edges import EdgeLoad, EdgeRegistry
 
 MODEL = StepModel(a_s=0.02, b_s=0.01, max_batch=8)
 
@@ -164,7 +164,7 @@ def test_a_frame_spreads_over_edges_by_their_measured_speeds():
     registry.heartbeat(beat("10.0.0.1:1", scale=1.0, model=model))
     registry.heartbeat(beat("10.0.0.2:1", scale=6.0, model=model))
     core = SchedulerCore(synthetic_profile(), costs, "greedy_ls", registry)
-    from services.scheduler.core import LinkInput, PlanInput
+    from services.scheduler.live.core import LinkInput, PlanInput
 
     requests = [PlanInput("phone", LinkInput(bandwidth_bps=50e6), user_id=f"u{i}") for i in range(12)]
     plans = core.decide(requests)

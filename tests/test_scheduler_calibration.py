@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.scheduler.core import LinkInput, Measured, PlanInput, PlanReport, SchedulerCore
 from services.scheduler.decide.costs import CostProfile
 from services.scheduler.decide.options import DEFAULT_OPTIONS
 from services.scheduler.decide.quality import synthetic_profile
-from services.scheduler.edges import EdgeLoad, EdgeRegistry
+from services.scheduler.live.core import LinkInput, Measured, PlanInput, PlanReport, SchedulerCore
+from services.scheduler.live.edges import EdgeLoad, EdgeRegistry
 
 
 @pytest.mark.parametrize("overhead", [0.0, 0.05])

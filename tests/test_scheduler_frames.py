@@ -8,7 +8,9 @@ import threading
 
 import pytest
 
-from services.scheduler.core import (
+from services.scheduler.decide.costs import CostProfile
+from services.scheduler.decide.quality import synthetic_profile
+from services.scheduler.live.core import (
     AlreadyReported,
     LinkInput,
     Measured,
@@ -18,10 +20,8 @@ from services.scheduler.core import (
     SchedulerCore,
     UnknownPlan,
 )
-from services.scheduler.decide.costs import CostProfile
-from services.scheduler.decide.quality import synthetic_profile
-from services.scheduler.edges import EdgeLoad, EdgeRegistry
-from services.scheduler.frames import FrameCollector, FrameConfig
+from services.scheduler.live.edges import EdgeLoad, EdgeRegistry
+from services.scheduler.live.frames import FrameCollector, FrameConfig
 from tandem.codec.spec import DEFAULT_STRATEGY
 
 

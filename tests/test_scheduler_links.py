@@ -1,4 +1,4 @@
-"""Each user's own link in the scheduler (services/scheduler/core.py, decide/calibration.py
+"""Each user's own link in the scheduler (services/scheduler/live/core.py, decide/calibration.py
 UserLinks): the device's rate wins, else the user's own reports, else the prior; the round trip
 comes from the user's own reports, else the device, else the profile. A bad measurement moves
 only its sender's plans; the per-user map is bounded. Over gRPC: the plan says which link it was
@@ -13,11 +13,11 @@ import grpc
 import pytest
 from service_procs import scheduler_service
 
-from services.scheduler.core import PRIOR_BANDWIDTH_BPS, LinkInput, Measured, PlanInput, PlanReport, SchedulerCore
 from services.scheduler.decide.calibration import UserLinks
 from services.scheduler.decide.costs import CostProfile
 from services.scheduler.decide.quality import synthetic_profile
-from services.scheduler.edges import EdgeLoad, EdgeRegistry
+from services.scheduler.live.core import PRIOR_BANDWIDTH_BPS, LinkInput, Measured, PlanInput, PlanReport, SchedulerCore
+from services.scheduler.live.edges import EdgeLoad, EdgeRegistry
 from tandem.link import MIN_RATE_BYTES, MIN_SAMPLES
 from tandem.v1 import scheduler_pb2 as pb
 from tandem.v1 import scheduler_pb2_grpc

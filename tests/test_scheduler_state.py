@@ -15,11 +15,11 @@ import pytest
 from service_procs import metric_value, scheduler_service
 
 from services.scheduler import state
-from services.scheduler.core import AlreadyReported, LinkInput, Measured, PlanInput, PlanReport, SchedulerCore
 from services.scheduler.decide.calibration import UserLinks, UserMargins
 from services.scheduler.decide.costs import CostProfile
 from services.scheduler.decide.quality import synthetic_profile
-from services.scheduler.edges import EdgeLoad, EdgeRegistry
+from services.scheduler.live.core import AlreadyReported, LinkInput, Measured, PlanInput, PlanReport, SchedulerCore
+from services.scheduler.live.edges import EdgeLoad, EdgeRegistry
 from services.scheduler.ratelimit import RateLimiter
 from tandem.v1 import scheduler_pb2 as pb
 from tandem.v1 import scheduler_pb2_grpc

@@ -211,7 +211,7 @@ def test_with_tokens_a_report_counts_only_for_the_users_own_plan_and_once(tmp_pa
 
 def test_a_frames_plans_do_not_depend_on_arrival_order():
     """Who arrives first (or where an infeasible request lands) never changes anyone's plan."""
-    from services.scheduler.core import LinkInput, PlanInput
+    from services.scheduler.live.core import LinkInput, PlanInput
     from services.scheduler.server import build_core
 
     core = build_core(parse_args([]))
@@ -230,7 +230,7 @@ def test_a_frames_plans_do_not_depend_on_arrival_order():
 # --- the pure pieces ------------------------------------------------------------------------------
 
 def test_pending_plans_evict_the_biggest_holder_never_a_waiting_user():
-    from services.scheduler.pending import PendingPlans
+    from services.scheduler.live.pending import PendingPlans
 
     table: PendingPlans[int] = PendingPlans(max_total=6, max_per_owner=4)
     table.add("bob-1", "bob", 1)

@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.scheduler.decide.costs import CostProfile
 from services.scheduler.decide.planner import Plan
-from services.scheduler.guard import GuardStatus
+from services.scheduler.live.guard import GuardStatus
 
 # A frame is decided in milliseconds (policy + closed form), tens of ms when cvxpy re-solves.
 DECISION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -55,7 +55,7 @@ class SchedulerMetrics:
                                         registry=r)
 
     def watch_guard(self, status: Callable[[], GuardStatus]) -> None:
-        """The policy guard's verdict (services/scheduler/guard.py), read at scrape time."""
+        """The policy guard's verdict (services/scheduler/live/guard.py), read at scrape time."""
         r = self.registry
         Gauge("tandem_scheduler_guard_fallback", "1 once the policy fell behind greedy + local search and "
               "the service serves that instead (until restart)", registry=r).set_function(lambda: float(status().fallback))

@@ -28,7 +28,6 @@ from services.common.envargs import EnvParser
 from services.common.lifecycle import NO_REUSEPORT, describe, enable_reflection, run_server, set_health, until_signalled
 from services.common.security import SecurityError, add_port, add_server_tls_args, env_lookup, server_tls
 from services.common.tokens import add_tokens_arg, interceptors, load_tokens
-from services.scheduler.core import MAX_PENDING_PER_USER, SchedulerCore
 from services.scheduler.decide.baselines import BASELINES, polished
 from services.scheduler.decide.costs import CostProfileError
 from services.scheduler.decide.options import DEFAULT_OPTIONS, OptionTable, build_option_table
@@ -50,9 +49,10 @@ from services.scheduler.defaults import (
     load_profiles,
     profile_ids,
 )
-from services.scheduler.edges import MAX_EDGES, EdgeRegistry
-from services.scheduler.frames import FrameConfig
-from services.scheduler.guard import GuardConfig, PolicyGuard
+from services.scheduler.live.core import MAX_PENDING_PER_USER, SchedulerCore
+from services.scheduler.live.edges import MAX_EDGES, EdgeRegistry
+from services.scheduler.live.frames import FrameConfig
+from services.scheduler.live.guard import GuardConfig, PolicyGuard
 from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.ratelimit import PLAN_BURST, PLAN_RATE, RateLimiter
 from services.scheduler.servicer import SchedulerServicer

@@ -1,5 +1,5 @@
 """The SchedulerService gRPC servicer: message conversion, frame submission, status codes.
-The decisions live in :mod:`services.scheduler.core` and :mod:`services.scheduler.frames`."""
+The decisions live in :mod:`services.scheduler.live.core` and :mod:`services.scheduler.live.frames`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from collections.abc import Collection, Mapping, Sequence
 import grpc
 
 from services.common.tokens import bearer_token, caller_user
-from services.scheduler.core import (
+from services.scheduler.edge_auth import address_host, check_edge, literal_ip, peer_ip
+from services.scheduler.live.core import (
     AlreadyReported,
     AssignedPlan,
     LinkInput,
@@ -25,12 +26,12 @@ from services.scheduler.core import (
     UnknownPlan,
     check_heartbeat,
 )
-from services.scheduler.edge_auth import address_host, check_edge, literal_ip, peer_ip
-from services.scheduler.edges import EdgeLoad, TooManyEdges
-from services.scheduler.frames import FrameCollector, FrameConfig
+from services.scheduler.live.edges import EdgeLoad, TooManyEdges
+from services.scheduler.live.frames import FrameCollector, FrameConfig
 from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.ratelimit import RateLimiter
 from tandem.echo import shown
+from tandem.phases import CoarsePhase
 from tandem.v1 import edge_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger("tandem.scheduler")
@@ -175,7 +176,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         self.metrics.reports.inc()
         self.metrics.set_costs(self.core.costs, self.core.ctx.edge_pack)
         self._ok("Report")
-        return scheduler_pb2.ReportResponse(total_relative_error=outcome.relative_errors.get("total", 0.0),
+        return scheduler_pb2.ReportResponse(total_relative_error=outcome.relative_errors.get(CoarsePhase.TOTAL, 0.0),
                                             budget_violated=outcome.budget_violated)
 
     async def ReportEdgeLoad(self, request, context):

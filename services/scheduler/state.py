@@ -23,8 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from services.scheduler.core import SchedulerCore
 from services.scheduler.decide.costs import CostProfile
+from services.scheduler.live.core import SchedulerCore
 
 log = logging.getLogger("tandem.scheduler")
 FORMAT = "tandem-scheduler-state"

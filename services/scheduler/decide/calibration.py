@@ -158,7 +158,7 @@ class RobustCalibrator:
 class UserLinks:
     """Per user: a window of its own rates (handoff bits over the measured transfer seconds) and
     round trips (the round's fixed cost: what the edge's first step does not explain of the time
-    before it, see ``core.measured_phases``), as tandem/link.py estimates a link. At most
+    before it, see ``live.core.measured_phases``), as tandem/link.py estimates a link. At most
     ``max_users`` users are kept (the least recently reporting forgotten), so a flood of
     identities bounds its own memory. Pure logic; the caller serializes calls."""
 

@@ -222,7 +222,7 @@ class PhaseObservation:
     """A measured phase latency, as a UE reports it.
 
     edge: ``seconds`` for ``steps`` steps at batch size ``batch`` on pack ``pack`` (time-weighted:
-    the requests on the edge during them, see services/scheduler/occupancy.py);
+    the requests on the edge during them, see services/scheduler/live/occupancy.py);
     device: ``seconds`` for ``steps`` small-model steps on ``device_class``;
     decode: VAE decode ``seconds`` on ``device_class``;
     transfer: ``seconds`` for ``nbytes`` at ``rate_bps`` (updates the RTT).

@@ -1,6 +1,6 @@
 """Which edge runs a plan's edge steps: the one where they would finish first, given each edge's
-own measured speed and its current load. Pure: no gRPC, no clock (the registry in edges.py holds
-the state and calls these).
+own measured speed and its current load. Pure: no gRPC, no clock (the registry in live/edges.py
+holds the state and calls these).
 
 The cost model prices one batched iteration of ``n`` requests at ``a + b·n`` seconds, up to
 ``max_batch`` requests at once (services/scheduler/decide/costs.py). An edge runs at its own

@@ -21,21 +21,21 @@ from services.scheduler.decide.isolation import best_effort_plan, split_infeasib
 from services.scheduler.decide.options import DEFAULT_OPTIONS, OptionTable
 from services.scheduler.decide.planner import DeciderLike, Plan, plan_frame
 from services.scheduler.decide.quality import BASE_USER, PERSONALIZED_USER, QualityProfile
+from services.scheduler.decide.routing import StepModel
 from services.scheduler.decide.scenario import FrameContext, ObjectiveConfig, UserSpec
 from services.scheduler.edge_auth import MAX_ADDRESS_CHARS
-from services.scheduler.edges import EdgeLoad, EdgeRegistry
-from services.scheduler.occupancy import EdgeOccupancy, EdgeSpan
-from services.scheduler.pending import PendingPlans
-from services.scheduler.routing import StepModel
+from services.scheduler.live.edges import EdgeLoad, EdgeRegistry
+from services.scheduler.live.occupancy import EdgeOccupancy, EdgeSpan
+from services.scheduler.live.pending import PendingPlans
 from tandem.codec.spec import DEFAULT_STRATEGY
 from tandem.echo import shown
 from tandem.link import LinkEstimate
 from tandem.lru import Lru
+from tandem.phases import COARSE_PHASES, PHASES, CoarsePhase
 from tandem.request import MAX_PROMPT_CHARS, MAX_STEPS  # a request's limits: a plan's prompt, a report's steps
 
 MAX_RECORDS = 10_000  # plans awaiting a report, all users together
 MAX_PENDING_PER_USER = 512  # beyond it a user's own oldest unreported plan is forgotten
-PHASES = ("edge", "transfer", "device", "total")
 MAX_ID_CHARS = 128  # user_id, device_class, plan_id
 # Physical bounds of what a device may claim or measure: beyond them a value is a bug or an attack.
 MAX_BANDWIDTH_BPS = 1e12
@@ -152,7 +152,7 @@ class PlanReport:
 
 @dataclass(frozen=True)
 class ReportOutcome:
-    relative_errors: dict[str, float]  # phase -> |measured - predicted| / predicted (as planned only)
+    relative_errors: dict[str, float]  # CoarsePhase -> |measured - predicted| / predicted (as planned only)
     budget_violated: bool
     measured_total: float
 
@@ -368,12 +368,12 @@ class SchedulerCore:
             edge_steps, device_steps = plan.split, plan.steps - plan.split
         as_planned = not report.fallback and (edge_steps, device_steps) == (plan.split, plan.steps - plan.split)
         measured = measured_phases(m, edge_steps, plan.edge_seconds / plan.split if plan.split else 0.0)
-        edge_compute, round_overhead = measured["edge"], measured["transfer"] - m.transfer
-        errors = {}
+        edge_compute, round_overhead = measured[CoarsePhase.EDGE], measured[CoarsePhase.TRANSFER] - m.transfer
+        errors: dict[str, float] = {}
         if as_planned:
-            predicted = {"edge": plan.edge_seconds, "transfer": plan.transfer_seconds,
-                         "device": plan.device_seconds, "total": plan.latency_seconds}
-            errors = {p: abs(measured[p] - predicted[p]) / predicted[p] for p in PHASES if predicted[p] > 0}
+            predicted = {CoarsePhase.EDGE: plan.edge_seconds, CoarsePhase.TRANSFER: plan.transfer_seconds,
+                         CoarsePhase.DEVICE: plan.device_seconds, CoarsePhase.TOTAL: plan.latency_seconds}
+            errors = {p: abs(measured[p] - predicted[p]) / predicted[p] for p in COARSE_PHASES if predicted[p] > 0}
         now = self.clock()
         observations = self._observations(record, report, edge_steps, device_steps, edge_compute, round_overhead)
         with self._lock:
@@ -621,8 +621,8 @@ def check_heartbeat(load: EdgeLoad) -> None:
 def check_report(report: PlanReport) -> None:
     """Every measured number finite, >= 0 and physically possible; raises PlanInputError."""
     _require(len(report.plan_id) <= MAX_ID_CHARS, "plan_id", f"longer than {MAX_ID_CHARS} characters")
-    for name in ("queue", "edge_steps", "transfer", "device_steps", "decode"):
-        _require_range(getattr(report.measured, name), f"measured.{name}", MAX_PHASE_S)
+    for phase in PHASES:  # Measured's fields
+        _require_range(getattr(report.measured, phase), f"measured.{phase}", MAX_PHASE_S)
     for name, value, most in (("edge_steps", report.edge_steps, MAX_STEPS),
                               ("device_steps", report.device_steps, MAX_STEPS),
                               ("handoff_bytes", report.handoff_bytes, MAX_HANDOFF_BYTES)):
@@ -630,8 +630,8 @@ def check_report(report: PlanReport) -> None:
 
 
 def measured_phases(m: Measured, edge_steps: int, planned_step_s: float = 0.0) -> dict[str, float]:
-    """The device's timers as the planner's phases: edge (the k steps), transfer (+ the round's
-    fixed cost), device (late steps + decode), total.
+    """The device's timers as the planner's phases (keyed by CoarsePhase): edge (the k steps),
+    transfer (+ the round's fixed cost), device (late steps + decode), total.
 
     The device's edge timer starts at the first progress event, after step 1: ``queue`` holds the
     connection, the edge's admission (text encoding, noise), step 1 and any wait; ``edge_steps``
@@ -645,7 +645,8 @@ def measured_phases(m: Measured, edge_steps: int, planned_step_s: float = 0.0) -
         step = m.edge_steps / (edge_steps - 1) if edge_steps >= 2 and m.edge_steps > 0 else planned_step_s
         first = min(step, m.queue)
         edge, overhead = m.edge_steps + first, m.queue - first
-    return {"edge": edge, "transfer": m.transfer + overhead, "device": m.device_steps + m.decode, "total": m.total}
+    return {CoarsePhase.EDGE: edge, CoarsePhase.TRANSFER: m.transfer + overhead,
+            CoarsePhase.DEVICE: m.device_steps + m.decode, CoarsePhase.TOTAL: m.total}
 
 
 def _canonical(user: UserSpec) -> tuple:

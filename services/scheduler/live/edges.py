@@ -1,5 +1,5 @@
 """The edge servers the scheduler routes to: heartbeats in, for each plan the live edge where its
-edge steps would finish first out (routing.py: each edge's own measured speed and its load).
+edge steps would finish first out (decide/routing.py: each edge's own measured speed and its load).
 
 An edge is live while its last heartbeat is younger than ``ttl_s``, until it says it is leaving
 (the heartbeat a draining edge sends at once): then it gets no new plan, before its TTL ends, until
@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from services.scheduler import routing
-from services.scheduler.routing import EdgeView, Speed, StepModel
+from services.scheduler.decide import routing
+from services.scheduler.decide.routing import EdgeView, Speed, StepModel
 
 
 @dataclass(frozen=True)
