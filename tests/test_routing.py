@@ -4,6 +4,7 @@ drain (an edge that says it is leaving): pure, no network, an injected clock."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -162,7 +163,7 @@ def test_a_frame_spreads_over_edges_by_their_measured_speeds():
     model = StepModel.of(costs)
     registry = EdgeRegistry(clock=Clock())
     registry.heartbeat(beat("10.0.0.1:1", scale=1.0, model=model))
-    registry.heartbeat(beat("10.0.0.2:1", scale=6.0, model=model))
+    registry.heartbeat(beat("10.0.0.2:1", scale=2.0, model=model))
     core = SchedulerCore(synthetic_profile(), costs, "greedy_ls", registry)
     from services.scheduler.live.core import LinkInput, PlanInput
 
@@ -170,7 +171,34 @@ def test_a_frame_spreads_over_edges_by_their_measured_speeds():
     plans = core.decide(requests)
     remote = [p.edge_address for p in plans if p.plan.split > 0]
     assert remote, "the synthetic profile offloads phones"
-    assert remote.count("10.0.0.1:1") > remote.count("10.0.0.2:1")
+    assert remote.count("10.0.0.1:1") > remote.count("10.0.0.2:1") > 0
+    # Each plan predicts its edge steps at the speed of the edge it went to: the same frame planned
+    # with unmeasured edges has the same plans (routing comes after planning), 2x slower steps there.
+    unmeasured = EdgeRegistry(clock=Clock())
+    for address in ("10.0.0.1:1", "10.0.0.2:1"):
+        unmeasured.heartbeat(beat(address))
+    as_profiled = {p.plan.user_id: p.plan for p in SchedulerCore(synthetic_profile(), costs, "greedy_ls",
+                                                                   unmeasured).decide(requests)}
+    for p in plans:
+        if p.plan.split > 0:
+            scale = 2.0 if p.edge_address == "10.0.0.2:1" else 1.0
+            assert p.plan.edge_seconds == pytest.approx(as_profiled[p.plan.user_id].edge_seconds * scale)
     # The leaving edge is out of the next frame, long before its TTL.
     core.heartbeat(EdgeLoad("10.0.0.1:1", leaving=True))
     assert {p.edge_address for p in core.decide(requests[:4]) if p.plan.split > 0} == {"10.0.0.2:1"}
+
+
+def test_a_plan_predicts_its_edge_steps_at_its_edges_speed():
+    from services.scheduler.decide.planner import Plan
+    from services.scheduler.live.core import at_edge_speed
+
+    plan = Plan("u", 20, 10, 0.0, "fp16", 0, 1.0, 1.0, edge_seconds=0.4, transfer_seconds=0.05, device_seconds=0.3,
+                latency_seconds=0.75, energy_j=1.0, quality=0.5, handoff_bytes=100, meets_budget=True)
+    slow = at_edge_speed(plan, 2.0, budget_s=1.0)
+    assert (slow.edge_seconds, slow.latency_seconds, slow.meets_budget) == (0.8, pytest.approx(1.15), False)
+    assert at_edge_speed(plan, 2.0, budget_s=math.inf).meets_budget  # no budget: nothing to miss
+    fast = at_edge_speed(plan, 0.5, budget_s=0.7)
+    assert (fast.edge_seconds, fast.latency_seconds, fast.meets_budget) == (0.2, pytest.approx(0.55), True)
+    assert at_edge_speed(plan, 1.0, budget_s=0.1) is plan  # as profiled: the plan as planned
+    local = replace(plan, split=0, edge_seconds=0.0)
+    assert at_edge_speed(local, 3.0, budget_s=0.1) is local

@@ -304,8 +304,12 @@ class SchedulerCore:
         # price them: the frame's model without the other frames' plans, which those loads count),
         # in the canonical order too, each seeing the frame's plans routed before it.
         remote = sorted((i for i in range(len(users)) if plans[i].split > 0), key=lambda i: _canonical(users[i]))
-        routed = self.edges.route([plans[i].split for i in remote], StepModel.of(base, self.ctx.edge_pack))
+        model = StepModel.of(base, self.ctx.edge_pack)
+        routed = self.edges.route([plans[i].split for i in remote], model)
         addresses = dict(zip(remote, routed))
+        speeds = self.edges.speeds(model)
+        for i, address in addresses.items():
+            plans[i] = at_edge_speed(plans[i], speeds.get(address, 1.0), users[i].latency_budget_s)
         out = []
         with self._lock:
             for i, (link, user, owner) in enumerate(zip(links, users, owners)):
@@ -647,6 +651,18 @@ def measured_phases(m: Measured, edge_steps: int, planned_step_s: float = 0.0) -
         edge, overhead = m.edge_steps + first, m.queue - first
     return {CoarsePhase.EDGE: edge, CoarsePhase.TRANSFER: m.transfer + overhead,
             CoarsePhase.DEVICE: m.device_steps + m.decode, CoarsePhase.TOTAL: m.total}
+
+
+def at_edge_speed(plan: Plan, scale: float, budget_s: float | None) -> Plan:
+    """The plan as predicted on the edge it was routed to: its edge steps at that edge's measured
+    speed (``scale``: the edge's seconds over the profile's; 1 = as profiled), so a plan sent to a
+    slower edge predicts its slower steps and says when they put it over the user's budget."""
+    if scale == 1.0 or plan.edge_seconds <= 0:
+        return plan
+    edge = plan.edge_seconds * scale
+    latency = plan.latency_seconds + edge - plan.edge_seconds
+    meets = plan.meets_budget and (budget_s is None or scale < 1.0 or latency <= budget_s)
+    return replace(plan, edge_seconds=edge, latency_seconds=latency, meets_budget=meets)
 
 
 def _canonical(user: UserSpec) -> tuple:
