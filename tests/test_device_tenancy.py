@@ -204,3 +204,25 @@ def test_honest_handoffs_pass_the_checks_and_fit_the_cap(large_pack, small_pack,
         payload = hostile_payload(large_pack, tampered(request, attack), CodecSpec())
         with pytest.raises(HandoffRejected):
             check_header(unpack_container(payload)[0], request, shape)
+
+
+def test_a_named_edge_stands_for_each_replica_it_resolves_to_and_nothing_else():
+    """--edge edge:50051 (a scaled compose service) lets a caller name a replica by the address the
+    scheduler planned to (one that name resolves to now, at its port); any other address, another
+    port, or a name nobody configured is still refused naming edge_address."""
+    from services.ue_client.call import choose_edge
+    from tandem.request import RequestError
+
+    replicas = {"edge": {"172.18.0.3", "172.18.0.5"}}
+
+    def resolve(name: str) -> set[str]:
+        return replicas.get(name, set())
+
+    edges = ("edge:50051", "10.0.0.9:50051")
+    assert choose_edge("", edges, resolve) == "edge:50051"
+    assert choose_edge("172.18.0.5:50051", edges, resolve) == "172.18.0.5:50051"
+    assert choose_edge("10.0.0.9:50051", edges, resolve) == "10.0.0.9:50051"
+    for bad in ("172.18.0.7:50051", "172.18.0.5:50052", "evil.example:50051", "edge:50052", "172.18.0.5"):
+        with pytest.raises(RequestError) as refused:
+            choose_edge(bad, edges, resolve)
+        assert refused.value.field == "edge_address"

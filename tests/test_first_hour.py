@@ -356,3 +356,15 @@ def test_a_metrics_port_taken_while_the_server_starts_is_one_line_naming_it():
                               timeout=120)
     assert done.returncode == 2, done.stdout + done.stderr
     assert f"tandem-scheduler: error: --metrics-port: port {taken} on 127.0.0.1 is already in use" in done.stdout
+
+
+def test_an_edge_gone_mid_stream_is_not_explained_as_tls():
+    """A killed edge's "Stream removed (Socket closed)" is a fallback, not a TLS misconfiguration;
+    a plaintext client refused by a TLS edge still gets the hint."""
+    from services.cli.generate import _explain_fallback, build_parser, parse_options
+
+    opts = parse_options(build_parser().parse_args(["generate", "a red circle"]))
+    gone = "edge failed (UNAVAILABLE: Stream removed (Socket closed)); finished locally on the device"
+    assert _explain_fallback(opts, gone) == gone
+    refused = "edge failed (UNAVAILABLE: failed to connect to all addresses; Socket closed); finished locally"
+    assert "the edge may require TLS" in _explain_fallback(opts, refused)

@@ -459,7 +459,7 @@ def _explain_fallback(opts: Options, fallback: str) -> str:
     if "unauthenticated" in low or "permission_denied" in low:
         hint = ("the edge refused the token (--token / TANDEM_TOKEN)" if opts.security.token
                 else "the edge requires a token: give --token")
-    elif any(sign in low for sign in _TLS_SIGNS):
+    elif any(sign in low for sign in _TLS_SIGNS) and "stream removed" not in low:  # not an edge gone mid-stream
         hint = ("TLS handshake with the edge failed: does it serve TLS with a certificate signed by --tls-ca?"
                 if opts.security.tls else "the edge may require TLS: this client connected in plaintext (give --tls-ca)")
     else:

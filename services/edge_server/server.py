@@ -19,6 +19,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from services.common.advertise import AdvertiseError, resolve_advertise
 from services.common.channels import SERVER_KEEPALIVE_OPTIONS
 from services.common.decoding import DecodeErrorInterceptor
 from services.common.details import DetailsCapInterceptor
@@ -97,7 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scheduler", default=_env("scheduler", None), metavar="HOST:PORT",
                         help="send load heartbeats to this scheduler")
     parser.add_argument("--advertise", default=_env("advertise", None), metavar="HOST:PORT",
-                        help="the address devices reach this server at (default: --host:--port)")
+                        help="the address devices reach this server at (default: --host:--port); auto:PORT = this "
+                             "host's own IP (each replica of a scaled edge its own, services/common/advertise.py)")
     add_server_tls_args(parser, _env)
     add_tokens_arg(parser, _env)
     add_client_args(parser, _env, prefix="scheduler-", what="the --scheduler")
@@ -111,6 +113,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{flag.replace('_', '-')}: must be a number >= 0, got {value}")
     if args.coalesce_max_ms < args.coalesce_ms:
         parser.error(f"--coalesce-max-ms: must be >= --coalesce-ms ({args.coalesce_ms}), got {args.coalesce_max_ms}")
+    if args.advertise:
+        try:
+            args.advertise = resolve_advertise(args.advertise)
+        except AdvertiseError as exc:
+            parser.error(f"--advertise: {exc}")
     return args
 
 
