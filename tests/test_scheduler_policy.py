@@ -194,3 +194,11 @@ def test_training_scenario_follows_the_measured_profiles():
     assert quality.synthetic and costs.synthetic
     assert profile_ids("synthetic", "builtin") == ("synthetic", "builtin")
     assert profile_ids(DEFAULT_QUALITY, DEMO_COSTS)[0].startswith("sha256:")
+
+
+def test_the_shipped_policy_was_trained_on_the_shipped_profiles():
+    """A re-measured cost or quality profile needs the default policy retrained
+    (python -m services.scheduler.learn.train, services/scheduler/README.md): else the scheduler
+    warns at every start that its policy was trained on other profiles."""
+    meta = SchedulerPolicy.load(SHIPPED).config.meta
+    assert (meta["quality_profile_id"], meta["cost_profile_id"]) == profile_ids(DEFAULT_QUALITY, DEMO_COSTS)
