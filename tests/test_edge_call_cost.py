@@ -117,3 +117,28 @@ def test_two_odd_requests_share_their_calls_fixed_cost(large_pack):
 def test_without_a_measured_fixed_cost_an_odd_request_steps_every_iteration(large_pack):
     _, odd_steps = _run(_engine(large_pack, 0.0), {**USUAL, **ODD}, "odd", after=12)
     assert odd_steps == 12  # pixels alone: as before the fit knew anything
+
+
+def test_the_main_shape_is_the_one_most_users_share_not_one_users_many_requests(large_pack):
+    """One user's four odd-shaped requests outweigh three users' usual ones in pixels, yet the usual
+    shape stays the main one: the three users step every iteration, the one user's group pays its
+    call (weight 1 + 3/4 each: about 4 of every 7 iterations)."""
+    greedy = {f"odd{i}": req(seed=20 + i, height=64, width=16) for i in range(4)}
+    engine = _engine(large_pack, 3.0)
+    payloads: dict[str, bytes] = {}
+    entries = {}
+    for name, request in {**USUAL, **greedy}.items():
+        owner = "greedy" if name.startswith("odd") else name
+
+        def sink(event, name=name) -> None:
+            from services.edge_server.engine import Finished
+
+            if isinstance(event, Finished):
+                payloads[name] = event.payload
+
+        entries[name] = engine.submit(request, CodecSpec(), sink, owner=owner)
+    for _ in range(12):
+        engine.step()
+    assert all(name in payloads for name in USUAL)  # 12 steps in 12 iterations: never paced
+    odd_steps = [e.request.split if e.done else e.running.step for n, e in entries.items() if n.startswith("odd")]
+    assert all(5 <= steps <= 8 for steps in odd_steps), odd_steps

@@ -279,11 +279,13 @@ class EdgeEngine:
 
     def _pace(self, runnable: list[EngineRequest]) -> list[EngineRequest]:
         """Sets each request's weight for `due`: its pixels, plus, outside the iteration's main
-        shape group (the one with the most pixels), its share of its own group's UNet call's fixed
-        cost (``call_cost.overhead_rows`` split among the group): a lone odd-sized request then
-        steps about once per that many iterations, and costs the others about one usual request."""
+        shape group, its share of its own group's UNet call's fixed cost (``call_cost.overhead_rows``
+        split among the group): a lone odd-sized request then steps about once per that many
+        iterations, and costs the others about one usual request. The main group is the shape the
+        most users share (then the most pixels): never one user's many or large requests, which
+        would make everyone else pay for that user's call."""
         groups = buckets(runnable, key=_shape_key)
-        main = max(groups, key=lambda g: sum(e.pixels for e in g), default=[])
+        main = max(groups, key=lambda g: (len({e.owner for e in g}), sum(e.pixels for e in g)), default=[])
         overhead = self.call_cost.overhead_rows
         for group in groups:
             for entry in group:
