@@ -47,6 +47,21 @@ def test_the_fit_follows_recent_calls_and_is_bounded():
         CallCostFit(window=1)
 
 
+def test_a_shapes_own_measured_call_prices_its_requests():
+    """An odd shape's last call (eager, say: a larger fixed cost than the fit of the usual calls)
+    is what its requests pay, in usual rows; before it was measured, the fit's fixed cost."""
+    fit = CallCostFit()
+    for rows in (1, 2, 4, 8) * 3:
+        fit.observe(rows, 0.012 + 0.004 * rows, shape="usual")
+    assert fit.seconds_per_row == pytest.approx(0.004)
+    assert fit.weight("odd", members=2, pixels=1.0) == pytest.approx(1.0 + 3.0 / 2)  # not measured yet
+    fit.observe(2, 0.040, shape="odd")  # its own call: 40 ms for 2 requests, ~10 usual rows (it joins the fit too)
+    assert fit.weight("odd", members=2, pixels=1.0) == pytest.approx(0.040 / (2 * fit.seconds_per_row))
+    assert fit.weight("odd", members=2, pixels=1.0) > 1.0 + fit.overhead_rows / 2  # more than the fit's guess
+    assert fit.weight("odd", members=1, pixels=12.0) == 12.0  # never below its pixels
+    assert CallCostFit().weight("odd", members=1, pixels=1.5) == 1.5  # nothing known: pixels alone
+
+
 def req(**kw) -> GenerationRequest:
     base = dict(prompt=PROMPT, steps=14, split=12, sampler="ddim", guidance_scale=3.0, seed=5, height=32, width=32)
     return GenerationRequest(**{**base, **kw})
@@ -87,8 +102,11 @@ class FixedCost:
     def __init__(self, rows: float):
         self.overhead_rows = rows
 
-    def observe(self, rows: float, seconds: float) -> None:
+    def observe(self, rows: float, seconds: float, shape=None) -> None:
         pass
+
+    def weight(self, shape, members: int, pixels: float) -> float:
+        return pixels + self.overhead_rows / members
 
 
 def _engine(large_pack, fixed_cost_rows: float):

@@ -5,11 +5,13 @@ depend on it; GPUs keep the eager UNet; the server's flag."""
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 import torch
 from test_edge_engine_efficiency import req, run_engine
 
+from tandem.handoff import CodecSpec
 from tandem.sampling.denoise import advance
 from tandem.traced import TracedUNet, call_fast
 
@@ -149,6 +151,36 @@ def test_warming_up_traces_the_packs_default_shape_before_any_request(large_pack
     size = large_pack.default_image_size
     engine, events = run_engine(large_pack, [req(0, height=size, width=size, guidance_scale=large_pack.manifest.default_guidance)])
     assert engine.unet.traced_shapes == 1
+
+
+def test_a_warm_engine_traces_no_new_shape_and_leaves_the_shared_traces_alone(large_pack, monkeypatch):
+    """A shape first met while serving runs eager in the engine (a trace in the serving loop made
+    every request of its iteration wait); the pack's shared TracedUNet, called directly, still
+    traces it, so one engine's warm-up changes nothing for another caller."""
+    from services.edge_server.engine import EdgeEngine, Failed, Finished
+    from tandem.traced import TRACED_ATTRIBUTE, FrozenTrace
+
+    monkeypatch.delattr(large_pack.unet, TRACED_ATTRIBUTE, raising=False)
+    engine = EdgeEngine(large_pack, trace_unet=True)
+    engine.warm_up()
+    assert isinstance(engine.unet, FrozenTrace) and engine.unet.traced_shapes == 1
+    odd = req(0, height=large_pack.default_image_size + 8, width=large_pack.default_image_size + 8)
+    engine.start()
+    try:
+        events: list = []
+        engine.submit(odd, CodecSpec(), events.append)
+        deadline = time.monotonic() + 60
+        while not any(isinstance(e, (Finished, Failed)) for e in events):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        engine.stop()
+    assert any(isinstance(e, Finished) for e in events)
+    assert engine.unet.traced_shapes == 1  # the odd shape ran eager
+    shared = call_fast(large_pack.unet, torch.device("cpu"), True)
+    with torch.no_grad():
+        shared(*unet_inputs(large_pack, 1, side=large_pack.default_image_size + 8), return_dict=False)
+    assert shared.traced_shapes == 2
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ from tandem.pipeline import make_handoff
 from tandem.request import GenerationRequest
 from tandem.resolve import PartialRequest, resolve
 from tandem.sampling.denoise import DenoiseState, advance
-from tandem.traced import call_fast
+from tandem.traced import TracedUNet, call_fast
 
 log = logging.getLogger("tandem.edge")
 
@@ -121,6 +121,7 @@ class EdgeEngine:
         self._trace_unet = trace_unet
         self._unet_of: object = None  # the pack's UNet that `_unet` wraps
         self._unet: Any = None
+        self._warm = False  # warmed up: traces no new shape
         self.batcher: Batcher[EngineRequest] = Batcher(config)
         self.starter = Starter(pack)
         # A client shows progress to a person (a bar) or times the edge phase from the first
@@ -146,18 +147,24 @@ class EdgeEngine:
         pack's is replaced."""
         if self._unet_of is not self.pack.unet:
             self._unet_of, self._unet = self.pack.unet, call_fast(self.pack.unet, self.pack.device, self._trace_unet)
+            if self._warm and isinstance(self._unet, TracedUNet):
+                self._unet = self._unet.frozen()
         return self._unet
 
     def warm_up(self) -> None:
         """One step of a request at the pack's defaults through the UNet the engine calls, before it
         serves: a traced UNet traces and checks the default shape here (~0.5 s for the demo pack)
-        instead of in the first user's request. Call before `start`."""
+        instead of in the first user's request, and traces no other shape after it. Call before
+        `start`."""
         defaults = self.pack.request_defaults()
         every_step_on_the_edge = PartialRequest("warm-up", split=defaults.steps)
         request = resolve(every_step_on_the_edge, defaults, validate=False).request
         started = self.starter.start([request])[0]
         if started.state is not None:
             advance(self.unet, [started.state])
+        self._warm = True  # a shape first met from now on runs eager (TracedUNet.frozen)
+        if isinstance(self._unet, TracedUNet):
+            self._unet = self._unet.frozen()
 
     # --- client side (any thread) ---------------------------------------------------------
 
@@ -279,17 +286,18 @@ class EdgeEngine:
 
     def _pace(self, runnable: list[EngineRequest]) -> list[EngineRequest]:
         """Sets each request's weight for `due`: its pixels, plus, outside the iteration's main
-        shape group, its share of its own group's UNet call's fixed cost (``call_cost.overhead_rows``
-        split among the group): a lone odd-sized request then steps about once per that many
-        iterations, and costs the others about one usual request. The main group is the shape the
+        shape group, its share of its own group's UNet call in usual rows (``call_cost.weight``: the
+        shape's last call, else the fitted fixed cost split among the group): a lone odd-sized
+        request then steps about once per that many iterations, and costs the others about one
+        usual request. The main group is the shape the
         most users share (then the most pixels): never one user's many or large requests, which
         would make everyone else pay for that user's call."""
         groups = buckets(runnable, key=_shape_key)
         main = max(groups, key=lambda g: (len({e.owner for e in g}), sum(e.pixels for e in g)), default=[])
-        overhead = self.call_cost.overhead_rows
         for group in groups:
+            shape = _shape_key(group[0])
             for entry in group:
-                entry.weight = entry.pixels if group is main else entry.pixels + overhead / len(group)
+                entry.weight = entry.pixels if group is main else self.call_cost.weight(shape, len(group), entry.pixels)
                 if not entry.paced:  # its first step comes at once
                     entry.credit, entry.paced = entry.weight - 1.0, True
         return runnable
@@ -315,7 +323,7 @@ class EdgeEngine:
         self.stats.batch_sizes[len(group)] += 1
         self.stats.steps += len(group)
         seconds = time.perf_counter() - began
-        self.call_cost.observe(sum(e.pixels for e in group), seconds)
+        self.call_cost.observe(sum(e.pixels for e in group), seconds, _shape_key(group[0]))
         self.metrics.observe_batch(len(group), seconds)
         for entry in group:
             self._progress(entry)
