@@ -66,7 +66,7 @@ def test_the_observation_carries_the_profiles_summary(family):
     assert obs.shape == (OBS_DIM,) and np.isfinite(obs).all() and len(FEATURES) == OBS_DIM
 
 
-@pytest.mark.parametrize("name", ["default", "synthetic"])
+@pytest.mark.parametrize("name", ["default-unconstrained", "synthetic"])  # default was retrained with version 2
 def test_committed_version_1_policies_still_load_and_read_their_own_columns(name, family):
     policy = SchedulerPolicy.load(POLICIES / name, DEFAULT_OPTIONS)
     assert policy.config.feature_version == 1 and policy.config.obs_dim < OBS_DIM
