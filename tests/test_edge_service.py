@@ -264,3 +264,48 @@ def test_unreachable_edge_is_an_edge_error():
     with pytest.raises(EdgeError) as exc:
         asyncio.run(fetch_handoff("127.0.0.1:1", req(), CodecSpec(), timeout=5))
     assert exc.value.code == "UNAVAILABLE"
+
+
+def test_a_stream_closed_at_a_yield_is_cancelled_and_counted_so(large_pack):
+    """gRPC closes a handler suspended at a `yield` with GeneratorExit, not CancelledError: that is
+    still the client leaving (CANCELLED in the metrics, the engine's slot freed), never an OK."""
+    import asyncio
+
+    from services.edge_server.engine import EdgeEngine
+    from services.edge_server.servicer import EdgeServicer
+
+    class Context:
+        def invocation_metadata(self):
+            return ()
+
+        def peer(self):
+            return "ipv4:127.0.0.1:1"
+
+        def time_remaining(self):
+            return 60.0
+
+        async def abort(self, code, details):
+            raise AssertionError(f"aborted {code}: {details}")
+
+    engine = EdgeEngine(large_pack, trace_unet=False)
+    servicer = EdgeServicer(engine)
+    engine.start()
+
+    async def leave_at_the_first_progress():
+        stream = servicer.Generate(request_to_proto(req(steps=200, split=200), CodecSpec()), Context())
+        async for event in stream:
+            if event.WhichOneof("event") == "progress":
+                break
+        await stream.aclose()
+
+    try:
+        asyncio.run(leave_at_the_first_progress())
+        deadline = time.monotonic() + 30
+        while engine.batcher.running_count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert engine.batcher.running_count == 0  # the slot is free
+    finally:
+        engine.stop()
+    counted = {s.labels["code"]: s.value for m in engine.metrics.registry.collect()
+               if m.name == "tandem_edge_requests" for s in m.samples if s.name == "tandem_edge_requests_total"}
+    assert counted == {"CANCELLED": 1.0}

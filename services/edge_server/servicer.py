@@ -129,7 +129,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
                     code = grpc.StatusCode[event.code]
                     recorded = record_call(self.metrics, code.name, began)
                     await context.abort(code, event.message)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # cancelled while awaiting, or closed at a yield
             code = grpc.StatusCode.CANCELLED
             if entry is not None:
                 self.engine.cancel(entry)
