@@ -235,13 +235,29 @@ class Traffic:
         request = GenerationRequest(prompt(random.Random(n)), steps=10, split=8, seed=n, height=size, width=size,
                                     user=user).validate()
         work = asyncio.ensure_future(fetch_handoff(edge, request, CodecSpec(), timeout=60.0, channels=self.pool))
+        await self._settle(rec, work, cancel_after)
+
+    async def device_call(self, user: str, kind: str, phase: str, size: int, n: int,
+                          cancel_after: float | None = None) -> None:
+        """A request on the misbehaving users' own device service, with the pack's defaults."""
+        rec = self._record(user, kind, phase, "open", "generate", self.rogue, size=size)
+        given = PartialRequest(prompt(random.Random(n)), seed=n, height=size, width=size)
+        work = asyncio.ensure_future(self.device_generate(self.rogue, partial_to_proto(given), None, 20.0))
+        result = await self._settle(rec, work, cancel_after)
+        if result is not None:
+            rec.fallback = result.fallback
+
+    async def _settle(self, rec: Record, work: asyncio.Future, cancel_after: float | None) -> Any:
+        """Waits for `work` (cancelled after `cancel_after` s, a cancel storm) and writes its outcome
+        into `rec`; returns its result when it succeeded, else None."""
+        result = None
         try:
             if cancel_after is not None:
                 done, _ = await asyncio.wait({work}, timeout=cancel_after)
                 if not done:
                     rec.cancelled = True
                     work.cancel()
-            await work
+            result = await work
             rec.code = "OK"
         except EdgeError as exc:
             rec.code, rec.detail = exc.code, exc.message
@@ -257,35 +273,7 @@ class Traffic:
         finally:
             if math.isnan(rec.ended):
                 rec.ended = self.now()
-
-    async def device_call(self, user: str, kind: str, phase: str, size: int, n: int,
-                          cancel_after: float | None = None) -> None:
-        """A request on the misbehaving users' own device service, with the pack's defaults."""
-        rec = self._record(user, kind, phase, "open", "generate", self.rogue, size=size)
-        given = PartialRequest(prompt(random.Random(n)), seed=n, height=size, width=size)
-        work = asyncio.ensure_future(self.device_generate(self.rogue, partial_to_proto(given), None, 20.0))
-        try:
-            if cancel_after is not None:
-                done, _ = await asyncio.wait({work}, timeout=cancel_after)
-                if not done:
-                    rec.cancelled = True
-                    work.cancel()
-            result = await work
-            rec.code, rec.fallback = "OK", result.fallback
-        except EdgeError as exc:
-            rec.code, rec.detail = exc.code, exc.message
-        except asyncio.CancelledError:
-            if not rec.cancelled:
-                work.cancel()
-                rec.code, rec.detail = NO_ANSWER, "still open when the bench stopped waiting"
-                rec.ended = self.now()
-                raise
-            rec.code = "CANCELLED"
-        except Exception as exc:  # noqa: BLE001
-            rec.code, rec.detail = "EXCEPTION", repr(exc)
-        finally:
-            if math.isnan(rec.ended):
-                rec.ended = self.now()
+        return result
 
     async def misbehave(self, phase: str, stop: asyncio.Event, scale: float, seed: int) -> None:
         """The four misbehaving users until `stop`; `scale`: the period between their rounds
