@@ -4,11 +4,19 @@ Both calls are best effort: a scheduler that is down, slow or refuses must never
 so they return None / False (and tell ``on_error`` why) and the caller keeps its defaults.
 Every call to a scheduler goes over one channel per (address, TLS identity), kept open for the
 process (services/common/channels.py): a plan then costs one round trip, not a handshake more.
+
+A scheduler being restarted (an upgrade: about a second) is tried again, within the call's
+timeout, rather than answered at once with the pack's defaults, which plan several times the
+work (the soak's benign p99 was made by those). Only UNAVAILABLE is tried again: the call never
+reached a scheduler, so no plan was issued twice. One that stays away through a whole timeout is
+not waited for again for WAIT_AGAIN_AFTER_S: calls still try it once, and fail at once while it
+is down.
 """
 
 from __future__ import annotations
 
 import atexit
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -21,9 +29,11 @@ from tandem.phases import CoarsePhase, Phase
 from tandem.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 DEFAULT_TIMEOUT = 2.0
+WAIT_AGAIN_AFTER_S = 30.0
 ErrorCallback = Callable[[str], None]
 _channels = SyncChannelPool()
 atexit.register(_channels.close)
+_away_since: dict[str, float] = {}  # address -> when a call last waited for it in vain (monotonic)
 
 
 @dataclass(frozen=True)
@@ -119,15 +129,35 @@ def report(
     return _call(address, "Report", message, timeout, on_error, security) is not None
 
 
+def waits_for(address: str) -> bool:
+    """Whether a call to `address` tries again while it is unavailable (see the module's docstring)."""
+    away = _away_since.get(address)
+    return away is None or time.monotonic() - away >= WAIT_AGAIN_AFTER_S
+
+
 def _call(address: str, method: str, message, timeout: float, on_error: ErrorCallback | None,
           security: ClientSecurity | None = None):
-    try:
-        return getattr(scheduler_pb2_grpc.SchedulerServiceStub(_channels.get(address, security)), method)(
-            message, timeout=timeout, metadata=call_metadata(security))
-    except grpc.RpcError as exc:
-        if on_error is not None:
-            on_error(f"{exc.code().name}: {exc.details() or ''}".rstrip(": "))
-    except ValueError as exc:  # e.g. an address grpc can't parse
-        if on_error is not None:
-            on_error(str(exc))
-    return None
+    deadline = time.monotonic() + timeout
+    pause = 0.05
+    wait = waits_for(address)
+    while True:
+        try:
+            response = getattr(scheduler_pb2_grpc.SchedulerServiceStub(_channels.get(address, security)), method)(
+                message, timeout=max(0.01, deadline - time.monotonic()), metadata=call_metadata(security))
+        except grpc.RpcError as exc:
+            left = deadline - time.monotonic()
+            if wait and exc.code() == grpc.StatusCode.UNAVAILABLE and left > pause:
+                time.sleep(pause)  # the channel reconnects by itself (backoff from 250 ms)
+                pause = min(2 * pause, 0.5)
+                continue
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and wait:
+                _away_since[address] = time.monotonic()
+            if on_error is not None:
+                on_error(f"{exc.code().name}: {exc.details() or ''}".rstrip(": "))
+            return None
+        except ValueError as exc:  # e.g. an address grpc can't parse
+            if on_error is not None:
+                on_error(str(exc))
+            return None
+        _away_since.pop(address, None)
+        return response
