@@ -70,7 +70,7 @@ class Durations:
         phase = minutes * 60 / 2
         return cls(warm_up=15.0 if quick else 60.0, open=0.75 * phase, backlog=0.25 * phase,
                    misbehave_period=15.0 if quick else 30.0, sample_every=1.0 if quick else 5.0,
-                   after_chaos=max(30.0, 0.1 * phase))
+                   after_chaos=20.0 if quick else max(30.0, 0.1 * phase))
 
 
 # --- the run ----------------------------------------------------------------------------------------------
@@ -133,6 +133,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=0.15, help="each benign user's requests per second (0.15)")
     parser.add_argument("--devices", type=int, default=3, help="benign device services, two users each (3)")
     parser.add_argument("--warm-up", type=float, help="seconds of warm-up (15 with --quick, else 60)")
+    parser.add_argument("--timing-targets", choices=("assert", "report"), default="assert",
+                        help="latency targets (benign p99, prediction error after the restart) fail the run "
+                             "(assert), or are printed only (report: CI, whose machine's other load moves them)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--log-dir", type=Path, help="services' logs and the state file (default: a temporary dir)")
     parser.add_argument("--json", type=Path, help="write every record, chaos event and RSS sample here")
@@ -184,8 +187,9 @@ def main(argv: list[str] | None = None) -> int:
             if c.note.startswith("FAILED"):
                 checks.append(Check(f"chaos step {c.event.label}", c.note, "done", False))
         header(args, d, why, load_before, marks, len(result["records"]))
-        print(render(checks))
-        bad = failed(checks)
+        timing = args.timing_targets == "assert"
+        print(render(checks, timing))
+        bad = failed(checks, timing)
         print(f"\n{len(bad)} target(s) failed: {', '.join(c.what for c in bad)}" if bad else "\nall targets met")
         if args.json:
             args.json.write_text(json.dumps({

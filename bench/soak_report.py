@@ -219,6 +219,7 @@ class Check:
     measured: str
     target: str = "—"
     ok: bool | None = None  # None: a figure shown, no target (or not measurable here, said in `measured`)
+    timing: bool = False  # a latency target: a shared machine's load moves it (bench.soak --timing-targets)
 
 
 # --- the targets ----------------------------------------------------------------------------------
@@ -335,7 +336,7 @@ def evaluate(records: Sequence[Record], chaos: Sequence[ChaosRecord], instances:
                             f"{statistics.median(quiet):.2f} s / {statistics.median(soak):.2f} s "
                             f"(n {len(quiet)} / {len(soak)})"))
         checks.append(Check("benign p99 soak vs quiet", f"{s99:.2f} s vs {q99:.2f} s = {ratio:.2f}x",
-                            f"<= {P99_RATIO:g}x", ratio <= P99_RATIO))
+                            f"<= {P99_RATIO:g}x", ratio <= P99_RATIO, timing=True))
         waits = {p: [r.latency - r.measured_s for r in records if r.kind == BENIGN and r.phase == p and r.segment == "open"
                      and r.call == "generate" and r.code == "OK" and not math.isnan(r.measured_s)] for p in ("quiet", "soak")}
         if waits["quiet"] and waits["soak"]:
@@ -344,7 +345,7 @@ def evaluate(records: Sequence[Record], chaos: Sequence[ChaosRecord], instances:
                                 "(link estimate, plan, waiting for the device's turn)"))
     else:
         checks.append(Check("benign p99 soak vs quiet", f"no answered requests (quiet {len(quiet)}, soak {len(soak)})",
-                            f"<= {P99_RATIO:g}x", False))
+                            f"<= {P99_RATIO:g}x", False, timing=True))
     for phase in ("quiet", "soak"):
         if phase not in backlog:
             continue
@@ -394,18 +395,23 @@ def evaluate(records: Sequence[Record], chaos: Sequence[ChaosRecord], instances:
         b, a = statistics.median(before) * 100, statistics.median(after) * 100
         checks.append(Check("median prediction error after the scheduler's restart",
                             f"{a:.1f}% (next {len(after)}) vs {b:.1f}% (last {len(before)} before): {a - b:+.1f} points",
-                            f"within {PREDICTION_POINTS:g} points", abs(a - b) <= PREDICTION_POINTS))
+                            f"within {PREDICTION_POINTS:g} points", abs(a - b) <= PREDICTION_POINTS, timing=True))
     return checks
 
 
-def render(checks: Sequence[Check]) -> str:
-    """The one table (markdown)."""
+def render(checks: Sequence[Check], assert_timing: bool = True) -> str:
+    """The one table (markdown). Without `assert_timing` a missed latency target reads "missed
+    (reported)": shown, not failed (see `failed`)."""
     lines = ["| check | measured | target | result |", "|---|---|---|---|"]
     for c in checks:
         result = "" if c.ok is None and c.target == "—" else {True: "pass", False: "**FAIL**", None: "n/a"}[c.ok]
+        if c.ok is False and c.timing and not assert_timing:
+            result = "missed (reported)"
         lines.append(f"| {c.what} | {c.measured} | {c.target} | {result} |")
     return "\n".join(lines)
 
 
-def failed(checks: Iterable[Check]) -> list[Check]:
-    return [c for c in checks if c.ok is False]
+def failed(checks: Iterable[Check], assert_timing: bool = True) -> list[Check]:
+    """The targets missed; without `assert_timing`, the latency ones are left out (a CI machine's
+    other load moves them: they are reported, and measured at rest for RELIABILITY.md)."""
+    return [c for c in checks if c.ok is False and (assert_timing or not c.timing)]

@@ -211,3 +211,19 @@ def test_each_missed_target_fails_alone(knobs, failing):
     checks = scenario(**knobs)
     assert {c.what.split(" (t=")[0] for c in failed(checks)} == failing
     assert "**FAIL**" in render(checks)
+
+
+@pytest.mark.parametrize("knobs, failing", [
+    ({"soak_latency": 1.6}, set()),
+    ({"error_after": 0.30}, set()),
+    ({"soak_latency": 1.6, "bob_backlogged": 6, "lost_at": 60.0},
+     {"benign shares, all backlogged (soak)", "calls without an answer or a clear status"}),
+])
+def test_latency_targets_can_be_reported_without_failing_the_run(knobs, failing):
+    """--timing-targets report (CI): a missed latency target is shown as missed, not failed; every
+    other target still fails the run."""
+    checks = scenario(**knobs)
+    assert {c.what.split(" (t=")[0] for c in failed(checks, assert_timing=False)} == failing
+    table = render(checks, assert_timing=False)
+    assert "missed (reported)" in table
+    assert ("**FAIL**" in table) == bool(failing)
