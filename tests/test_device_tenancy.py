@@ -4,6 +4,7 @@ the reason (memory bounded), cancelled calls stop at the next step, bad numbers 
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import math
@@ -17,6 +18,7 @@ from service_procs import device_service, fake_edge, metric_value, rss_bytes, sc
 
 from services.cli import generate as cli
 from services.ue_client.client import generate_on_device_service
+from services.ue_client.device import events_until_done
 from tandem.v1 import device_pb2, device_pb2_grpc, edge_pb2
 
 PROMPT = "a red circle at the left on a blue background"
@@ -120,6 +122,48 @@ def test_cancelled_calls_stop_at_the_next_step(hostile):
     assert metric_value(metrics, "tandem_ue_requests_total", 'code="CANCELLED"') == cancelled_before + 12
     steps_after_cancel = metric_value(metrics, "tandem_ue_steps_after_cancel_total") - after_before
     assert steps_after_cancel <= 12  # ≤ one step each (they would have run ~199 more each)
+
+
+def test_the_progress_loop_loses_no_event_and_leaves_no_getter_behind():
+    """events_until_done, the loop of the gRPC and the HTTP streams: every event queued before the
+    job ends is yielded, in order; a consumer that closes it at a yield, or is cancelled while it
+    waits, gets its CancelledError and leaves no getter behind to swallow a later event."""
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[int] = asyncio.Queue()
+
+        def work() -> None:  # the worker thread, as on_step does
+            for i in range(50):
+                loop.call_soon_threadsafe(events.put_nowait, i)
+                if i % 10 == 0:
+                    time.sleep(0.002)
+
+        job = asyncio.ensure_future(asyncio.to_thread(work))
+        assert [event async for event in events_until_done(job, events)] == list(range(50))
+
+        never: asyncio.Future = loop.create_future()  # a job still running
+        events.put_nowait(1)
+        events.put_nowait(2)
+        stream = events_until_done(never, events)
+        assert await stream.__anext__() == 1
+        await stream.aclose()  # the consumer left at a yield
+        assert events.get_nowait() == 2
+
+        async def consume() -> list[int]:
+            return [event async for event in events_until_done(never, events)]
+
+        consumer = asyncio.ensure_future(consume())
+        await asyncio.sleep(0.01)  # waiting on the empty queue
+        consumer.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await consumer
+        events.put_nowait(3)
+        await asyncio.sleep(0.01)  # a getter left behind would take it now
+        assert events.qsize() == 1
+        never.cancel()
+
+    asyncio.run(scenario())
 
 
 def test_a_call_cancelled_while_the_edge_stalls_frees_the_device(hostile):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -67,6 +67,22 @@ async def stop_after_current_step(job: asyncio.Future, cancel: CancelFlag) -> No
             continue
     if not job.cancelled() and job.exception() is not None and not isinstance(job.exception(), Cancelled):
         log.warning("cancelled generation ended with %r", job.exception())
+
+
+async def events_until_done(job: asyncio.Future, events: asyncio.Queue[T]) -> AsyncGenerator[T, None]:
+    """`events` until `job` is done and they are drained: progress is yielded as it comes, and none queued is lost at the end."""
+    while not job.done() or not events.empty():
+        if events.empty():
+            getter = asyncio.ensure_future(events.get())
+            try:
+                await asyncio.wait({job, getter}, return_when=asyncio.FIRST_COMPLETED)
+            finally:  # also when cancelled while waiting: no getter is left to take a later event
+                if not getter.done():
+                    getter.cancel()
+            if getter.done() and not getter.cancelled():
+                yield getter.result()
+        else:
+            yield events.get_nowait()
 
 
 def generate_via_edge(

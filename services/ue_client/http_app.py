@@ -22,6 +22,7 @@ import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -34,6 +35,7 @@ from starlette.routing import Route
 
 from services.common.security import PortInUse
 from services.common.tokens import check_access, token_user
+from services.ue_client.device import events_until_done
 from services.ue_client.images import ImagesService, MadeImage, Prepared
 from services.ue_client.metrics import DeviceMetrics
 from services.ue_client.openai_api import (
@@ -227,18 +229,9 @@ async def _events(images: ImagesService, prepared: Prepared) -> AsyncIterator[by
 
     task = asyncio.ensure_future(images.run(prepared, on_preview, on_image))
     try:
-        while not task.done() or not queue.empty():
-            if queue.empty():
-                getter = asyncio.ensure_future(queue.get())
-                try:
-                    await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    if not getter.done():
-                        getter.cancel()
-                if getter.done() and not getter.cancelled():
-                    yield getter.result()
-            else:
-                yield queue.get_nowait()
+        async with aclosing(events_until_done(task, queue)) as events:
+            async for event in events:
+                yield event
         if task.exception() is not None:
             exc = task.exception()
             error = exc if isinstance(exc, ApiError) else ApiError(500, "internal error on the device service",

@@ -9,6 +9,7 @@ import io
 import logging
 import time
 from collections.abc import Sequence
+from contextlib import aclosing
 
 import grpc
 from PIL import Image
@@ -17,7 +18,7 @@ from services.common.channels import ChannelPool
 from services.common.metrics import record_call
 from services.common.security import ClientSecurity
 from services.ue_client.call import choose_edge, parse_call
-from services.ue_client.device import CancelFlag, generate_via_edge, stop_after_current_step
+from services.ue_client.device import CancelFlag, events_until_done, generate_via_edge, stop_after_current_step
 from services.ue_client.link import LinkBook, LinkSample
 from services.ue_client.metrics import DeviceMetrics
 from tandem.packs import ModelPack
@@ -88,15 +89,9 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                                       self.channels)
                 )
                 try:
-                    while not job.done() or not events.empty():
-                        getter = asyncio.ensure_future(events.get())
-                        try:
-                            await asyncio.wait({job, getter}, return_when=asyncio.FIRST_COMPLETED)
-                        finally:
-                            if not getter.done():
-                                getter.cancel()
-                        if getter.done() and not getter.cancelled():
-                            yield device_pb2.DeviceServiceGenerateResponse(progress=getter.result())
+                    async with aclosing(events_until_done(job, events)) as progress:
+                        async for event in progress:
+                            yield device_pb2.DeviceServiceGenerateResponse(progress=event)
                 finally:  # left early: cancelled (CancelledError) or the stream closed (GeneratorExit)
                     if not job.done():
                         await stop_after_current_step(job, cancel)
