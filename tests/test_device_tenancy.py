@@ -270,3 +270,31 @@ def test_a_named_edge_stands_for_each_replica_it_resolves_to_and_nothing_else():
         with pytest.raises(RequestError) as refused:
             choose_edge(bad, edges, resolve)
         assert refused.value.field == "edge_address"
+
+
+def test_a_full_wait_is_answered_resource_exhausted_at_once(tiny_packs, tmp_path):
+    """--max-waiting 1: with one call running and one waiting for the device's turn, a third is
+    refused at once with a status naming the bound, not queued past its caller's deadline; the
+    waiting one still runs when the turn comes."""
+    long_message = device_pb2.DeviceServiceGenerateRequest(
+        request=edge_pb2.GenerateRequest(prompt=PROMPT, steps=200, split=0))
+    with device_service(tiny_packs["small"], tmp_path, "--max-waiting", "1") as ue, \
+            grpc.insecure_channel(ue.address) as channel:
+        stub = device_pb2_grpc.DeviceServiceStub(channel)
+        running = stub.Generate(long_message, timeout=120)
+        next(iter(running))  # it holds the turn
+        waiting = stub.Generate(device_pb2.DeviceServiceGenerateRequest(
+            request=edge_pb2.GenerateRequest(prompt=PROMPT, steps=4, split=0)), timeout=120)
+        deadline = time.monotonic() + 30
+        while metric_value(ue.metrics(), "tandem_ue_waiting_requests") < 1:
+            assert time.monotonic() < deadline, "the second call never waited"
+            time.sleep(0.05)
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Generate(long_message, timeout=30))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-waiting 1" in info.value.details()
+        running.cancel()
+        results = [r.result for r in waiting if r.WhichOneof("event") == "result"]
+        assert len(results) == 1 and results[0].device_steps == 4
+        assert metric_value(ue.metrics(), "tandem_ue_waiting_requests") == 0
+        assert metric_value(ue.metrics(), "tandem_ue_requests_total", 'code="RESOURCE_EXHAUSTED"') == 1

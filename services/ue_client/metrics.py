@@ -20,6 +20,7 @@ class DeviceMetrics:
                                          buckets=LATENCY_BUCKETS, registry=r)
         self.handoff_bytes = Histogram("tandem_ue_handoff_bytes", "Handoff payload received", buckets=BYTES_BUCKETS, registry=r)
         self.steps = Counter("tandem_ue_steps_total", "Denoising steps run on the device", registry=r)
+        self.waiting = Gauge("tandem_ue_waiting_requests", "gRPC generations waiting for the device's turn", registry=r)
         # Cooperative cancellation's cost: ≤ 1 per cancelled call (the step in flight).
         self.steps_after_cancel = Counter("tandem_ue_steps_after_cancel_total",
                                           "Device steps that finished after their call was cancelled", registry=r)

@@ -66,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--http-port", type=int, default=_env("http_port", 0),
                         help="serve OpenAI's images API (POST /v1/images/generations, GET /v1/models, GET /health) "
                              "over HTTP on this port, on --host, with the same TLS and --tokens (0 = off)")
+    parser.add_argument("--max-waiting", type=int, default=_env("max_waiting", 16),
+                        help="gRPC generations that may wait for the device's turn; one more gets RESOURCE_EXHAUSTED "
+                             "at once (0: no bound; the HTTP listener has its own quotas)")
     parser.add_argument("--http-max-images-per-user", type=int, default=_env("http_max_images_per_user", 8),
                         help="images one caller may have in flight over HTTP; more is a 429 (0 = no cap)")
     parser.add_argument("--http-previews", choices=("approx", "vae"), default=_env("http_previews", "approx"),
@@ -101,8 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_client_args(parser, _env, prefix="edge-", what="edge servers")
     add_client_args(parser, _env, prefix="scheduler-", what="the scheduler")
     args = parser.parse_args(argv)
-    if args.http_port < 0 or args.http_max_images_per_user < 0:
-        parser.error("--http-port and --http-max-images-per-user must be >= 0")
+    if args.http_port < 0 or args.http_max_images_per_user < 0 or args.max_waiting < 0:
+        parser.error("--http-port, --http-max-images-per-user and --max-waiting must be >= 0")
     if args.scheduler:
         from services.common.addresses import AddressError, check_address
 
@@ -132,7 +135,7 @@ async def serve(args: argparse.Namespace) -> None:
                       server)
     metrics = DeviceMetrics()
     channels = ChannelPool()  # one connection per edge for the service's life, not one per request
-    servicer = DeviceServicer(metrics, args.edge, edge_security, channels=channels)
+    servicer = DeviceServicer(metrics, args.edge, edge_security, channels=channels, max_waiting=args.max_waiting)
     device_pb2_grpc.add_DeviceServiceServicer_to_server(servicer, server)
     port = add_port(server, f"{args.host}:{args.port}", tls)
     await set_health(health, SERVICE_NAME, serving=False)

@@ -8,8 +8,8 @@ import asyncio
 import io
 import logging
 import time
-from collections.abc import Sequence
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing, asynccontextmanager
 
 import grpc
 from PIL import Image
@@ -35,10 +35,12 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
 
     def __init__(self, metrics: DeviceMetrics, edges: Sequence[str] = (),
                  edge_security: ClientSecurity | None = None, pack: ModelPack | None = None,
-                 channels: ChannelPool | None = None):
+                 channels: ChannelPool | None = None, max_waiting: int = 0):
         """`edges`: the only edges this service uses (the first is the default); its
         `edge_security` (e.g. --edge-token) goes to them and nowhere else. `channels`: the
-        service's channels to its edges, on the server's event loop (None: one per request)."""
+        service's channels to its edges, on the server's event loop (None: one per request).
+        `max_waiting`: gRPC calls that may wait for the device's turn (0: no bound); one more is
+        answered RESOURCE_EXHAUSTED at once, not queued past its caller's deadline."""
         self.pack: ModelPack | None = pack
         self.edge_security = edge_security
         self.channels = channels
@@ -46,6 +48,8 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         self.edges = tuple(edges)
         self.links = LinkBook()  # per edge, measured from every handoff received (services/ue_client/link.py)
         self.turn = asyncio.Lock()  # one generation at a time on this device: gRPC and HTTP calls take it
+        self.max_waiting = max_waiting
+        self.waiting = 0  # gRPC calls waiting for the turn (the HTTP path has its own quota)
 
     def attach(self, pack: ModelPack) -> None:
         self.pack = pack
@@ -82,7 +86,12 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                     after_cancel[0] += 1
                 loop.call_soon_threadsafe(events.put_nowait, device_pb2.PhaseProgress(phase=phase, done=done, total=total))
 
-            async with self.turn:
+            if self.max_waiting and self.turn.locked() and self.waiting >= self.max_waiting:
+                code = grpc.StatusCode.RESOURCE_EXHAUSTED
+                recorded = record_call(self.metrics, code.name, began)
+                await context.abort(code, f"the device is busy: {self.waiting} generations are waiting for its turn "
+                                          f"(--max-waiting {self.max_waiting}); retry later")
+            async with self._my_turn():
                 job = asyncio.ensure_future(
                     asyncio.to_thread(generate_via_edge, self.pack, call.request, call.codec, call.edge,
                                       call.edge_timeout, on_step, self.edge_security, cancel, on_link,
@@ -107,6 +116,21 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         finally:
             if not recorded:
                 record_call(self.metrics, code.name, began)
+
+    @asynccontextmanager
+    async def _my_turn(self) -> AsyncIterator[None]:
+        """The device's turn, counted among the waiting calls until it is this call's."""
+        self.waiting += 1
+        self.metrics.waiting.inc()
+        try:
+            await self.turn.acquire()
+        finally:
+            self.waiting -= 1
+            self.metrics.waiting.dec()
+        try:
+            yield
+        finally:
+            self.turn.release()
 
     async def GetLinkEstimate(self, request, context):
         try:
