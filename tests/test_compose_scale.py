@@ -1,7 +1,7 @@
 """`docker compose up --scale edge=N`, checked without a Docker engine (issue 30): nothing in
 docker-compose.yml (alone or with the CPU override) pins the edge to one container (a name, a
 fixed host port), every replica advertises its own address to the scheduler (``auto:50051``,
-resolved by services/common/advertise.py in the edge's entrypoint), and Prometheus discovers
+resolved by the edge at start: services/common/advertise.py), and Prometheus discovers
 every replica as a target of its own. scripts/compose_e2e.sh runs two replicas for real."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import stat
 import subprocess
 from pathlib import Path
 
@@ -100,47 +99,25 @@ def test_every_replica_advertises_its_own_address(model):
     edge = services(*MODELS[model])["edge"]
     env = edge["environment"]
     assert env["TANDEM_EDGE_ADVERTISE"] == f"auto:{env['TANDEM_EDGE_PORT']}"
-    script = " ".join(edge["entrypoint"])
-    assert "services.common.advertise" in script and "--advertise" in script and "services.edge_server" in script
+    assert not edge.get("entrypoint")  # the image's: the edge resolves auto itself
     # an explicit address is kept
     edge = services(*MODELS[model], env={"TANDEM_EDGE_ADVERTISE": "edge-a.example:50051"})["edge"]
     assert edge["environment"]["TANDEM_EDGE_ADVERTISE"] == "edge-a.example:50051"
 
 
-def _fake_python(tmp_path: Path, advertise_prints: str, advertise_rc: int = 0) -> str:
-    """A PATH whose `python` answers the advertise module with a fixed line and, for the edge
-    server, prints the arguments it was started with."""
-    folder = tmp_path / "bin"
-    folder.mkdir()
-    python = folder / "python"
-    python.write_text(f"""#!/bin/sh
-if [ "$2" = services.common.advertise ]; then echo "advertise-arg=$3" >&2; echo '{advertise_prints}'; exit {advertise_rc}; fi
-printf '%s\\n' "$@"
-""")
-    python.chmod(python.stat().st_mode | stat.S_IXUSR)
-    return f"{folder}:{os.environ['PATH']}"
+def test_the_edge_resolves_auto_itself_and_refuses_to_start_without_an_address(monkeypatch):
+    """The compose file and the image's entrypoint only set TANDEM_EDGE_ADVERTISE=auto:PORT: the
+    edge's own argument parsing puts this host's address in its place, or stops with the reason."""
+    from services.common import advertise
+    from services.edge_server import server
 
-
-def _run_entrypoint(tmp_path: Path, path: str, advertise: str, *args: str) -> subprocess.CompletedProcess:
-    entrypoint = services(COMPOSE_FILE)["edge"]["entrypoint"]
-    runtime = [part.replace("$$", "$") for part in entrypoint]  # what compose hands the engine
-    return subprocess.run([*runtime, *args], capture_output=True, text=True, timeout=30,
-                          env={"PATH": path, "TANDEM_EDGE_ADVERTISE": advertise})
-
-
-def test_the_entrypoint_starts_the_edge_with_the_resolved_address(tmp_path):
-    path = _fake_python(tmp_path, "172.18.0.7:50051")
-    done = _run_entrypoint(tmp_path, path, "auto:50051", "--max-batch", "8")
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split("\n")[:-1] == ["-m", "services.edge_server", "--advertise", "172.18.0.7:50051",
-                                           "--max-batch", "8"]
-    assert "advertise-arg=auto:50051" in done.stderr
-
-
-def test_the_entrypoint_does_not_start_an_edge_that_cannot_say_where_it_is(tmp_path):
-    path = _fake_python(tmp_path, "", advertise_rc=1)
-    done = _run_entrypoint(tmp_path, path, "auto:50051")
-    assert done.returncode == 1 and "services.edge_server" not in done.stdout
+    monkeypatch.setenv("TANDEM_EDGE_ADVERTISE", "auto:50051")
+    monkeypatch.setattr(advertise.socket, "gethostbyname_ex", lambda name: (name, [], ["127.0.0.1", "172.18.0.7"]))
+    assert server.parse_args([]).advertise == "172.18.0.7:50051"
+    monkeypatch.setattr(advertise.socket, "gethostbyname_ex", lambda name: (name, [], ["127.0.1.1"]))
+    with pytest.raises(SystemExit) as stop:
+        server.parse_args([])
+    assert stop.value.code == 2
 
 
 # --- services/common/advertise.py -----------------------------------------------------------
