@@ -241,6 +241,18 @@ def in_flight(records: Iterable[Record], begin: float, end: float) -> list[Recor
             and (math.isnan(r.ended) or r.ended >= begin)]
 
 
+def slowest(records: Iterable[Record], chaos: Sequence[ChaosRecord], phase: str = "soak",
+            count: int = 3) -> list[tuple[Record, str]]:
+    """The `count` slowest answered benign requests of `phase`'s arrivals (what its p99 is made
+    of), each with the chaos events it was in flight across ("" when none): the table then says
+    which fault made the tail."""
+    answered = [r for r in records if r.kind == BENIGN and r.phase == phase and r.segment == "open"
+                and r.call == "generate" and r.code == "OK"]
+    tail = sorted(answered, key=lambda r: r.latency, reverse=True)[:count]
+    return [(r, ", ".join(c.event.label for c in chaos if not math.isnan(c.began)
+                          and r.started <= c.recovered and r.ended >= c.began)) for r in tail]
+
+
 def benign_latencies(records: Iterable[Record], phase: str) -> list[float]:
     return [r.latency for r in records if r.kind == BENIGN and r.phase == phase and r.segment == "open"
             and r.call == "generate" and r.code == "OK"]
@@ -337,6 +349,11 @@ def evaluate(records: Sequence[Record], chaos: Sequence[ChaosRecord], instances:
                             f"(n {len(quiet)} / {len(soak)})"))
         checks.append(Check("benign p99 soak vs quiet", f"{s99:.2f} s vs {q99:.2f} s = {ratio:.2f}x",
                             f"<= {P99_RATIO:g}x", ratio <= P99_RATIO, timing=True))
+        tail = slowest(records, chaos)
+        checks.append(Check("slowest benign requests in the soak", "; ".join(
+            f"{r.latency:.2f} s ({r.user}, {r.size} px{', fallback' if r.fallback else ''}"
+            f"{', no plan' if r.plan_code and r.plan_code != 'OK' else ''}: "
+            + (f"in flight across {during})" if during else "no chaos event)") for r, during in tail)))
         waits = {p: [r.latency - r.measured_s for r in records if r.kind == BENIGN and r.phase == p and r.segment == "open"
                      and r.call == "generate" and r.code == "OK" and not math.isnan(r.measured_s)] for p in ("quiet", "soak")}
         if waits["quiet"] and waits["soak"]:

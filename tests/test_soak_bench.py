@@ -29,6 +29,7 @@ from bench.soak_report import (
     rss_growth,
     second_half_growth,
     shares,
+    slowest,
 )
 
 MiB = 2**20
@@ -227,3 +228,15 @@ def test_latency_targets_can_be_reported_without_failing_the_run(knobs, failing)
     table = render(checks, assert_timing=False)
     assert "missed (reported)" in table
     assert ("**FAIL**" in table) == bool(failing)
+
+
+def test_the_slowest_benign_requests_name_the_chaos_they_were_caught_in():
+    chaos = [ChaosRecord(ChaosEvent(15, "sigstop", "edge1", 3), 120.0, 123.0),
+             ChaosRecord(ChaosEvent(30, "restart", "scheduler"), 130.0, 131.0),
+             ChaosRecord(ChaosEvent(40, "restart", "dev1"), math.nan, math.nan, "no time")]
+    records = [rec(started=119.5, ended=123.1), rec(started=100, ended=100.3), rec(started=140, ended=140.9),
+               rec(started=90, ended=99, phase="quiet"), rec("UNAVAILABLE", started=90, ended=190)]
+    tail = slowest(records, chaos, count=2)
+    assert [(round(r.latency, 1), during) for r, during in tail] == [(3.6, "SIGSTOP/SIGCONT edge1"), (0.9, "")]
+    row = by_what(scenario())["slowest benign requests in the soak"]
+    assert row.ok is None and "s (" in row.measured
