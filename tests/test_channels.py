@@ -45,7 +45,8 @@ def req(prompt: str = PROMPT) -> GenerationRequest:
 
 class FakeEdge(edge_pb2_grpc.EdgeServiceServicer):
     """Answers a prompt "<size>" with a well-formed stream of that many bytes (not a real handoff:
-    the transport does not decode it), "flood" with endless 1 MiB chunks, "stall" with nothing."""
+    the transport does not decode it), "flood" with endless 1 MiB chunks, "stall" with nothing,
+    "slow" with 1 s of keepalives (empty responses, every 0.1 s) before a well-formed stream."""
 
     def __init__(self) -> None:
         self.stalled = asyncio.Event()
@@ -55,6 +56,10 @@ class FakeEdge(edge_pb2_grpc.EdgeServiceServicer):
         if request.prompt == "stall":
             self.stalled.set()
             await asyncio.Event().wait()
+        if request.prompt == "slow":
+            for _ in range(10):
+                await asyncio.sleep(0.1)
+                yield edge_pb2.GenerateResponse()
         if request.prompt == "flood":
             sent = 0
             try:
@@ -228,6 +233,29 @@ def test_a_pooled_channel_serves_the_next_call_after_the_edge_restarts():
                 assert len(pool) == 1
             finally:
                 await server.stop(None)
+
+    asyncio.run(scenario())
+
+
+def test_an_edge_silent_past_the_stall_limit_is_given_up_and_keepalives_keep_one_waiting():
+    """A frozen or cut-off edge (nothing sent, not even a keepalive) costs the device `stall_s`,
+    not the request's whole deadline; an edge that sends keepalives while it works is waited for,
+    and its keepalives time nothing (the queue phase starts at the first real event)."""
+    async def scenario() -> None:
+        edge = FakeEdge()
+        server, port = await start_edge(edge)
+        address = f"127.0.0.1:{port}"
+        try:
+            async with ChannelPool() as pool:
+                with pytest.raises(EdgeError) as info:
+                    await fetch_handoff(address, req("stall"), CodecSpec(), timeout=600, channels=pool, stall_s=0.5)
+                assert info.value.code == "UNAVAILABLE" and "sent nothing for 0.5 s" in info.value.message
+                handoff = await fetch_handoff(address, req("slow"), CodecSpec(), timeout=600, channels=pool,
+                                              stall_s=0.5)
+                assert len(handoff.payload) == 1000
+                assert handoff.link is not None and handoff.link.rtt_s >= 0.9  # to the first real event
+        finally:
+            await server.stop(None)
 
     asyncio.run(scenario())
 

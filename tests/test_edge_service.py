@@ -158,6 +158,9 @@ def test_full_queue_answers_resource_exhausted(tiny_packs, tmp_path):
                 pass
             queued = stub.Generate(long, timeout=120)
             assert next(iter(queued)).queued.position == 0
+            # Nothing else to say while it waits: a keepalive (no event) every 0.25 s, so the
+            # device can tell a waiting edge from a frozen one (services/common/wire.py).
+            assert next(iter(queued)).WhichOneof("event") is None
             with pytest.raises(grpc.RpcError) as exc:
                 list(stub.Generate(long, timeout=60))
             assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -12,6 +12,11 @@ from tandem.request import GenerationRequest
 from tandem.resolve import CODEC_FIELDS, PartialRequest, resolve
 from tandem.v1 import edge_pb2
 
+# The edge's Generate stream is never silent longer than this: with no event to send it sends an
+# empty GenerateResponse (a keepalive). A device gives up on an edge silent for EDGE_STALL_S.
+EDGE_KEEPALIVE_S = 0.25
+EDGE_STALL_S = 2.0  # 8 keepalives missed: a frozen or cut-off edge, not a busy one
+
 
 def request_from_proto(message: edge_pb2.GenerateRequest, pack: ModelPack) -> tuple[GenerationRequest, CodecSpec]:
     """Validated request and codec. Unset (zero) optional fields take the pack's defaults;

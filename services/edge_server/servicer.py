@@ -12,7 +12,7 @@ import grpc
 
 from services.common.metrics import record_call
 from services.common.tokens import bearer_token, token_user
-from services.common.wire import request_from_proto
+from services.common.wire import EDGE_KEEPALIVE_S, request_from_proto
 from services.edge_server.batching import Closed, QueueFull
 from services.edge_server.engine import EdgeEngine, Failed, Finished, Progress, Queued
 from services.edge_server.limits import StreamLimiter, user_key
@@ -116,7 +116,11 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
                 recorded = record_call(self.metrics, code.name, began)
                 await context.abort(code, str(exc))
             while True:
-                event = await events.get()
+                try:
+                    event = await asyncio.wait_for(events.get(), EDGE_KEEPALIVE_S)
+                except TimeoutError:  # waiting or busy, not gone (services/common/wire.py)
+                    yield edge_pb2.GenerateResponse()
+                    continue
                 if isinstance(event, Queued):
                     yield edge_pb2.GenerateResponse(queued=edge_pb2.Queued(position=event.position))
                 elif isinstance(event, Progress):

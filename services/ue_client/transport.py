@@ -6,6 +6,7 @@ one per edge); without a pool, over a channel opened for that call alone (one-sh
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -15,7 +16,7 @@ import grpc
 
 from services.common.channels import ChannelPool
 from services.common.security import ClientSecurity, call_metadata
-from services.common.wire import request_to_proto
+from services.common.wire import EDGE_STALL_S, request_to_proto
 from services.ue_client.integrity import HandoffLimits
 from services.ue_client.link import LinkSample
 from tandem.handoff import CodecSpec
@@ -67,11 +68,14 @@ async def fetch_handoff(
     limits: HandoffLimits | None = None,
     on_link: LinkCallback | None = None,
     channels: ChannelPool | None = None,
+    stall_s: float = EDGE_STALL_S,
 ) -> EdgeHandoff:
     """Runs steps [0, k) on the edge and returns the handoff payload; raises EdgeError, or
     HandoffRejected when the stream goes past `limits` (the request's largest possible handoff).
     A complete handoff's link measurement also goes to `on_link`. With `channels`, the call goes
-    over its channel to `address` (no connection setup when that channel is open).
+    over its channel to `address` (no connection setup when that channel is open). An edge that
+    sends nothing, not even its keepalive, for `stall_s` is given up (EdgeError UNAVAILABLE): a
+    frozen or cut-off edge then costs that long, not the whole deadline.
 
     Timers: queue = call opened -> first progress (connecting, admission, step 1, waiting);
     edge_steps = first -> last progress (steps 2..k); transfer = last progress -> last handoff
@@ -91,10 +95,20 @@ async def fetch_handoff(
         call = edge_pb2_grpc.EdgeServiceStub(channel).Generate(
             request_to_proto(request, codec), timeout=timeout, metadata=call_metadata(security))
         try:
-            async for response in call:
+            responses = aiter(call)
+            while True:
+                try:
+                    response = await asyncio.wait_for(anext(responses), stall_s)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise EdgeError("UNAVAILABLE", f"the edge sent nothing for {stall_s:g} s, not even its "
+                                                   "keepalive: frozen or cut off") from None
                 if (size := response.ByteSize()) > max_message:
                     raise EdgeError("RESOURCE_EXHAUSTED", f"received message larger than max ({size} vs. {max_message})")
                 kind = response.WhichOneof("event")
+                if kind is None:  # a keepalive: the edge is there (it times nothing)
+                    continue
                 marks.setdefault("first_event", time.perf_counter())
                 if kind == "queued":
                     _notify(on_event, Phase.QUEUE, response.queued.position, 0)
