@@ -242,18 +242,14 @@ def test_an_edge_silent_past_the_stall_limit_is_given_up_and_keepalives_keep_one
     not the request's whole deadline; an edge that sends keepalives while it works is waited for,
     and its keepalives time nothing (the queue phase starts at the first real event)."""
     async def scenario() -> None:
-        edge = FakeEdge()
-        server, port = await start_edge(edge)
-        address = f"127.0.0.1:{port}"
-        try:
-            async with ChannelPool() as pool:
-                with pytest.raises(EdgeError) as info:
-                    await fetch_handoff(address, req("stall"), CodecSpec(), timeout=600, channels=pool, stall_s=0.5)
-                assert info.value.code == "UNAVAILABLE" and "sent nothing for 0.5 s" in info.value.message
-                handoff = await fetch_handoff(address, req("slow"), CodecSpec(), timeout=600, channels=pool,
-                                              stall_s=0.5)
-                assert len(handoff.payload) == 1000
-                assert handoff.link is not None and handoff.link.rtt_s >= 0.9  # to the first real event
+        server, port = await start_edge(FakeEdge())
+        try:  # each call on a channel of its own (a one-shot caller's)
+            with pytest.raises(EdgeError) as info:
+                await fetch_handoff(f"127.0.0.1:{port}", req("stall"), CodecSpec(), timeout=600, stall_s=0.5)
+            assert info.value.code == "UNAVAILABLE" and "sent nothing for 0.5 s" in info.value.message
+            handoff = await fetch_handoff(f"127.0.0.1:{port}", req("slow"), CodecSpec(), timeout=600, stall_s=0.5)
+            assert len(handoff.payload) == 1000
+            assert handoff.link is not None and handoff.link.rtt_s >= 0.9  # to the first real event
         finally:
             await server.stop(None)
 
