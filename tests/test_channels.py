@@ -46,7 +46,9 @@ def req(prompt: str = PROMPT) -> GenerationRequest:
 class FakeEdge(edge_pb2_grpc.EdgeServiceServicer):
     """Answers a prompt "<size>" with a well-formed stream of that many bytes (not a real handoff:
     the transport does not decode it), "flood" with endless 1 MiB chunks, "stall" with nothing,
-    "slow" with 1 s of keepalives (empty responses, every 0.1 s) before a well-formed stream."""
+    "slow" with 1 s of keepalives (empty responses, every 0.1 s) before a well-formed stream,
+    "late" with its last step's progress, then 1 s of silence (a chunk crossing a slow link), then
+    the stream's chunks."""
 
     def __init__(self) -> None:
         self.stalled = asyncio.Event()
@@ -72,6 +74,8 @@ class FakeEdge(edge_pb2_grpc.EdgeServiceServicer):
             return
         size = int(request.prompt) if request.prompt.isdigit() else 1000
         yield edge_pb2.GenerateResponse(progress=edge_pb2.Progress(step=request.split, total=request.split))
+        if request.prompt == "late":
+            await asyncio.sleep(1.0)
         count = max(1, -(-size // CHUNK))
         for index in range(count):
             data = bytes(min(CHUNK, size - index * CHUNK))
@@ -250,6 +254,9 @@ def test_an_edge_silent_past_the_stall_limit_is_given_up_and_keepalives_keep_one
             handoff = await fetch_handoff(f"127.0.0.1:{port}", req("slow"), CodecSpec(), timeout=600, stall_s=0.5)
             assert len(handoff.payload) == 1000
             assert handoff.link is not None and handoff.link.rtt_s >= 0.9  # to the first real event
+            # After the last step, only the deadline bounds the bytes (no keepalive passes a chunk).
+            handoff = await fetch_handoff(f"127.0.0.1:{port}", req("late"), CodecSpec(), timeout=600, stall_s=0.5)
+            assert len(handoff.payload) == 1000
         finally:
             await server.stop(None)
 

@@ -74,8 +74,9 @@ async def fetch_handoff(
     HandoffRejected when the stream goes past `limits` (the request's largest possible handoff).
     A complete handoff's link measurement also goes to `on_link`. With `channels`, the call goes
     over its channel to `address` (no connection setup when that channel is open). An edge that
-    sends nothing, not even its keepalive, for `stall_s` is given up (EdgeError UNAVAILABLE): a
-    frozen or cut-off edge then costs that long, not the whole deadline.
+    sends nothing, not even its keepalive, for `stall_s` before its last step is given up
+    (EdgeError UNAVAILABLE): a frozen or cut-off edge then costs that long, not the whole
+    deadline. The handoff's bytes after the last step are bounded by the deadline alone.
 
     Timers: queue = call opened -> first progress (connecting, admission, step 1, waiting);
     edge_steps = first -> last progress (steps 2..k); transfer = last progress -> last handoff
@@ -96,9 +97,12 @@ async def fetch_handoff(
             request_to_proto(request, codec), timeout=timeout, metadata=call_metadata(security))
         try:
             responses = aiter(call)
+            stepped = False  # the edge's last step is done: the rest is the handoff's bytes
             while True:
                 try:
-                    response = await asyncio.wait_for(anext(responses), stall_s)
+                    # Not once the steps are done: a chunk on a slow link can take longer than
+                    # stall_s to arrive whole, and no keepalive can pass it; the deadline bounds it.
+                    response = await asyncio.wait_for(anext(responses), None if stepped else stall_s)
                 except StopAsyncIteration:
                     break
                 except TimeoutError:
@@ -116,6 +120,7 @@ async def fetch_handoff(
                     marks.setdefault("edge_start", time.perf_counter())
                     if "transfer_start" not in marks:
                         marks["last_progress"] = time.perf_counter()
+                    stepped = response.progress.step >= response.progress.total
                     _notify(on_event, Phase.EDGE_STEPS, response.progress.step, response.progress.total)
                 elif kind == "handoff":
                     chunk = response.handoff

@@ -57,7 +57,8 @@ class EdgeServiceServicer:
         """Server-streaming: queued (position), progress (step of split), then the handoff in chunks.
         A response with no event set is a keepalive: the edge sends one after each 0.25 s in which it
         had nothing else to send, so that a device tells an edge that is waiting or busy from one that
-        is frozen or cut off (it gives up on an edge silent for 2 s: services/ue_client/transport.py).
+        is frozen or cut off (it gives up on an edge silent for 2 s before its last step:
+        services/ue_client/transport.py).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
