@@ -146,9 +146,9 @@ class EdgeEngine:
         """The UNet the engine calls: the pack's, traced on a CPU (tandem.traced); wrapped anew if the
         pack's is replaced."""
         if self._unet_of is not self.pack.unet:
-            self._unet_of, self._unet = self.pack.unet, call_fast(self.pack.unet, self.pack.device, self._trace_unet)
-            if self._warm and isinstance(self._unet, TracedUNet):
-                self._unet = self._unet.frozen()
+            unet = call_fast(self.pack.unet, self.pack.device, self._trace_unet)
+            self._unet_of = self.pack.unet
+            self._unet = unet.frozen() if self._warm and isinstance(unet, TracedUNet) else unet
         return self._unet
 
     def warm_up(self) -> None:
@@ -163,8 +163,7 @@ class EdgeEngine:
         if started.state is not None:
             advance(self.unet, [started.state])
         self._warm = True  # a shape first met from now on runs eager (TracedUNet.frozen)
-        if isinstance(self._unet, TracedUNet):
-            self._unet = self._unet.frozen()
+        self._unet_of = None  # wrapped again, frozen, at the next call (the traces are the pack's)
 
     # --- client side (any thread) ---------------------------------------------------------
 
