@@ -4,7 +4,6 @@ away is not waited for again for a while, and the caller is told why it got no p
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from concurrent import futures
@@ -13,6 +12,7 @@ import grpc
 import pytest
 
 from services.common import scheduler_client
+from services.common.launcher import free_port
 from services.common.lifecycle import NO_REUSEPORT
 from tandem.v1 import scheduler_pb2, scheduler_pb2_grpc
 
@@ -29,9 +29,7 @@ class CountingScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
 
 
 def free_address() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
+    return f"127.0.0.1:{free_port()}"
 
 
 def serve(address: str, servicer: CountingScheduler) -> grpc.Server:
